@@ -1,0 +1,1 @@
+"""Flower ServerApp: rounds, aggregation through the configured strategy, central evaluation."""

@@ -1,0 +1,1 @@
+"""`fedslm` command line and the simulated federation (Flower simulation engine)."""

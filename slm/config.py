@@ -1,0 +1,344 @@
+"""Run configuration: one dataclass per YAML section, validated once at load.
+
+Every field has a default, a one-line ``help`` and its checks in ``__post_init__``. YAML is turned
+into these by :func:`load_config`, which names the file, the key and what is allowed on any error.
+Nothing deeper in the code reads raw dicts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A run configuration is invalid. The message names the file, the key and what is allowed."""
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:  # noqa: A002 - mirrors dataclasses' "help" metadata
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+def _check(ok: bool, key: str, msg: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {msg}")
+
+
+Quantization = Literal["nf4", "int8", "none"]
+DType = Literal["bfloat16", "float16", "float32"]
+
+
+@dataclass
+class ModelConfig:
+    name: str = _f(
+        "smollm2-135m-instruct",
+        "base model: 'smollm2-135m-instruct' (bundled GGUF), a hub id, a local dir, or 'tiny-<family>'",
+    )
+    quantization: Quantization = _f("nf4", "quantization of the frozen base: nf4 | int8 | none")
+    compute_dtype: DType = _f("bfloat16", "dtype of activations and of an unquantized base")
+    cache_dir: str = _f("", "where converted models are cached (default: $FEDSLM_CACHE or ~/.cache/fedslm)")
+    max_length: int = _f(128, "tokens per training sequence (prompt + answer), longer ones are cut")
+    gradient_checkpointing: bool = _f(False, "recompute activations in backward to save memory")
+
+    def __post_init__(self) -> None:
+        _check(bool(self.name), "model.name", "must not be empty")
+        _check(16 <= self.max_length <= 8192, "model.max_length", f"{self.max_length} not in [16, 8192]")
+
+
+@dataclass
+class LoRAConfig:
+    r: int = _f(8, "LoRA rank")
+    alpha: int = _f(16, "LoRA scaling numerator (scale = alpha / r)")
+    dropout: float = _f(0.0, "dropout on the LoRA input; 0 keeps DP-SGD per-sample grads exact")
+    target_modules: list[str] = _f([], "module names to adapt; empty = per-architecture default")
+    init_seed: int = _f(0, "seed of the shared initial adapter (all clients start from it)")
+
+    def __post_init__(self) -> None:
+        _check(1 <= self.r <= 512, "lora.r", f"{self.r} not in [1, 512]")
+        _check(self.alpha > 0, "lora.alpha", f"{self.alpha} must be > 0")
+        _check(0.0 <= self.dropout < 1.0, "lora.dropout", f"{self.dropout} not in [0, 1)")
+
+
+@dataclass
+class DataConfig:
+    source: str = _f("triage", "'triage' (bundled, generated) or a path to .jsonl/.csv/.parquet, or a hub dataset")
+    prompt_column: str = _f("question", "column holding the instruction / question")
+    response_column: str = _f("answer", "column holding the expected answer")
+    label_column: str = _f("specialty", "column used by the dirichlet partitioner")
+    client_column: str = _f("hospital", "column used by the natural partitioner")
+    partitioner: Literal["natural", "iid", "dirichlet"] = _f(
+        "natural", "how records are split over clients: natural (client column) | iid | dirichlet"
+    )
+    dirichlet_alpha: float = _f(0.5, "concentration of the dirichlet partitioner; small = more skewed")
+    num_records: int = _f(1200, "records generated for the bundled triage data (train + test)")
+    test_fraction: float = _f(0.1, "held-out global test split that no client sees")
+    eval_size: int = _f(48, "test records used by each central evaluation (0 = all)")
+    seed: int = _f(0, "seed of generation, splitting and partitioning")
+    system_prompt: str = _f(
+        "Answer with the department only.", "system message of the chat template (empty = none)"
+    )
+
+    def __post_init__(self) -> None:
+        _check(self.dirichlet_alpha > 0, "data.dirichlet_alpha", "must be > 0")
+        _check(0.0 < self.test_fraction < 0.9, "data.test_fraction", f"{self.test_fraction} not in (0, 0.9)")
+        _check(self.num_records >= 20, "data.num_records", "must be >= 20")
+        _check(self.eval_size >= 0, "data.eval_size", "must be >= 0")
+
+
+@dataclass
+class TrainConfig:
+    local_steps: int = _f(10, "optimizer steps per client per round")
+    batch_size: int = _f(4, "sequences per step (expected batch under Poisson sampling)")
+    learning_rate: float = _f(2e-3, "AdamW learning rate of the LoRA parameters")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    seed: int = _f(0, "seed of local shuffling and dropout (mixed with client id and round)")
+
+    def __post_init__(self) -> None:
+        _check(self.local_steps >= 1, "train.local_steps", "must be >= 1")
+        _check(self.batch_size >= 1, "train.batch_size", "must be >= 1")
+        _check(0 < self.learning_rate < 1, "train.learning_rate", f"{self.learning_rate} not in (0, 1)")
+
+
+@dataclass
+class PrivacyConfig:
+    mode: Literal["none", "local", "central", "both"] = _f(
+        "none", "none | local (DP-SGD per client) | central (server clips+noises) | both"
+    )
+    target_epsilon: float = _f(8.0, "local DP budget for the WHOLE run, per client")
+    delta: float = _f(1e-5, "local DP delta; must be below 1/records of the smallest client")
+    max_grad_norm: float = _f(1.0, "per-sample gradient clipping norm (local DP)")
+    accountant: Literal["rdp", "prv"] = _f("rdp", "privacy accountant: rdp | prv")
+    secure_mode: bool = _f(False, "cryptographically secure noise (slower; for production)")
+    central_noise_multiplier: float = _f(1.0, "central DP: noise std / clipping norm")
+    central_clipping_norm: float = _f(1.0, "central DP: L2 bound of each client's adapter update")
+    central_delta: float = _f(1e-3, "central (client-level) DP delta")
+
+    def __post_init__(self) -> None:
+        _check(self.target_epsilon > 0, "privacy.target_epsilon", "must be > 0")
+        _check(0 < self.delta < 1, "privacy.delta", f"{self.delta} not in (0, 1)")
+        _check(self.max_grad_norm > 0, "privacy.max_grad_norm", "must be > 0")
+        _check(self.central_noise_multiplier >= 0, "privacy.central_noise_multiplier", "must be >= 0")
+        _check(self.central_clipping_norm > 0, "privacy.central_clipping_norm", "must be > 0")
+        _check(0 < self.central_delta < 1, "privacy.central_delta", "not in (0, 1)")
+
+    @property
+    def local(self) -> bool:
+        return self.mode in ("local", "both")
+
+    @property
+    def central(self) -> bool:
+        return self.mode in ("central", "both")
+
+
+@dataclass
+class FederationConfig:
+    num_clients: int = _f(4, "simulated clients (supernodes)")
+    num_rounds: int = _f(3, "federated rounds")
+    fraction_train: float = _f(1.0, "fraction of clients sampled per round")
+    min_train_clients: int = _f(2, "a round needs at least this many replies, else it is skipped")
+    round_timeout_s: float = _f(3600.0, "seconds to wait for replies in a round")
+    seed: int = _f(0, "seed of client sampling")
+    client_cpus: float = _f(2.0, "CPUs reserved per simulated client (2 = one client at a time on 2 cores)")
+
+    def __post_init__(self) -> None:
+        _check(self.num_clients >= 1, "federation.num_clients", "must be >= 1")
+        _check(self.num_rounds >= 1, "federation.num_rounds", "must be >= 1")
+        _check(0 < self.fraction_train <= 1, "federation.fraction_train", "not in (0, 1]")
+        _check(
+            1 <= self.min_train_clients <= self.num_clients,
+            "federation.min_train_clients",
+            f"{self.min_train_clients} not in [1, num_clients={self.num_clients}]",
+        )
+
+    @property
+    def clients_per_round(self) -> int:
+        return max(self.min_train_clients, int(self.num_clients * self.fraction_train))
+
+
+@dataclass
+class EvalConfig:
+    every: int = _f(1, "central evaluation every N rounds (round 0 = base adapter is always evaluated)")
+    max_new_tokens: int = _f(8, "tokens generated for exact-match accuracy")
+    batch_size: int = _f(16, "evaluation batch size")
+
+    def __post_init__(self) -> None:
+        _check(self.every >= 1, "eval.every", "must be >= 1")
+        _check(1 <= self.max_new_tokens <= 256, "eval.max_new_tokens", "not in [1, 256]")
+
+
+@dataclass
+class StrategyConfig:
+    name: str = _f("fedavg", "aggregation strategy (see `fedslm strategies`)")
+    params: dict[str, Any] = _f({}, "keyword arguments of the strategy, checked against its signature")
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = _f(None, "base model and its quantization")
+    lora: LoRAConfig = _f(None, "LoRA adapter")
+    data: DataConfig = _f(None, "dataset and partitioning")
+    train: TrainConfig = _f(None, "local training on each client")
+    privacy: PrivacyConfig = _f(None, "differential privacy")
+    federation: FederationConfig = _f(None, "clients and rounds")
+    eval: EvalConfig = _f(None, "central evaluation")
+    strategy: StrategyConfig = _f(None, "aggregation strategy")
+    seed: int = _f(0, "master seed, recorded in the run")
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            if getattr(self, f.name) is None and f.name != "seed":
+                setattr(self, f.name, _SECTIONS[f.name]())
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+_SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "lora": LoRAConfig,
+    "data": DataConfig,
+    "train": TrainConfig,
+    "privacy": PrivacyConfig,
+    "federation": FederationConfig,
+    "eval": EvalConfig,
+    "strategy": StrategyConfig,
+}
+
+
+# ------------------------------------------------------------------------------------------------
+# YAML -> dataclasses
+
+
+def _type_name(tp: Any) -> str:
+    if get_origin(tp) is Literal:
+        return " | ".join(repr(a) for a in get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; ints are accepted for floats."""
+    origin = get_origin(tp)
+    if origin is Literal:
+        allowed = get_args(tp)
+        _check(value in allowed, key, f"{value!r} is not allowed; choose one of {list(allowed)}")
+        return value
+    if tp is Any:
+        return value
+    if origin in (list, typing.List):  # noqa: UP006
+        _check(isinstance(value, list), key, f"expected a list, got {type(value).__name__} {value!r}")
+        (inner,) = get_args(tp)
+        return [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin in (dict, typing.Dict):  # noqa: UP006
+        _check(isinstance(value, dict), key, f"expected a mapping, got {type(value).__name__}")
+        return dict(value)
+    if origin in (types.UnionType, typing.Union):
+        for arm in get_args(tp):
+            try:
+                return _coerce(value, arm, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key}: {value!r} is not {_type_name(tp)}")
+    if tp is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        _check(ok, key, f"expected a number, got {type(value).__name__} {value!r}")
+        return float(value)
+    if tp is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+        _check(ok, key, f"expected an integer, got {type(value).__name__} {value!r}")
+        return value
+    if tp is bool:
+        _check(isinstance(value, bool), key, f"expected true/false, got {value!r}")
+        return value
+    if tp is str:
+        _check(isinstance(value, str), key, f"expected a string, got {type(value).__name__} {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported type {tp}")
+
+
+def _build(cls: type, raw: dict[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"{prefix}{unknown[0]}: unknown key; allowed keys of {prefix.rstrip('.') or 'the top level'}"
+            f" are {sorted(fields)}"
+        )
+    kwargs: dict[str, Any] = {}
+    for name, value in raw.items():
+        key = f"{prefix}{name}"
+        if name in _SECTIONS and cls is RunConfig:
+            if value is None:
+                value = {}
+            _check(isinstance(value, dict), key, "expected a mapping (a YAML section)")
+            kwargs[name] = _build(_SECTIONS[name], value, f"{key}.")
+        else:
+            kwargs[name] = _coerce(value, hints[name], key)
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        msg = str(e)
+        raise ConfigError(msg if msg.startswith(prefix) or not prefix else f"{prefix}{msg}") from None
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected key=value, e.g. train.local_steps=5")
+    key, _, text = item.partition("=")
+    return key.strip().split("."), yaml.safe_load(text)
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``section.key=value`` overrides (values parsed as YAML) to a raw config dict."""
+    for item in overrides:
+        path, value = _parse_override(item)
+        node = raw
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item!r}: {part} is not a section")
+        node[path[-1]] = value
+    return raw
+
+
+def config_from_dict(raw: dict[str, Any], source: str = "<dict>") -> RunConfig:
+    """Validate a raw mapping into a :class:`RunConfig`; errors name ``source`` and the key."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping, got {type(raw).__name__}")
+    try:
+        cfg = _build(RunConfig, raw, "")
+        validate_strategy(cfg)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+    return cfg
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Read, override and validate a YAML run config."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such config file")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    raw = apply_overrides(raw, overrides or [])
+    return config_from_dict(raw, str(path))
+
+
+def validate_strategy(cfg: RunConfig) -> None:
+    """Check the strategy name and parameters against the registry (and the rest of the run)."""
+    from strategies.registry import check_strategy_config  # the registry lives with the strategies
+
+    check_strategy_config(cfg)
