@@ -1,0 +1,47 @@
+"""The fedslm ClientApp: train the global LoRA adapter on this node's private data and reply.
+
+The server sends the global adapter (``arrays``) and a ``config`` holding the resolved run config
+(YAML) and strategy keys. The node's own data is either a partition of the bundled/simulated data
+(``partition-id``/``num-partitions`` in the node config) or a file on the node (``data-path``).
+Only adapter tensors and metrics leave the node. The base model stays resident in the process.
+"""
+
+from __future__ import annotations
+
+import time
+
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from slm.logs import get_logger
+
+from .runner import ClientRunner, DeclinedRound
+
+log = get_logger(__name__)
+
+app = ClientApp()
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    t0 = time.perf_counter()
+    runner = ClientRunner.from_message(msg, context)
+    try:
+        arrays, metrics = runner.train(msg.content["arrays"])
+    except DeclinedRound as declined:
+        log.warning("client %s declines round %s: %s", runner.client_id, runner.server_round, declined)
+        metrics = {**declined.metrics, "declined": 1, "num-examples": 0}
+        return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+    metrics["client-seconds"] = time.perf_counter() - t0
+    content = RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)})
+    return Message(content=content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    runner = ClientRunner.from_message(msg, context)
+    metrics = runner.evaluate(msg.content["arrays"])
+    return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+
+
+__all__ = ["app", "ArrayRecord"]

@@ -1,0 +1,194 @@
+"""What one client does in one round, independent of Flower's transport (tested directly)."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from flwr.app import ArrayRecord, Context, Message
+
+from slm import data as data_mod
+from slm.adapters import (
+    PEFT_CACHE,
+    adapter_state,
+    from_arrayrecord,
+    load_adapter_state,
+    to_arrayrecord,
+)
+from slm.config import RunConfig, config_from_dict
+from slm.logs import get_logger
+from slm.model import cache_root
+from slm.training import LocalTraining, evaluate, train_local
+
+from .state import ClientStore
+
+log = get_logger(__name__)
+
+VALIDATION_FRACTION = 0.1  # of each client's records, held back for its own evaluation
+
+
+class DeclinedRound(Exception):
+    """The client will not train this round (e.g. its privacy budget would be exceeded)."""
+
+    def __init__(self, reason: str, metrics: dict[str, float | int]) -> None:
+        super().__init__(reason)
+        self.metrics = metrics
+
+
+_ENCODED: dict[tuple[Any, ...], tuple[list[dict[str, list[int]]], list[dict[str, list[int]]], list[dict[str, Any]]]] = {}
+
+
+@dataclass
+class ClientRunner:
+    cfg: RunConfig
+    client_id: int
+    num_clients: int
+    data_path: str
+    server_round: int
+    strategy_keys: dict[str, Any]
+    store: ClientStore
+
+    @classmethod
+    def from_message(cls, msg: Message, context: Context) -> ClientRunner:
+        config = msg.content["config"]
+        raw = yaml.safe_load(str(config["run-config"]))
+        cfg = config_from_dict(raw, "run-config sent by the server")
+        node = context.node_config
+        client_id = int(node.get("partition-id", node.get("client-id", 0)))
+        num_clients = int(node.get("num-partitions", cfg.federation.num_clients))
+        run_name = str(config.get("run-name", "run"))
+        state_root = Path(str(node["state-dir"])) if "state-dir" in node else cache_root(cfg.model) / "client-state"
+        keys = {k: config[k] for k in config if k not in ("run-config", "run-name")}
+        return cls(
+            cfg=cfg,
+            client_id=client_id,
+            num_clients=num_clients,
+            data_path=str(node.get("data-path", "")),
+            server_round=int(config.get("server-round", 0)),
+            strategy_keys=keys,
+            store=ClientStore(state_root / run_name / f"client-{client_id}"),
+        )
+
+    # -- data ---------------------------------------------------------------------------------
+    def _records(self) -> list[dict[str, Any]]:
+        dcfg = self.cfg.data
+        if self.data_path:  # a real node: all of the file is this node's private data
+            from dataclasses import replace
+
+            return data_mod.load_records(replace(dcfg, source=self.data_path), cache_root(self.cfg.model))
+        return data_mod.client_records(dcfg, cache_root(self.cfg.model), self.client_id, self.num_clients).records
+
+    def examples(self, tokenizer: Any) -> tuple[list[dict[str, list[int]]], list[dict[str, list[int]]], list[dict[str, Any]]]:
+        """(train examples, validation examples, validation records), cached per process."""
+        key = (self.data_path, self.client_id, self.num_clients, _digest(self.cfg.data), self.cfg.model.max_length, self.cfg.model.name)
+        if key not in _ENCODED:
+            records = self._records()
+            n_val = int(len(records) * VALIDATION_FRACTION) if len(records) >= 10 else 0
+            train_recs, val_recs = records[n_val:], records[:n_val]
+            enc = data_mod.encode_all
+            _ENCODED.clear()
+            _ENCODED[key] = (
+                enc(tokenizer, train_recs, self.cfg.data, self.cfg.model.max_length),
+                enc(tokenizer, val_recs, self.cfg.data, self.cfg.model.max_length),
+                val_recs,
+            )
+        return _ENCODED[key]
+
+    # -- train --------------------------------------------------------------------------------
+    def _model(self) -> tuple[Any, Any]:
+        resident = PEFT_CACHE.get(self.cfg.model, self.cfg.lora)
+        return resident.model, resident.base.tokenizer
+
+    def train(self, arrays: ArrayRecord) -> tuple[ArrayRecord, dict[str, float | int]]:
+        model, tokenizer = self._model()
+        train_ex, _, _ = self.examples(tokenizer)
+        global_state = from_arrayrecord(arrays)
+        upload_b = bool(self.strategy_keys.get("upload-lora-b", True))
+        if not upload_b:  # FedSA-LoRA: this client's own B replaces the global one
+            local_b = self.store.load_tensors("local-lora-b")
+            if local_b is not None:
+                global_state.update(local_b)
+        full = adapter_state(model)
+        full.update(global_state)  # FFA-LoRA may send only B; A then stays at the shared init
+        load_adapter_state(model, full)
+
+        t = self.cfg.train
+        metrics: dict[str, float | int] = {"client-id": self.client_id, "lora-rank": self.cfg.lora.r}
+        dp = None
+        accountant = None
+        if self.cfg.privacy.local:
+            from .privacy import ClientPrivacy
+
+            accountant = ClientPrivacy(self.cfg, self.store, len(train_ex))
+            dp = accountant.settings()
+            accountant.check_budget(metrics)  # raises DeclinedRound
+        seed = _mix(t.seed, self.client_id, self.server_round)
+        spec = LocalTraining(
+            steps=t.local_steps,
+            batch_size=t.batch_size,
+            learning_rate=t.learning_rate,
+            weight_decay=t.weight_decay,
+            seed=seed,
+            proximal_mu=float(self.strategy_keys.get("proximal-mu", 0.0)),
+            train_lora_a=bool(self.strategy_keys.get("train-lora-a", True)),
+            dp=dp,
+        )
+        result = train_local(model, train_ex, tokenizer.pad_token_id, spec)
+        if accountant is not None:
+            accountant.record(t.local_steps, metrics)
+        state = adapter_state(model)
+        if not upload_b:
+            b_keys = {k: v for k, v in state.items() if "lora_B" in k}
+            self.store.save_tensors("local-lora-b", b_keys)
+            state = {k: v for k, v in state.items() if k not in b_keys}
+        if not spec.train_lora_a:
+            state = {k: v for k, v in state.items() if "lora_A" not in k}
+        metrics.update(
+            {
+                "num-examples": result.num_examples,
+                "train-loss": result.loss_mean,
+                "train-loss-first": result.loss_first,
+                "train-loss-last": result.loss_last,
+                "train-seconds": result.seconds,
+                "train-steps": result.steps,
+                "samples-seen": result.samples_seen,
+            }
+        )
+        log.info(
+            "client %d round %d: %d steps, loss %.3f -> %.3f (%.1f s)",
+            self.client_id, self.server_round, result.steps, result.loss_first, result.loss_last, result.seconds,
+        )
+        return to_arrayrecord(state), metrics
+
+    # -- evaluate -----------------------------------------------------------------------------
+    def evaluate(self, arrays: ArrayRecord) -> dict[str, float | int]:
+        """The global adapter on this client's own validation split (how well it serves this site)."""
+        model, tokenizer = self._model()
+        _, val_ex, val_recs = self.examples(tokenizer)
+        full = adapter_state(model)
+        full.update(from_arrayrecord(arrays))
+        load_adapter_state(model, full)
+        d = self.cfg.data
+        prompts = [data_mod.prompt_text(tokenizer, str(r[d.prompt_column]), d.system_prompt) for r in val_recs]
+        answers = [str(r[d.response_column]) for r in val_recs]
+        m = evaluate(
+            model, tokenizer, val_ex, prompts, answers,
+            batch_size=self.cfg.eval.batch_size, max_new_tokens=self.cfg.eval.max_new_tokens,
+        )
+        return {**m, "num-examples": len(val_ex), "client-id": self.client_id}
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(repr(obj).encode()).hexdigest()[:16]
+
+
+def _mix(*parts: int) -> int:
+    """A stable per-(seed, client, round) seed (no global seeding anywhere)."""
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:4], "little")
+
+
+__all__ = ["ClientRunner", "DeclinedRound", "torch"]

@@ -1,0 +1,63 @@
+"""Per-client state that must outlive a round and a process: privacy history, local LoRA tensors.
+
+Simulation actors are recycled and real nodes restart, so this lives in files (one directory per
+client and run), written atomically; tensors as safetensors, the rest as JSON. Never pickle.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+
+class ClientStateError(RuntimeError):
+    """A client's saved state is unreadable (it is never silently reset: that could reset a budget)."""
+
+
+class ClientStore:
+    """Files of one client in one run: ``<root>/<name>.json`` and ``<root>/<name>.safetensors``."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    def _atomic(self, path: Path, write: Any) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=self.root)
+        os.close(fd)
+        try:
+            write(tmp)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+    def save_json(self, name: str, value: Any) -> None:
+        self._atomic(self.root / f"{name}.json", lambda t: Path(t).write_text(json.dumps(value)))
+
+    def load_json(self, name: str) -> Any | None:
+        path = self.root / f"{name}.json"
+        if not path.is_file():
+            return None
+        try:
+            return json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ClientStateError(f"{path} is corrupt ({e}); restore it or start a new run") from None
+
+    def save_tensors(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
+        data = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+        self._atomic(self.root / f"{name}.safetensors", lambda t: save_file(data, t))
+
+    def load_tensors(self, name: str) -> dict[str, torch.Tensor] | None:
+        path = self.root / f"{name}.safetensors"
+        if not path.is_file():
+            return None
+        try:
+            return load_file(str(path))
+        except Exception as e:  # noqa: BLE001 - safetensors raises several types
+            raise ClientStateError(f"{path} is corrupt ({e}); restore it or start a new run") from None

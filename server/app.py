@@ -1,0 +1,57 @@
+"""The fedslm ServerApp (``flwr run .`` loads ``app``; ``fedslm simulate`` builds its own).
+
+``[tool.flwr.app.config]`` in pyproject.toml names the run's YAML (``config``) and the run
+directory (``out-dir``); ``flwr run . --run-config 'config="configs/tiny.yaml"'`` picks another.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from slm.config import RunConfig, load_config
+from slm.logs import get_logger
+
+from .federation import Federation, RoundCallback
+from .report import write_results
+
+log = get_logger(__name__)
+
+
+def run_federation(
+    grid: Grid, cfg: RunConfig, out_dir: Path, run_name: str, on_round: RoundCallback | None = None
+) -> None:
+    rows = Federation(cfg, out_dir, run_name, on_round).run(grid)
+    write_results(out_dir, cfg, rows)
+
+
+def make_server_app(cfg: RunConfig, out_dir: Path, run_name: str, on_round: RoundCallback | None = None) -> ServerApp:
+    """A ServerApp bound to an already validated config (the simulation engine passes no run config)."""
+    server = ServerApp()
+
+    @server.main()
+    def _main(grid: Grid, context: Context) -> None:
+        run_federation(grid, cfg, out_dir, run_name, on_round)
+
+    return server
+
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    rc = context.run_config
+    here = Path(__file__).resolve().parent.parent
+    path = Path(str(rc.get("config", "configs/demo.yaml")))
+    if not path.is_absolute():
+        path = here / path
+    overrides = [s for s in str(rc.get("set", "")).split(",") if s.strip()]
+    cfg = load_config(path, overrides)
+    out = Path(str(rc.get("out-dir", "runs/flwr-run"))).expanduser()
+    if not out.is_absolute():
+        out = Path.cwd() / out
+    run_federation(grid, cfg, out, f"{out.name}-{int(time.time())}")

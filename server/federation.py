@@ -1,0 +1,179 @@
+"""The round driver: sample, send, receive, screen, aggregate, evaluate, record, checkpoint.
+
+Flower's ``Strategy.start`` runs a fixed loop; fedslm drives the strategy's own
+``configure_train``/``aggregate_train`` itself so that every round can (1) drop failed, declined
+and invalid replies before aggregation, (2) skip a round that got too few replies while keeping the
+global adapter, (3) count the bytes that really travelled, and (4) write metrics, the round's
+adapter and a checkpoint before the next round starts.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.serverapp import Grid
+
+from slm.config import RunConfig
+from slm.logs import get_logger
+from strategies import registry
+
+from .evaluation import CentralEvaluator
+
+log = get_logger(__name__)
+
+RoundCallback = Callable[[dict[str, Any]], None]
+
+
+def content_nbytes(content: RecordDict) -> int:
+    """Payload bytes of a message: array bytes plus the JSON size of config/metric records."""
+    total = 0
+    for value in content.values():
+        if isinstance(value, ArrayRecord):
+            total += value.count_bytes()
+        else:
+            total += len(json.dumps({k: v for k, v in value.items()}, default=str))
+    return total
+
+
+@dataclass
+class RoundReplies:
+    ok: list[Message] = field(default_factory=list)
+    failed: list[tuple[int, str]] = field(default_factory=list)
+    declined: list[Message] = field(default_factory=list)
+    rejected: list[tuple[int, str]] = field(default_factory=list)
+
+
+def sort_replies(replies: list[Message]) -> RoundReplies:
+    out = RoundReplies()
+    for msg in replies:
+        if msg.has_error():
+            out.failed.append((msg.metadata.src_node_id, msg.error.reason))
+        elif "arrays" not in msg.content:
+            declined = msg.content["metrics"].get("declined", 0) if "metrics" in msg.content else 0
+            if declined:
+                out.declined.append(msg)
+            else:
+                out.rejected.append((msg.metadata.src_node_id, "reply carries no adapter"))
+        else:
+            out.ok.append(msg)
+    return out
+
+
+class Federation:
+    """Runs ``cfg.federation.num_rounds`` rounds of the configured strategy and writes ``out_dir``."""
+
+    def __init__(self, cfg: RunConfig, out_dir: Path, run_name: str, on_round: RoundCallback | None = None) -> None:
+        self.cfg = cfg
+        self.out = Path(out_dir)
+        self.run_name = run_name
+        self.on_round = on_round
+        self.strategy = registry.build(cfg)
+        self.evaluator = CentralEvaluator(cfg)
+        self.epsilon_by_client: dict[int, float] = {}
+        self.rows: list[dict[str, Any]] = []
+
+    def _train_config(self) -> ConfigRecord:
+        return ConfigRecord({"run-config": self.cfg.to_yaml(), "run-name": self.run_name})
+
+    def _evaluate(self, rnd: int, arrays: ArrayRecord) -> dict[str, float]:
+        t0 = time.perf_counter()
+        m = self.evaluator(arrays)
+        log.info(
+            "round %d central eval: loss %.4f, perplexity %.2f, accuracy %.3f (%.1f s)",
+            rnd, m["eval_loss"], m["perplexity"], m["eval_accuracy"], time.perf_counter() - t0,
+        )
+        return m
+
+    def run(self, grid: Grid) -> list[dict[str, Any]]:
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "config.yaml").write_text(self.cfg.to_yaml())
+        fed = self.cfg.federation
+        self.strategy.summary()
+        arrays = self.evaluator.initial_arrays()
+        t_start = time.perf_counter()
+        self._record(0, arrays, self._evaluate(0, arrays), {}, RoundReplies(), 0, 0, t_start, skipped=False)
+        for rnd in range(1, fed.num_rounds + 1):
+            log.info("---- round %d/%d ----", rnd, fed.num_rounds)
+            t0 = time.perf_counter()
+            messages = list(self.strategy.configure_train(rnd, arrays, self._train_config(), grid))
+            down = sum(content_nbytes(m.content) for m in messages)
+            replies = sort_replies(list(grid.send_and_receive(messages, timeout=fed.round_timeout_s)))
+            up = sum(content_nbytes(m.content) for m in replies.ok + replies.declined)
+            for node, reason in replies.failed:
+                log.warning("round %d: node %s failed: %s", rnd, node, reason)
+            self._note_epsilons(replies.ok + replies.declined)
+            train_metrics: dict[str, Any] = {}
+            skipped = len(replies.ok) < fed.min_train_clients
+            if skipped:
+                log.warning(
+                    "round %d skipped: %d usable replies < federation.min_train_clients=%d; global adapter kept",
+                    rnd, len(replies.ok), fed.min_train_clients,
+                )
+            else:
+                new_arrays, agg = self.strategy.aggregate_train(rnd, replies.ok)
+                if new_arrays is not None:
+                    arrays = self._merge(arrays, new_arrays)
+                train_metrics = dict(agg or {})
+            last = rnd == fed.num_rounds
+            ev = self._evaluate(rnd, arrays) if (rnd % self.cfg.eval.every == 0 or last) else {}
+            self._record(rnd, arrays, ev, train_metrics, replies, up, down, t0, skipped)
+        log.info("Federation finished in %.1f s", time.perf_counter() - t_start)
+        return self.rows
+
+    @staticmethod
+    def _merge(old: ArrayRecord, new: ArrayRecord) -> ArrayRecord:
+        """Keys a strategy does not aggregate (e.g. FFA-LoRA's frozen A) keep their global value."""
+        merged = ArrayRecord({k: v for k, v in old.items()})
+        for k, v in new.items():
+            merged[k] = v
+        return merged
+
+    def _note_epsilons(self, msgs: list[Message]) -> None:
+        for msg in msgs:
+            m = msg.content["metrics"]
+            if "epsilon" in m:
+                self.epsilon_by_client[int(m.get("client-id", msg.metadata.src_node_id))] = float(m["epsilon"])
+
+    def _record(
+        self,
+        rnd: int,
+        arrays: ArrayRecord,
+        ev: dict[str, float],
+        train: dict[str, Any],
+        replies: RoundReplies,
+        up: int,
+        down: int,
+        t0: float,
+        skipped: bool,
+    ) -> None:
+        eps = list(self.epsilon_by_client.values())
+        row: dict[str, Any] = {
+            "round": rnd,
+            "train_loss": train.get("train-loss"),
+            "eval_loss": ev.get("eval_loss"),
+            "perplexity": ev.get("perplexity"),
+            "eval_accuracy": ev.get("eval_accuracy"),
+            "bytes_up": up,
+            "bytes_down": down,
+            "wall_s": time.perf_counter() - t0,
+            "clients": len(replies.ok),
+            "failed": len(replies.failed),
+            "declined": len(replies.declined),
+            "rejected": len(replies.rejected),
+            "skipped": skipped,
+            "epsilon_max": max(eps) if eps else None,
+            "epsilon_mean": sum(eps) / len(eps) if eps else None,
+            "epsilon_central": train.get("epsilon-central"),
+        }
+        self.rows.append(row)
+        with (self.out / "metrics.jsonl").open("a") as fh:
+            fh.write(json.dumps(row) + "\n")
+        self.evaluator.save(arrays, self.out / "adapters" / f"round-{rnd:03d}")
+        if self.on_round is not None:
+            self.on_round(row)

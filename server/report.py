@@ -1,0 +1,83 @@
+"""Run results: ``summary.json`` and a PNG plot of loss, accuracy and epsilon per round."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from slm.config import RunConfig
+from slm.logs import get_logger
+
+log = get_logger(__name__)
+
+KEYS = ("train_loss", "eval_loss", "perplexity", "eval_accuracy", "bytes_up", "bytes_down", "wall_s",
+        "epsilon_max", "epsilon_mean", "epsilon_central")
+
+
+def summarize(cfg: RunConfig, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    evaluated = [r for r in rows if r.get("eval_accuracy") is not None]
+    first, last = evaluated[0], evaluated[-1]
+    return {
+        "rounds": len(rows) - 1,
+        "first": {"round": first["round"], **{k: first.get(k) for k in KEYS}},
+        "last": {"round": last["round"], **{k: last.get(k) for k in KEYS}},
+        "totals": {
+            "bytes_up": sum(r["bytes_up"] for r in rows),
+            "bytes_down": sum(r["bytes_down"] for r in rows),
+            "wall_s": sum(r["wall_s"] for r in rows),
+            "failed": sum(r["failed"] for r in rows),
+            "declined": sum(r["declined"] for r in rows),
+            "rejected": sum(r["rejected"] for r in rows),
+            "skipped_rounds": sum(1 for r in rows if r["skipped"]),
+        },
+        "model": cfg.model.name,
+        "quantization": cfg.model.quantization,
+        "strategy": cfg.strategy.name,
+        "privacy": {"mode": cfg.privacy.mode, "target_epsilon": cfg.privacy.target_epsilon,
+                    "delta": cfg.privacy.delta, "max_grad_norm": cfg.privacy.max_grad_norm,
+                    "accountant": cfg.privacy.accountant},
+    }
+
+
+def plot(rows: list[dict[str, Any]], out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    rounds = [r["round"] for r in rows]
+    for key, label in (("train_loss", "train loss"), ("eval_loss", "eval loss")):
+        pts = [(r["round"], r[key]) for r in rows if r.get(key) is not None]
+        if pts:
+            ax_loss.plot(*zip(*pts, strict=True), marker="o", label=label)
+    ax_loss.set_xlabel("round")
+    ax_loss.set_ylabel("loss")
+    ax_loss.legend()
+    pts = [(r["round"], r["eval_accuracy"]) for r in rows if r.get("eval_accuracy") is not None]
+    if pts:
+        ax_acc.plot(*zip(*pts, strict=True), marker="o", color="tab:green", label="eval accuracy")
+    ax_acc.set_xlabel("round")
+    ax_acc.set_ylabel("exact-match accuracy")
+    ax_acc.set_ylim(0, 1)
+    ax_acc.set_xticks(rounds)
+    eps = [(r["round"], r["epsilon_max"]) for r in rows if r.get("epsilon_max") is not None]
+    if eps:
+        ax_eps = ax_acc.twinx()
+        ax_eps.plot(*zip(*eps, strict=True), marker="s", linestyle="--", color="tab:red", label="epsilon (max client)")
+        ax_eps.set_ylabel("cumulative epsilon")
+        ax_eps.legend(loc="lower right")
+    ax_acc.legend(loc="upper left")
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def write_results(out_dir: Path, cfg: RunConfig, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    summary = summarize(cfg, rows)
+    (Path(out_dir) / "summary.json").write_text(json.dumps(summary, indent=2))
+    plot(rows, Path(out_dir) / "metrics.png")
+    log.info("Results written to %s", out_dir)
+    return summary

@@ -1,0 +1,137 @@
+"""``fedslm simulate``: a federation on Flower's simulation engine, with progress and a run dir."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import time
+from pathlib import Path
+from typing import Any
+
+from slm.config import RunConfig
+from slm.logs import get_logger
+
+log = get_logger(__name__)
+
+QUIET_ENV = {
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_DEDUP_LOGS": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+class SimulationError(RuntimeError):
+    """The simulated federation failed; the message carries the server's error."""
+
+
+def quiet_environment() -> None:
+    """No network here: switch off telemetry and update checks (inherited by Ray workers)."""
+    for k, v in QUIET_ENV.items():
+        os.environ.setdefault(k, v)
+
+
+def default_out_dir(cfg_name: str) -> Path:
+    return Path("runs") / f"{cfg_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def simulate(cfg: RunConfig, out_dir: Path, *, backend: str = "ray", progress: bool = True) -> list[dict[str, Any]]:
+    """Run the federation described by ``cfg``; returns the per-round metrics rows."""
+    quiet_environment()
+    from flwr.simulation import run_simulation
+
+    from client.app import app as client_app
+    from server.app import make_server_app
+
+    out_dir = Path(out_dir).resolve()
+    if (out_dir / "metrics.jsonl").exists():
+        raise SimulationError(f"{out_dir} already holds a run; pass another --out")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fed = cfg.federation
+    rows: queue.Queue[dict[str, Any]] = queue.Queue()
+    bar = _progress(fed.num_rounds + 1, progress)
+    errors: list[BaseException] = []
+
+    def on_round(row: dict[str, Any]) -> None:
+        rows.put(row)
+        if bar is not None:
+            bar.set_postfix_str(_postfix(row))
+            bar.update(1)
+
+    server_app = make_server_app(cfg, out_dir, f"{out_dir.name}", _guard(on_round, errors))
+    cpus = os.cpu_count() or 2
+    backend_config = {
+        "client_resources": {"num_cpus": min(fed.client_cpus, cpus), "num_gpus": 0.0},
+        "init_args": {"num_cpus": cpus, "include_dashboard": False, "logging_level": "warning"},
+    }
+    log.info("Simulating %d clients for %d rounds (run dir %s)", fed.num_clients, fed.num_rounds, out_dir)
+    try:
+        run_simulation(
+            server_app=server_app,
+            client_app=client_app,
+            num_supernodes=fed.num_clients,
+            backend_name=backend,
+            backend_config=backend_config,
+        )
+    finally:
+        if bar is not None:
+            bar.close()
+    result = list(rows.queue)
+    if errors:
+        raise SimulationError(f"progress callback failed: {errors[0]}") from errors[0]
+    if len(result) != fed.num_rounds + 1 or not (out_dir / "summary.json").is_file():
+        raise SimulationError(
+            f"the federation stopped after {max(len(result) - 1, 0)} of {fed.num_rounds} rounds;"
+            " see the log above for the server's error"
+        )
+    return result
+
+
+def _guard(fn: Any, errors: list[BaseException]) -> Any:
+    def wrapped(row: dict[str, Any]) -> None:
+        try:
+            fn(row)
+        except Exception as e:  # noqa: BLE001 - a progress bar must never kill the run
+            errors.append(e)
+
+    return wrapped
+
+
+def _progress(total: int, enabled: bool) -> Any:
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="rounds (incl. round 0 eval)", unit="round")
+
+
+def _postfix(row: dict[str, Any]) -> str:
+    parts = [f"r{row['round']}"]
+    if row.get("eval_accuracy") is not None:
+        parts.append(f"acc={row['eval_accuracy']:.3f}")
+    if row.get("eval_loss") is not None:
+        parts.append(f"loss={row['eval_loss']:.3f}")
+    if row.get("epsilon_max") is not None:
+        parts.append(f"eps={row['epsilon_max']:.2f}")
+    return " ".join(parts)
+
+
+def results_table(rows: list[dict[str, Any]]) -> str:
+    """A plain-text table of the per-round metrics."""
+    cols = [
+        ("round", "{:d}"), ("train_loss", "{:.4f}"), ("eval_loss", "{:.4f}"), ("eval_accuracy", "{:.3f}"),
+        ("epsilon_max", "{:.3f}"), ("clients", "{:d}"), ("bytes_up", "{:,d}"), ("bytes_down", "{:,d}"), ("wall_s", "{:.1f}"),
+    ]
+    cells = [[name for name, _ in cols]]
+    for r in rows:
+        cells.append(["-" if r.get(n) is None else f.format(r[n]) for n, f in cols])
+    widths = [max(len(row[i]) for row in cells) for i in range(len(cols))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)) for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def load_rows(run_dir: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]

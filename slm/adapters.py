@@ -1,0 +1,209 @@
+"""LoRA adapters (PEFT): attach, read/write their tensors, move them as Flower ArrayRecords, save.
+
+Only trainable adapter tensors ever travel: they are taken with ``get_peft_model_state_dict`` from
+the unwrapped PEFT model (Opacus wraps it during DP training), so base weights never leave a node.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord
+
+from .config import LoRAConfig, ModelConfig
+from .logs import get_logger
+from .model import RESIDENT, LoadedModel
+
+log = get_logger(__name__)
+
+# model_type -> default LoRA target modules (attention query/value projections, as in the LoRA paper)
+DEFAULT_TARGETS: dict[str, list[str]] = {
+    "llama": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"],
+    "mistral": ["q_proj", "v_proj"],
+    "gemma": ["q_proj", "v_proj"],
+    "gemma2": ["q_proj", "v_proj"],
+    "gemma3_text": ["q_proj", "v_proj"],
+    "phi3": ["qkv_proj"],
+    "distilbert": ["q_lin", "v_lin"],
+    "bert": ["query", "value"],
+}
+
+
+class AdapterError(ValueError):
+    """Adapter tensors do not match the model (names the key and the shapes)."""
+
+
+def target_modules(model_type: str, lora: LoRAConfig) -> list[str]:
+    if lora.target_modules:
+        return list(lora.target_modules)
+    if model_type not in DEFAULT_TARGETS:
+        raise AdapterError(
+            f"no default LoRA target modules for model type {model_type!r}; set lora.target_modules"
+            f" (known defaults: {sorted(DEFAULT_TARGETS)})"
+        )
+    return DEFAULT_TARGETS[model_type]
+
+
+def peft_config(model_type: str, lora: LoRAConfig, task: str = "causal-lm", rank: int | None = None) -> Any:
+    from peft import LoraConfig, TaskType
+
+    r = rank or lora.r
+    return LoraConfig(
+        r=r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=target_modules(model_type, lora),
+        task_type=TaskType.CAUSAL_LM if task == "causal-lm" else TaskType.SEQ_CLS,
+        bias="none",
+    )
+
+
+def attach_lora(base: Any, lora: LoRAConfig, task: str = "causal-lm", rank: int | None = None) -> Any:
+    """Wrap ``base`` in a PEFT LoRA model; initialisation is seeded by ``lora.init_seed``."""
+    from peft import get_peft_model
+
+    cfg = peft_config(base.config.model_type, lora, task, rank)
+    with torch.random.fork_rng():
+        torch.manual_seed(lora.init_seed)
+        model = get_peft_model(base, cfg)
+    # LoRA weights in fp32: DP noise and small updates survive, and the wire format is exact.
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    return model
+
+
+def adapter_state(model: Any) -> dict[str, torch.Tensor]:
+    """The trainable adapter tensors (PEFT keys, no adapter name), detached fp32 copies."""
+    from peft import get_peft_model_state_dict
+
+    inner = getattr(model, "_module", model)  # Opacus GradSampleModule -> PEFT model
+    state = get_peft_model_state_dict(inner)
+    return {k: v.detach().to(torch.float32).clone() for k, v in state.items()}
+
+
+def load_adapter_state(model: Any, state: dict[str, torch.Tensor]) -> None:
+    """Copy adapter tensors into ``model`` in place (parameter objects keep their identity)."""
+    current = adapter_state(model)
+    missing = sorted(set(current) - set(state))
+    unexpected = sorted(set(state) - set(current))
+    if unexpected:
+        raise AdapterError(f"adapter has unexpected key {unexpected[0]!r} ({len(unexpected)} in all)")
+    if missing:
+        raise AdapterError(f"adapter lacks key {missing[0]!r} ({len(missing)} in all)")
+    for k, v in state.items():
+        if tuple(v.shape) != tuple(current[k].shape):
+            raise AdapterError(
+                f"adapter key {k!r} has shape {tuple(v.shape)}, the model expects {tuple(current[k].shape)}"
+            )
+    params = _adapter_params(model)
+    with torch.no_grad():
+        for k, v in state.items():
+            params[k].copy_(v.to(params[k].dtype))
+
+
+def _adapter_params(model: Any) -> dict[str, torch.nn.Parameter]:
+    """PEFT state-dict key -> live parameter (same key mapping as get_peft_model_state_dict)."""
+    inner = getattr(model, "_module", model)
+    name = inner.active_adapter if isinstance(inner.active_adapter, str) else inner.active_adapter[0]
+    out = {}
+    for full, p in inner.named_parameters():
+        if not p.requires_grad:
+            continue
+        key = full.replace(f".{name}.", ".").replace(f".{name}", "") if f".{name}" in full else full
+        out[key] = p
+    return out
+
+
+def trainable_count(model: Any) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+# -- wire format -----------------------------------------------------------------------------
+
+
+def to_arrayrecord(state: dict[str, torch.Tensor]) -> ArrayRecord:
+    return ArrayRecord({k: _array(v) for k, v in state.items()})
+
+
+def _array(t: torch.Tensor) -> Any:
+    from flwr.app import Array
+
+    return Array(np.ascontiguousarray(t.detach().cpu().to(torch.float32).numpy()))
+
+
+def from_arrayrecord(record: ArrayRecord) -> dict[str, torch.Tensor]:
+    return {k: torch.from_numpy(np.array(v.numpy(), dtype=np.float32)) for k, v in record.items()}
+
+
+def arrays_to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
+    return {k: v.numpy() for k, v in record.items()}
+
+
+def numpy_to_arrays(state: dict[str, np.ndarray]) -> ArrayRecord:
+    from flwr.app import Array
+
+    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in state.items()})
+
+
+def save_adapter_dir(model: Any, state: dict[str, torch.Tensor], out: Path) -> Path:
+    """Write ``state`` as a PEFT adapter dir (adapter_config.json + adapter_model.safetensors).
+
+    ``PeftModel.from_pretrained(base, out)`` loads it. Written atomically.
+    """
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        inner = getattr(model, "_module", model)
+        load_adapter_state(inner, state)
+        inner.save_pretrained(str(tmp))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+# -- one PEFT model per process ---------------------------------------------------------------
+
+
+@dataclass
+class ResidentPeft:
+    base: LoadedModel
+    model: Any  # PeftModel
+    key: tuple[Any, ...]
+
+
+class _PeftCache:
+    """The resident base model wrapped once with LoRA; re-wrapped only if the LoRA shape changes."""
+
+    def __init__(self) -> None:
+        self._current: ResidentPeft | None = None
+        self._lock = threading.Lock()
+
+    def get(self, mcfg: ModelConfig, lora: LoRAConfig, task: str = "causal-lm", rank: int | None = None) -> ResidentPeft:
+        base = RESIDENT.get(mcfg, task)
+        key = (id(base.model), rank or lora.r, lora.alpha, lora.dropout, tuple(lora.target_modules), task)
+        with self._lock:
+            cur = self._current
+            if cur is not None and cur.key == key:
+                return cur
+            if cur is not None and cur.base is base:
+                base.model = cur.model.unload()  # strip the old LoRA layers off the shared base
+            model = attach_lora(base.model, lora, task, rank)
+            self._current = ResidentPeft(base, model, key)
+            return self._current
+
+
+PEFT_CACHE = _PeftCache()

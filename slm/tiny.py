@@ -1,0 +1,62 @@
+"""Tiny random models built from each family's config (no hub): fast tests of the real code paths.
+
+They use SmolLM2's tokenizer (vocabulary 49,152, with a chat template), so data handling is the same
+as for the real model. Weights are seeded, so a tiny model is identical on every machine.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import ModelConfig
+from .logs import get_logger
+
+log = get_logger(__name__)
+
+_COMMON = {"vocab_size": 49152, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2}
+_DECODER = {
+    **_COMMON,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 512,
+    "tie_word_embeddings": True,
+}
+
+# family -> (transformers config class name, model class name, config kwargs)
+FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", _DECODER),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", _DECODER),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {**_DECODER, "sliding_window": None}),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", {**_DECODER, "pad_token_id": 0}),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {**_DECODER, "head_dim": 16}),
+}
+
+
+def build_tiny_model_dir(family: str, out: Path, cfg: ModelConfig) -> Path:
+    """Write (once) a seeded random model of ``family`` with SmolLM2's tokenizer to ``out``."""
+    import transformers
+    from transformers import AutoTokenizer
+
+    from .model import _atomic_dir, _is_complete, bundled_tokenizer_dir
+
+    if family not in FAMILIES:
+        raise ValueError(f"unknown tiny model family {family!r}; choose one of {sorted(FAMILIES)}")
+    if _is_complete(out):
+        return out
+    tok = AutoTokenizer.from_pretrained(str(bundled_tokenizer_dir(cfg)))
+    config_name, model_name, kwargs = FAMILIES[family]
+    config = getattr(transformers, config_name)(
+        **kwargs, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id
+    )
+    tmp, commit = _atomic_dir(out)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = getattr(transformers, model_name)(config)
+    model.save_pretrained(str(tmp))
+    tok.save_pretrained(str(tmp))
+    commit()
+    log.info("Built tiny %s model in %s", family, out)
+    return out

@@ -1,0 +1,246 @@
+"""Local training (plain or DP-SGD) and evaluation of a LoRA model.
+
+DP-SGD uses Opacus' ``GradSampleModule`` and ``DPOptimizer`` directly, with our own Poisson sampling:
+each step draws every record independently with probability ``q``, so the batch size varies and
+may be empty (an empty batch still takes a noise-only step, as the analysis assumes). The loss is
+per sequence (token mean within a sequence, mean over the batch), not HF's token mean over the
+batch, so each record's contribution is one clipped per-sample gradient. The privacy accounting
+lives in :mod:`slm.privacy`; this module only reports the steps and sampling rate it used.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .data import IGNORE, collate
+from .logs import get_logger
+
+log = get_logger(__name__)
+
+
+class TrainingError(RuntimeError):
+    """Training produced something unusable (non-finite loss, LoRA weights that never move)."""
+
+
+@dataclass
+class DPSettings:
+    noise_multiplier: float
+    max_grad_norm: float
+    sample_rate: float
+    secure_mode: bool = False
+
+
+@dataclass
+class LocalTraining:
+    steps: int
+    batch_size: int
+    learning_rate: float
+    weight_decay: float = 0.0
+    seed: int = 0
+    proximal_mu: float = 0.0
+    train_lora_a: bool = True
+    dp: DPSettings | None = None
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    num_examples: int
+    loss_first: float
+    loss_last: float
+    loss_mean: float
+    seconds: float
+    samples_seen: int
+    empty_batches: int = 0
+    losses: list[float] = field(default_factory=list)
+
+
+def sequence_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-sequence mean NLL over answer tokens (shape ``(batch,)``)."""
+    logits = logits[:, :-1].float()
+    target = labels[:, 1:]
+    nll = F.cross_entropy(logits.transpose(1, 2), target, ignore_index=IGNORE, reduction="none")
+    mask = (target != IGNORE).float()
+    return (nll * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+
+
+def _trainable(model: Any, train_lora_a: bool) -> list[torch.nn.Parameter]:
+    params = []
+    for name, p in model.named_parameters():
+        if "lora_" not in name and "modules_to_save" not in name and not p.requires_grad:
+            continue
+        if "lora_A" in name:
+            p.requires_grad_(train_lora_a)
+        if p.requires_grad:
+            params.append(p)
+    return params
+
+
+def _batches(n: int, cfg: LocalTraining, gen: torch.Generator) -> Iterator[list[int]]:
+    """Shuffled epochs of fixed-size batches, or Poisson batches under DP."""
+    if cfg.dp is not None:
+        while True:
+            yield torch.nonzero(torch.rand(n, generator=gen) < cfg.dp.sample_rate).flatten().tolist()
+    while True:
+        order = torch.randperm(n, generator=gen).tolist()
+        for i in range(0, n - cfg.batch_size + 1 if n >= cfg.batch_size else 1, cfg.batch_size):
+            yield order[i : i + cfg.batch_size]
+
+
+def train_local(
+    model: Any,
+    examples: list[dict[str, list[int]]],
+    pad_id: int,
+    cfg: LocalTraining,
+) -> TrainResult:
+    """Run ``cfg.steps`` optimizer steps on ``examples``; the model's LoRA weights are updated in place."""
+    if not examples:
+        raise TrainingError("this client has no training examples")
+    params = _trainable(model, cfg.train_lora_a)
+    names = {id(p): n for n, p in model.named_parameters()}
+    # FedProx anchors: the starting (= global) values of the trainable parameters
+    anchors = {id(p): p.detach().clone() for p in params} if cfg.proximal_mu > 0 else {}
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    forward_model, dp_opt = model, None
+    if cfg.dp is not None:
+        from opacus import GradSampleModule
+        from opacus.optimizers import DPOptimizer
+
+        forward_model = GradSampleModule(model, batch_first=True, loss_reduction="mean")
+        dp_opt = DPOptimizer(
+            optimizer,
+            noise_multiplier=cfg.dp.noise_multiplier,
+            max_grad_norm=cfg.dp.max_grad_norm,
+            expected_batch_size=max(1, round(cfg.dp.sample_rate * len(examples))),
+            loss_reduction="mean",
+            secure_mode=cfg.dp.secure_mode,
+        )
+    model.train()
+    before = [p.detach().clone() for p in params]
+    losses: list[float] = []
+    seen = empty = 0
+    t0 = time.perf_counter()
+    try:
+        batches = _batches(len(examples), cfg, gen)
+        for step in range(cfg.steps):
+            idx = next(batches)
+            optimizer.zero_grad(set_to_none=True)
+            if dp_opt is not None:
+                dp_opt.zero_grad(set_to_none=True)
+            if idx:
+                batch = collate([examples[i] for i in idx], pad_id)
+                out = forward_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+                loss = sequence_losses(out.logits, batch["labels"]).mean()
+                if not torch.isfinite(loss):
+                    raise TrainingError(f"non-finite loss {loss.item()} at step {step}")
+                loss.backward()
+                losses.append(loss.item())
+                seen += len(idx)
+            else:  # an empty Poisson batch: a noise-only step
+                empty += 1
+                for p in params:
+                    p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
+            _step(optimizer, dp_opt, anchors, cfg.proximal_mu)
+            if step == 0:
+                _check_moved(params, before, names)
+    finally:
+        if cfg.dp is not None:
+            forward_model._close()  # remove Opacus hooks: the resident model is reused
+            for p in params:
+                p.grad_sample = None
+        for p in model.parameters():
+            if "lora_A" in names.get(id(p), ""):
+                p.requires_grad_(True)
+    for p in params:
+        if not torch.isfinite(p).all():
+            raise TrainingError(f"non-finite LoRA weights in {names[id(p)]} after training")
+    done = [v for v in losses if math.isfinite(v)]
+    return TrainResult(
+        steps=cfg.steps,
+        num_examples=len(examples),
+        loss_first=done[0] if done else float("nan"),
+        loss_last=done[-1] if done else float("nan"),
+        loss_mean=float(np.mean(done)) if done else float("nan"),
+        seconds=time.perf_counter() - t0,
+        samples_seen=seen,
+        empty_batches=empty,
+        losses=losses,
+    )
+
+
+def _step(optimizer: Any, dp_opt: Any, anchors: dict[int, torch.Tensor], mu: float) -> None:
+    """One optimizer step; the FedProx term is data-independent, so it is added after DP noise."""
+    if dp_opt is not None and not dp_opt.pre_step():
+        return
+    if mu > 0:
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                prox = mu * (p.detach() - anchors[id(p)])
+                p.grad = prox if p.grad is None else p.grad + prox
+    optimizer.step()
+
+
+def _check_moved(params: list[torch.nn.Parameter], before: list[torch.Tensor], names: dict[int, str]) -> None:
+    """Guard against opacus#820: hooks/optimizer bound to stale parameters leave LoRA untouched."""
+    moved = any(not torch.equal(p.detach(), b) for p, b in zip(params, before, strict=True))
+    if not moved:
+        raise TrainingError(
+            "LoRA weights did not change after the first optimizer step (see opacus issue 820):"
+            f" the optimizer is bound to parameters the model no longer uses ({names[id(params[0])]})"
+        )
+
+
+# -- evaluation --------------------------------------------------------------------------------
+
+
+def normalize_answer(text: str) -> str:
+    first = text.strip().splitlines()[0] if text.strip() else ""
+    return "".join(ch for ch in first.lower() if ch.isalnum() or ch == " ").strip()
+
+
+@torch.no_grad()
+def evaluate(
+    model: Any,
+    tokenizer: Any,
+    examples: list[dict[str, list[int]]],
+    prompts: list[str],
+    answers: list[str],
+    *,
+    batch_size: int,
+    max_new_tokens: int,
+) -> dict[str, float]:
+    """Loss and perplexity on answer tokens, and exact-match accuracy of greedy answers."""
+    model.eval()
+    nll = tokens = 0.0
+    pad = tokenizer.pad_token_id
+    for i in range(0, len(examples), batch_size):
+        batch = collate(examples[i : i + batch_size], pad)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        target = batch["labels"][:, 1:]
+        n = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), target, ignore_index=IGNORE, reduction="sum")
+        nll += n.item()
+        tokens += (target != IGNORE).sum().item()
+    correct = 0
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        for i in range(0, len(prompts), batch_size):
+            enc = tokenizer(prompts[i : i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
+            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
+            texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+            correct += sum(
+                normalize_answer(t) == normalize_answer(a) for t, a in zip(texts, answers[i : i + batch_size], strict=True)
+            )
+    finally:
+        tokenizer.padding_side = side
+    loss = nll / max(tokens, 1.0)
+    return {"eval_loss": loss, "perplexity": math.exp(min(loss, 50.0)), "eval_accuracy": correct / max(len(prompts), 1)}

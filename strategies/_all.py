@@ -1,0 +1,3 @@
+"""Imports every strategy module so that each registers itself."""
+
+from . import fedavg  # noqa: F401
