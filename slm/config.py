@@ -327,14 +327,37 @@ def config_from_dict(raw: dict[str, Any], source: str = "<dict>") -> RunConfig:
 def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
     """Read, override and validate a YAML run config."""
     path = Path(path)
+    raw = apply_overrides(_read_yaml(path, seen=()), overrides or [])
+    return config_from_dict(raw, str(path))
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
+    """A YAML mapping; a top-level ``base: other.yaml`` (relative to this file) is merged under it."""
     if not path.is_file():
         raise ConfigError(f"{path}: no such config file")
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
-    raw = apply_overrides(raw, overrides or [])
-    return config_from_dict(raw, str(path))
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping, got {type(raw).__name__}")
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    base_path = (path.parent / str(base)).resolve()
+    if base_path in seen:
+        raise ConfigError(f"{path}: base: {base} includes itself")
+    return _deep_merge(_read_yaml(base_path, (*seen, base_path)), raw)
+
+
+def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in top.items():
+        if key == "strategy" or not (isinstance(value, dict) and isinstance(out.get(key), dict)):
+            out[key] = value  # a strategy section replaces the base's whole (params belong to a name)
+        else:
+            out[key] = _deep_merge(out[key], value)
+    return out
 
 
 def validate_strategy(cfg: RunConfig) -> None:

@@ -1,0 +1,38 @@
+"""Shared fixtures. No network here: telemetry and update checks off; models come from the cache."""
+
+from __future__ import annotations
+
+import os
+
+for _k, _v in {
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "HF_HUB_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}.items():
+    os.environ.setdefault(_k, _v)
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from slm.config import RunConfig, load_config  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+torch.set_num_threads(2)
+
+
+@pytest.fixture
+def tiny_cfg() -> RunConfig:
+    return load_config(ROOT / "configs" / "tiny.yaml")
+
+
+@pytest.fixture(scope="session")
+def tiny_peft():
+    """The tiny Llama with LoRA (r=4) in float32, shared by the tests of one session."""
+    from slm.adapters import PEFT_CACHE
+
+    cfg = load_config(ROOT / "configs" / "tiny.yaml")
+    return PEFT_CACHE.get(cfg.model, cfg.lora)

