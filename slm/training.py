@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -100,8 +100,12 @@ def train_local(
     examples: list[dict[str, list[int]]],
     pad_id: int,
     cfg: LocalTraining,
+    on_step: Callable[[int], None] | None = None,
 ) -> TrainResult:
-    """Run ``cfg.steps`` optimizer steps on ``examples``; the model's LoRA weights are updated in place."""
+    """Run ``cfg.steps`` optimizer steps on ``examples``; the model's LoRA weights are updated in place.
+
+    ``on_step(step)`` is called after each optimizer step (progress, tests).
+    """
     if not examples:
         raise TrainingError("this client has no training examples")
     params = _trainable(model, cfg.train_lora_a)
@@ -123,6 +127,8 @@ def train_local(
             expected_batch_size=max(1, round(cfg.dp.sample_rate * len(examples))),
             loss_reduction="mean",
             secure_mode=cfg.dp.secure_mode,
+            # reproducible noise from the run's seed; secure_mode draws from a CSPRNG instead
+            generator=None if cfg.dp.secure_mode else torch.Generator().manual_seed(cfg.seed + 1),
         )
     model.train()
     before = [p.detach().clone() for p in params]
@@ -152,6 +158,8 @@ def train_local(
             _step(optimizer, dp_opt, anchors, cfg.proximal_mu)
             if step == 0:
                 _check_moved(params, before, names)
+            if on_step is not None:
+                on_step(step)
     finally:
         if cfg.dp is not None:
             forward_model._close()  # remove Opacus hooks: the resident model is reused
