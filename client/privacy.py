@@ -1,0 +1,82 @@
+"""Record-level DP on a client: noise calibrated once for the whole run, history kept on disk.
+
+The noise multiplier is a deterministic function of the run config and the client's record count
+(calibrated for the steps the client is expected to run over ALL rounds), so it is the same in
+every round and after a restart. The accountant's history is persisted beside the client's other
+state; every reply carries the cumulative epsilon. A round that would exceed the budget is declined.
+"""
+
+from __future__ import annotations
+
+from slm.privacy import (
+    ClientAccountant,
+    calibrate_noise,
+    expected_total_steps,
+    load_state,
+    save_state,
+)
+
+from slm.config import RunConfig
+from slm.logs import get_logger
+from slm.training import DPSettings
+
+from .state import ClientStore
+
+log = get_logger(__name__)
+
+
+class ClientPrivacy:
+    def __init__(self, cfg: RunConfig, store: ClientStore, num_records: int) -> None:
+        p, fed, t = cfg.privacy, cfg.federation, cfg.train
+        if p.delta >= 1.0 / num_records:
+            log.warning(
+                "privacy.delta=%s is not below 1/records=%s of this client: the guarantee is weak",
+                p.delta, 1.0 / num_records,
+            )
+        self.cfg = cfg
+        self.path = store.root / "privacy.json"
+        self.sample_rate = min(1.0, t.batch_size / num_records)
+        self.total_steps = expected_total_steps(
+            fed.num_rounds, fed.clients_per_round, fed.num_clients, t.local_steps
+        )
+        self.noise_multiplier = calibrate_noise(
+            p.target_epsilon, p.delta, self.sample_rate, self.total_steps, accountant=p.accountant
+        )
+        self.accountant = load_state(self.path) or ClientAccountant(p.accountant)
+
+    def settings(self) -> DPSettings:
+        p = self.cfg.privacy
+        return DPSettings(self.noise_multiplier, p.max_grad_norm, self.sample_rate, p.secure_mode)
+
+    def _report(self, metrics: dict[str, float | int], epsilon: float) -> None:
+        metrics.update(
+            {
+                "epsilon": epsilon,
+                "delta": self.cfg.privacy.delta,
+                "noise-multiplier": self.noise_multiplier,
+                "sample-rate": self.sample_rate,
+                "max-grad-norm": self.cfg.privacy.max_grad_norm,
+            }
+        )
+
+    def check_budget(self, metrics: dict[str, float | int]) -> None:
+        """Raise :class:`DeclinedRound` if this round's steps would exceed the run's budget."""
+        from .runner import DeclinedRound
+
+        p = self.cfg.privacy
+        exceed, would = self.accountant.would_exceed(
+            self.noise_multiplier, self.sample_rate, self.cfg.train.local_steps, p.delta, p.target_epsilon
+        )
+        if exceed:
+            spent = self.accountant.epsilon(p.delta)
+            self._report(metrics, spent)
+            raise DeclinedRound(
+                f"privacy budget: epsilon {spent:.3f} spent, this round would reach {would:.3f}"
+                f" > target {p.target_epsilon}",
+                metrics,
+            )
+
+    def record(self, steps: int, metrics: dict[str, float | int]) -> None:
+        self.accountant.record(self.noise_multiplier, self.sample_rate, steps)
+        save_state(self.path, self.accountant)
+        self._report(metrics, self.accountant.epsilon(self.cfg.privacy.delta))
