@@ -24,8 +24,9 @@ log = get_logger(__name__)
 def run_federation(
     grid: Grid, cfg: RunConfig, out_dir: Path, run_name: str, on_round: RoundCallback | None = None
 ) -> None:
-    rows = Federation(cfg, out_dir, run_name, on_round).run(grid)
-    write_results(out_dir, cfg, rows)
+    federation = Federation(cfg, out_dir, run_name, on_round)
+    rows = federation.run(grid)
+    write_results(out_dir, cfg, rows, clients=federation.privacy_by_client)
 
 
 def make_server_app(cfg: RunConfig, out_dir: Path, run_name: str, on_round: RoundCallback | None = None) -> ServerApp:

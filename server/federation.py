@@ -76,6 +76,7 @@ class Federation:
         self.strategy = registry.build(cfg)
         self.evaluator = CentralEvaluator(cfg)
         self.epsilon_by_client: dict[int, float] = {}
+        self.privacy_by_client: dict[int, dict[str, float]] = {}
         self.rows: list[dict[str, Any]] = []
 
     def _train_config(self) -> ConfigRecord:
@@ -138,7 +139,11 @@ class Federation:
         for msg in msgs:
             m = msg.content["metrics"]
             if "epsilon" in m:
-                self.epsilon_by_client[int(m.get("client-id", msg.metadata.src_node_id))] = float(m["epsilon"])
+                client = int(m.get("client-id", msg.metadata.src_node_id))
+                self.epsilon_by_client[client] = float(m["epsilon"])
+                self.privacy_by_client[client] = {
+                    k: float(m[k]) for k in ("epsilon", "noise-multiplier", "sample-rate", "delta") if k in m
+                }
 
     def _record(
         self,

@@ -15,7 +15,9 @@ KEYS = ("train_loss", "eval_loss", "perplexity", "eval_accuracy", "bytes_up", "b
         "epsilon_max", "epsilon_mean", "epsilon_central")
 
 
-def summarize(cfg: RunConfig, rows: list[dict[str, Any]]) -> dict[str, Any]:
+def summarize(
+    cfg: RunConfig, rows: list[dict[str, Any]], clients: dict[int, dict[str, float]] | None = None
+) -> dict[str, Any]:
     evaluated = [r for r in rows if r.get("eval_accuracy") is not None]
     first, last = evaluated[0], evaluated[-1]
     return {
@@ -36,7 +38,9 @@ def summarize(cfg: RunConfig, rows: list[dict[str, Any]]) -> dict[str, Any]:
         "strategy": cfg.strategy.name,
         "privacy": {"mode": cfg.privacy.mode, "target_epsilon": cfg.privacy.target_epsilon,
                     "delta": cfg.privacy.delta, "max_grad_norm": cfg.privacy.max_grad_norm,
-                    "accountant": cfg.privacy.accountant},
+                    "accountant": cfg.privacy.accountant,
+                    # per client: cumulative epsilon, calibrated noise multiplier, Poisson sampling rate
+                    "clients": {str(k): v for k, v in sorted((clients or {}).items())}},
     }
 
 
@@ -75,8 +79,10 @@ def plot(rows: list[dict[str, Any]], out: Path) -> Path:
     return out
 
 
-def write_results(out_dir: Path, cfg: RunConfig, rows: list[dict[str, Any]]) -> dict[str, Any]:
-    summary = summarize(cfg, rows)
+def write_results(
+    out_dir: Path, cfg: RunConfig, rows: list[dict[str, Any]], clients: dict[int, dict[str, float]] | None = None
+) -> dict[str, Any]:
+    summary = summarize(cfg, rows, clients)
     (Path(out_dir) / "summary.json").write_text(json.dumps(summary, indent=2))
     plot(rows, Path(out_dir) / "metrics.png")
     log.info("Results written to %s", out_dir)

@@ -37,8 +37,14 @@ def default_out_dir(cfg_name: str) -> Path:
     return Path("runs") / f"{cfg_name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def simulate(cfg: RunConfig, out_dir: Path, *, backend: str = "ray", progress: bool = True) -> list[dict[str, Any]]:
-    """Run the federation described by ``cfg``; returns the per-round metrics rows."""
+def simulate(
+    cfg: RunConfig, out_dir: Path, *, run_name: str | None = None, backend: str = "ray", progress: bool = True
+) -> list[dict[str, Any]]:
+    """Run the federation described by ``cfg``; returns the per-round metrics rows.
+
+    ``run_name`` keys the clients' persisted state (privacy history, local tensors); it defaults to
+    the run directory's name plus a timestamp and is recorded in ``run.json``.
+    """
     quiet_environment()
     from flwr.simulation import run_simulation
 
@@ -60,7 +66,9 @@ def simulate(cfg: RunConfig, out_dir: Path, *, backend: str = "ray", progress: b
             bar.set_postfix_str(_postfix(row))
             bar.update(1)
 
-    server_app = make_server_app(cfg, out_dir, f"{out_dir.name}", _guard(on_round, errors))
+    run_name = run_name or f"{out_dir.name}-{time.strftime('%Y%m%d%H%M%S')}-{os.getpid()}"
+    (out_dir / "run.json").write_text(json.dumps({"run_name": run_name, "num_clients": fed.num_clients}))
+    server_app = make_server_app(cfg, out_dir, run_name, _guard(on_round, errors))
     cpus = os.cpu_count() or 2
     backend_config = {
         "client_resources": {"num_cpus": min(fed.client_cpus, cpus), "num_gpus": 0.0},

@@ -188,6 +188,7 @@ def load_base_model(cfg: ModelConfig, task: str = "causal-lm") -> LoadedModel:
         kwargs.update(quantization_config=qc, device_map="cpu")
     model = auto.from_pretrained(str(path), **kwargs)
     model.requires_grad_(False)
+    keep_4bit_layout_trainable(model)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     if cfg.gradient_checkpointing:
@@ -197,6 +198,22 @@ def load_base_model(cfg: ModelConfig, task: str = "causal-lm") -> LoadedModel:
         "Loaded %s (%s, %s) in %.1f s", path.name, cfg.quantization, cfg.compute_dtype, time.perf_counter() - t0
     )
     return LoadedModel(model, tokenizer, path, task)
+
+
+def keep_4bit_layout_trainable(model: Any) -> int:
+    """Stop bitsandbytes from repacking 4-bit weights for CPU inference; returns the layers changed.
+
+    On CPUs with AVX512-BF16, ``Linear4bit.forward`` in eval mode rewrites its weight *in place*
+    into an inference-only layout. A resident model that alternates between evaluation and
+    training (a client that evaluates, the server, a simulated worker) would then train on
+    scrambled weights: losses jump from ~4 to ~19 and Opacus' backward hooks receive no gradient.
+    """
+    changed = 0
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+            changed += 1
+    return changed
 
 
 class ResidentModels:

@@ -124,4 +124,17 @@ def build(cfg: RunConfig) -> LoRAStrategyMixin:
         **cfg.strategy.params,
     )
     strategy.bind_run(cfg)
+    if cfg.privacy.central:
+        from .central_dp import CentralDP
+
+        p = cfg.privacy
+        return CentralDP(  # type: ignore[return-value]
+            strategy,
+            noise_multiplier=p.central_noise_multiplier,
+            clipping_norm=p.central_clipping_norm,
+            clients_per_round=fed.clients_per_round,
+            num_clients=fed.num_clients,
+            delta=p.central_delta,
+            seed=cfg.seed,
+        )
     return strategy

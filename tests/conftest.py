@@ -36,3 +36,15 @@ def tiny_peft():
 
     cfg = load_config(ROOT / "configs" / "tiny.yaml")
     return PEFT_CACHE.get(cfg.model, cfg.lora)
+
+
+@pytest.fixture(autouse=True)
+def _flower_task_identity():
+    """Flower 1.41 needs a task identity to build a Message outside a run (unit tests do)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
+    if TaskIdentity._run_id is None:
+        TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+    yield
+    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved

@@ -85,3 +85,39 @@ def test_real_smollm2_nf4_shape_and_answer() -> None:
         out = peft.generate(**enc, max_new_tokens=12, do_sample=False)
     assert "Paris" in tok.decode(out[0, enc["input_ids"].shape[1]:])
     peft.unload()
+
+
+def test_eval_forward_does_not_scramble_4bit_weights_for_training() -> None:
+    """bitsandbytes repacks 4-bit weights in place on an eval-mode CPU forward (AVX512-BF16);
+    a resident model that evaluates and then trains must not see that (loss ~4 -> ~19 on SmolLM2)."""
+    import bitsandbytes as bnb
+
+    def losses(model, ids) -> tuple[float, float]:
+        model.train()
+        with torch.no_grad():
+            before = model(input_ids=ids, labels=ids).loss.item()
+        model.eval()
+        with torch.no_grad():
+            model(input_ids=ids)  # the inference path that used to repack
+        model.train()
+        with torch.no_grad():
+            after = model(input_ids=ids, labels=ids).loss.item()
+        return before, after
+
+    ids = torch.tensor([[1, 5, 9, 14, 3, 7, 2, 8]])
+    cfg = ModelConfig(name="tiny-llama", quantization="nf4", compute_dtype="bfloat16")
+    guarded = model_mod.load_base_model(cfg).model
+    layers = [m for m in guarded.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert layers and not any(m.support_avx512bf16_for_cpu for m in layers)
+    before, after = losses(guarded, ids)
+    assert after == before
+    # control: with bitsandbytes' default, this CPU scrambles the weights (if it has AVX512-BF16)
+    from bitsandbytes.functional import has_avx512bf16
+
+    if has_avx512bf16():
+        raw = model_mod.load_base_model(cfg).model
+        for m in raw.modules():
+            if isinstance(m, bnb.nn.Linear4bit):
+                m.support_avx512bf16_for_cpu = True
+        before, after = losses(raw, ids)
+        assert after != before

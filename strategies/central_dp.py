@@ -1,0 +1,143 @@
+"""Client-level (central) DP around any strategy: clip each client's update, noise the aggregate,
+and account for it over rounds with the client sampling rate.
+
+This is DP-FedAvg (McMahan et al., 2018): every sampled client's update ``w_i - w`` is clipped to
+L2 norm ``C`` over all its adapter tensors, the inner strategy aggregates the clipped updates with
+*equal* weights (so one client moves the mean by at most ``C/m``), and Gaussian noise of standard
+deviation ``sigma * C / m`` is added to the aggregate, ``m`` being the number of sampled clients.
+Each round composes one sampled Gaussian mechanism with rate ``q = m / N``; the accountant is
+Opacus' RDP over that history (Poisson sampling is the analysed model; fixed-size sampling of
+``m`` of ``N`` clients is the usual approximation).
+
+Flower's own ``DifferentialPrivacyServerSideFixedClipping`` zips arrays by position, weights by
+``num-examples`` and keeps no accountant over sampled rounds; this wrapper matches arrays by key.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from slm.logs import get_logger
+from slm.privacy import CentralAccountant
+
+log = get_logger(__name__)
+
+Tensors = dict[str, np.ndarray]
+
+
+def clip_update(update: Tensors, reference: Tensors, max_norm: float) -> tuple[Tensors, float]:
+    """``reference + clip(update - reference)`` to L2 norm ``max_norm`` over all keys; and the norm."""
+    delta = {k: update[k].astype(np.float64) - reference[k] for k in update}
+    norm = float(np.sqrt(sum(float(np.sum(d * d)) for d in delta.values())))
+    scale = min(1.0, max_norm / norm) if norm > 0 else 1.0
+    return {k: (reference[k] + scale * d).astype(np.float32) for k, d in delta.items()}, norm
+
+
+def add_noise(aggregate: Tensors, std: float, rng: np.random.Generator) -> Tensors:
+    return {k: (v + rng.normal(0.0, std, size=v.shape)).astype(np.float32) for k, v in aggregate.items()}
+
+
+class CentralDP(Strategy):
+    """Wraps a fedslm strategy; not registered by name: ``privacy.mode: central|both`` applies it."""
+
+    def __init__(
+        self,
+        inner: Any,
+        *,
+        noise_multiplier: float,
+        clipping_norm: float,
+        clients_per_round: int,
+        num_clients: int,
+        delta: float,
+        seed: int = 0,
+    ) -> None:
+        if noise_multiplier < 0:
+            raise ValueError(f"central noise multiplier must be >= 0, got {noise_multiplier}")
+        if clipping_norm <= 0:
+            raise ValueError(f"central clipping norm must be > 0, got {clipping_norm}")
+        if not 1 <= clients_per_round <= num_clients:
+            raise ValueError(f"clients per round {clients_per_round} not in [1, {num_clients}]")
+        self.inner = inner
+        self.noise_multiplier = noise_multiplier
+        self.clipping_norm = clipping_norm
+        self.clients_per_round = clients_per_round
+        self.num_clients = num_clients
+        self.delta = delta
+        self.accountant = CentralAccountant("rdp")
+        self._rng = np.random.default_rng(seed)
+        self._current: Tensors = {}
+
+    def __getattr__(self, name: str) -> Any:  # run_cfg, client_config, fraction_train ... of the inner
+        return getattr(self.__dict__["inner"], name)
+
+    def summary(self) -> None:
+        log.info(
+            "Central DP: clip %.3g, noise multiplier %.3g, %d of %d clients per round",
+            self.clipping_norm, self.noise_multiplier, self.clients_per_round, self.num_clients,
+        )
+        self.inner.summary()
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self._current = {k: v.numpy().astype(np.float64) for k, v in arrays.items()}
+        return self.inner.configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        clipped_replies = []
+        norms = []
+        for msg in replies:
+            update = {k: v.numpy() for k, v in msg.content["arrays"].items()}
+            clipped, norm = clip_update(update, {k: self._current[k] for k in update}, self.clipping_norm)
+            norms.append(norm)
+            metrics = MetricRecord({**dict(msg.content["metrics"]), "num-examples": 1})  # equal weights
+            content = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in clipped.items()}), "metrics": metrics})
+            clipped_replies.append(_with_content(msg, content))
+        arrays, metrics = self.inner.aggregate_train(server_round, clipped_replies)
+        if arrays is None:
+            return None, metrics
+        std = self.noise_multiplier * self.clipping_norm / self.clients_per_round
+        noisy = add_noise({k: v.numpy() for k, v in arrays.items()}, std, self._rng)
+        self.accountant.record_round(self.noise_multiplier, self.clients_per_round, self.num_clients)
+        eps = self.accountant.epsilon(self.delta)
+        log.info(
+            "round %d central DP: update norms %s clipped to %.3g, noise std %.4g, epsilon %.4f (delta %g)",
+            server_round, [round(n, 3) for n in norms], self.clipping_norm, std, eps, self.delta,
+        )
+        out = MetricRecord({**(dict(metrics) if metrics else {}), "epsilon-central": eps})
+        return ArrayRecord({k: Array(v) for k, v in noisy.items()}), out
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        return self.inner.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        return self.inner.aggregate_evaluate(server_round, replies)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "inner": self.inner.state_dict(),
+            "central_accountant": self.accountant.to_json(),
+            "central_rng": self._rng.bit_generator.state,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.inner.load_state_dict(state["inner"])
+        self.accountant = CentralAccountant.from_json(state["central_accountant"])
+        self._rng.bit_generator.state = state["central_rng"]
+
+
+def _with_content(msg: Message, content: RecordDict) -> Message:
+    """A copy of a reply with new content and the same metadata (sender, round)."""
+    from flwr.app.message.message import make_message
+
+    return make_message(msg.metadata, content=content)
