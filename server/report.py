@@ -57,6 +57,7 @@ def plot(rows: list[dict[str, Any]], out: Path) -> Path:
         if pts:
             ax_loss.plot(*zip(*pts, strict=True), marker="o", label=label)
     ax_loss.set_xlabel("round")
+    ax_loss.set_xticks(rounds)
     ax_loss.set_ylabel("loss")
     ax_loss.legend()
     pts = [(r["round"], r["eval_accuracy"]) for r in rows if r.get("eval_accuracy") is not None]

@@ -1,0 +1,107 @@
+"""Whole federations on the tiny model (Flower simulation engine, Ray): the run directory,
+loss going down, honest cumulative epsilon, a budget-exhausted client declining."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, Metadata, MetricRecord, RecordDict
+from flwr.app.message.message import make_message
+
+from server.federation import content_nbytes, sort_replies
+from slm.config import load_config
+from slm.model import cache_root
+from slm.privacy import ClientAccountant, calibrate_noise, save_state
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.integration
+
+
+def _reply(node: int, content: RecordDict | None = None, error: Error | None = None) -> Message:
+    meta = Metadata(
+        run_id=1, message_id=uuid.uuid4().hex, src_node_id=node, dst_node_id=0, reply_to_message_id="x",
+        group_id="1", created_at=time.time(), ttl=60.0, message_type="train",
+    )
+    return make_message(meta, content=content, error=error)
+
+
+def test_content_bytes_are_counted_from_the_serialized_arrays() -> None:
+    arr = np.arange(12, dtype=np.float32).reshape(3, 4)
+    record = ArrayRecord({"a.lora_A.weight": Array(arr)})
+    npy = len(record["a.lora_A.weight"].data)
+    assert npy == 128 + 48  # numpy .npy header (128 bytes) + 12 float32
+    metrics = MetricRecord({"num-examples": 5})
+    content = RecordDict({"arrays": record, "metrics": metrics})
+    assert content_nbytes(content) == npy + len("a.lora_A.weight") + len(json.dumps({"num-examples": 5}))
+
+
+def test_replies_are_sorted_into_ok_failed_declined_rejected() -> None:
+    arrays = ArrayRecord({"k": Array(np.zeros(2, dtype=np.float32))})
+    ok = _reply(1, RecordDict({"arrays": arrays, "metrics": MetricRecord({"num-examples": 3})}))
+    declined = _reply(2, RecordDict({"metrics": MetricRecord({"declined": 1, "num-examples": 0})}))
+    empty = _reply(3, RecordDict({"metrics": MetricRecord({"num-examples": 3})}))
+    failed = _reply(4, error=Error(code=0, reason="node died"))
+    out = sort_replies([ok, declined, empty, failed])
+    assert out.ok == [ok] and out.declined == [declined]
+    assert out.rejected == [(3, "reply carries no adapter")] and out.failed == [(4, "node died")]
+
+
+def _run(tmp_path: Path, overrides: list[str], run_name: str | None = None) -> tuple[list[dict], Path]:
+    from simulation.run import simulate
+
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", overrides)
+    out = tmp_path / "run"
+    rows = simulate(cfg, out, run_name=run_name, progress=False)
+    return rows, out
+
+
+def test_tiny_federation_lowers_loss_and_writes_the_run_dir(tmp_path: Path) -> None:
+    rows, out = _run(tmp_path, ["federation.num_rounds=3", "train.local_steps=5", "train.learning_rate=0.05"])
+    assert [r["round"] for r in rows] == [0, 1, 2, 3]
+    assert rows[-1]["eval_loss"] < rows[0]["eval_loss"] - 0.1, [r["eval_loss"] for r in rows]
+    assert rows[-1]["train_loss"] < rows[1]["train_loss"]
+    assert all(r["clients"] == 4 for r in rows[1:])
+    # 4 clients x (1792 fp32 LoRA parameters) up; the same adapter + the run config down
+    assert all(4 * 1792 * 4 < r["bytes_up"] < 4 * (1792 * 4 + 3000) for r in rows[1:])
+    assert all(r["bytes_down"] > 4 * 1792 * 4 for r in rows[1:])
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    keys = {"round", "train_loss", "eval_loss", "eval_accuracy", "bytes_up", "bytes_down", "wall_s"}
+    assert len(lines) == 4 and all(keys <= set(json.loads(line)) for line in lines)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["first"]["round"] == 0 and summary["last"]["round"] == 3
+    assert summary["totals"]["bytes_up"] == sum(r["bytes_up"] for r in rows)
+    assert (out / "metrics.png").read_bytes()[:4] == b"\x89PNG"
+    assert load_config(out / "config.yaml").train.local_steps == 5
+    for r in range(4):
+        adapter = out / "adapters" / f"round-{r:03d}"
+        assert (adapter / "adapter_config.json").is_file() and (adapter / "adapter_model.safetensors").is_file()
+
+
+def test_dp_federation_reports_cumulative_epsilon_and_a_spent_client_declines(tmp_path: Path) -> None:
+    run_name = f"dp-{uuid.uuid4().hex[:8]}"
+    overrides = ["privacy.mode=local", "privacy.target_epsilon=4.0", "federation.num_rounds=2"]
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", overrides)
+    spent = ClientAccountant("rdp", [(0.5, 0.5, 1000)])  # client 0 has already spent its budget
+    save_state(cache_root(cfg.model) / "client-state" / run_name / "client-0" / "privacy.json", spent)
+    rows, out = _run(tmp_path, overrides, run_name=run_name)
+    assert [r["declined"] for r in rows[1:]] == [1, 1]
+    assert [r["clients"] for r in rows[1:]] == [3, 3]  # the round continued with the others
+    # hand calculation for client 3 (natural split: county-general): n train records, q = 4/n
+    from slm import data
+
+    n = len(data.client_records(cfg.data, cache_root(cfg.model), 3, 4).records)
+    n_train = n - int(n * 0.1)
+    q = 4 / n_train
+    sigma = calibrate_noise(4.0, 1e-5, q, 2 * 3)  # 2 rounds x 3 local steps
+    expected = ClientAccountant("rdp", [(sigma, q, 6)]).epsilon(1e-5)
+    state = json.loads((cache_root(cfg.model) / "client-state" / run_name / "client-3" / "privacy.json").read_text())
+    assert state["history"] == [[sigma, q, 6]]
+    assert 0.98 * 4.0 <= expected <= 4.0
+    # epsilon_max includes the spent client 0's epsilon, the mean of the 4 is below it
+    assert rows[-1]["epsilon_max"] == pytest.approx(spent.epsilon(1e-5), abs=1e-9)
+    assert rows[1]["epsilon_mean"] < rows[2]["epsilon_mean"] < rows[-1]["epsilon_max"]
