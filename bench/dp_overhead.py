@@ -43,15 +43,19 @@ def worker(args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     result = train_local(model, examples, tok.pad_token_id, spec, on_step=lambda s: stamps.append(time.perf_counter()))
     steps = [b - a for a, b in zip([t0, *stamps[:-1]], stamps, strict=True)][2:]  # drop 2 warm-up steps
-    print(json.dumps({
-        "variant": args.variant,
-        "step_s": statistics.median(steps),
-        "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
-        "rss_after_load_gb": rss_loaded,
-        "samples_per_step": result.samples_seen / args.steps,
-        "loss_first": result.loss_first,
-        "loss_last": result.loss_last,
-    }))
+    print(
+        json.dumps(
+            {
+                "variant": args.variant,
+                "step_s": statistics.median(steps),
+                "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
+                "rss_after_load_gb": rss_loaded,
+                "samples_per_step": result.samples_seen / args.steps,
+                "loss_first": result.loss_first,
+                "loss_last": result.loss_last,
+            }
+        )
+    )
 
 
 def main() -> None:
@@ -66,18 +70,37 @@ def main() -> None:
         return
     results = {}
     for variant in ("plain", "dp"):
-        cmd = [sys.executable, __file__, "--variant", variant, "--steps", str(args.steps),
-               "--batch", str(args.batch), "--config", args.config]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--variant",
+            variant,
+            "--steps",
+            str(args.steps),
+            "--batch",
+            str(args.batch),
+            "--config",
+            args.config,
+        ]
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
         results[variant] = json.loads(out.strip().splitlines()[-1])
     plain, dp = results["plain"], results["dp"]
     print(f"{'':18}{'plain':>10}{'DP-SGD':>10}{'ratio':>8}  goal")
-    print(f"{'step time (s)':18}{plain['step_s']:>10.3f}{dp['step_s']:>10.3f}{dp['step_s'] / plain['step_s']:>8.2f}  <= 1.3")
-    print(f"{'peak RSS (GB)':18}{plain['peak_rss_gb']:>10.2f}{dp['peak_rss_gb']:>10.2f}"
-          f"{dp['peak_rss_gb'] / plain['peak_rss_gb']:>8.2f}  <= 1.5")
-    print(f"{'samples per step':18}{plain['samples_per_step']:>10.1f}{dp['samples_per_step']:>10.1f}"
-          "          (DP: Poisson sampling, expected = batch)")
-    print(f"(batch {args.batch}, {args.steps} steps, median step after 2 warm-up steps; config {Path(args.config).name})")
+    print(
+        f"{'step time (s)':18}{plain['step_s']:>10.3f}{dp['step_s']:>10.3f}"
+        f"{dp['step_s'] / plain['step_s']:>8.2f}  <= 1.3"
+    )
+    print(
+        f"{'peak RSS (GB)':18}{plain['peak_rss_gb']:>10.2f}{dp['peak_rss_gb']:>10.2f}"
+        f"{dp['peak_rss_gb'] / plain['peak_rss_gb']:>8.2f}  <= 1.5"
+    )
+    print(
+        f"{'samples per step':18}{plain['samples_per_step']:>10.1f}{dp['samples_per_step']:>10.1f}"
+        "          (DP: Poisson sampling, expected = batch)"
+    )
+    print(
+        f"(batch {args.batch}, {args.steps} steps, median step after 2 warm-up steps; config {Path(args.config).name})"
+    )
 
 
 if __name__ == "__main__":

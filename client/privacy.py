@@ -8,6 +8,8 @@ state; every reply carries the cumulative epsilon. A round that would exceed the
 
 from __future__ import annotations
 
+from slm.config import RunConfig
+from slm.logs import get_logger
 from slm.privacy import (
     ClientAccountant,
     calibrate_noise,
@@ -15,9 +17,6 @@ from slm.privacy import (
     load_state,
     save_state,
 )
-
-from slm.config import RunConfig
-from slm.logs import get_logger
 from slm.training import DPSettings
 
 from .state import ClientStore
@@ -31,14 +30,13 @@ class ClientPrivacy:
         if p.delta >= 1.0 / num_records:
             log.warning(
                 "privacy.delta=%s is not below 1/records=%s of this client: the guarantee is weak",
-                p.delta, 1.0 / num_records,
+                p.delta,
+                1.0 / num_records,
             )
         self.cfg = cfg
         self.path = store.root / "privacy.json"
         self.sample_rate = min(1.0, t.batch_size / num_records)
-        self.total_steps = expected_total_steps(
-            fed.num_rounds, fed.clients_per_round, fed.num_clients, t.local_steps
-        )
+        self.total_steps = expected_total_steps(fed.num_rounds, fed.clients_per_round, fed.num_clients, t.local_steps)
         self.noise_multiplier = calibrate_noise(
             p.target_epsilon, p.delta, self.sample_rate, self.total_steps, accountant=p.accountant
         )

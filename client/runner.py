@@ -39,7 +39,9 @@ class DeclinedRound(Exception):
         self.metrics = metrics
 
 
-_ENCODED: dict[tuple[Any, ...], tuple[list[dict[str, list[int]]], list[dict[str, list[int]]], list[dict[str, Any]]]] = {}
+_ENCODED: dict[
+    tuple[Any, ...], tuple[list[dict[str, list[int]]], list[dict[str, list[int]]], list[dict[str, Any]]]
+] = {}
 
 
 @dataclass
@@ -82,9 +84,18 @@ class ClientRunner:
             return data_mod.load_records(replace(dcfg, source=self.data_path), cache_root(self.cfg.model))
         return data_mod.client_records(dcfg, cache_root(self.cfg.model), self.client_id, self.num_clients).records
 
-    def examples(self, tokenizer: Any) -> tuple[list[dict[str, list[int]]], list[dict[str, list[int]]], list[dict[str, Any]]]:
+    def examples(
+        self, tokenizer: Any
+    ) -> tuple[list[dict[str, list[int]]], list[dict[str, list[int]]], list[dict[str, Any]]]:
         """(train examples, validation examples, validation records), cached per process."""
-        key = (self.data_path, self.client_id, self.num_clients, _digest(self.cfg.data), self.cfg.model.max_length, self.cfg.model.name)
+        key = (
+            self.data_path,
+            self.client_id,
+            self.num_clients,
+            _digest(self.cfg.data),
+            self.cfg.model.max_length,
+            self.cfg.model.name,
+        )
         if key not in _ENCODED:
             records = self._records()
             n_val = int(len(records) * VALIDATION_FRACTION) if len(records) >= 10 else 0
@@ -160,7 +171,12 @@ class ClientRunner:
         )
         log.info(
             "client %d round %d: %d steps, loss %.3f -> %.3f (%.1f s)",
-            self.client_id, self.server_round, result.steps, result.loss_first, result.loss_last, result.seconds,
+            self.client_id,
+            self.server_round,
+            result.steps,
+            result.loss_first,
+            result.loss_last,
+            result.seconds,
         )
         return to_arrayrecord(state), metrics
 
@@ -176,8 +192,13 @@ class ClientRunner:
         prompts = [data_mod.prompt_text(tokenizer, str(r[d.prompt_column]), d.system_prompt) for r in val_recs]
         answers = [str(r[d.response_column]) for r in val_recs]
         m = evaluate(
-            model, tokenizer, val_ex, prompts, answers,
-            batch_size=self.cfg.eval.batch_size, max_new_tokens=self.cfg.eval.max_new_tokens,
+            model,
+            tokenizer,
+            val_ex,
+            prompts,
+            answers,
+            batch_size=self.cfg.eval.batch_size,
+            max_new_tokens=self.cfg.eval.max_new_tokens,
         )
         return {**m, "num-examples": len(val_ex), "client-id": self.client_id}
 

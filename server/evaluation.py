@@ -51,8 +51,13 @@ class CentralEvaluator:
     def __call__(self, arrays: ArrayRecord) -> dict[str, float]:
         self._load(arrays)
         return evaluate(
-            self.model, self.tokenizer, self.examples, self.prompts, self.answers,
-            batch_size=self.cfg.eval.batch_size, max_new_tokens=self.cfg.eval.max_new_tokens,
+            self.model,
+            self.tokenizer,
+            self.examples,
+            self.prompts,
+            self.answers,
+            batch_size=self.cfg.eval.batch_size,
+            max_new_tokens=self.cfg.eval.max_new_tokens,
         )
 
     def save(self, arrays: ArrayRecord, out: Path) -> Path:

@@ -87,7 +87,11 @@ class Federation:
         m = self.evaluator(arrays)
         log.info(
             "round %d central eval: loss %.4f, perplexity %.2f, accuracy %.3f (%.1f s)",
-            rnd, m["eval_loss"], m["perplexity"], m["eval_accuracy"], time.perf_counter() - t0,
+            rnd,
+            m["eval_loss"],
+            m["perplexity"],
+            m["eval_accuracy"],
+            time.perf_counter() - t0,
         )
         return m
 
@@ -114,7 +118,9 @@ class Federation:
             if skipped:
                 log.warning(
                     "round %d skipped: %d usable replies < federation.min_train_clients=%d; global adapter kept",
-                    rnd, len(replies.ok), fed.min_train_clients,
+                    rnd,
+                    len(replies.ok),
+                    fed.min_train_clients,
                 )
             else:
                 new_arrays, agg = self.strategy.aggregate_train(rnd, replies.ok)

@@ -11,8 +11,18 @@ from slm.logs import get_logger
 
 log = get_logger(__name__)
 
-KEYS = ("train_loss", "eval_loss", "perplexity", "eval_accuracy", "bytes_up", "bytes_down", "wall_s",
-        "epsilon_max", "epsilon_mean", "epsilon_central")
+KEYS = (
+    "train_loss",
+    "eval_loss",
+    "perplexity",
+    "eval_accuracy",
+    "bytes_up",
+    "bytes_down",
+    "wall_s",
+    "epsilon_max",
+    "epsilon_mean",
+    "epsilon_central",
+)
 
 
 def summarize(
@@ -36,11 +46,15 @@ def summarize(
         "model": cfg.model.name,
         "quantization": cfg.model.quantization,
         "strategy": cfg.strategy.name,
-        "privacy": {"mode": cfg.privacy.mode, "target_epsilon": cfg.privacy.target_epsilon,
-                    "delta": cfg.privacy.delta, "max_grad_norm": cfg.privacy.max_grad_norm,
-                    "accountant": cfg.privacy.accountant,
-                    # per client: cumulative epsilon, calibrated noise multiplier, Poisson sampling rate
-                    "clients": {str(k): v for k, v in sorted((clients or {}).items())}},
+        "privacy": {
+            "mode": cfg.privacy.mode,
+            "target_epsilon": cfg.privacy.target_epsilon,
+            "delta": cfg.privacy.delta,
+            "max_grad_norm": cfg.privacy.max_grad_norm,
+            "accountant": cfg.privacy.accountant,
+            # per client: cumulative epsilon, calibrated noise multiplier, Poisson sampling rate
+            "clients": {str(k): v for k, v in sorted((clients or {}).items())},
+        },
     }
 
 

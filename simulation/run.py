@@ -129,8 +129,15 @@ def _postfix(row: dict[str, Any]) -> str:
 def results_table(rows: list[dict[str, Any]]) -> str:
     """A plain-text table of the per-round metrics."""
     cols = [
-        ("round", "{:d}"), ("train_loss", "{:.4f}"), ("eval_loss", "{:.4f}"), ("eval_accuracy", "{:.3f}"),
-        ("epsilon_max", "{:.3f}"), ("clients", "{:d}"), ("bytes_up", "{:,d}"), ("bytes_down", "{:,d}"), ("wall_s", "{:.1f}"),
+        ("round", "{:d}"),
+        ("train_loss", "{:.4f}"),
+        ("eval_loss", "{:.4f}"),
+        ("eval_accuracy", "{:.3f}"),
+        ("epsilon_max", "{:.3f}"),
+        ("clients", "{:d}"),
+        ("bytes_up", "{:,d}"),
+        ("bytes_down", "{:,d}"),
+        ("wall_s", "{:.1f}"),
     ]
     cells = [[name for name, _ in cols]]
     for r in rows:

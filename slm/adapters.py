@@ -192,7 +192,9 @@ class _PeftCache:
         self._current: ResidentPeft | None = None
         self._lock = threading.Lock()
 
-    def get(self, mcfg: ModelConfig, lora: LoRAConfig, task: str = "causal-lm", rank: int | None = None) -> ResidentPeft:
+    def get(
+        self, mcfg: ModelConfig, lora: LoRAConfig, task: str = "causal-lm", rank: int | None = None
+    ) -> ResidentPeft:
         base = RESIDENT.get(mcfg, task)
         key = (id(base.model), rank or lora.r, lora.alpha, lora.dropout, tuple(lora.target_modules), task)
         with self._lock:

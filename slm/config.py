@@ -82,9 +82,7 @@ class DataConfig:
     test_fraction: float = _f(0.1, "held-out global test split that no client sees")
     eval_size: int = _f(48, "test records used by each central evaluation (0 = all)")
     seed: int = _f(0, "seed of generation, splitting and partitioning")
-    system_prompt: str = _f(
-        "Answer with the department only.", "system message of the chat template (empty = none)"
-    )
+    system_prompt: str = _f("Answer with the department only.", "system message of the chat template (empty = none)")
 
     def __post_init__(self) -> None:
         _check(self.dirichlet_alpha > 0, "data.dirichlet_alpha", "must be > 0")

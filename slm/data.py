@@ -59,9 +59,7 @@ def load_records(cfg: DataConfig, cache: Path) -> list[dict[str, Any]]:
         raise DataError(f"data.source {cfg.source!r} has no records")
     for col in (cfg.prompt_column, cfg.response_column):
         if col not in records[0]:
-            raise DataError(
-                f"data.source {cfg.source!r} has no column {col!r}; its columns are {sorted(records[0])}"
-            )
+            raise DataError(f"data.source {cfg.source!r} has no column {col!r}; its columns are {sorted(records[0])}")
     return records
 
 
@@ -104,9 +102,7 @@ def split(records: list[dict[str, Any]], cfg: DataConfig) -> tuple[list[int], li
 # -- partitioning ----------------------------------------------------------------------------
 
 
-def partition(
-    records: list[dict[str, Any]], indices: list[int], num_clients: int, cfg: DataConfig
-) -> list[list[int]]:
+def partition(records: list[dict[str, Any]], indices: list[int], num_clients: int, cfg: DataConfig) -> list[list[int]]:
     """Split ``indices`` over ``num_clients``: disjoint, covering, deterministic for ``cfg.seed``."""
     if num_clients < 1:
         raise DataError(f"num_clients must be >= 1, got {num_clients}")
@@ -122,9 +118,7 @@ def partition(
 
 def _column(records: list[dict[str, Any]], idx: np.ndarray, col: str, partitioner: str) -> list[Any]:
     if col not in records[0]:
-        raise DataError(
-            f"data.partitioner {partitioner!r} needs column {col!r}; columns are {sorted(records[0])}"
-        )
+        raise DataError(f"data.partitioner {partitioner!r} needs column {col!r}; columns are {sorted(records[0])}")
     return [records[i][col] for i in idx]
 
 
@@ -209,11 +203,13 @@ def encode(tokenizer: Any, prompt: str, response: str, max_length: int, system: 
     r_ids = tokenizer(str(response) + tokenizer.eos_token, add_special_tokens=False)["input_ids"]
     if len(r_ids) >= max_length:
         raise DataError(f"an answer of {len(r_ids)} tokens does not fit model.max_length={max_length}")
-    p_ids = p_ids[-(max_length - len(r_ids)):]  # keep the end of an over-long prompt
+    p_ids = p_ids[-(max_length - len(r_ids)) :]  # keep the end of an over-long prompt
     return {"input_ids": p_ids + r_ids, "labels": [IGNORE] * len(p_ids) + r_ids}
 
 
-def encode_all(tokenizer: Any, records: list[dict[str, Any]], cfg: DataConfig, max_length: int) -> list[dict[str, list[int]]]:
+def encode_all(
+    tokenizer: Any, records: list[dict[str, Any]], cfg: DataConfig, max_length: int
+) -> list[dict[str, list[int]]]:
     return [
         encode(tokenizer, str(r[cfg.prompt_column]), str(r[cfg.response_column]), max_length, cfg.system_prompt)
         for r in records

@@ -127,7 +127,7 @@ def resolve_model_dir(cfg: ModelConfig) -> Path:
     if name.startswith(TINY_PREFIX):
         from .tiny import build_tiny_model_dir  # only tests and quick runs need these
 
-        return build_tiny_model_dir(name[len(TINY_PREFIX):], cache_root(cfg) / "models" / name, cfg)
+        return build_tiny_model_dir(name[len(TINY_PREFIX) :], cache_root(cfg) / "models" / name, cfg)
     path = Path(name).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -194,9 +194,7 @@ def load_base_model(cfg: ModelConfig, task: str = "causal-lm") -> LoadedModel:
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-    log.info(
-        "Loaded %s (%s, %s) in %.1f s", path.name, cfg.quantization, cfg.compute_dtype, time.perf_counter() - t0
-    )
+    log.info("Loaded %s (%s, %s) in %.1f s", path.name, cfg.quantization, cfg.compute_dtype, time.perf_counter() - t0)
     return LoadedModel(model, tokenizer, path, task)
 
 

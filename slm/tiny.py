@@ -48,9 +48,7 @@ def build_tiny_model_dir(family: str, out: Path, cfg: ModelConfig) -> Path:
         return out
     tok = AutoTokenizer.from_pretrained(str(bundled_tokenizer_dir(cfg)))
     config_name, model_name, kwargs = FAMILIES[family]
-    config = getattr(transformers, config_name)(
-        **kwargs, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id
-    )
+    config = getattr(transformers, config_name)(**kwargs, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
     tmp, commit = _atomic_dir(out)
     with torch.random.fork_rng():
         torch.manual_seed(0)

@@ -246,7 +246,8 @@ def evaluate(
             out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
             texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
             correct += sum(
-                normalize_answer(t) == normalize_answer(a) for t, a in zip(texts, answers[i : i + batch_size], strict=True)
+                normalize_answer(t) == normalize_answer(a)
+                for t, a in zip(texts, answers[i : i + batch_size], strict=True)
             )
     finally:
         tokenizer.padding_side = side

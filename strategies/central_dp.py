@@ -79,7 +79,10 @@ class CentralDP(Strategy):
     def summary(self) -> None:
         log.info(
             "Central DP: clip %.3g, noise multiplier %.3g, %d of %d clients per round",
-            self.clipping_norm, self.noise_multiplier, self.clients_per_round, self.num_clients,
+            self.clipping_norm,
+            self.noise_multiplier,
+            self.clients_per_round,
+            self.num_clients,
         )
         self.inner.summary()
 
@@ -110,7 +113,12 @@ class CentralDP(Strategy):
         eps = self.accountant.epsilon(self.delta)
         log.info(
             "round %d central DP: update norms %s clipped to %.3g, noise std %.4g, epsilon %.4f (delta %g)",
-            server_round, [round(n, 3) for n in norms], self.clipping_norm, std, eps, self.delta,
+            server_round,
+            [round(n, 3) for n in norms],
+            self.clipping_norm,
+            std,
+            eps,
+            self.delta,
         )
         out = MetricRecord({**(dict(metrics) if metrics else {}), "epsilon-central": eps})
         return ArrayRecord({k: Array(v) for k, v in noisy.items()}), out

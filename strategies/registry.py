@@ -57,12 +57,9 @@ def register(
     def deco(cls: type) -> type:
         if name in _REGISTRY:
             raise StrategyConfigError(
-                f"strategy name {name!r} registered twice ({_REGISTRY[name].cls.__name__} and"
-                f" {cls.__name__})"
+                f"strategy name {name!r} registered twice ({_REGISTRY[name].cls.__name__} and {cls.__name__})"
             )
-        _REGISTRY[name] = StrategySpec(
-            name, cls, description, heterogeneous_ranks, needs_individual_updates
-        )
+        _REGISTRY[name] = StrategySpec(name, cls, description, heterogeneous_ranks, needs_individual_updates)
         return cls
 
     return deco
@@ -80,9 +77,7 @@ def available() -> list[StrategySpec]:
 def get(name: str) -> StrategySpec:
     _load_all()
     if name not in _REGISTRY:
-        raise StrategyConfigError(
-            f"unknown strategy {name!r}; valid names are: {', '.join(sorted(_REGISTRY))}"
-        )
+        raise StrategyConfigError(f"unknown strategy {name!r}; valid names are: {', '.join(sorted(_REGISTRY))}")
     return _REGISTRY[name]
 
 
@@ -91,8 +86,7 @@ def check_params(spec: StrategySpec, params: dict[str, Any]) -> None:
     for key in params:
         if key not in allowed:
             raise StrategyConfigError(
-                f"strategy.params.{key}: not a parameter of {spec.name!r}; allowed: "
-                f"{sorted(allowed) or 'none'}"
+                f"strategy.params.{key}: not a parameter of {spec.name!r}; allowed: {sorted(allowed) or 'none'}"
             )
 
 

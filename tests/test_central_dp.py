@@ -39,23 +39,44 @@ class _Grid:
 
 
 def _reply(msg: Message, arrays: dict[str, np.ndarray], n: int) -> Message:
-    meta = Metadata(run_id=1, message_id=uuid.uuid4().hex, src_node_id=msg.metadata.dst_node_id, dst_node_id=0,
-                    reply_to_message_id="x", group_id="1", created_at=time.time(), ttl=60.0, message_type="train")
-    content = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
-                          "metrics": MetricRecord({"num-examples": n, "train-loss": 1.0})})
+    meta = Metadata(
+        run_id=1,
+        message_id=uuid.uuid4().hex,
+        src_node_id=msg.metadata.dst_node_id,
+        dst_node_id=0,
+        reply_to_message_id="x",
+        group_id="1",
+        created_at=time.time(),
+        ttl=60.0,
+        message_type="train",
+    )
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
+            "metrics": MetricRecord({"num-examples": n, "train-loss": 1.0}),
+        }
+    )
     return make_message(meta, content=content)
 
 
 def test_wrapper_clips_weights_equally_and_accounts_per_round() -> None:
-    cfg = config_from_dict({
-        "federation": {"num_clients": 4, "fraction_train": 0.5, "min_train_clients": 2},
-        "privacy": {"mode": "central", "central_noise_multiplier": 0.0, "central_clipping_norm": 1.0,
-                    "central_delta": 1e-3},
-    })
+    cfg = config_from_dict(
+        {
+            "federation": {"num_clients": 4, "fraction_train": 0.5, "min_train_clients": 2},
+            "privacy": {
+                "mode": "central",
+                "central_noise_multiplier": 0.0,
+                "central_clipping_norm": 1.0,
+                "central_delta": 1e-3,
+            },
+        }
+    )
     strategy = registry.build(cfg)
     assert isinstance(strategy, CentralDP) and strategy.clients_per_round == 2
     glob = {"k.lora_B.weight": np.zeros(4, dtype=np.float32)}
-    msgs = list(strategy.configure_train(1, ArrayRecord({k: Array(v) for k, v in glob.items()}), ConfigRecord(), _Grid()))
+    msgs = list(
+        strategy.configure_train(1, ArrayRecord({k: Array(v) for k, v in glob.items()}), ConfigRecord(), _Grid())
+    )
     assert len(msgs) == 2
     # client updates of norm 10 and 0.5, very unequal example counts: clipped to 1 and averaged equally
     r1 = _reply(msgs[0], {"k.lora_B.weight": np.array([10, 0, 0, 0], dtype=np.float32)}, 1000)

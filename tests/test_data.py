@@ -95,7 +95,7 @@ def test_loss_only_on_response_tokens(tiny_peft) -> None:
     assert ex["labels"][: len(ex["labels"]) - len(labelled)] == [data.IGNORE] * (len(ex["labels"]) - len(labelled))
     assert "<|im_start|>assistant" in tok.decode(ex["input_ids"])
     short = data.encode(tok, "word " * 200, "Cardiology", 32, "")
-    assert len(short["input_ids"]) == 32 and short["labels"][-len(labelled):] == labelled
+    assert len(short["input_ids"]) == 32 and short["labels"][-len(labelled) :] == labelled
     batch = data.collate([ex, short], tok.pad_token_id)
     assert batch["input_ids"].shape == (2, max(len(ex["input_ids"]), 32))
     assert int(batch["attention_mask"].sum()) == len(ex["input_ids"]) + 32

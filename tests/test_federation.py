@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, Metadata, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Error, Message, Metadata, MetricRecord, RecordDict
 from flwr.app.message.message import make_message
 
 from server.federation import content_nbytes, sort_replies
@@ -24,8 +24,15 @@ pytestmark = pytest.mark.integration
 
 def _reply(node: int, content: RecordDict | None = None, error: Error | None = None) -> Message:
     meta = Metadata(
-        run_id=1, message_id=uuid.uuid4().hex, src_node_id=node, dst_node_id=0, reply_to_message_id="x",
-        group_id="1", created_at=time.time(), ttl=60.0, message_type="train",
+        run_id=1,
+        message_id=uuid.uuid4().hex,
+        src_node_id=node,
+        dst_node_id=0,
+        reply_to_message_id="x",
+        group_id="1",
+        created_at=time.time(),
+        ttl=60.0,
+        message_type="train",
     )
     return make_message(meta, content=content, error=error)
 

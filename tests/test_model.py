@@ -83,7 +83,7 @@ def test_real_smollm2_nf4_shape_and_answer() -> None:
     enc = tok(text, return_tensors="pt", add_special_tokens=False)
     with torch.no_grad():
         out = peft.generate(**enc, max_new_tokens=12, do_sample=False)
-    assert "Paris" in tok.decode(out[0, enc["input_ids"].shape[1]:])
+    assert "Paris" in tok.decode(out[0, enc["input_ids"].shape[1] :])
     peft.unload()
 
 

@@ -57,8 +57,13 @@ def test_dp_per_sample_clipping_bounds_each_contribution(fresh) -> None:
     params = [p for p in model.parameters() if p.requires_grad]
     batch = data.collate(_examples(tok, 6), tok.pad_token_id)
     gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean")
-    opt = DPOptimizer(torch.optim.SGD(params, lr=0.0), noise_multiplier=0.0, max_grad_norm=0.05,
-                      expected_batch_size=6, loss_reduction="mean")
+    opt = DPOptimizer(
+        torch.optim.SGD(params, lr=0.0),
+        noise_multiplier=0.0,
+        max_grad_norm=0.05,
+        expected_batch_size=6,
+        loss_reduction="mean",
+    )
     try:
         out = gsm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         sequence_losses(out.logits, batch["labels"]).mean().backward()
