@@ -11,8 +11,13 @@ export FLWR_DISABLE_UPDATE_CHECK=1
 export RAY_USAGE_STATS_ENABLED=0
 export HF_HUB_OFFLINE=1
 export TOKENIZERS_PARALLELISM=false
+# A SuperLink pip-installs an app's dependencies at run time unless told not to (that would pull a
+# CUDA torch); everything is already in .venv.
+export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
+FLWR_HOME_DIR := $(CURDIR)/.flwr-home
+CONFIG ?= configs/demo.yaml
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint clean flwr-run flwr-stop
 
 setup: $(STAMP)
 
@@ -34,6 +39,16 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
+
+# The same app through Flower's own CLI: a managed local SuperLink in simulation mode (4 supernodes).
+flwr-run: $(STAMP)
+	mkdir -p $(FLWR_HOME_DIR)
+	test -f $(FLWR_HOME_DIR)/config.toml || printf '[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local:"\noptions.num-supernodes = 4\noptions.backend.client-resources.num-cpus = 2\n' > $(FLWR_HOME_DIR)/config.toml
+	FLWR_HOME=$(FLWR_HOME_DIR) $(VENV)/bin/flwr run . local --stream --run-config 'config="$(CONFIG)"'
+
+# The local SuperLink started by flwr-run stays up (detached) until stopped.
+flwr-stop:
+	-pkill -f "flower-superlink.*$(FLWR_HOME_DIR)"
 
 clean:
 	rm -rf runs .pytest_cache
