@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from slm.logs import get_logger
@@ -31,7 +31,8 @@ def train(msg: Message, context: Context) -> Message:
     except DeclinedRound as declined:
         log.warning("client %s declines round %s: %s", runner.client_id, runner.server_round, declined)
         metrics = {**declined.metrics, "declined": 1, "num-examples": 0}
-        return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+        content = RecordDict({"metrics": MetricRecord(metrics), "decline": ConfigRecord({"reason": str(declined)})})
+        return Message(content=content, reply_to=msg)
     metrics["client-seconds"] = time.perf_counter() - t0
     content = RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)})
     return Message(content=content, reply_to=msg)

@@ -112,6 +112,9 @@ class Federation:
             up = sum(content_nbytes(m.content) for m in replies.ok + replies.declined)
             for node, reason in replies.failed:
                 log.warning("round %d: node %s failed: %s", rnd, node, reason)
+            for msg in replies.declined:
+                reason = msg.content["decline"]["reason"] if "decline" in msg.content else "no reason given"
+                log.warning("round %d: node %s declined to train: %s", rnd, msg.metadata.src_node_id, reason)
             self._note_epsilons(replies.ok + replies.declined)
             train_metrics: dict[str, Any] = {}
             skipped = len(replies.ok) < fed.min_train_clients

@@ -52,6 +52,9 @@ def summarize(
             "delta": cfg.privacy.delta,
             "max_grad_norm": cfg.privacy.max_grad_norm,
             "accountant": cfg.privacy.accountant,
+            "central_noise_multiplier": cfg.privacy.central_noise_multiplier if cfg.privacy.central else None,
+            "central_clipping_norm": cfg.privacy.central_clipping_norm if cfg.privacy.central else None,
+            "central_delta": cfg.privacy.central_delta if cfg.privacy.central else None,
             # per client: cumulative epsilon, calibrated noise multiplier, Poisson sampling rate
             "clients": {str(k): v for k, v in sorted((clients or {}).items())},
         },

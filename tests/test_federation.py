@@ -112,3 +112,22 @@ def test_dp_federation_reports_cumulative_epsilon_and_a_spent_client_declines(tm
     # epsilon_max includes the spent client 0's epsilon, the mean of the 4 is below it
     assert rows[-1]["epsilon_max"] == pytest.approx(spent.epsilon(1e-5), abs=1e-9)
     assert rows[1]["epsilon_mean"] < rows[2]["epsilon_mean"] < rows[-1]["epsilon_max"]
+
+
+def test_central_dp_federation_reports_epsilon_central_per_round(tmp_path: Path) -> None:
+    overrides = [
+        "privacy.mode=central",
+        "privacy.central_noise_multiplier=0.8",
+        "privacy.central_clipping_norm=0.5",
+        "federation.num_rounds=3",
+        "federation.fraction_train=0.5",
+    ]
+    rows, out = _run(tmp_path, overrides)
+    assert [r["clients"] for r in rows[1:]] == [2, 2, 2]
+    for rnd in (1, 2, 3):  # q = 2 of 4 clients, one composition per round
+        expected = ClientAccountant("rdp", [(0.8, 0.5, rnd)]).epsilon(1e-3)
+        assert rows[rnd]["epsilon_central"] == pytest.approx(expected, abs=1e-9)
+    assert rows[-1]["epsilon_max"] is None  # no local DP in this run
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["privacy"]["central_noise_multiplier"] == 0.8 and summary["privacy"]["central_clipping_norm"] == 0.5
+    assert all(np.isfinite(r["eval_loss"]) for r in rows)

@@ -56,8 +56,15 @@ def test_flwr_run_matches_fedslm_simulate(tmp_path: Path) -> None:
     }
     out = tmp_path / "flwr-run"
     flwr = Path(os.sys.executable).with_name("flwr")
-    cmd = [str(flwr), "run", str(ROOT), "local", "--stream",
-           "--run-config", f'config="configs/tiny.yaml" out-dir="{out}"']
+    cmd = [
+        str(flwr),
+        "run",
+        str(ROOT),
+        "local",
+        "--stream",
+        "--run-config",
+        f'config="configs/tiny.yaml" out-dir="{out}"',
+    ]
     try:
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=420, cwd=ROOT)
     finally:
