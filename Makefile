@@ -15,6 +15,8 @@ export TOKENIZERS_PARALLELISM=false
 # CUDA torch); everything is already in .venv.
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
 FLWR_HOME_DIR := $(CURDIR)/.flwr-home
+# flwr spawns flower-superlink / flower-superexec by name
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 CONFIG ?= configs/demo.yaml
 
 .PHONY: setup demo test lint clean flwr-run flwr-stop

@@ -30,12 +30,28 @@ def tiny_cfg() -> RunConfig:
 
 
 @pytest.fixture(scope="session")
-def tiny_peft():
-    """The tiny Llama with LoRA (r=4) in float32, shared by the tests of one session."""
-    from slm.adapters import PEFT_CACHE
+def _tiny_resident():
+    """The resident tiny Llama with LoRA (r=4, float32) and its pristine initial adapter."""
+    from slm.adapters import PEFT_CACHE, adapter_state, attach_lora
 
     cfg = load_config(ROOT / "configs" / "tiny.yaml")
-    return PEFT_CACHE.get(cfg.model, cfg.lora)
+    resident = PEFT_CACHE.get(cfg.model, cfg.lora)
+    # the seeded initial adapter, independent of what earlier tests loaded into the resident model
+    from slm.model import load_base_model
+
+    pristine = adapter_state(attach_lora(load_base_model(cfg.model).model, cfg.lora))
+    return resident, pristine
+
+
+@pytest.fixture
+def tiny_peft(_tiny_resident):
+    """The shared tiny LoRA model, set to its initial adapter before and after each test."""
+    from slm.adapters import load_adapter_state
+
+    resident, pristine = _tiny_resident
+    load_adapter_state(resident.model, pristine)
+    yield resident
+    load_adapter_state(resident.model, pristine)
 
 
 @pytest.fixture(autouse=True)

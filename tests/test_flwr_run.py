@@ -53,6 +53,8 @@ def test_flwr_run_matches_fedslm_simulate(tmp_path: Path) -> None:
         **os.environ,
         "FLWR_HOME": str(home),
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",  # else the SuperLink pip-installs the app's deps
+        # flwr spawns `flower-superlink` by name: the venv's bin must be on PATH even when not activated
+        "PATH": f"{Path(os.sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
     }
     out = tmp_path / "flwr-run"
     flwr = Path(os.sys.executable).with_name("flwr")

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from slm import data
-from slm.adapters import adapter_state, load_adapter_state
+from slm.adapters import adapter_state
 from slm.config import DataConfig
 from slm.model import cache_root
 from slm.training import DPSettings, LocalTraining, TrainingError, sequence_losses, train_local
@@ -20,10 +20,8 @@ def _examples(tok, n: int = 64) -> list[dict[str, list[int]]]:
 
 @pytest.fixture
 def fresh(tiny_peft):
-    """The shared tiny LoRA model, reset to its initial adapter after the test."""
-    start = adapter_state(tiny_peft.model)
-    yield tiny_peft
-    load_adapter_state(tiny_peft.model, start)
+    """The shared tiny LoRA model at its initial adapter (reset by the conftest fixture)."""
+    return tiny_peft
 
 
 def test_sequence_losses_are_per_sequence_token_means() -> None:
