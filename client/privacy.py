@@ -12,6 +12,7 @@ from slm.config import RunConfig
 from slm.logs import get_logger
 from slm.privacy import (
     ClientAccountant,
+    PrivacyStateError,
     calibrate_noise,
     expected_total_steps,
     load_state,
@@ -41,6 +42,11 @@ class ClientPrivacy:
             p.target_epsilon, p.delta, self.sample_rate, self.total_steps, accountant=p.accountant
         )
         self.accountant = load_state(self.path) or ClientAccountant(p.accountant)
+        if self.accountant.accountant != p.accountant:
+            raise PrivacyStateError(
+                f"{self.path} holds a {self.accountant.accountant!r} history but privacy.accountant is"
+                f" {p.accountant!r}; resume with the accountant the run started with"
+            )
 
     def settings(self) -> DPSettings:
         p = self.cfg.privacy

@@ -12,8 +12,8 @@ import yaml
 from flwr.app import ArrayRecord, Context, Message
 
 from slm import data as data_mod
+from slm import tasks
 from slm.adapters import (
-    PEFT_CACHE,
     adapter_state,
     from_arrayrecord,
     load_adapter_state,
@@ -22,7 +22,7 @@ from slm.adapters import (
 from slm.config import RunConfig, config_from_dict
 from slm.logs import get_logger
 from slm.model import cache_root
-from slm.training import LocalTraining, evaluate, train_local
+from slm.training import LocalTraining, train_local
 
 from .state import ClientStore
 
@@ -100,18 +100,20 @@ class ClientRunner:
             records = self._records()
             n_val = int(len(records) * VALIDATION_FRACTION) if len(records) >= 10 else 0
             train_recs, val_recs = records[n_val:], records[:n_val]
-            enc = data_mod.encode_all
             _ENCODED.clear()
             _ENCODED[key] = (
-                enc(tokenizer, train_recs, self.cfg.data, self.cfg.model.max_length),
-                enc(tokenizer, val_recs, self.cfg.data, self.cfg.model.max_length),
+                tasks.encode(self.cfg, tokenizer, train_recs),
+                tasks.encode(self.cfg, tokenizer, val_recs),
                 val_recs,
             )
         return _ENCODED[key]
 
     # -- train --------------------------------------------------------------------------------
+    def _resident(self) -> Any:
+        return tasks.resident_model(self.cfg)
+
     def _model(self) -> tuple[Any, Any]:
-        resident = PEFT_CACHE.get(self.cfg.model, self.cfg.lora)
+        resident = self._resident()
         return resident.model, resident.base.tokenizer
 
     def train(self, arrays: ArrayRecord) -> tuple[ArrayRecord, dict[str, float | int]]:
@@ -123,8 +125,8 @@ class ClientRunner:
             local_b = self.store.load_tensors("local-lora-b")
             if local_b is not None:
                 global_state.update(local_b)
-        full = adapter_state(model)
-        full.update(global_state)  # FFA-LoRA may send only B; A then stays at the shared init
+        full = dict(self._resident().initial)
+        full.update(global_state)  # FFA-LoRA may send only B; A then stays at the shared seeded init
         load_adapter_state(model, full)
 
         t = self.cfg.train
@@ -185,21 +187,10 @@ class ClientRunner:
         """The global adapter on this client's own validation split (how well it serves this site)."""
         model, tokenizer = self._model()
         _, val_ex, val_recs = self.examples(tokenizer)
-        full = adapter_state(model)
+        full = dict(self._resident().initial)
         full.update(from_arrayrecord(arrays))
         load_adapter_state(model, full)
-        d = self.cfg.data
-        prompts = [data_mod.prompt_text(tokenizer, str(r[d.prompt_column]), d.system_prompt) for r in val_recs]
-        answers = [str(r[d.response_column]) for r in val_recs]
-        m = evaluate(
-            model,
-            tokenizer,
-            val_ex,
-            prompts,
-            answers,
-            batch_size=self.cfg.eval.batch_size,
-            max_new_tokens=self.cfg.eval.max_new_tokens,
-        )
+        m = tasks.evaluate_records(self.cfg, model, tokenizer, val_recs, val_ex)
         return {**m, "num-examples": len(val_ex), "client-id": self.client_id}
 
 

@@ -185,6 +185,7 @@ class Federation:
             "epsilon_mean": sum(eps) / len(eps) if eps else None,
             "epsilon_central": train.get("epsilon-central"),
         }
+        row.update({k: ev[k] for k in ("eval_precision", "eval_recall", "eval_f1") if k in ev})  # classification
         self.rows.append(row)
         with (self.out / "metrics.jsonl").open("a") as fh:
             fh.write(json.dumps(row) + "\n")

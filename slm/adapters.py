@@ -72,12 +72,18 @@ def attach_lora(base: Any, lora: LoRAConfig, task: str = "causal-lm", rank: int 
     from peft import get_peft_model
 
     cfg = peft_config(base.config.model_type, lora, task, rank)
+    if task != "causal-lm":  # the classification head (and DistilBERT's pre-classifier) train too
+        from .model import HEAD_MODULES
+
+        names = {n.rsplit(".", 1)[-1] for n, _ in base.named_modules()}
+        cfg.modules_to_save = [m for m in HEAD_MODULES if m in names]
     with torch.random.fork_rng():
         torch.manual_seed(lora.init_seed)
         model = get_peft_model(base, cfg)
     # LoRA weights in fp32: DP noise and small updates survive, and the wire format is exact.
-    for p in model.parameters():
-        if p.requires_grad:
+    # (PEFT casts the LoRA input to the LoRA dtype; a classification head keeps the compute dtype)
+    for name, p in model.named_parameters():
+        if p.requires_grad and ".lora_" in name:
             p.data = p.data.float()
     return model
 
@@ -119,7 +125,8 @@ def _adapter_params(model: Any) -> dict[str, torch.nn.Parameter]:
     for full, p in inner.named_parameters():
         if not p.requires_grad:
             continue
-        key = full.replace(f".{name}.", ".").replace(f".{name}", "") if f".{name}" in full else full
+        # lora_A.default.weight -> lora_A.weight; classifier.modules_to_save.default.weight -> classifier.weight
+        key = full.replace(f".modules_to_save.{name}.", ".").replace(f".{name}.", ".")
         out[key] = p
     return out
 
@@ -183,6 +190,7 @@ class ResidentPeft:
     base: LoadedModel
     model: Any  # PeftModel
     key: tuple[Any, ...]
+    initial: dict[str, torch.Tensor]  # the seeded initial adapter (lora.init_seed), whatever is loaded now
 
 
 class _PeftCache:
@@ -193,9 +201,14 @@ class _PeftCache:
         self._lock = threading.Lock()
 
     def get(
-        self, mcfg: ModelConfig, lora: LoRAConfig, task: str = "causal-lm", rank: int | None = None
+        self,
+        mcfg: ModelConfig,
+        lora: LoRAConfig,
+        task: str = "causal-lm",
+        rank: int | None = None,
+        num_labels: int = 0,
     ) -> ResidentPeft:
-        base = RESIDENT.get(mcfg, task)
+        base = RESIDENT.get(mcfg, task, num_labels)
         key = (id(base.model), rank or lora.r, lora.alpha, lora.dropout, tuple(lora.target_modules), task)
         with self._lock:
             cur = self._current
@@ -204,7 +217,7 @@ class _PeftCache:
             if cur is not None and cur.base is base:
                 base.model = cur.model.unload()  # strip the old LoRA layers off the shared base
             model = attach_lora(base.model, lora, task, rank)
-            self._current = ResidentPeft(base, model, key)
+            self._current = ResidentPeft(base, model, key, adapter_state(model))
             return self._current
 
 

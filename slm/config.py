@@ -83,6 +83,7 @@ class DataConfig:
     eval_size: int = _f(48, "test records used by each central evaluation (0 = all)")
     seed: int = _f(0, "seed of generation, splitting and partitioning")
     system_prompt: str = _f("Answer with the department only.", "system message of the chat template (empty = none)")
+    labels: list[str] = _f([], "classification: the class names in order (empty = sorted values of label_column)")
 
     def __post_init__(self) -> None:
         _check(self.dirichlet_alpha > 0, "data.dirichlet_alpha", "must be > 0")
@@ -189,10 +190,13 @@ class RunConfig:
     eval: EvalConfig = _f(None, "central evaluation")
     strategy: StrategyConfig = _f(None, "aggregation strategy")
     seed: int = _f(0, "master seed, recorded in the run")
+    task: Literal["causal-lm", "classification"] = _f(
+        "causal-lm", "causal-lm (instruction tuning, answers generated) | classification (label of a text)"
+    )
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
-            if getattr(self, f.name) is None and f.name != "seed":
+            if getattr(self, f.name) is None and f.name in _SECTIONS:
                 setattr(self, f.name, _SECTIONS[f.name]())
 
     def to_dict(self) -> dict[str, Any]:

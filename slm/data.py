@@ -208,23 +208,51 @@ def encode(tokenizer: Any, prompt: str, response: str, max_length: int, system: 
 
 
 def encode_all(
-    tokenizer: Any, records: list[dict[str, Any]], cfg: DataConfig, max_length: int
-) -> list[dict[str, list[int]]]:
+    tokenizer: Any,
+    records: list[dict[str, Any]],
+    cfg: DataConfig,
+    max_length: int,
+    labels: list[str] | None = None,
+) -> list[dict[str, Any]]:
+    """Tokenized examples: generation (prompt -> response) or, with ``labels``, classification."""
+    if labels is not None:
+        index = {name: i for i, name in enumerate(labels)}
+        out = []
+        for r in records:
+            value = str(r[cfg.label_column])
+            if value not in index:
+                raise DataError(f"label {value!r} of column {cfg.label_column!r} is not one of data.labels {labels}")
+            ids = tokenizer(str(r[cfg.prompt_column]), truncation=True, max_length=max_length)["input_ids"]
+            out.append({"input_ids": ids, "label": index[value]})
+        return out
     return [
         encode(tokenizer, str(r[cfg.prompt_column]), str(r[cfg.response_column]), max_length, cfg.system_prompt)
         for r in records
     ]
 
 
-def collate(examples: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded batch: input_ids, attention_mask, labels (IGNORE on padding)."""
+def label_names(cfg: DataConfig, records: list[dict[str, Any]]) -> list[str]:
+    """The class names: ``data.labels`` if given, else the sorted values of ``data.label_column``."""
+    if cfg.labels:
+        return list(cfg.labels)
+    if cfg.label_column not in records[0]:
+        raise DataError(f"classification needs column {cfg.label_column!r}; columns are {sorted(records[0])}")
+    return sorted({str(r[cfg.label_column]) for r in records})
+
+
+def collate(examples: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded batch: input_ids, attention_mask, and labels (per token, IGNORE on padding and
+    prompt; or one class index per example for classification)."""
     width = max(len(e["input_ids"]) for e in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
     mask = torch.zeros((len(examples), width), dtype=torch.long)
     for row, e in enumerate(examples):
         n = len(e["input_ids"])
         ids[row, :n] = torch.tensor(e["input_ids"])
-        labels[row, :n] = torch.tensor(e["labels"])
         mask[row, :n] = 1
+    if "label" in examples[0]:
+        return {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([e["label"] for e in examples])}
+    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+    for row, e in enumerate(examples):
+        labels[row, : len(e["labels"])] = torch.tensor(e["labels"])
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}

@@ -148,18 +148,24 @@ def resolve_model_dir(cfg: ModelConfig) -> Path:
         ) from None
 
 
+# Classification heads are new, trained and small: never quantized.
+HEAD_MODULES = ("pre_classifier", "classifier", "score")
+
+
 def quantization_config(cfg: ModelConfig) -> Any:
     from transformers import BitsAndBytesConfig
 
+    skip = ["lm_head", *HEAD_MODULES]
     if cfg.quantization == "nf4":
         return BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
             bnb_4bit_compute_dtype=DTYPES[cfg.compute_dtype],
             bnb_4bit_use_double_quant=False,
+            llm_int8_skip_modules=skip,
         )
     if cfg.quantization == "int8":
-        return BitsAndBytesConfig(load_in_8bit=True)
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
     return None
 
 
@@ -171,8 +177,12 @@ class LoadedModel:
     task: str
 
 
-def load_base_model(cfg: ModelConfig, task: str = "causal-lm") -> LoadedModel:
-    """Load the frozen, optionally quantized base model and its tokenizer."""
+def load_base_model(cfg: ModelConfig, task: str = "causal-lm", num_labels: int = 0) -> LoadedModel:
+    """Load the frozen, optionally quantized base model and its tokenizer.
+
+    ``task="classification"`` loads a sequence-classification head with ``num_labels`` outputs
+    (seeded initialisation; the server's initial adapter carries it to every client).
+    """
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     path = resolve_model_dir(cfg)
@@ -186,7 +196,13 @@ def load_base_model(cfg: ModelConfig, task: str = "causal-lm") -> LoadedModel:
     qc = quantization_config(cfg)
     if qc is not None:
         kwargs.update(quantization_config=qc, device_map="cpu")
-    model = auto.from_pretrained(str(path), **kwargs)
+    if task != "causal-lm":
+        if num_labels < 2:
+            raise ModelLoadError(f"classification needs at least 2 labels, got {num_labels}")
+        kwargs.update(num_labels=num_labels, pad_token_id=tokenizer.pad_token_id)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)  # a new classification head is initialised identically everywhere
+        model = auto.from_pretrained(str(path), **kwargs)
     model.requires_grad_(False)
     keep_4bit_layout_trainable(model)
     if model.config.pad_token_id is None:
@@ -222,12 +238,12 @@ class ResidentModels:
         self._lock = threading.Lock()
         self.loads = 0  # how many real loads happened in this process (tests count them)
 
-    def get(self, cfg: ModelConfig, task: str = "causal-lm") -> LoadedModel:
-        key = (cfg.name, cfg.quantization, cfg.compute_dtype, cfg.gradient_checkpointing, task)
+    def get(self, cfg: ModelConfig, task: str = "causal-lm", num_labels: int = 0) -> LoadedModel:
+        key = (cfg.name, cfg.quantization, cfg.compute_dtype, cfg.gradient_checkpointing, task, num_labels)
         with self._lock:
             if key not in self._models:
                 self._models.clear()  # one base per process: bounded memory
-                self._models[key] = load_base_model(cfg, task)
+                self._models[key] = load_base_model(cfg, task, num_labels)
                 self.loads += 1
             return self._models[key]
 

@@ -32,7 +32,22 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
     "mistral": ("MistralConfig", "MistralForCausalLM", {**_DECODER, "sliding_window": None}),
     "phi3": ("Phi3Config", "Phi3ForCausalLM", {**_DECODER, "pad_token_id": 0}),
     "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {**_DECODER, "head_dim": 16}),
+    # encoders (classification only)
+    "bert": ("BertConfig", "BertModel", {**_COMMON, "num_attention_heads": 4, "max_position_embeddings": 512}),
+    "distilbert": (
+        "DistilBertConfig",
+        "DistilBertModel",
+        {
+            "vocab_size": 49152,
+            "dim": 64,
+            "hidden_dim": 128,
+            "n_layers": 2,
+            "n_heads": 4,
+            "max_position_embeddings": 512,
+        },
+    ),
 }
+DECODERS = ("llama", "qwen2", "mistral", "phi3", "gemma2")
 
 
 def build_tiny_model_dir(family: str, out: Path, cfg: ModelConfig) -> Path:
@@ -48,7 +63,11 @@ def build_tiny_model_dir(family: str, out: Path, cfg: ModelConfig) -> Path:
         return out
     tok = AutoTokenizer.from_pretrained(str(bundled_tokenizer_dir(cfg)))
     config_name, model_name, kwargs = FAMILIES[family]
-    config = getattr(transformers, config_name)(**kwargs, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    if family in DECODERS:
+        ids = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id}
+    else:
+        ids = {"pad_token_id": tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id}
+    config = getattr(transformers, config_name)(**kwargs, **ids)
     tmp, commit = _atomic_dir(out)
     with torch.random.fork_rng():
         torch.manual_seed(0)

@@ -63,6 +63,13 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)
 
 
+def sample_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """One loss per example: class cross-entropy (labels ``(batch,)``) or :func:`sequence_losses`."""
+    if labels.dim() == 1:
+        return F.cross_entropy(logits.float(), labels, reduction="none")
+    return sequence_losses(logits, labels)
+
+
 def sequence_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Per-sequence mean NLL over answer tokens (shape ``(batch,)``)."""
     logits = logits[:, :-1].float()
@@ -145,7 +152,7 @@ def train_local(
             if idx:
                 batch = collate([examples[i] for i in idx], pad_id)
                 out = forward_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-                loss = sequence_losses(out.logits, batch["labels"]).mean()
+                loss = sample_losses(out.logits, batch["labels"]).mean()
                 if not torch.isfinite(loss):
                     raise TrainingError(f"non-finite loss {loss.item()} at step {step}")
                 loss.backward()
@@ -253,3 +260,44 @@ def evaluate(
         tokenizer.padding_side = side
     loss = nll / max(tokens, 1.0)
     return {"eval_loss": loss, "perplexity": math.exp(min(loss, 50.0)), "eval_accuracy": correct / max(len(prompts), 1)}
+
+
+def classification_metrics(y_true: list[int], y_pred: list[int], num_classes: int) -> dict[str, float]:
+    """Accuracy and macro precision, recall and F1 (a class never predicted has precision 0)."""
+    t = np.asarray(y_true)
+    p = np.asarray(y_pred)
+    precision, recall, f1 = [], [], []
+    for c in range(num_classes):
+        tp = float(np.sum((p == c) & (t == c)))
+        pc = tp / max(float(np.sum(p == c)), 1.0)
+        rc = tp / max(float(np.sum(t == c)), 1.0)
+        precision.append(pc)
+        recall.append(rc)
+        f1.append(2 * pc * rc / (pc + rc) if pc + rc > 0 else 0.0)
+    return {
+        "eval_accuracy": float(np.mean(t == p)) if len(t) else 0.0,
+        "eval_precision": float(np.mean(precision)),
+        "eval_recall": float(np.mean(recall)),
+        "eval_f1": float(np.mean(f1)),
+    }
+
+
+@torch.no_grad()
+def evaluate_classification(
+    model: Any, examples: list[dict[str, Any]], pad_id: int, num_classes: int, *, batch_size: int
+) -> dict[str, float]:
+    """Loss, accuracy and macro precision/recall/F1 of the predicted classes."""
+    model.eval()
+    losses, preds, truth = [], [], []
+    for i in range(0, len(examples), batch_size):
+        batch = collate(examples[i : i + batch_size], pad_id)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        losses.extend(sample_losses(logits, batch["labels"]).tolist())
+        preds.extend(logits.argmax(-1).tolist())
+        truth.extend(batch["labels"].tolist())
+    loss = float(np.mean(losses)) if losses else float("nan")
+    return {
+        "eval_loss": loss,
+        "perplexity": math.exp(min(loss, 50.0)),
+        **classification_metrics(truth, preds, num_classes),
+    }

@@ -31,16 +31,11 @@ def tiny_cfg() -> RunConfig:
 
 @pytest.fixture(scope="session")
 def _tiny_resident():
-    """The resident tiny Llama with LoRA (r=4, float32) and its pristine initial adapter."""
-    from slm.adapters import PEFT_CACHE, adapter_state, attach_lora
+    """The resident tiny Llama with LoRA (r=4, float32); ``.initial`` is its seeded adapter."""
+    from slm.adapters import PEFT_CACHE
 
     cfg = load_config(ROOT / "configs" / "tiny.yaml")
-    resident = PEFT_CACHE.get(cfg.model, cfg.lora)
-    # the seeded initial adapter, independent of what earlier tests loaded into the resident model
-    from slm.model import load_base_model
-
-    pristine = adapter_state(attach_lora(load_base_model(cfg.model).model, cfg.lora))
-    return resident, pristine
+    return PEFT_CACHE.get(cfg.model, cfg.lora)
 
 
 @pytest.fixture
@@ -48,10 +43,10 @@ def tiny_peft(_tiny_resident):
     """The shared tiny LoRA model, set to its initial adapter before and after each test."""
     from slm.adapters import load_adapter_state
 
-    resident, pristine = _tiny_resident
-    load_adapter_state(resident.model, pristine)
+    resident = _tiny_resident
+    load_adapter_state(resident.model, resident.initial)
     yield resident
-    load_adapter_state(resident.model, pristine)
+    load_adapter_state(resident.model, resident.initial)
 
 
 @pytest.fixture(autouse=True)

@@ -37,8 +37,8 @@ def test_family_round_trip(family: str, quant: str) -> None:
     assert np.isfinite(result.loss_mean) and all(torch.isfinite(v).all() for v in after.values())
     assert all(not torch.equal(before[k], after[k]) for k in before)
     # FedAvg of two clients' adapters equals the hand-computed weighted mean
-    from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
     from flwr.app import MetricRecord, RecordDict
+    from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
     contents = [
         RecordDict({"arrays": to_arrayrecord(s), "metrics": MetricRecord({"num-examples": n})})
