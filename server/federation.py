@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from slm.config import RunConfig
@@ -131,10 +131,40 @@ class Federation:
                     arrays = self._merge(arrays, new_arrays)
                 train_metrics = dict(agg or {})
             last = rnd == fed.num_rounds
-            ev = self._evaluate(rnd, arrays) if (rnd % self.cfg.eval.every == 0 or last) else {}
+            ev: dict[str, Any] = {}
+            if rnd % self.cfg.eval.every == 0 or last:
+                ev = self._evaluate(rnd, arrays)
+                if self.cfg.eval.per_client:
+                    per_client, sent = self._evaluate_on_clients(rnd, arrays, grid)
+                    ev["per_client"] = per_client
+                    down += sent
             self._record(rnd, arrays, ev, train_metrics, replies, up, down, t0, skipped)
         log.info("Federation finished in %.1f s", time.perf_counter() - t_start)
         return self.rows
+
+    def _evaluate_on_clients(self, rnd: int, arrays: ArrayRecord, grid: Grid) -> tuple[dict[str, Any], int]:
+        """Every client evaluates the global adapter on its own validation split (never leaves it)."""
+        config = self._train_config()
+        config["server-round"] = rnd
+        messages = [
+            Message(
+                content=RecordDict({"arrays": arrays, "config": config}),
+                message_type=MessageType.EVALUATE,
+                dst_node_id=node,
+            )
+            for node in sorted(grid.get_node_ids())
+        ]
+        sent = sum(content_nbytes(m.content) for m in messages)
+        out: dict[str, Any] = {}
+        for msg in grid.send_and_receive(messages, timeout=self.cfg.federation.round_timeout_s):
+            if msg.has_error():
+                log.warning("round %d: node %s failed to evaluate: %s", rnd, msg.metadata.src_node_id, msg.error.reason)
+                continue
+            m = msg.content["metrics"]
+            out[str(int(m["client-id"]))] = {k: float(v) for k, v in m.items() if k.startswith("eval_")}
+        accs = ", ".join(f"client {k}: {v.get('eval_accuracy', float('nan')):.3f}" for k, v in sorted(out.items()))
+        log.info("round %d per-client accuracy on own validation data: %s", rnd, accs)
+        return out, sent
 
     @staticmethod
     def _merge(old: ArrayRecord, new: ArrayRecord) -> ArrayRecord:
@@ -186,6 +216,8 @@ class Federation:
             "epsilon_central": train.get("epsilon-central"),
         }
         row.update({k: ev[k] for k in ("eval_precision", "eval_recall", "eval_f1") if k in ev})  # classification
+        if "per_client" in ev:
+            row["per_client"] = ev["per_client"]  # client-id -> metrics on its own validation split
         self.rows.append(row)
         with (self.out / "metrics.jsonl").open("a") as fh:
             fh.write(json.dumps(row) + "\n")

@@ -167,6 +167,7 @@ class EvalConfig:
     every: int = _f(1, "central evaluation every N rounds (round 0 = base adapter is always evaluated)")
     max_new_tokens: int = _f(8, "tokens generated for exact-match accuracy")
     batch_size: int = _f(16, "evaluation batch size")
+    per_client: bool = _f(False, "also evaluate the global adapter on each client's own validation split")
 
     def __post_init__(self) -> None:
         _check(self.every >= 1, "eval.every", "must be >= 1")

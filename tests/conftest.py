@@ -59,3 +59,17 @@ def _flower_task_identity():
         TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
     yield
     TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+
+
+@pytest.fixture(scope="session")
+def real_run_dir(tmp_path_factory):
+    """A short DP federation on the real SmolLM2 (2 clients, 1 round, 3 steps): a run directory."""
+    from simulation.run import simulate
+
+    cfg = load_config(
+        ROOT / "configs" / "demo.yaml",
+        ["federation.num_clients=2", "federation.num_rounds=1", "train.local_steps=3", "data.eval_size=8"],
+    )
+    out = tmp_path_factory.mktemp("real") / "run"
+    rows = simulate(cfg, out, progress=False)
+    return out, rows

@@ -11,7 +11,7 @@ from slm import data
 from slm.adapters import adapter_state, attach_lora, to_arrayrecord
 from slm.config import DataConfig, LoRAConfig, ModelConfig
 from slm.model import cache_root, load_base_model
-from slm.tiny import FAMILIES
+from slm.tiny import DECODERS
 from slm.training import DPSettings, LocalTraining, train_local
 
 QV = {"q_proj", "v_proj"}
@@ -19,7 +19,7 @@ TARGETS = {"llama": QV, "qwen2": QV, "mistral": QV, "gemma2": QV, "phi3": {"qkv_
 
 
 @pytest.mark.parametrize("quant", ["nf4", "int8", "none"])
-@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("family", sorted(DECODERS))
 def test_family_round_trip(family: str, quant: str) -> None:
     loaded = load_base_model(ModelConfig(name=f"tiny-{family}", quantization=quant, compute_dtype="float32"))
     model = attach_lora(loaded.model, LoRAConfig(r=4, alpha=8))

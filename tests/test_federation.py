@@ -68,14 +68,19 @@ def _run(tmp_path: Path, overrides: list[str], run_name: str | None = None) -> t
 
 
 def test_tiny_federation_lowers_loss_and_writes_the_run_dir(tmp_path: Path) -> None:
-    rows, out = _run(tmp_path, ["federation.num_rounds=3", "train.local_steps=5", "train.learning_rate=0.05"])
+    rows, out = _run(
+        tmp_path, ["federation.num_rounds=3", "train.local_steps=5", "train.learning_rate=0.05", "eval.per_client=true"]
+    )
     assert [r["round"] for r in rows] == [0, 1, 2, 3]
     assert rows[-1]["eval_loss"] < rows[0]["eval_loss"] - 0.1, [r["eval_loss"] for r in rows]
     assert rows[-1]["train_loss"] < rows[1]["train_loss"]
     assert all(r["clients"] == 4 for r in rows[1:])
+    # every client evaluated the global adapter on its own validation split, each round
+    assert all(sorted(r["per_client"]) == ["0", "1", "2", "3"] for r in rows[1:])
+    assert all(np.isfinite(m["eval_loss"]) and 0 <= m["eval_accuracy"] <= 1 for m in rows[-1]["per_client"].values())
     # 4 clients x (1792 fp32 LoRA parameters) up; the same adapter + the run config down
     assert all(4 * 1792 * 4 < r["bytes_up"] < 4 * (1792 * 4 + 3000) for r in rows[1:])
-    assert all(r["bytes_down"] > 4 * 1792 * 4 for r in rows[1:])
+    assert all(r["bytes_down"] > 2 * 4 * 1792 * 4 for r in rows[1:])  # train + per-client evaluation messages
     lines = (out / "metrics.jsonl").read_text().splitlines()
     keys = {"round", "train_loss", "eval_loss", "eval_accuracy", "bytes_up", "bytes_down", "wall_s"}
     assert len(lines) == 4 and all(keys <= set(json.loads(line)) for line in lines)

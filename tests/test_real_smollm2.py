@@ -50,17 +50,53 @@ def test_dp_training_on_nf4_smollm2_changes_lora_every_step_and_lowers_loss() ->
     assert last < first - 1.0, result.losses
 
 
-def test_short_dp_federation_on_real_smollm2(tmp_path: Path) -> None:
-    from simulation.run import simulate
-
-    cfg = load_config(
-        ROOT / "configs" / "demo.yaml",
-        ["federation.num_clients=2", "federation.num_rounds=1", "train.local_steps=2", "data.eval_size=8"],
-    )
-    rows = simulate(cfg, tmp_path / "run", progress=False)
+def test_short_dp_federation_on_real_smollm2(real_run_dir) -> None:
+    out, rows = real_run_dir
     assert [r["round"] for r in rows] == [0, 1] and rows[1]["clients"] == 2
     assert rows[1]["eval_loss"] < rows[0]["eval_loss"]
     assert 0 < rows[1]["epsilon_max"] < 8.0
     assert rows[1]["bytes_up"] > 2 * 460_800 * 4  # two fp32 r=8 adapters
-    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    summary = json.loads((out / "summary.json").read_text())
     assert summary["privacy"]["mode"] == "local" and summary["model"] == "smollm2-135m-instruct"
+
+
+@pytest.mark.parametrize("fmt", ["peft", "merged", "gguf"])
+def test_exports_reload_to_the_same_logits(real_run_dir, tmp_path: Path, fmt: str) -> None:
+    from slm.export import TOLERANCE, export
+
+    run, _ = real_run_dir
+    result = export(run, tmp_path / fmt, fmt)
+    key = "gguf-f16" if fmt == "gguf" else fmt
+    assert result.max_abs_logit_diff <= TOLERANCE[key]
+    if fmt == "peft":
+        assert result.max_abs_logit_diff == 0.0 and (tmp_path / fmt / "adapter_model.safetensors").is_file()
+    if fmt == "merged":
+        assert (tmp_path / fmt / "config.json").is_file() and not list((tmp_path / fmt).glob("adapter_*"))
+    if fmt == "gguf":
+        import gguf
+
+        reader = gguf.GGUFReader(str(result.path))
+        assert reader.fields["general.architecture"].contents() == "llama"
+        assert len(reader.fields["tokenizer.ggml.tokens"].contents()) == 49152
+        assert "FROM ./model.gguf" in (tmp_path / fmt / "Modelfile").read_text()
+
+
+def test_export_errors_name_the_problem(real_run_dir, tmp_path: Path) -> None:
+    from slm.export import ExportError, export
+
+    run, _ = real_run_dir
+    with pytest.raises(ExportError, match="no round 7"):
+        export(run, tmp_path / "x", "peft", round_=7)
+    with pytest.raises(ExportError, match="choose one of"):
+        export(run, tmp_path / "x", "onnx")
+    with pytest.raises(ExportError, match="not a run directory"):
+        export(tmp_path, tmp_path / "x", "peft")
+
+
+def test_generate_streams_an_answer(real_run_dir) -> None:
+    from slm.chat import ChatModel
+
+    run, _ = real_run_dir
+    model = ChatModel(run)
+    pieces = list(model.stream([{"role": "user", "content": "Chest pain on exertion. Which department?"}], 8))
+    assert len(pieces) >= 2 and "".join(pieces).strip()
