@@ -21,7 +21,7 @@ from slm.adapters import (
 )
 from slm.config import RunConfig, config_from_dict
 from slm.logs import get_logger
-from slm.model import cache_root
+from slm.model import RESIDENT, cache_root
 from slm.training import LocalTraining, train_local
 
 from .state import ClientStore
@@ -169,6 +169,7 @@ class ClientRunner:
                 "train-seconds": result.seconds,
                 "train-steps": result.steps,
                 "samples-seen": result.samples_seen,
+                "model-loads": RESIDENT.loads,  # base-model loads in this process so far (1 = resident)
             }
         )
         log.info(

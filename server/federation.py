@@ -108,7 +108,9 @@ class Federation:
             t0 = time.perf_counter()
             messages = list(self.strategy.configure_train(rnd, arrays, self._train_config(), grid))
             down = sum(content_nbytes(m.content) for m in messages)
-            replies = sort_replies(list(grid.send_and_receive(messages, timeout=fed.round_timeout_s)))
+            received = grid.send_and_receive(messages, timeout=fed.round_timeout_s)
+            # arrival order varies; aggregate in node order so that a run is reproducible bit for bit
+            replies = sort_replies(sorted(received, key=lambda m: m.metadata.src_node_id))
             up = sum(content_nbytes(m.content) for m in replies.ok + replies.declined)
             for node, reason in replies.failed:
                 log.warning("round %d: node %s failed: %s", rnd, node, reason)
@@ -214,6 +216,7 @@ class Federation:
             "epsilon_max": max(eps) if eps else None,
             "epsilon_mean": sum(eps) / len(eps) if eps else None,
             "epsilon_central": train.get("epsilon-central"),
+            "model_loads_max": max((int(m.content["metrics"].get("model-loads", 0)) for m in replies.ok), default=None),
         }
         row.update({k: ev[k] for k in ("eval_precision", "eval_recall", "eval_f1") if k in ev})  # classification
         if "per_client" in ev:

@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from logging import INFO
 from typing import TYPE_CHECKING, Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 
 from slm.logs import get_logger
@@ -58,19 +58,19 @@ class LoRAStrategyMixin:
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        """The Flower class's own ``configure_train`` (FedOpt records the current arrays, FedProx sends
+        ``proximal-mu`` ...), on exactly the seeded sample of nodes, in node order."""
         node_ids = self.sample(grid)
         log.info("configure_train: sampled %d of %d nodes", len(node_ids), len(list(grid.get_node_ids())))
-        config["server-round"] = server_round
         for key, value in self.client_config(server_round).items():
             config[key] = value
-        return [
-            Message(
-                content=RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config}),
-                message_type=MessageType.TRAIN,
-                dst_node_id=node_id,
-            )
-            for node_id in node_ids
-        ]
+        saved = (self.fraction_train, self.min_train_nodes, self.min_available_nodes)
+        self.fraction_train, self.min_train_nodes, self.min_available_nodes = 1.0, len(node_ids), len(node_ids)
+        try:
+            messages = super().configure_train(server_round, arrays, config, _SampledGrid(grid, node_ids))  # type: ignore[misc]
+        finally:
+            self.fraction_train, self.min_train_nodes, self.min_available_nodes = saved
+        return sorted(messages, key=lambda m: m.metadata.dst_node_id)
 
     # -- checkpointing ----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -83,6 +83,20 @@ class LoRAStrategyMixin:
     def summary(self) -> None:
         log.log(INFO, "Strategy %s (seeded sampling, seed=%d)", type(self).__name__, self.run_cfg.federation.seed)
         super().summary()  # type: ignore[misc]
+
+
+class _SampledGrid:
+    """A view of a Grid that shows only the sampled nodes (Flower's sampler then takes them all)."""
+
+    def __init__(self, grid: Grid, node_ids: list[int]) -> None:
+        self._grid = grid
+        self._node_ids = node_ids
+
+    def get_node_ids(self) -> list[int]:
+        return list(self._node_ids)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
 
 
 def _rng_state_to_json(state: tuple[Any, ...]) -> list[Any]:

@@ -26,21 +26,11 @@ from flwr.serverapp.strategy import Strategy
 from slm.logs import get_logger
 from slm.privacy import CentralAccountant
 
+from .aggregation import add_noise, clip_update
+
 log = get_logger(__name__)
 
 Tensors = dict[str, np.ndarray]
-
-
-def clip_update(update: Tensors, reference: Tensors, max_norm: float) -> tuple[Tensors, float]:
-    """``reference + clip(update - reference)`` to L2 norm ``max_norm`` over all keys; and the norm."""
-    delta = {k: update[k].astype(np.float64) - reference[k] for k in update}
-    norm = float(np.sqrt(sum(float(np.sum(d * d)) for d in delta.values())))
-    scale = min(1.0, max_norm / norm) if norm > 0 else 1.0
-    return {k: (reference[k] + scale * d).astype(np.float32) for k, d in delta.items()}, norm
-
-
-def add_noise(aggregate: Tensors, std: float, rng: np.random.Generator) -> Tensors:
-    return {k: (v + rng.normal(0.0, std, size=v.shape)).astype(np.float32) for k, v in aggregate.items()}
 
 
 class CentralDP(Strategy):

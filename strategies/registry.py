@@ -30,16 +30,12 @@ class StrategySpec:
     needs_individual_updates: bool  # robust aggregators: incompatible with secure aggregation
 
     def params(self) -> dict[str, inspect.Parameter]:
-        """The YAML-settable parameters: keyword-only args of the class and its bases."""
-        out: dict[str, inspect.Parameter] = {}
-        for klass in reversed(self.cls.__mro__):
-            init = klass.__dict__.get("__init__")
-            if init is None:
-                continue
-            for p in inspect.signature(init).parameters.values():
-                if p.kind is p.KEYWORD_ONLY:
-                    out[p.name] = p
-        return out
+        """The YAML-settable parameters: the keyword-only arguments of the registered class's own
+        ``__init__`` (Flower's sampling arguments come from the ``federation`` section)."""
+        init = self.cls.__dict__.get("__init__")
+        if init is None:
+            return {}
+        return {p.name: p for p in inspect.signature(init).parameters.values() if p.kind is p.KEYWORD_ONLY}
 
 
 _REGISTRY: dict[str, StrategySpec] = {}

@@ -75,6 +75,7 @@ def test_tiny_federation_lowers_loss_and_writes_the_run_dir(tmp_path: Path) -> N
     assert rows[-1]["eval_loss"] < rows[0]["eval_loss"] - 0.1, [r["eval_loss"] for r in rows]
     assert rows[-1]["train_loss"] < rows[1]["train_loss"]
     assert all(r["clients"] == 4 for r in rows[1:])
+    assert all(r["model_loads_max"] == 1 for r in rows[1:])  # one resident base model per worker, all rounds
     # every client evaluated the global adapter on its own validation split, each round
     assert all(sorted(r["per_client"]) == ["0", "1", "2", "3"] for r in rows[1:])
     assert all(np.isfinite(m["eval_loss"]) and 0 <= m["eval_accuracy"] <= 1 for m in rows[-1]["per_client"].values())
@@ -136,3 +137,60 @@ def test_central_dp_federation_reports_epsilon_central_per_round(tmp_path: Path)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["privacy"]["central_noise_multiplier"] == 0.8 and summary["privacy"]["central_clipping_norm"] == 0.5
     assert all(np.isfinite(r["eval_loss"]) for r in rows)
+
+
+def test_thirty_clients_ten_per_round_on_two_workers(tmp_path: Path) -> None:
+    """The scale-100 shape, reduced: 30 clients, 10 sampled per round, clients' state on disk."""
+    overrides = [
+        "federation.num_clients=30",
+        "federation.fraction_train=0.34",
+        "federation.min_train_clients=8",
+        "federation.num_rounds=2",
+        "data.partitioner=iid",
+        "data.num_records=600",
+        "train.local_steps=2",
+        "privacy.mode=local",
+    ]
+    run_name = f"scale-{uuid.uuid4().hex[:8]}"
+    rows, _ = _run(tmp_path, overrides, run_name=run_name)
+    assert [r["clients"] for r in rows[1:]] == [10, 10]
+    assert all(r["model_loads_max"] == 1 for r in rows[1:])  # 2 workers, each loaded the base once
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", overrides)
+    states = list((cache_root(cfg.model) / "client-state" / run_name).glob("client-*/privacy.json"))
+    assert 10 <= len(states) <= 20  # one file per client that trained, and only those
+
+
+def _adapter(out: Path, rnd: int) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(out / "adapters" / f"round-{rnd:03d}" / "adapter_model.safetensors"))
+
+
+def test_ffa_lora_never_changes_a_and_uploads_only_b(tmp_path: Path) -> None:
+    rows, out = _run(tmp_path, ["strategy.name=ffa-lora", "train.learning_rate=0.05"])
+    first, last = _adapter(out, 0), _adapter(out, 2)
+    a_keys = [k for k in first if "lora_A" in k]
+    b_keys = [k for k in first if "lora_B" in k]
+    assert a_keys and all(np.array_equal(first[k], last[k]) for k in a_keys)
+    assert all(not np.array_equal(first[k], last[k]) for k in b_keys)
+    # tiny r=4: B holds 768 of the 1792 LoRA parameters; 4 clients upload B only (+ npy headers, metrics)
+    assert all(4 * 768 * 4 < r["bytes_up"] < 4 * (768 * 4 + 2500) for r in rows[1:])
+
+
+def test_fedsa_lora_keeps_each_clients_b_at_home(tmp_path: Path) -> None:
+    run_name = f"fedsa-{uuid.uuid4().hex[:8]}"
+    overrides = ["strategy.name=fedsa-lora", "train.learning_rate=0.05"]
+    rows, out = _run(tmp_path, overrides, run_name=run_name)
+    first, last = _adapter(out, 0), _adapter(out, 2)
+    assert all(not np.array_equal(first[k], last[k]) for k in first if "lora_A" in k)  # A is aggregated
+    assert all(np.array_equal(first[k], last[k]) for k in first if "lora_B" in k)  # global B never moves
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", overrides)
+    from safetensors.torch import load_file
+
+    local = [
+        load_file(str(p))
+        for p in sorted((cache_root(cfg.model) / "client-state" / run_name).glob("*/local-lora-b.safetensors"))
+    ]
+    assert len(local) == 4  # every client kept its own B
+    key = next(iter(local[0]))
+    assert not np.array_equal(local[0][key], local[1][key])  # personal, not shared
