@@ -1,3 +1,17 @@
 """Imports every strategy module so that each registers itself."""
 
-from . import fedavg, fedavgm, fedopt, fedprox, fedsa_lora, ffa_lora, norm_bound, robust  # noqa: F401
+from . import (  # noqa: F401
+    fedadagrad,
+    fedadam,
+    fedavg,
+    fedavgm,
+    fedprox,
+    fedsa_lora,
+    fedyogi,
+    ffa_lora,
+    krum,
+    median,
+    multikrum,
+    norm_bound,
+    trimmed_mean,
+)

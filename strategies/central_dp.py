@@ -19,21 +19,20 @@ from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Strategy
+from flwr.app import Array, ArrayRecord, Message, MetricRecord
 
 from slm.logs import get_logger
 from slm.privacy import CentralAccountant
 
-from .aggregation import add_noise, clip_update
+from .aggregation import add_noise
+from .wrapper import WrapperStrategy
 
 log = get_logger(__name__)
 
 Tensors = dict[str, np.ndarray]
 
 
-class CentralDP(Strategy):
+class CentralDP(WrapperStrategy):
     """Wraps a fedslm strategy; not registered by name: ``privacy.mode: central|both`` applies it."""
 
     def __init__(
@@ -53,7 +52,7 @@ class CentralDP(Strategy):
             raise ValueError(f"central clipping norm must be > 0, got {clipping_norm}")
         if not 1 <= clients_per_round <= num_clients:
             raise ValueError(f"clients per round {clients_per_round} not in [1, {num_clients}]")
-        self.inner = inner
+        super().__init__(inner)
         self.noise_multiplier = noise_multiplier
         self.clipping_norm = clipping_norm
         self.clients_per_round = clients_per_round
@@ -61,10 +60,6 @@ class CentralDP(Strategy):
         self.delta = delta
         self.accountant = CentralAccountant("rdp")
         self._rng = np.random.default_rng(seed)
-        self._current: Tensors = {}
-
-    def __getattr__(self, name: str) -> Any:  # run_cfg, client_config, fraction_train ... of the inner
-        return getattr(self.__dict__["inner"], name)
 
     def summary(self) -> None:
         log.info(
@@ -76,24 +71,11 @@ class CentralDP(Strategy):
         )
         self.inner.summary()
 
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        self._current = {k: v.numpy().astype(np.float64) for k, v in arrays.items()}
-        return self.inner.configure_train(server_round, arrays, config, grid)
-
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        clipped_replies = []
-        norms = []
-        for msg in replies:
-            update = {k: v.numpy() for k, v in msg.content["arrays"].items()}
-            clipped, norm = clip_update(update, {k: self._current[k] for k in update}, self.clipping_norm)
-            norms.append(norm)
-            metrics = MetricRecord({**dict(msg.content["metrics"]), "num-examples": 1})  # equal weights
-            content = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in clipped.items()}), "metrics": metrics})
-            clipped_replies.append(_with_content(msg, content))
+        # equal weights: one client moves the mean by at most C/m
+        clipped_replies, norms = self.clip_replies(replies, self.clipping_norm, {"num-examples": 1})
         arrays, metrics = self.inner.aggregate_train(server_round, clipped_replies)
         if arrays is None:
             return None, metrics
@@ -113,14 +95,6 @@ class CentralDP(Strategy):
         out = MetricRecord({**(dict(metrics) if metrics else {}), "epsilon-central": eps})
         return ArrayRecord({k: Array(v) for k, v in noisy.items()}), out
 
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        return self.inner.configure_evaluate(server_round, arrays, config, grid)
-
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        return self.inner.aggregate_evaluate(server_round, replies)
-
     def state_dict(self) -> dict[str, Any]:
         return {
             "inner": self.inner.state_dict(),
@@ -132,10 +106,3 @@ class CentralDP(Strategy):
         self.inner.load_state_dict(state["inner"])
         self.accountant = CentralAccountant.from_json(state["central_accountant"])
         self._rng.bit_generator.state = state["central_rng"]
-
-
-def _with_content(msg: Message, content: RecordDict) -> Message:
-    """A copy of a reply with new content and the same metadata (sender, round)."""
-    from flwr.app.message.message import make_message
-
-    return make_message(msg.metadata, content=content)

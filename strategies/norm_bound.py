@@ -12,16 +12,12 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.app.message.message import make_message
-from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Strategy
+from flwr.app import ArrayRecord, Message, MetricRecord
 
 from slm.logs import get_logger
 
-from .aggregation import clip_update
 from .registry import StrategyConfigError, get, register
+from .wrapper import WrapperStrategy
 
 log = get_logger(__name__)
 
@@ -31,7 +27,7 @@ log = get_logger(__name__)
     description="clip each client's update to max_norm, then run the inner strategy",
     needs_individual_updates=True,
 )
-class NormBound(Strategy):
+class NormBound(WrapperStrategy):
     def __init__(
         self, *, inner: str = "fedavg", inner_params: dict[str, Any] | None = None, max_norm: float = 1.0, **common: Any
     ) -> None:
@@ -39,10 +35,8 @@ class NormBound(Strategy):
             raise StrategyConfigError(f"strategy.params.max_norm must be > 0, got {max_norm}")
         if inner == "norm-bound":
             raise StrategyConfigError("strategy.params.inner: norm-bound cannot wrap itself")
-        spec = get(inner)
-        self.inner = spec.cls(**common, **(inner_params or {}))
+        super().__init__(get(inner).cls(**common, **(inner_params or {})))
         self.max_norm = max_norm
-        self._current: dict[str, np.ndarray] = {}
         self.clipped = 0  # updates clipped so far
 
     @classmethod
@@ -56,26 +50,15 @@ class NormBound(Strategy):
     def bind_run(self, cfg: Any) -> None:
         self.inner.bind_run(cfg)
 
-    def __getattr__(self, name: str) -> Any:  # run_cfg, client_config, state_dict ... of the inner
-        return getattr(self.__dict__["inner"], name)
-
     def summary(self) -> None:
         log.info("Norm bound %.3g around %s", self.max_norm, type(self.inner).__name__)
         self.inner.summary()
 
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        self._current = {k: v.numpy().astype(np.float64) for k, v in arrays.items()}
-        return self.inner.configure_train(server_round, arrays, config, grid)
-
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        bounded = []
-        for msg in replies:
-            update = {k: v.numpy() for k, v in msg.content["arrays"].items()}
-            clipped, norm = clip_update(update, {k: self._current[k] for k in update}, self.max_norm)
+        bounded, norms = self.clip_replies(replies, self.max_norm)
+        for msg, norm in zip(bounded, norms, strict=True):
             if norm > self.max_norm:
                 self.clipped += 1
                 log.info(
@@ -85,14 +68,4 @@ class NormBound(Strategy):
                     norm,
                     self.max_norm,
                 )
-            content = RecordDict({**msg.content, "arrays": ArrayRecord({k: Array(v) for k, v in clipped.items()})})
-            bounded.append(make_message(msg.metadata, content=content))
         return self.inner.aggregate_train(server_round, bounded)
-
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        return self.inner.configure_evaluate(server_round, arrays, config, grid)
-
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        return self.inner.aggregate_evaluate(server_round, replies)

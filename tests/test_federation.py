@@ -4,14 +4,13 @@ loss going down, honest cumulative epsilon, a budget-exhausted client declining.
 from __future__ import annotations
 
 import json
-import time
 import uuid
 from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, Error, Message, Metadata, MetricRecord, RecordDict
-from flwr.app.message.message import make_message
+from flower_fakes import reply
+from flwr.app import Array, ArrayRecord, Error, MetricRecord, RecordDict
 
 from server.federation import content_nbytes, sort_replies
 from slm.config import load_config
@@ -20,21 +19,6 @@ from slm.privacy import ClientAccountant, calibrate_noise, save_state
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.integration
-
-
-def _reply(node: int, content: RecordDict | None = None, error: Error | None = None) -> Message:
-    meta = Metadata(
-        run_id=1,
-        message_id=uuid.uuid4().hex,
-        src_node_id=node,
-        dst_node_id=0,
-        reply_to_message_id="x",
-        group_id="1",
-        created_at=time.time(),
-        ttl=60.0,
-        message_type="train",
-    )
-    return make_message(meta, content=content, error=error)
 
 
 def test_content_bytes_are_counted_from_the_serialized_arrays() -> None:
@@ -49,10 +33,10 @@ def test_content_bytes_are_counted_from_the_serialized_arrays() -> None:
 
 def test_replies_are_sorted_into_ok_failed_declined_rejected() -> None:
     arrays = ArrayRecord({"k": Array(np.zeros(2, dtype=np.float32))})
-    ok = _reply(1, RecordDict({"arrays": arrays, "metrics": MetricRecord({"num-examples": 3})}))
-    declined = _reply(2, RecordDict({"metrics": MetricRecord({"declined": 1, "num-examples": 0})}))
-    empty = _reply(3, RecordDict({"metrics": MetricRecord({"num-examples": 3})}))
-    failed = _reply(4, error=Error(code=0, reason="node died"))
+    ok = reply(1, RecordDict({"arrays": arrays, "metrics": MetricRecord({"num-examples": 3})}))
+    declined = reply(2, RecordDict({"metrics": MetricRecord({"declined": 1, "num-examples": 0})}))
+    empty = reply(3, RecordDict({"metrics": MetricRecord({"num-examples": 3})}))
+    failed = reply(4, error=Error(code=0, reason="node died"))
     out = sort_replies([ok, declined, empty, failed])
     assert out.ok == [ok] and out.declined == [declined]
     assert out.rejected == [(3, "reply carries no adapter")] and out.failed == [(4, "node died")]

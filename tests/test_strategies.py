@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import time
-import uuid
-
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, Metadata, MetricRecord, RecordDict
-from flwr.app.message.message import make_message
+from flower_fakes import train_reply
+from flwr.app import Array, ArrayRecord, ConfigRecord
 
 from slm.config import ConfigError, config_from_dict
 from strategies import registry
@@ -31,22 +28,6 @@ def _arrays(tensors: dict[str, np.ndarray]) -> ArrayRecord:
     return ArrayRecord({k: Array(np.asarray(v, dtype=np.float32)) for k, v in tensors.items()})
 
 
-def _reply(node: int, tensors: dict[str, np.ndarray], n: int) -> Message:
-    meta = Metadata(
-        run_id=1,
-        message_id=uuid.uuid4().hex,
-        src_node_id=node,
-        dst_node_id=0,
-        reply_to_message_id="x",
-        group_id="1",
-        created_at=time.time(),
-        ttl=60.0,
-        message_type="train",
-    )
-    content = RecordDict({"arrays": _arrays(tensors), "metrics": MetricRecord({"num-examples": n, "train-loss": 1.0})})
-    return make_message(meta, content=content)
-
-
 def _build(name: str, params: dict | None = None, n: int = 5):
     cfg = config_from_dict(
         {
@@ -59,7 +40,7 @@ def _build(name: str, params: dict | None = None, n: int = 5):
 
 def _round(strategy, updates: list[dict[str, np.ndarray]], weights: list[int]):
     msgs = list(strategy.configure_train(1, _arrays(GLOBAL), ConfigRecord(), _Grid(len(updates))))
-    replies = [_reply(m.metadata.dst_node_id, u, w) for m, u, w in zip(msgs, updates, weights, strict=True)]
+    replies = [train_reply(m.metadata.dst_node_id, u, w) for m, u, w in zip(msgs, updates, weights, strict=True)]
     arrays, _ = strategy.aggregate_train(1, replies)
     return msgs, {k: v.numpy() for k, v in arrays.items()}
 

@@ -1,0 +1,21 @@
+"""FedYogi (Reddi et al., 2021): Yogi on the server over the averaged adapter delta; its additive
+second-moment update is more stable than Adam's for noisy (DP) updates."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flwr.serverapp.strategy import FedYogi
+
+from .base import LoRAStrategyMixin
+from .checks import check_server_optimizer
+from .registry import register
+
+
+@register("fedyogi", description="server-side Yogi on the averaged adapter delta (Reddi et al. 2021)")
+class FedYogiLoRA(LoRAStrategyMixin, FedYogi):
+    def __init__(
+        self, *, eta: float = 1e-2, beta_1: float = 0.9, beta_2: float = 0.99, tau: float = 1e-3, **common: Any
+    ) -> None:
+        check_server_optimizer(eta, tau, beta_1, beta_2)
+        super().__init__(eta=eta, beta_1=beta_1, beta_2=beta_2, tau=tau, **common)
