@@ -3,7 +3,9 @@
 The noise multiplier is a deterministic function of the run config and the client's record count
 (calibrated for the steps the client is expected to run over ALL rounds), so it is the same in
 every round and after a restart. The accountant's history is persisted beside the client's other
-state; every reply carries the cumulative epsilon. A round that would exceed the budget is declined.
+state; every reply carries the cumulative epsilon and whether another round still fits the budget
+(``budget-exhausted``), so that the server stops sampling a spent client. A round that would exceed
+the budget is declined.
 """
 
 from __future__ import annotations
@@ -53,9 +55,15 @@ class ClientPrivacy:
         return DPSettings(self.noise_multiplier, p.max_grad_norm, self.sample_rate, p.secure_mode)
 
     def _report(self, metrics: dict[str, float | int], epsilon: float) -> None:
+        p = self.cfg.privacy
+        exhausted, _ = self.accountant.would_exceed(
+            self.noise_multiplier, self.sample_rate, self.cfg.train.local_steps, p.delta, p.target_epsilon
+        )
         metrics.update(
             {
                 "epsilon": epsilon,
+                # the server stops sampling a client once another round would not fit its budget
+                "budget-exhausted": int(exhausted),
                 "delta": self.cfg.privacy.delta,
                 "noise-multiplier": self.noise_multiplier,
                 "sample-rate": self.sample_rate,

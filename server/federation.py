@@ -65,6 +65,23 @@ def sort_replies(replies: list[Message]) -> RoundReplies:
     return out
 
 
+class AvailableGrid:
+    """A view of a Grid without the nodes that said their privacy budget is spent."""
+
+    def __init__(self, grid: Grid, exclude: set[int]) -> None:
+        self._grid = grid
+        self._exclude = exclude
+
+    def get_node_ids(self) -> list[int]:
+        return [n for n in self._grid.get_node_ids() if n not in self._exclude]
+
+    def all_node_ids(self) -> list[int]:
+        return list(self._grid.get_node_ids())
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
+
+
 class Federation:
     """Runs ``cfg.federation.num_rounds`` rounds of the configured strategy and writes ``out_dir``."""
 
@@ -77,6 +94,7 @@ class Federation:
         self.evaluator = CentralEvaluator(cfg)
         self.epsilon_by_client: dict[int, float] = {}
         self.privacy_by_client: dict[int, dict[str, float]] = {}
+        self.exhausted_nodes: set[int] = set()
         self.rows: list[dict[str, Any]] = []
 
     def _train_config(self) -> ConfigRecord:
@@ -106,7 +124,11 @@ class Federation:
         for rnd in range(1, fed.num_rounds + 1):
             log.info("---- round %d/%d ----", rnd, fed.num_rounds)
             t0 = time.perf_counter()
-            messages = list(self.strategy.configure_train(rnd, arrays, self._train_config(), grid))
+            available = AvailableGrid(grid, self.exhausted_nodes)
+            if not available.get_node_ids():
+                log.warning("every client has spent its privacy budget: stopping before round %d", rnd)
+                break
+            messages = list(self.strategy.configure_train(rnd, arrays, self._train_config(), available))
             down = sum(content_nbytes(m.content) for m in messages)
             received = grid.send_and_receive(messages, timeout=fed.round_timeout_s)
             # arrival order varies; aggregate in node order so that a run is reproducible bit for bit
@@ -132,7 +154,8 @@ class Federation:
                 if new_arrays is not None:
                     arrays = self._merge(arrays, new_arrays)
                 train_metrics = dict(agg or {})
-            last = rnd == fed.num_rounds
+            # the last round run: the configured count, or every client has spent its budget
+            last = rnd == fed.num_rounds or not AvailableGrid(grid, self.exhausted_nodes).get_node_ids()
             ev: dict[str, Any] = {}
             if rnd % self.cfg.eval.every == 0 or last:
                 ev = self._evaluate(rnd, arrays)
@@ -179,6 +202,8 @@ class Federation:
     def _note_epsilons(self, msgs: list[Message]) -> None:
         for msg in msgs:
             m = msg.content["metrics"]
+            if m.get("budget-exhausted", 0):
+                self.exhausted_nodes.add(msg.metadata.src_node_id)
             if "epsilon" in m:
                 client = int(m.get("client-id", msg.metadata.src_node_id))
                 self.epsilon_by_client[client] = float(m["epsilon"])

@@ -51,7 +51,10 @@ class LoRAStrategyMixin:
 
     def sample(self, grid: Grid) -> list[int]:
         nodes = sorted(grid.get_node_ids())
-        n = max(int(len(nodes) * self.fraction_train), self.min_train_nodes)
+        # the round's size is a fraction of ALL registered nodes (what the DP noise was calibrated
+        # for), also when the server hides nodes whose privacy budget is spent
+        population = len(grid.all_node_ids()) if hasattr(grid, "all_node_ids") else len(nodes)
+        n = max(int(population * self.fraction_train), self.min_train_nodes)
         n = min(n, len(nodes))
         return sorted(self._rng.sample(nodes, n))
 
