@@ -15,7 +15,7 @@ from flwr.clientapp import ClientApp
 
 from slm.logs import get_logger
 
-from .runner import ClientRunner, DeclinedRound
+from .runner import ClientRunner, DeclinedRound, node_client_id
 
 log = get_logger(__name__)
 
@@ -36,6 +36,13 @@ def train(msg: Message, context: Context) -> Message:
     metrics["client-seconds"] = time.perf_counter() - t0
     content = RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)})
     return Message(content=content, reply_to=msg)
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Who is this node? Its client id (the server orders and samples clients by it)."""
+    metrics = MetricRecord({"client-id": node_client_id(context.node_config)})
+    return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)
 
 
 @app.evaluate()

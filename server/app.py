@@ -15,6 +15,7 @@ from flwr.serverapp import Grid, ServerApp
 from slm.config import RunConfig, load_config
 from slm.logs import get_logger
 
+from .checkpoint import Checkpoint
 from .federation import Federation, RoundCallback
 from .report import write_results
 
@@ -22,20 +23,31 @@ log = get_logger(__name__)
 
 
 def run_federation(
-    grid: Grid, cfg: RunConfig, out_dir: Path, run_name: str, on_round: RoundCallback | None = None
+    grid: Grid,
+    cfg: RunConfig,
+    out_dir: Path,
+    run_name: str,
+    on_round: RoundCallback | None = None,
+    resume: Checkpoint | None = None,
 ) -> None:
     federation = Federation(cfg, out_dir, run_name, on_round)
-    rows = federation.run(grid)
+    rows = federation.run(grid, resume)
     write_results(out_dir, cfg, rows, clients=federation.privacy_by_client)
 
 
-def make_server_app(cfg: RunConfig, out_dir: Path, run_name: str, on_round: RoundCallback | None = None) -> ServerApp:
+def make_server_app(
+    cfg: RunConfig,
+    out_dir: Path,
+    run_name: str,
+    on_round: RoundCallback | None = None,
+    resume: Checkpoint | None = None,
+) -> ServerApp:
     """A ServerApp bound to an already validated config (the simulation engine passes no run config)."""
     server = ServerApp()
 
     @server.main()
     def _main(grid: Grid, context: Context) -> None:
-        run_federation(grid, cfg, out_dir, run_name, on_round)
+        run_federation(grid, cfg, out_dir, run_name, on_round, resume)
 
     return server
 

@@ -10,6 +10,7 @@ adapter and a checkpoint before the next round starts.
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,11 +20,16 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
+from slm import wire
+from slm.adapters import arrays_to_numpy, from_arrayrecord, numpy_to_arrays, to_arrayrecord
 from slm.config import RunConfig
 from slm.logs import get_logger
 from strategies import registry
 
+from . import checkpoint
+from .checkpoint import Checkpoint
 from .evaluation import CentralEvaluator
+from .validation import UpdateRejected, check_update
 
 log = get_logger(__name__)
 
@@ -47,6 +53,7 @@ class RoundReplies:
     failed: list[tuple[int, str]] = field(default_factory=list)
     declined: list[Message] = field(default_factory=list)
     rejected: list[tuple[int, str]] = field(default_factory=list)
+    invalid: list[Message] = field(default_factory=list)  # screened out by check_update
 
 
 def sort_replies(replies: list[Message]) -> RoundReplies:
@@ -66,17 +73,32 @@ def sort_replies(replies: list[Message]) -> RoundReplies:
 
 
 class AvailableGrid:
-    """A view of a Grid without the nodes that said their privacy budget is spent."""
+    """A view of a Grid: nodes in the order of their client ids (Flower's node ids are random per
+    run, client ids are not: sampling is then the same in every run with the same seed, and after a
+    resume), without the clients that said their privacy budget is spent."""
 
-    def __init__(self, grid: Grid, exclude: set[int]) -> None:
+    def __init__(self, grid: Grid, client_of: dict[int, int], exclude: set[int]) -> None:
         self._grid = grid
+        self._client_of = client_of
         self._exclude = exclude
 
-    def get_node_ids(self) -> list[int]:
-        return [n for n in self._grid.get_node_ids() if n not in self._exclude]
-
     def all_node_ids(self) -> list[int]:
-        return list(self._grid.get_node_ids())
+        nodes = list(self._grid.get_node_ids())
+        return sorted(nodes, key=lambda n: (n not in self._client_of, self._client_of.get(n, 0), n))
+
+    def get_node_ids(self) -> list[int]:
+        return [n for n in self.all_node_ids() if self._client_of.get(n, -1 - n) not in self._exclude]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
+
+
+def client_id(msg: Message, client_of: dict[int, int]) -> int:
+    """The client id a reply speaks for (its ``client-id`` metric, else the node's known id)."""
+    node = msg.metadata.src_node_id
+    if "metrics" in msg.content and "client-id" in msg.content["metrics"]:
+        return int(msg.content["metrics"]["client-id"])
+    return client_of.get(node, node)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._grid, name)
@@ -94,7 +116,8 @@ class Federation:
         self.evaluator = CentralEvaluator(cfg)
         self.epsilon_by_client: dict[int, float] = {}
         self.privacy_by_client: dict[int, dict[str, float]] = {}
-        self.exhausted_nodes: set[int] = set()
+        self.exhausted: set[int] = set()  # client ids whose privacy budget is spent
+        self.client_of: dict[int, int] = {}  # node id -> client id, learnt at the start
         self.rows: list[dict[str, Any]] = []
 
     def _train_config(self) -> ConfigRecord:
@@ -113,27 +136,79 @@ class Federation:
         )
         return m
 
-    def run(self, grid: Grid) -> list[dict[str, Any]]:
+    def _identify(self, grid: Grid) -> None:
+        """Ask every node once for its client id (a tiny QUERY message, no model involved)."""
+        nodes = list(grid.get_node_ids())
+        messages = [
+            Message(
+                content=RecordDict({"config": ConfigRecord({"ask": "client-id"})}),
+                message_type=MessageType.QUERY,
+                dst_node_id=n,
+            )
+            for n in nodes
+        ]
+        for msg in grid.send_and_receive(messages, timeout=min(self.cfg.federation.round_timeout_s, 600.0)):
+            if not msg.has_error() and "metrics" in msg.content and "client-id" in msg.content["metrics"]:
+                self.client_of[msg.metadata.src_node_id] = int(msg.content["metrics"]["client-id"])
+        unknown = len(nodes) - len(self.client_of)
+        log.info(
+            "%d nodes, client ids %s%s",
+            len(nodes),
+            sorted(self.client_of.values()),
+            f" ({unknown} unknown)" if unknown else "",
+        )
+
+    def _restore(self, ck: Checkpoint) -> ArrayRecord:
+        self.strategy.load_state_dict(ck.strategy)
+        self.rows = list(ck.state["rows"])
+        self.exhausted = set(ck.state["exhausted"])
+        self.epsilon_by_client = {int(k): v for k, v in ck.state["epsilon_by_client"].items()}
+        self.privacy_by_client = {int(k): v for k, v in ck.state["privacy_by_client"].items()}
+        tmp = self.out / ".metrics.jsonl.tmp"  # rows of a round that had not checkpointed are dropped
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
+        os.replace(tmp, self.out / "metrics.jsonl")
+        log.info("resumed from %s: round %d done, continuing", ck.path, ck.round)
+        return numpy_to_arrays(ck.adapter)
+
+    def _checkpoint(self, rnd: int, arrays: ArrayRecord) -> None:
+        state = {
+            "config_digest": checkpoint.config_digest(self.cfg.to_yaml()),
+            "rows": self.rows,
+            "exhausted": sorted(self.exhausted),
+            "epsilon_by_client": self.epsilon_by_client,
+            "privacy_by_client": self.privacy_by_client,
+        }
+        checkpoint.save(self.out, rnd, arrays_to_numpy(arrays), self.strategy.state_dict(), state)
+
+    def run(self, grid: Grid, resume: Checkpoint | None = None) -> list[dict[str, Any]]:
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "config.yaml").write_text(self.cfg.to_yaml())
         fed = self.cfg.federation
         self.strategy.summary()
-        arrays = self.evaluator.initial_arrays()
+        self._identify(grid)
         t_start = time.perf_counter()
-        self._record(0, arrays, self._evaluate(0, arrays), {}, RoundReplies(), 0, 0, t_start, skipped=False)
-        for rnd in range(1, fed.num_rounds + 1):
+        if resume is None:
+            arrays = self.evaluator.initial_arrays()
+            self._record(0, arrays, self._evaluate(0, arrays), {}, RoundReplies(), 0, 0, t_start, skipped=False)
+            self._checkpoint(0, arrays)
+            first = 1
+        else:
+            arrays, first = self._restore(resume), resume.round + 1
+        for rnd in range(first, fed.num_rounds + 1):
             log.info("---- round %d/%d ----", rnd, fed.num_rounds)
             t0 = time.perf_counter()
-            available = AvailableGrid(grid, self.exhausted_nodes)
+            available = AvailableGrid(grid, self.client_of, self.exhausted)
             if not available.get_node_ids():
                 log.warning("every client has spent its privacy budget: stopping before round %d", rnd)
                 break
             messages = list(self.strategy.configure_train(rnd, arrays, self._train_config(), available))
+            self._to_wire(messages)
             down = sum(content_nbytes(m.content) for m in messages)
             received = grid.send_and_receive(messages, timeout=fed.round_timeout_s)
-            # arrival order varies; aggregate in node order so that a run is reproducible bit for bit
-            replies = sort_replies(sorted(received, key=lambda m: m.metadata.src_node_id))
-            up = sum(content_nbytes(m.content) for m in replies.ok + replies.declined)
+            # arrival order varies; aggregate in client order so that a run is reproducible bit for bit
+            replies = sort_replies(sorted(received, key=lambda m: client_id(m, self.client_of)))
+            up = sum(content_nbytes(m.content) for m in replies.ok + replies.declined + replies.invalid)
+            self._screen(rnd, replies, arrays)
             for node, reason in replies.failed:
                 log.warning("round %d: node %s failed: %s", rnd, node, reason)
             for msg in replies.declined:
@@ -155,7 +230,7 @@ class Federation:
                     arrays = self._merge(arrays, new_arrays)
                 train_metrics = dict(agg or {})
             # the last round run: the configured count, or every client has spent its budget
-            last = rnd == fed.num_rounds or not AvailableGrid(grid, self.exhausted_nodes).get_node_ids()
+            last = rnd == fed.num_rounds or not AvailableGrid(grid, self.client_of, self.exhausted).get_node_ids()
             ev: dict[str, Any] = {}
             if rnd % self.cfg.eval.every == 0 or last:
                 ev = self._evaluate(rnd, arrays)
@@ -164,20 +239,56 @@ class Federation:
                     ev["per_client"] = per_client
                     down += sent
             self._record(rnd, arrays, ev, train_metrics, replies, up, down, t0, skipped)
+            self._checkpoint(rnd, arrays)
         log.info("Federation finished in %.1f s", time.perf_counter() - t_start)
         return self.rows
+
+    def _to_wire(self, messages: list[Message]) -> None:
+        """Adapters travel in ``communication.dtype``: encode each distinct record once."""
+        dtype = self.cfg.communication.dtype
+        encoded: dict[int, ArrayRecord] = {}
+        for msg in messages:
+            if "arrays" in msg.content:
+                record = msg.content["arrays"]
+                if any(record is e for e in encoded.values()):
+                    continue  # messages of one round may share their content
+                if id(record) not in encoded:
+                    encoded[id(record)] = wire.encode(from_arrayrecord(record), dtype)
+                msg.content["arrays"] = encoded[id(record)]
+
+    def _screen(self, rnd: int, replies: RoundReplies, arrays: ArrayRecord) -> None:
+        """Decode and check every update; a bad one is rejected (logged, counted), the round goes on.
+        What remains in ``replies.ok`` carries plain float32 arrays for the strategy."""
+        for node, reason in replies.rejected:
+            log.warning("round %d: reply of node %s rejected: %s", rnd, node, reason)
+        reference = from_arrayrecord(arrays)
+        flexible = registry.get(self.cfg.strategy.name).heterogeneous_ranks
+        ok: list[Message] = []
+        for msg in replies.ok:
+            node = msg.metadata.src_node_id
+            try:
+                update = check_update(msg.content["arrays"], reference, self.cfg.security, flexible_rank=flexible)
+            except UpdateRejected as e:
+                log.warning("round %d: update of node %s rejected: %s", rnd, node, e)
+                replies.rejected.append((node, str(e)))
+                replies.invalid.append(msg)
+                continue
+            msg.content["arrays"] = to_arrayrecord(update)
+            ok.append(msg)
+        replies.ok = ok
 
     def _evaluate_on_clients(self, rnd: int, arrays: ArrayRecord, grid: Grid) -> tuple[dict[str, Any], int]:
         """Every client evaluates the global adapter on its own validation split (never leaves it)."""
         config = self._train_config()
         config["server-round"] = rnd
+        on_wire = wire.encode(from_arrayrecord(arrays), self.cfg.communication.dtype)
         messages = [
             Message(
-                content=RecordDict({"arrays": arrays, "config": config}),
+                content=RecordDict({"arrays": on_wire, "config": config}),
                 message_type=MessageType.EVALUATE,
                 dst_node_id=node,
             )
-            for node in sorted(grid.get_node_ids())
+            for node in AvailableGrid(grid, self.client_of, set()).all_node_ids()
         ]
         sent = sum(content_nbytes(m.content) for m in messages)
         out: dict[str, Any] = {}
@@ -203,7 +314,7 @@ class Federation:
         for msg in msgs:
             m = msg.content["metrics"]
             if m.get("budget-exhausted", 0):
-                self.exhausted_nodes.add(msg.metadata.src_node_id)
+                self.exhausted.add(client_id(msg, self.client_of))
             if "epsilon" in m:
                 client = int(m.get("client-id", msg.metadata.src_node_id))
                 self.epsilon_by_client[client] = float(m["epsilon"])

@@ -38,12 +38,19 @@ def default_out_dir(cfg_name: str) -> Path:
 
 
 def simulate(
-    cfg: RunConfig, out_dir: Path, *, run_name: str | None = None, backend: str = "ray", progress: bool = True
+    cfg: RunConfig,
+    out_dir: Path,
+    *,
+    run_name: str | None = None,
+    backend: str = "ray",
+    progress: bool = True,
+    resume: bool = False,
 ) -> list[dict[str, Any]]:
     """Run the federation described by ``cfg``; returns the per-round metrics rows.
 
     ``run_name`` keys the clients' persisted state (privacy history, local tensors); it defaults to
-    the run directory's name plus a timestamp and is recorded in ``run.json``.
+    the run directory's name plus a timestamp and is recorded in ``run.json``. ``resume`` continues
+    the run in ``out_dir`` from its newest usable checkpoint (same config, same run name).
     """
     quiet_environment()
     from flwr.simulation import run_simulation
@@ -52,12 +59,23 @@ def simulate(
     from server.app import make_server_app
 
     out_dir = Path(out_dir).resolve()
-    if (out_dir / "metrics.jsonl").exists():
-        raise SimulationError(f"{out_dir} already holds a run; pass another --out")
+    ck = None
+    if resume:
+        from server.checkpoint import CheckpointError, latest
+
+        try:
+            ck = latest(out_dir, cfg.to_yaml())
+        except CheckpointError as e:
+            raise SimulationError(str(e)) from None
+        if ck is None:
+            raise SimulationError(f"{out_dir} holds no usable checkpoint to resume from")
+        run_name = json.loads((out_dir / "run.json").read_text())["run_name"]
+    elif (out_dir / "metrics.jsonl").exists():
+        raise SimulationError(f"{out_dir} already holds a run; pass another --out, or resume it")
     out_dir.mkdir(parents=True, exist_ok=True)
     fed = cfg.federation
     rows: queue.Queue[dict[str, Any]] = queue.Queue()
-    bar = _progress(fed.num_rounds + 1, progress)
+    bar = _progress(fed.num_rounds + 1, progress, initial=0 if ck is None else ck.round + 1)
     errors: list[BaseException] = []
 
     def on_round(row: dict[str, Any]) -> None:
@@ -68,7 +86,7 @@ def simulate(
 
     run_name = run_name or f"{out_dir.name}-{time.strftime('%Y%m%d%H%M%S')}-{os.getpid()}"
     (out_dir / "run.json").write_text(json.dumps({"run_name": run_name, "num_clients": fed.num_clients}))
-    server_app = make_server_app(cfg, out_dir, run_name, _guard(on_round, errors))
+    server_app = make_server_app(cfg, out_dir, run_name, _guard(on_round, errors), resume=ck)
     cpus = os.cpu_count() or 2
     backend_config = {
         "client_resources": {"num_cpus": min(fed.client_cpus, cpus), "num_gpus": 0.0},
@@ -86,13 +104,13 @@ def simulate(
     finally:
         if bar is not None:
             bar.close()
-    result = list(rows.queue)
+    result = ([] if ck is None else list(ck.state["rows"])) + list(rows.queue)
     if errors:
         raise SimulationError(f"progress callback failed: {errors[0]}") from errors[0]
-    if len(result) != fed.num_rounds + 1 or not (out_dir / "summary.json").is_file():
+    if not (out_dir / "summary.json").is_file():
         raise SimulationError(
             f"the federation stopped after {max(len(result) - 1, 0)} of {fed.num_rounds} rounds;"
-            " see the log above for the server's error"
+            f" see the log above for the server's error; `fedslm simulate --resume {out_dir}` continues it"
         )
     return result
 
@@ -107,12 +125,12 @@ def _guard(fn: Any, errors: list[BaseException]) -> Any:
     return wrapped
 
 
-def _progress(total: int, enabled: bool) -> Any:
+def _progress(total: int, enabled: bool, initial: int = 0) -> Any:
     if not enabled:
         return None
     from tqdm import tqdm
 
-    return tqdm(total=total, desc="rounds (incl. round 0 eval)", unit="round")
+    return tqdm(total=total, initial=initial, desc="rounds (incl. round 0 eval)", unit="round")
 
 
 def _postfix(row: dict[str, Any]) -> str:

@@ -50,13 +50,15 @@ class LoRAStrategyMixin:
         return {}
 
     def sample(self, grid: Grid) -> list[int]:
-        nodes = sorted(grid.get_node_ids())
-        # the round's size is a fraction of ALL registered nodes (what the DP noise was calibrated
-        # for), also when the server hides nodes whose privacy budget is spent
-        population = len(grid.all_node_ids()) if hasattr(grid, "all_node_ids") else len(nodes)
+        # the federation's grid view lists nodes in client-id order and hides clients whose privacy
+        # budget is spent; the round's size stays a fraction of ALL nodes (what DP was calibrated for)
+        ordered = hasattr(grid, "all_node_ids")
+        nodes = list(grid.get_node_ids()) if ordered else sorted(grid.get_node_ids())
+        population = len(grid.all_node_ids()) if ordered else len(nodes)
         n = max(int(population * self.fraction_train), self.min_train_nodes)
         n = min(n, len(nodes))
-        return sorted(self._rng.sample(nodes, n))
+        picked = set(self._rng.sample(range(len(nodes)), n))
+        return [node for i, node in enumerate(nodes) if i in picked]
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -76,12 +78,25 @@ class LoRAStrategyMixin:
         return sorted(messages, key=lambda m: m.metadata.dst_node_id)
 
     # -- checkpointing ----------------------------------------------------------------------
+    # Flower's server-optimizer state: FedOpt's moments (dicts of arrays), FedAvgM's momentum (list)
+    _ARRAY_STATE = ("m_t", "v_t", "momentum_vector")
+
     def state_dict(self) -> dict[str, Any]:
-        """JSON-able and tensor state needed to resume (override when the strategy has state)."""
-        return {"rng": _rng_state_to_json(self._rng.getstate())}
+        """The state needed to resume: JSON values and numpy arrays (checkpoints store the arrays
+        as safetensors). Override, calling super(), when a strategy keeps more."""
+        state: dict[str, Any] = {"rng": _rng_state_to_json(self._rng.getstate())}
+        for attr in self._ARRAY_STATE:
+            value = getattr(self, attr, None)
+            if value is not None:
+                state[attr] = {"list": list(value)} if isinstance(value, list) else {"dict": dict(value)}
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._rng.setstate(_rng_state_from_json(state["rng"]))
+        for attr in self._ARRAY_STATE:
+            if attr in state:
+                value = state[attr]
+                setattr(self, attr, list(value["list"]) if "list" in value else dict(value["dict"]))
 
     def summary(self) -> None:
         log.log(INFO, "Strategy %s (seeded sampling, seed=%d)", type(self).__name__, self.run_cfg.federation.seed)

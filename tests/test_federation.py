@@ -63,9 +63,9 @@ def test_tiny_federation_lowers_loss_and_writes_the_run_dir(tmp_path: Path) -> N
     # every client evaluated the global adapter on its own validation split, each round
     assert all(sorted(r["per_client"]) == ["0", "1", "2", "3"] for r in rows[1:])
     assert all(np.isfinite(m["eval_loss"]) and 0 <= m["eval_accuracy"] <= 1 for m in rows[-1]["per_client"].values())
-    # 4 clients x (1792 fp32 LoRA parameters) up; the same adapter + the run config down
-    assert all(4 * 1792 * 4 < r["bytes_up"] < 4 * (1792 * 4 + 3000) for r in rows[1:])
-    assert all(r["bytes_down"] > 2 * 4 * 1792 * 4 for r in rows[1:])  # train + per-client evaluation messages
+    # 4 clients x (1792 LoRA parameters in bf16) up; the same adapter + the run config down
+    assert all(4 * 1792 * 2 < r["bytes_up"] < 4 * (1792 * 2 + 3000) for r in rows[1:])
+    assert all(r["bytes_down"] > 2 * 4 * 1792 * 2 for r in rows[1:])  # train + per-client evaluation messages
     lines = (out / "metrics.jsonl").read_text().splitlines()
     keys = {"round", "train_loss", "eval_loss", "eval_accuracy", "bytes_up", "bytes_down", "wall_s"}
     assert len(lines) == 4 and all(keys <= set(json.loads(line)) for line in lines)
@@ -77,6 +77,18 @@ def test_tiny_federation_lowers_loss_and_writes_the_run_dir(tmp_path: Path) -> N
     for r in range(4):
         adapter = out / "adapters" / f"round-{r:03d}"
         assert (adapter / "adapter_config.json").is_file() and (adapter / "adapter_model.safetensors").is_file()
+
+
+def test_compressed_uplink_sends_an_eighth_of_fp32_and_still_learns(tmp_path: Path) -> None:
+    common = ["federation.num_rounds=3", "train.local_steps=5", "train.learning_rate=0.05"]
+    rows, out = _run(tmp_path, [*common, "communication.quantize_delta=true", "communication.topk=0.25"])
+    assert rows[-1]["eval_loss"] < rows[0]["eval_loss"] - 0.1, [r["eval_loss"] for r in rows]
+    # tiny r=4 adapter: 8 tensors, 1792 values; per client a 224-byte mask, 448 int8 values, 8 scales
+    arrays = 224 + 448 + 8 * 4
+    assert arrays / (1792 * 4) < 1 / 8
+    keys = sum(len(k) * 3 + len("::mask::q8::scale") for k in _adapter(out, 0))  # Flower counts key names
+    per_client = [r["bytes_up"] / 4 - arrays - keys for r in rows[1:]]
+    assert all(0 < m < 1500 for m in per_client), per_client  # what is left is the metric record
 
 
 def test_dp_federation_reports_cumulative_epsilon_and_a_spent_client_declines(tmp_path: Path) -> None:
@@ -162,8 +174,8 @@ def test_ffa_lora_never_changes_a_and_uploads_only_b(tmp_path: Path) -> None:
     b_keys = [k for k in first if "lora_B" in k]
     assert a_keys and all(np.array_equal(first[k], last[k]) for k in a_keys)
     assert all(not np.array_equal(first[k], last[k]) for k in b_keys)
-    # tiny r=4: B holds 768 of the 1792 LoRA parameters; 4 clients upload B only (+ npy headers, metrics)
-    assert all(4 * 768 * 4 < r["bytes_up"] < 4 * (768 * 4 + 2500) for r in rows[1:])
+    # tiny r=4: B holds 768 of the 1792 LoRA parameters; 4 clients upload B only, bf16 (+ metrics)
+    assert all(4 * 768 * 2 < r["bytes_up"] < 4 * (768 * 2 + 2500) for r in rows[1:])
 
 
 def test_fedsa_lora_keeps_each_clients_b_at_home(tmp_path: Path) -> None:
