@@ -12,14 +12,9 @@ import yaml
 from flwr.app import ArrayRecord, Context, Message
 
 from slm import data as data_mod
-from slm import tasks
-from slm.adapters import (
-    adapter_state,
-    from_arrayrecord,
-    load_adapter_state,
-    to_arrayrecord,
-)
-from slm.config import RunConfig, config_from_dict
+from slm import tasks, wire
+from slm.adapters import adapter_state, fit_rank, load_adapter_state
+from slm.config import RunConfig, apply_profile, client_profile, config_from_dict
 from slm.logs import get_logger
 from slm.model import RESIDENT, cache_root
 from slm.training import LocalTraining, train_local
@@ -53,6 +48,8 @@ class ClientRunner:
     server_round: int
     strategy_keys: dict[str, Any]
     store: ClientStore
+    rank: int = 0  # LoRA rank this client trains (its profile's; 0 = lora.r, the global adapter's rank)
+    profile: str = ""  # its profile in clients.profiles ("" = none)
 
     @classmethod
     def from_message(cls, msg: Message, context: Context) -> ClientRunner:
@@ -60,7 +57,9 @@ class ClientRunner:
         raw = yaml.safe_load(str(config["run-config"]))
         cfg = config_from_dict(raw, "run-config sent by the server")
         node = context.node_config
-        client_id = int(node.get("partition-id", node.get("client-id", 0)))
+        client_id = node_client_id(node)
+        profile, prof = client_profile(cfg, client_id, str(node.get("profile", "")))
+        cfg = apply_profile(cfg, prof)  # its quantization, local steps and batch size
         num_clients = int(node.get("num-partitions", cfg.federation.num_clients))
         run_name = str(config.get("run-name", "run"))
         state_root = Path(str(node["state-dir"])) if "state-dir" in node else cache_root(cfg.model) / "client-state"
@@ -73,6 +72,8 @@ class ClientRunner:
             server_round=int(config.get("server-round", 0)),
             strategy_keys=keys,
             store=ClientStore(state_root / run_name / f"client-{client_id}"),
+            rank=prof.rank,
+            profile=profile,
         )
 
     # -- data ---------------------------------------------------------------------------------
@@ -109,8 +110,17 @@ class ClientRunner:
         return _ENCODED[key]
 
     # -- train --------------------------------------------------------------------------------
+    @property
+    def lora_rank(self) -> int:
+        return self.rank or self.cfg.lora.r
+
     def _resident(self) -> Any:
-        return tasks.resident_model(self.cfg)
+        # a lower rank than lora.r re-wraps the resident base with LoRA of that rank (same scale)
+        return tasks.resident_model(self.cfg, self.lora_rank)
+
+    def _global(self, arrays: ArrayRecord) -> dict[str, torch.Tensor]:
+        """The global adapter at this client's rank: the first ``rank`` components (HetLoRA, FLoRA)."""
+        return fit_rank(wire.decode(arrays), self.lora_rank)
 
     def _model(self) -> tuple[Any, Any]:
         resident = self._resident()
@@ -119,7 +129,7 @@ class ClientRunner:
     def train(self, arrays: ArrayRecord) -> tuple[ArrayRecord, dict[str, float | int]]:
         model, tokenizer = self._model()
         train_ex, _, _ = self.examples(tokenizer)
-        global_state = from_arrayrecord(arrays)
+        global_state = self._global(arrays)
         upload_b = bool(self.strategy_keys.get("upload-lora-b", True))
         if not upload_b:  # FedSA-LoRA: this client's own B replaces the global one
             local_b = self.store.load_tensors("local-lora-b")
@@ -130,7 +140,7 @@ class ClientRunner:
         load_adapter_state(model, full)
 
         t = self.cfg.train
-        metrics: dict[str, float | int] = {"client-id": self.client_id, "lora-rank": self.cfg.lora.r}
+        metrics: dict[str, float | int] = {"client-id": self.client_id, "lora-rank": self.lora_rank}
         dp = None
         accountant = None
         if self.cfg.privacy.local:
@@ -181,7 +191,19 @@ class ClientRunner:
             result.loss_last,
             result.seconds,
         )
-        return to_arrayrecord(state), metrics
+        return self._upload(state, full), metrics
+
+    def _upload(self, state: dict[str, torch.Tensor], sent: dict[str, torch.Tensor]) -> ArrayRecord:
+        """The update for the wire: the adapter in ``communication.dtype``, or its compressed delta
+        from what the server sent, with this client's error-feedback residual carried over."""
+        comm = self.cfg.communication
+        if not comm.compresses_delta:
+            return wire.encode(state, comm.dtype)
+        residual = self.store.load_tensors("wire-residual") or {}
+        delta = {k: v.to(torch.float32) - sent[k] + residual.get(k, 0.0) for k, v in state.items()}
+        record, decoded = wire.compress_delta(delta, dtype=comm.dtype, int8=comm.quantize_delta, topk=comm.topk)
+        self.store.save_tensors("wire-residual", {k: delta[k] - decoded[k] for k in delta})
+        return record
 
     # -- evaluate -----------------------------------------------------------------------------
     def evaluate(self, arrays: ArrayRecord) -> dict[str, float | int]:
@@ -189,10 +211,15 @@ class ClientRunner:
         model, tokenizer = self._model()
         _, val_ex, val_recs = self.examples(tokenizer)
         full = dict(self._resident().initial)
-        full.update(from_arrayrecord(arrays))
+        full.update(self._global(arrays))
         load_adapter_state(model, full)
         m = tasks.evaluate_records(self.cfg, model, tokenizer, val_recs, val_ex)
         return {**m, "num-examples": len(val_ex), "client-id": self.client_id}
+
+
+def node_client_id(node_config: Any) -> int:
+    """A node's client id: its simulation partition, or ``client-id`` in a deployed node's config."""
+    return int(node_config.get("partition-id", node_config.get("client-id", 0)))
 
 
 def _digest(obj: Any) -> str:

@@ -2,6 +2,18 @@
 
 Only trainable adapter tensors ever travel: they are taken with ``get_peft_model_state_dict`` from
 the unwrapped PEFT model (Opacus wraps it during DP training), so base weights never leave a node.
+
+Two additions serve the exact and heterogeneous-rank strategies (``fedex-lora``, ``flora``,
+``hetlora``):
+
+- **frozen residuals**: a global adapter may carry ``<module>.frozen_residual`` tensors, a dense
+  ``(out_features, in_features)`` weight delta per LoRA module that a quantized base cannot absorb.
+  :func:`load_adapter_state` installs each as a forward hook on its LoRA layer (``y += x @ R^T``),
+  frozen (never trained, never uploaded), and removes hooks the state does not name: the model is
+  always exactly the state last loaded.
+- **client ranks**: a client may train a lower rank than the global adapter (``rank=`` of
+  :func:`peft_config`); it keeps the global LoRA scale ``alpha / lora.r``, so the first ``r`` rank
+  components of the global adapter (:func:`fit_rank`) mean the same on every client.
 """
 
 from __future__ import annotations
@@ -59,7 +71,7 @@ def peft_config(model_type: str, lora: LoRAConfig, task: str = "causal-lm", rank
     r = rank or lora.r
     return LoraConfig(
         r=r,
-        lora_alpha=lora.alpha,
+        lora_alpha=lora.alpha * r / lora.r if r != lora.r else lora.alpha,  # type: ignore[arg-type]  # scale alpha/lora.r
         lora_dropout=lora.dropout,
         target_modules=target_modules(model_type, lora),
         task_type=TaskType.CAUSAL_LM if task == "causal-lm" else TaskType.SEQ_CLS,
@@ -98,7 +110,11 @@ def adapter_state(model: Any) -> dict[str, torch.Tensor]:
 
 
 def load_adapter_state(model: Any, state: dict[str, torch.Tensor]) -> None:
-    """Copy adapter tensors into ``model`` in place (parameter objects keep their identity)."""
+    """Copy adapter tensors into ``model`` in place (parameter objects keep their identity).
+
+    ``<module>.frozen_residual`` entries are installed as frozen residuals (see the module doc)."""
+    state, residuals = split_residuals(state)
+    set_residuals(model, residuals)
     current = adapter_state(model)
     missing = sorted(set(current) - set(state))
     unexpected = sorted(set(state) - set(current))
@@ -128,6 +144,82 @@ def _adapter_params(model: Any) -> dict[str, torch.nn.Parameter]:
         # lora_A.default.weight -> lora_A.weight; classifier.modules_to_save.default.weight -> classifier.weight
         key = full.replace(f".modules_to_save.{name}.", ".").replace(f".{name}.", ".")
         out[key] = p
+    return out
+
+
+# -- frozen residuals and client ranks ----------------------------------------------------------
+
+RESIDUAL_SUFFIX = ".frozen_residual"
+RESIDUAL_FILE = "frozen_residuals.safetensors"  # next to adapter_model.safetensors in a saved adapter dir
+_HOOK_ATTR = "_fedslm_residual_hook"
+
+
+def lora_modules(state: dict[str, Any]) -> list[str]:
+    """The LoRA module prefixes of an adapter state (``<module>.lora_A.weight`` -> ``<module>``)."""
+    return sorted(k[: -len(".lora_A.weight")] for k in state if k.endswith(".lora_A.weight"))
+
+
+def split_residuals(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(adapter tensors, module -> frozen residual) of a global adapter state."""
+    adapter = {k: v for k, v in state.items() if not k.endswith(RESIDUAL_SUFFIX)}
+    residuals = {k[: -len(RESIDUAL_SUFFIX)]: v for k, v in state.items() if k.endswith(RESIDUAL_SUFFIX)}
+    return adapter, residuals
+
+
+class _AddResidual:
+    """Forward hook of a LoRA layer: ``output + x @ R^T`` (computed in fp32, R frozen)."""
+
+    def __init__(self, residual: torch.Tensor) -> None:
+        self.residual = residual.detach().to(torch.float32).clone()
+
+    def __call__(self, module: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
+        x = inputs[0]
+        extra = torch.nn.functional.linear(x.to(torch.float32), self.residual.to(x.device))
+        return output + extra.to(output.dtype)
+
+
+def set_residuals(model: Any, residuals: dict[str, torch.Tensor]) -> None:
+    """Make ``residuals`` (LoRA module name -> ``(out, in)`` delta) the model's only frozen residuals."""
+    inner = getattr(model, "_module", model)
+    modules = dict(inner.named_modules())
+    for name, r in residuals.items():
+        layer = modules.get(name)
+        if layer is None or not hasattr(layer, "lora_A"):
+            raise AdapterError(f"residual {name + RESIDUAL_SUFFIX!r} names no LoRA module of the model")
+        want = (layer.out_features, layer.in_features)
+        if tuple(r.shape) != want:
+            raise AdapterError(f"residual {name + RESIDUAL_SUFFIX!r} has shape {tuple(r.shape)}, the layer is {want}")
+    for layer in modules.values():
+        handle = layer.__dict__.pop(_HOOK_ATTR, None)
+        if handle is not None:
+            handle.remove()
+    for name, r in residuals.items():
+        layer = modules[name]
+        layer.__dict__[_HOOK_ATTR] = layer.register_forward_hook(_AddResidual(r))
+
+
+def residuals_of(model: Any) -> dict[str, torch.Tensor]:
+    """The frozen residuals installed on ``model`` (module name -> delta)."""
+    inner = getattr(model, "_module", model)
+    out = {}
+    for name, layer in inner.named_modules():
+        handle = layer.__dict__.get(_HOOK_ATTR)
+        if handle is not None:
+            out[name] = layer._forward_hooks[handle.id].residual
+    return out
+
+
+def fit_rank(state: dict[str, torch.Tensor], rank: int) -> dict[str, torch.Tensor]:
+    """The adapter at LoRA rank ``rank``: A's first ``rank`` rows and B's first ``rank`` columns
+    (zero-padded when the adapter is smaller). Other tensors unchanged."""
+    out = dict(state)
+    for k, v in state.items():
+        if k.endswith(".lora_A.weight"):
+            out[k] = v[:rank] if v.shape[0] >= rank else torch.cat([v, v.new_zeros(rank - v.shape[0], v.shape[1])], 0)
+        elif k.endswith(".lora_B.weight"):
+            out[k] = (
+                v[:, :rank] if v.shape[1] >= rank else torch.cat([v, v.new_zeros(v.shape[0], rank - v.shape[1])], 1)
+            )
     return out
 
 
@@ -165,7 +257,9 @@ def numpy_to_arrays(state: dict[str, np.ndarray]) -> ArrayRecord:
 def save_adapter_dir(model: Any, state: dict[str, torch.Tensor], out: Path) -> Path:
     """Write ``state`` as a PEFT adapter dir (adapter_config.json + adapter_model.safetensors).
 
-    ``PeftModel.from_pretrained(base, out)`` loads it. Written atomically.
+    ``PeftModel.from_pretrained(base, out)`` loads it. Written atomically. Frozen residuals
+    (``fedex-lora``, ``flora``) go beside it in ``frozen_residuals.safetensors``, which PEFT ignores:
+    add them with :func:`load_adapter_state` (keys ``<module>.frozen_residual``).
     """
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -174,6 +268,12 @@ def save_adapter_dir(model: Any, state: dict[str, torch.Tensor], out: Path) -> P
         inner = getattr(model, "_module", model)
         load_adapter_state(inner, state)
         inner.save_pretrained(str(tmp))
+        _, residuals = split_residuals(state)
+        if residuals:  # PEFT does not know them: beside the adapter, applied by load_adapter_state
+            from safetensors.torch import save_file
+
+            data = {k + RESIDUAL_SUFFIX: v.detach().to(torch.float32).contiguous() for k, v in residuals.items()}
+            save_file(data, str(tmp / RESIDUAL_FILE))
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)

@@ -174,6 +174,71 @@ class EvalConfig:
         _check(1 <= self.max_new_tokens <= 256, "eval.max_new_tokens", "not in [1, 256]")
 
 
+WireDType = Literal["bfloat16", "float16", "float32"]
+
+
+@dataclass
+class CommunicationConfig:
+    dtype: WireDType = _f("bfloat16", "dtype adapters travel in, both ways (LoRA loses nothing visible in bf16)")
+    quantize_delta: bool = _f(False, "uplink: send the update as an int8 delta (per-row scale), error feedback")
+    topk: float = _f(0.0, "uplink: keep only this fraction of the delta's largest entries (0 = off), error feedback")
+
+    def __post_init__(self) -> None:
+        _check(0.0 <= self.topk < 1.0, "communication.topk", f"{self.topk} not in [0, 1)")
+
+    @property
+    def compresses_delta(self) -> bool:
+        return self.quantize_delta or self.topk > 0
+
+
+@dataclass
+class SecurityConfig:
+    max_update_mb: float = _f(64.0, "a client update larger than this (MB on the wire) is rejected")
+    update_norm_bound: float = _f(0.0, "reject an update farther than this (L2) from the global adapter (0 = off)")
+
+    def __post_init__(self) -> None:
+        _check(self.max_update_mb > 0, "security.max_update_mb", "must be > 0")
+        _check(self.update_norm_bound >= 0, "security.update_norm_bound", "must be >= 0 (0 = off)")
+
+
+@dataclass
+class ClientProfile:
+    rank: int = _f(0, "LoRA rank this client trains (0 = lora.r); at most lora.r, the global adapter's rank")
+    quantization: Literal["", "nf4", "int8", "none"] = _f(
+        "", "quantization of its frozen base ('' = model.quantization)"
+    )
+    local_steps: int = _f(0, "optimizer steps per round (0 = train.local_steps)")
+    batch_size: int = _f(0, "sequences per step (0 = train.batch_size)")
+
+    def __post_init__(self) -> None:
+        _check(0 <= self.rank <= 512, "rank", f"{self.rank} not in [0, 512] (0 = lora.r)")
+        _check(self.local_steps >= 0, "local_steps", "must be >= 0 (0 = train.local_steps)")
+        _check(self.batch_size >= 0, "batch_size", "must be >= 0 (0 = train.batch_size)")
+
+
+@dataclass
+class ClientsConfig:
+    profiles: dict[str, ClientProfile] = _f({}, "named client profiles (phone, hospital ...); empty = all alike")
+    mix: dict[str, float] = _f(
+        {}, "profile -> share of the clients: fractions summing to 1, or counts summing to federation.num_clients"
+    )
+    seed: int = _f(0, "seed of the deterministic assignment of client ids to profiles")
+
+    def __post_init__(self) -> None:
+        for name, share in self.mix.items():
+            _check(
+                name in self.profiles,
+                f"clients.mix.{name}",
+                f"unknown profile; valid profiles are {sorted(self.profiles)}",
+            )
+            _check(share >= 0, f"clients.mix.{name}", f"{share} must be >= 0")
+        _check(
+            not self.profiles or sum(self.mix.values()) > 0,
+            "clients.mix",
+            f"give each profile a share of the clients, e.g. {{{', '.join(f'{n}: 1' for n in self.profiles)}}}",
+        )
+
+
 @dataclass
 class StrategyConfig:
     name: str = _f("fedavg", "aggregation strategy (see `fedslm strategies`)")
@@ -190,6 +255,9 @@ class RunConfig:
     federation: FederationConfig = _f(None, "clients and rounds")
     eval: EvalConfig = _f(None, "central evaluation")
     strategy: StrategyConfig = _f(None, "aggregation strategy")
+    communication: CommunicationConfig = _f(None, "how adapters travel (dtype, compressed updates)")
+    security: SecurityConfig = _f(None, "checks every client update passes before aggregation")
+    clients: ClientsConfig = _f(None, "heterogeneous clients: profiles (rank, steps, batch) and their mix")
     seed: int = _f(0, "master seed, recorded in the run")
     task: Literal["causal-lm", "classification"] = _f(
         "causal-lm", "causal-lm (instruction tuning, answers generated) | classification (label of a text)"
@@ -199,6 +267,7 @@ class RunConfig:
         for f in dataclasses.fields(self):
             if getattr(self, f.name) is None and f.name in _SECTIONS:
                 setattr(self, f.name, _SECTIONS[f.name]())
+        _check_profiles(self)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -216,6 +285,9 @@ _SECTIONS: dict[str, type] = {
     "federation": FederationConfig,
     "eval": EvalConfig,
     "strategy": StrategyConfig,
+    "communication": CommunicationConfig,
+    "security": SecurityConfig,
+    "clients": ClientsConfig,
 }
 
 
@@ -244,7 +316,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
     if origin in (dict, typing.Dict):  # noqa: UP006
         _check(isinstance(value, dict), key, f"expected a mapping, got {type(value).__name__}")
-        return dict(value)
+        _, inner = get_args(tp) or (str, Any)
+        return {k: _coerce(v, inner, f"{key}.{k}") for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        _check(isinstance(value, dict), key, f"expected a mapping, got {type(value).__name__} {value!r}")
+        return _build(tp, value, f"{key}.")  # type: ignore[arg-type]
     if origin in (types.UnionType, typing.Union):
         for arm in get_args(tp):
             try:
@@ -368,3 +444,97 @@ def validate_strategy(cfg: RunConfig) -> None:
     from strategies.registry import check_strategy_config  # the registry lives with the strategies
 
     check_strategy_config(cfg)
+
+
+# ------------------------------------------------------------------------------------------------
+# heterogeneous clients: which profile each client id has, and what it trains
+
+
+def _check_profiles(cfg: RunConfig) -> None:
+    """Cross-section checks of ``clients``: ranks within the global adapter, shares that add up."""
+    c = cfg.clients
+    for name, prof in c.profiles.items():
+        _check(
+            prof.rank <= cfg.lora.r,
+            f"clients.profiles.{name}.rank",
+            f"{prof.rank} > lora.r={cfg.lora.r}; lora.r is the global adapter's rank: make it the largest profile rank",
+        )
+    if not c.mix:
+        return
+    total = sum(c.mix.values())
+    counts = all(float(v).is_integer() for v in c.mix.values()) and round(total) == cfg.federation.num_clients
+    _check(
+        counts or abs(total - 1.0) < 1e-6,
+        "clients.mix",
+        f"shares sum to {total:g}; give fractions summing to 1 or counts summing to"
+        f" federation.num_clients={cfg.federation.num_clients}",
+    )
+
+
+def profile_counts(cfg: RunConfig) -> dict[str, int]:
+    """Clients per profile (largest remainder; ties by name), summing to ``federation.num_clients``."""
+    n = cfg.federation.num_clients
+    mix = cfg.clients.mix
+    total = sum(mix.values())
+    exact = {name: mix[name] * n / total for name in sorted(mix)}
+    counts = {name: int(v) for name, v in exact.items()}
+    by_remainder = sorted(exact, key=lambda name: (-(exact[name] - counts[name]), name))
+    for name in by_remainder[: n - sum(counts.values())]:
+        counts[name] += 1
+    return counts
+
+
+def assign_profiles(cfg: RunConfig) -> list[str]:
+    """The profile name of each client id ``0 .. num_clients-1`` (empty list without profiles):
+    :func:`profile_counts` of each, in an order shuffled by ``clients.seed`` (deterministic)."""
+    import random
+
+    if not cfg.clients.mix:
+        return []
+    names = [name for name, k in profile_counts(cfg).items() for _ in range(k)]
+    random.Random(cfg.clients.seed).shuffle(names)
+    return names
+
+
+def resolved_profile(cfg: RunConfig, name: str) -> ClientProfile:
+    """Profile ``name`` with its zeros / blanks filled from ``lora``, ``model`` and ``train``."""
+    if name not in cfg.clients.profiles:
+        raise ConfigError(f"unknown client profile {name!r}; valid profiles are {sorted(cfg.clients.profiles)}")
+    p = cfg.clients.profiles[name]
+    return ClientProfile(
+        rank=p.rank or cfg.lora.r,
+        quantization=p.quantization or cfg.model.quantization,
+        local_steps=p.local_steps or cfg.train.local_steps,
+        batch_size=p.batch_size or cfg.train.batch_size,
+    )
+
+
+def profile_ranks(cfg: RunConfig) -> dict[str, int]:
+    """LoRA rank of every profile in use (share > 0); empty without profiles."""
+    return {name: resolved_profile(cfg, name).rank for name, share in cfg.clients.mix.items() if share > 0}
+
+
+def client_profile(cfg: RunConfig, client_id: int, name: str = "") -> tuple[str, ClientProfile]:
+    """(profile name, resolved profile) of a client: ``name`` if given (a real node may set its own
+    ``profile`` in its node config), else its assigned one. Without profiles: ("", the run's settings)."""
+    if not name:
+        names = assign_profiles(cfg)
+        if not names:
+            return "", ClientProfile(cfg.lora.r, cfg.model.quantization, cfg.train.local_steps, cfg.train.batch_size)
+        if not 0 <= client_id < len(names):
+            raise ConfigError(
+                f"client id {client_id} is outside federation.num_clients={len(names)}, so it has no profile;"
+                " set `profile` in its node config"
+            )
+        name = names[client_id]
+    return name, resolved_profile(cfg, name)
+
+
+def apply_profile(cfg: RunConfig, profile: ClientProfile) -> RunConfig:
+    """``cfg`` as the client runs it: the profile's quantization, local steps and batch size (its
+    rank is passed to the LoRA model separately: ``lora.r`` stays the global adapter's rank)."""
+    return dataclasses.replace(
+        cfg,
+        model=dataclasses.replace(cfg.model, quantization=typing.cast(Quantization, profile.quantization)),
+        train=dataclasses.replace(cfg.train, local_steps=profile.local_steps, batch_size=profile.batch_size),
+    )

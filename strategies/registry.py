@@ -56,6 +56,7 @@ def register(
                 f"strategy name {name!r} registered twice ({_REGISTRY[name].cls.__name__} and {cls.__name__})"
             )
         _REGISTRY[name] = StrategySpec(name, cls, description, heterogeneous_ranks, needs_individual_updates)
+        cls.registered_name = name  # type: ignore[attr-defined]
         return cls
 
     return deco
@@ -91,6 +92,9 @@ def check_strategy_config(cfg: RunConfig) -> None:
     try:
         spec = get(cfg.strategy.name)
         check_params(spec, cfg.strategy.params)
+        from .checks import check_client_ranks  # checks imports this module
+
+        check_client_ranks(spec, cfg)
         check = getattr(spec.cls, "check_run_config", None)
         if check is not None:
             check(cfg)

@@ -60,6 +60,9 @@ def test_registry_lists_every_strategy_and_refuses_unknowns() -> None:
         "median",
         "trimmed-mean",
         "norm-bound",
+        "fedex-lora",
+        "flora",
+        "hetlora",
     } <= set(ALL)
     with pytest.raises(ConfigError, match=r"unknown strategy 'fedx'; valid names are: .*fedavg.*trimmed-mean"):
         config_from_dict({"strategy": {"name": "fedx"}})
@@ -92,8 +95,13 @@ def test_every_strategy_honours_the_contract(name: str) -> None:
     updates = _updates(name, rng)
     msgs, agg = _round(strategy, updates, [1, 2, 3, 4, 5])
     assert [m.metadata.dst_node_id for m in msgs] == [100, 101, 102, 103, 104]  # all 5, in node order
-    assert set(agg) == set(updates[0])
+    # fedex-lora and flora also send a frozen dense residual per LoRA module (out x in)
+    residual = {"m.q_proj.frozen_residual"} if name in ("fedex-lora", "flora") else set()
+    assert set(agg) == set(updates[0]) | residual
     for k, v in agg.items():
+        if k in residual:
+            assert v.shape == (4, 3) and np.isfinite(v).all() and np.abs(v).max() < 0.1
+            continue
         assert v.shape == GLOBAL[k].shape and np.isfinite(v).all()
         # every strategy lands within the spread of the clients' values (plus the server step)
         assert np.abs(v - GLOBAL[k]).max() < 0.1
