@@ -3,23 +3,39 @@
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from server.deploy import DeployError
 from slm.config import ConfigError, load_config
-from slm.logs import setup_logging
+from slm.logs import get_logger, setup_logging
 
 Handler = Callable[[argparse.Namespace], int]
+log = get_logger(__name__)
 
 
 def _simulate(args: argparse.Namespace) -> int:
     from .run import SimulationError, default_out_dir, results_table, simulate
 
-    cfg = load_config(args.config, args.set)  # fails here, before anything heavy starts
-    out = Path(args.out) if args.out else default_out_dir(Path(args.config).stem)
+    if args.resume:  # the run's own config; --set is not allowed to change a run halfway
+        if args.config or args.set or args.out:
+            print(
+                "fedslm simulate: --resume RUN_DIR takes the run's config.yaml; drop CONFIG/--set/--out",
+                file=sys.stderr,
+            )
+            return 2
+        out = Path(args.resume)
+        cfg = load_config(out / "config.yaml")
+    else:
+        if not args.config:
+            print("fedslm simulate: give a CONFIG (e.g. configs/demo.yaml) or --resume RUN_DIR", file=sys.stderr)
+            return 2
+        cfg = load_config(args.config, args.set)  # fails here, before anything heavy starts
+        out = Path(args.out) if args.out else default_out_dir(Path(args.config).stem)
     try:
-        rows = simulate(cfg, out, progress=not args.no_progress)
+        rows = simulate(cfg, out, progress=not args.no_progress, resume=bool(args.resume))
     except SimulationError as e:
         print(f"fedslm simulate: {e}", file=sys.stderr)
         return 1
@@ -101,15 +117,116 @@ def _chat(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- real deployment on Flower's runtime (server/deploy.py, client/node.py) --------------------
+
+
+def _certs(args: argparse.Namespace) -> int:
+    from server.deploy import write_certificates
+
+    paths = write_certificates(Path(args.out), args.nodes, args.host, args.days, args.force)
+    print(f"CA, SuperLink certificate and {args.nodes} node keys written to {paths.root}")
+    print(f"SuperLink machine: {paths.root} (keep ca.key there, or offline); node K: ca.crt and nodes/node-K.key")
+    return 0
+
+
+def _server(args: argparse.Namespace) -> int:
+    from server.deploy import (
+        CertPaths,
+        connect_address,
+        deploy_env,
+        flwr_home,
+        register_nodes,
+        superlink_argv,
+        wait_for_port,
+        write_connection,
+    )
+
+    paths = CertPaths(Path(args.certs).resolve()) if args.certs else None
+    if paths is not None and not args.insecure:
+        paths.check_server()
+    argv = superlink_argv(paths.root if paths else None, args.address, args.insecure, args.database)
+    env = deploy_env()
+    env["FLWR_HOME"] = str(flwr_home(env))
+    local = connect_address(args.address)
+
+    def after_start(proc: subprocess.Popen[bytes]) -> None:
+        wait_for_port(local, args.start_timeout, alive=lambda: proc.poll() is None)
+        ca = paths.ca_cert if paths and not args.insecure else None
+        config = write_connection(Path(env["FLWR_HOME"]), args.connection, local, ca, args.insecure)
+        if paths is not None and not args.insecure and not args.no_register:
+            register_nodes(paths.public_keys, args.connection, env)
+        log.info("SuperLink up on %s; `flwr ... %s` uses it (%s)", args.address, args.connection, config)
+
+    return run_foreground_cli(argv, env, after_start)
+
+
+def _register(args: argparse.Namespace) -> int:
+    from server.deploy import deploy_env, flwr_home, register_nodes
+
+    env = deploy_env()
+    env["FLWR_HOME"] = str(flwr_home(env))
+    for key in args.public_key:
+        register_nodes(Path(key), args.connection, env)
+    return 0
+
+
+def _node(args: argparse.Namespace) -> int:
+    from client.node import NodeSpec, check_node_files, client_id_from_key, supernode_argv
+    from server.deploy import CertPaths, deploy_env
+
+    key = Path(args.key).resolve() if args.key else None
+    client_id = args.client_id if args.client_id is not None else client_id_from_key(key) if key else 0
+    spec = NodeSpec(
+        key=key,
+        data=Path(args.data),
+        client_id=client_id,
+        root_certificates=CertPaths(Path(args.certs).resolve()).ca_cert if args.certs else None,
+        superlink=args.superlink,
+        profile=args.profile,
+        state_dir=Path(args.state_dir) if args.state_dir else None,
+        runtime_port=args.runtime_port,
+        insecure=args.insecure,
+    )
+    check_node_files(spec)
+    return run_foreground_cli(supernode_argv(spec), deploy_env())
+
+
+def _run(args: argparse.Namespace) -> int:
+    from server.deploy import CertPaths, deploy_env, flwr_home, run_argv, write_connection
+
+    load_config(args.config, args.set)  # fails here, before anything is submitted
+    app = Path(args.app).resolve()
+    config = Path(args.config).resolve()
+    if not config.is_relative_to(app):
+        log.warning("%s is outside the app (%s): the SuperLink machine must have it at this path", config, app)
+    env = deploy_env()
+    env["FLWR_HOME"] = str(flwr_home(env))
+    if args.address:
+        ca = CertPaths(Path(args.certs).resolve()).ca_cert if args.certs else None
+        write_connection(Path(env["FLWR_HOME"]), args.connection, args.address, ca, args.insecure)
+    rel = str(config.relative_to(app)) if config.is_relative_to(app) else str(config)
+    argv = run_argv(app, args.connection, rel, args.out, args.set, stream=not args.no_stream)
+    return subprocess.run(argv, env=env, cwd=app).returncode
+
+
+def run_foreground_cli(
+    argv: list[str], env: dict[str, str], after_start: Callable[[subprocess.Popen[bytes]], None] | None = None
+) -> int:
+    from server.deploy import run_foreground
+
+    return run_foreground(argv, env, after_start)  # a DeployError is reported by main()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedslm", description=__doc__)
     parser.add_argument("--log-level", default=None, help="DEBUG, INFO (default), WARNING")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("simulate", help="run a simulated federation from a YAML config")
-    p.add_argument("config", help="YAML run config, e.g. configs/demo.yaml")
+    p.add_argument("config", nargs="?", help="YAML run config, e.g. configs/demo.yaml")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. train.local_steps=5")
     p.add_argument("--out", help="run directory (default runs/<config>-<time>)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from its last complete round")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_simulate)
 
@@ -140,7 +257,63 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("strategies", help="list the aggregation strategies and their parameters")
     p.set_defaults(func=_strategies)
+    _add_deploy_parsers(sub)
     return parser
+
+
+def _add_deploy_parsers(sub: argparse._SubParsersAction) -> None:
+    from server.deploy import DEFAULT_SUPERLINK
+
+    p = sub.add_parser("certs", help="deploy: a CA, the SuperLink's TLS certificate and N node keys")
+    p.add_argument("--out", required=True, help="directory to write (see server/deploy.py for its layout)")
+    p.add_argument("--nodes", type=int, required=True, help="node key pairs to create (nodes/node-K.key)")
+    p.add_argument("--host", action="append", default=[], help="extra SAN of the SuperLink (DNS name or IP)")
+    p.add_argument("--days", type=int, default=365, help="validity of the certificates")
+    p.add_argument("--force", action="store_true", help="replace an existing CA and keys")
+    p.set_defaults(func=_certs)
+
+    p = sub.add_parser("server", help="deploy: start a SuperLink (TLS, SuperNode authentication) and register nodes")
+    p.add_argument("--certs", help="directory from `fedslm certs`")
+    p.add_argument("--address", default=DEFAULT_SUPERLINK, help="host:port to serve on (0.0.0.0:PORT: other machines)")
+    p.add_argument("--connection", default="fedslm", help="name of the $FLWR_HOME/config.toml entry written for it")
+    p.add_argument("--database", help="SQLite file keeping runs and registered nodes across restarts")
+    p.add_argument("--no-register", action="store_true", help="do not register the keys of <certs>/public-keys.csv")
+    p.add_argument("--start-timeout", type=float, default=60.0, help="seconds to wait for the SuperLink to listen")
+    p.add_argument("--insecure", action="store_true", help="NO TLS, NO node authentication (local tests only)")
+    p.set_defaults(func=_server)
+
+    p = sub.add_parser("register", help="deploy: let more nodes join (their OpenSSH public keys)")
+    p.add_argument("public_key", nargs="+", help="files of OpenSSH EC public keys, one per line")
+    p.add_argument("--connection", default="fedslm")
+    p.set_defaults(func=_register)
+
+    p = sub.add_parser("node", help="deploy: start a SuperNode on this machine's private data")
+    p.add_argument("--certs", help="directory holding ca.crt (the CA that signed the SuperLink's certificate)")
+    p.add_argument("--key", help="this node's private key (nodes/node-K.key)")
+    p.add_argument("--data", required=True, help="this node's data file (.jsonl/.csv/.parquet); it is never sent")
+    p.add_argument("--client-id", type=int, help="default: K of node-K.key")
+    p.add_argument(
+        "--profile",
+        default="",
+        help="one of the run config's clients.profiles, e.g. phone | hospital (default: assigned)",
+    )
+    p.add_argument("--superlink", default=DEFAULT_SUPERLINK, help="the SuperLink's host:port")
+    p.add_argument("--state-dir", help="per-client state (DP history); default <fedslm cache>/node-state")
+    p.add_argument("--runtime-port", type=int, help="local port of the node's Runtime API (default 9094 + client id)")
+    p.add_argument("--insecure", action="store_true", help="NO TLS (local tests only)")
+    p.set_defaults(func=_node)
+
+    p = sub.add_parser("run", help="deploy: submit a run to a SuperLink (flwr run)")
+    p.add_argument("config", help="YAML run config inside the app, e.g. configs/demo.yaml")
+    p.add_argument("--connection", default="fedslm", help="the $FLWR_HOME/config.toml entry to use")
+    p.add_argument("--address", help="write the connection first: the SuperLink's host:port")
+    p.add_argument("--certs", help="with --address: directory holding ca.crt")
+    p.add_argument("--insecure", action="store_true", help="with --address: connect without TLS")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. train.local_steps=5")
+    p.add_argument("--out", help="run directory on the SuperLink machine (absolute path recommended)")
+    p.add_argument("--app", default=".", help="the app directory (holds pyproject.toml)")
+    p.add_argument("--no-stream", action="store_true", help="submit and return without streaming the logs")
+    p.set_defaults(func=_run)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -151,6 +324,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"fedslm: invalid config: {e}", file=sys.stderr)
         return 2
+    except DeployError as e:
+        print(f"fedslm {args.command}: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -1,0 +1,124 @@
+"""A real node: ``flower-supernode`` over TLS, authenticated by its own key, its data path in the node config.
+
+The node config carries ``data-path`` (read by ``client/runner.py``: all of that file is this node's
+private data; it is read on the node and never sent), ``client-id``, ``state-dir`` (DP accountant
+history, FedSA's local B) and, if given, ``profile``: the name of one of the run config's
+``clients.profiles`` (e.g. ``phone``, ``hospital``), which ``client/runner.py`` applies instead of
+the profile the run would assign to this client id.
+
+Flower 1.42 runs every message (train, evaluate) of a run in a fresh ``flwr-clientapp`` process in
+both isolation modes, so the base model is loaded once per message, not once per node. ``subprocess``
+isolation (the SuperNode starts its own SuperExec) is used: ``process`` isolation only adds a
+separately managed ``flower-superexec`` and keeps nothing more resident.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from server.deploy import DEFAULT_SUPERLINK, DeployError, split_address, tool
+from slm.logs import get_logger
+
+log = get_logger(__name__)
+
+PROFILE_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+RUNTIME_PORT_BASE = 9094  # Flower's SuperNode Runtime API port; node K listens on 9094 + K by default
+ISOLATION = "subprocess"
+
+
+@dataclass(frozen=True)
+class NodeSpec:
+    """What ``fedslm node`` needs to start one SuperNode."""
+
+    key: Path | None  # the node's OpenSSH EC private key (None only with insecure)
+    data: Path  # this node's private data file (.jsonl/.csv/.parquet with the config's columns)
+    client_id: int
+    root_certificates: Path | None = None  # the CA certificate that signed the SuperLink's certificate
+    superlink: str = DEFAULT_SUPERLINK
+    profile: str = ""  # a name in the run config's clients.profiles ("" = the one the run assigns)
+    state_dir: Path | None = None  # default: <fedslm cache>/node-state
+    runtime_port: int | None = None  # default: RUNTIME_PORT_BASE + client_id
+    insecure: bool = False
+
+    def __post_init__(self) -> None:
+        if self.profile and PROFILE_NAME.fullmatch(self.profile) is None:
+            raise DeployError(f"--profile {self.profile!r}: a profile name of the run config's clients.profiles")
+        if self.client_id < 0:
+            raise DeployError(f"--client-id {self.client_id}: must be >= 0")
+        split_address(self.superlink)
+
+    @property
+    def port(self) -> int:
+        return self.runtime_port if self.runtime_port is not None else RUNTIME_PORT_BASE + self.client_id
+
+    @property
+    def state(self) -> Path:
+        if self.state_dir is None:
+            from slm.model import cache_root  # imports torch: only when the default is needed
+
+            return (cache_root() / "node-state").resolve()
+        return self.state_dir.expanduser().resolve()
+
+
+def client_id_from_key(key: Path) -> int:
+    """``node-K.key`` (as ``fedslm certs`` names it) -> K."""
+    match = re.fullmatch(r"node-(\d+)\.key", Path(key).name)
+    if match is None:
+        raise DeployError(f"cannot tell the client id from {Path(key).name!r}; pass --client-id K")
+    return int(match.group(1))
+
+
+def node_config(spec: NodeSpec) -> str:
+    """The ``--node-config`` string: TOML values, space-separated (strings quoted)."""
+    values: dict[str, str | int] = {
+        "data-path": str(Path(spec.data).expanduser().resolve()),
+        "client-id": spec.client_id,
+        "state-dir": str(spec.state),
+    }
+    if spec.profile:
+        values["profile"] = spec.profile
+    for key, value in values.items():
+        if isinstance(value, str) and '"' in value:
+            raise DeployError(f"node config {key}={value!r}: a double quote cannot be passed to Flower")
+    return " ".join(f"{k}={json.dumps(v)}" for k, v in values.items())
+
+
+def supernode_argv(spec: NodeSpec) -> list[str]:
+    """``flower-supernode`` for ``spec``: TLS to the SuperLink, key authentication, no dependency installs."""
+    argv = [tool("flower-supernode"), "--superlink", spec.superlink]
+    if spec.insecure:
+        log.warning(
+            "INSECURE SuperNode: no TLS; this node's updates and the global adapter travel unencrypted "
+            "and the SuperLink is not verified. Use only for a local test; drop --insecure otherwise."
+        )
+        argv.append("--insecure")
+    else:
+        if spec.root_certificates is None:
+            raise DeployError("a SuperNode needs the CA certificate (--certs DIR), or --insecure for a local test")
+        argv += ["--root-certificates", str(spec.root_certificates)]
+    if spec.key is not None:
+        argv += ["--auth-supernode-private-key", str(spec.key)]
+    elif not spec.insecure:
+        raise DeployError("a SuperNode needs its private key (--key nodes/node-K.key from `fedslm certs`)")
+    # Flower's SuperNode default already leaves runtime dependency installation off; it is never enabled here.
+    return [
+        *argv,
+        "--isolation",
+        ISOLATION,
+        "--host",
+        "127.0.0.1",  # the Runtime API is for this node's own ClientApp processes only
+        "--port",
+        str(spec.port),
+        "--node-config",
+        node_config(spec),
+    ]
+
+
+def check_node_files(spec: NodeSpec) -> None:
+    """Fail before starting anything when a file the node needs is missing."""
+    for label, path in (("--data", spec.data), ("--key", spec.key), ("CA certificate", spec.root_certificates)):
+        if path is not None and not Path(path).expanduser().is_file():
+            raise DeployError(f"{label} {path}: no such file")
