@@ -46,6 +46,11 @@ def check_client_ranks(spec: StrategySpec, cfg: RunConfig) -> None:
             f"privacy.mode {cfg.privacy.mode!r} clips each update against the global adapter, which needs every"
             f" client at rank lora.r={cfg.lora.r}, but clients.profiles give ranks {ranks}"
         )
+    if cfg.communication.compresses_delta:
+        raise StrategyConfigError(
+            "communication.quantize_delta/topk send update - global, which needs every client at rank"
+            f" lora.r={cfg.lora.r}, but clients.profiles give ranks {ranks}; use communication.dtype alone"
+        )
 
 
 def check_no_central_dp(name: str, cfg: RunConfig) -> None:

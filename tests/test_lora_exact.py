@@ -267,6 +267,9 @@ def test_mixed_ranks_need_a_heterogeneous_strategy() -> None:
     config_from_dict({"lora": {"r": 16}, "federation": {"num_clients": 2}, "clients": same})  # one rank: fine
     with pytest.raises(ConfigError, match=r"privacy.mode 'central' clips each update .* needs every client at rank"):
         _cfg("hetlora", privacy={"mode": "central"})
+    with pytest.raises(ConfigError, match=r"communication.quantize_delta/topk send update - global"):
+        _cfg("hetlora", communication={"topk": 0.1})
+    _cfg("hetlora", communication={"dtype": "float16"})  # a compact dtype alone is fine
     with pytest.raises(ConfigError, match=r"'fedex-lora' aggregates products B_i A_i .* use privacy.mode local"):
         config_from_dict({"strategy": {"name": "fedex-lora"}, "privacy": {"mode": "both"}})
 
