@@ -96,7 +96,7 @@ class AvailableGrid:
 def client_id(msg: Message, client_of: dict[int, int]) -> int:
     """The client id a reply speaks for (its ``client-id`` metric, else the node's known id)."""
     node = msg.metadata.src_node_id
-    if "metrics" in msg.content and "client-id" in msg.content["metrics"]:
+    if msg.has_content() and "metrics" in msg.content and "client-id" in msg.content["metrics"]:
         return int(msg.content["metrics"]["client-id"])
     return client_of.get(node, node)
 

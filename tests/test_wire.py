@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from flower_fakes import reply
-from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Error, MetricRecord, RecordDict
 
 from server.validation import UpdateRejected, check_update
 from slm import wire
@@ -135,13 +135,14 @@ def test_bad_updates_are_rejected_with_the_reason() -> None:
 
 
 class _FakeGrid:
-    """Six nodes: 1 and 2 honest, the others send a NaN, a wrong shape, an unknown key, an oversized update."""
+    """Eight nodes: 1 and 2 honest; 3-6 send a NaN, a wrong shape, an unknown key, an oversized
+    update; 7 dies mid-round (an error reply); 8 never answers (the round's timeout)."""
 
     def __init__(self) -> None:
         self.rounds: list[dict[int, dict[str, torch.Tensor]]] = []
 
     def get_node_ids(self) -> list[int]:
-        return [1, 2, 3, 4, 5, 6]
+        return [1, 2, 3, 4, 5, 6, 7, 8]
 
     def send_and_receive(self, messages, timeout=None):  # noqa: ANN001, ANN201 - Grid's signature
         out = []
@@ -153,6 +154,11 @@ class _FakeGrid:
                 continue
             glob = wire.decode(msg.content["arrays"])
             got[node] = glob
+            if node == 7:
+                out.append(reply(node, error=Error(code=0, reason="node lost its connection")))
+                continue
+            if node == 8:
+                continue
             update = {k: v + 0.01 * node for k, v in glob.items()}
             key = next(iter(glob))
             if node == 3:
@@ -177,7 +183,7 @@ def test_federation_rejects_bad_updates_and_aggregates_the_honest_ones(tmp_path:
     cfg = load_config(
         ROOT / "configs" / "tiny.yaml",
         [
-            "federation.num_clients=6",
+            "federation.num_clients=8",
             "federation.num_rounds=1",
             "communication.dtype=float32",
             "security.max_update_mb=0.1",
@@ -186,7 +192,7 @@ def test_federation_rejects_bad_updates_and_aggregates_the_honest_ones(tmp_path:
     fed = Federation(cfg, tmp_path / "run", "reject")
     grid = _FakeGrid()
     rows = fed.run(grid)
-    assert rows[1]["clients"] == 2 and rows[1]["rejected"] == 4 and not rows[1]["skipped"]
+    assert (rows[1]["clients"], rows[1]["rejected"], rows[1]["failed"], rows[1]["skipped"]) == (2, 4, 1, False)
     sent = grid.rounds[0][1]
     from safetensors.torch import load_file
 
@@ -195,3 +201,17 @@ def test_federation_rejects_bad_updates_and_aggregates_the_honest_ones(tmp_path:
         assert torch.allclose(final[k], v + 0.0175, atol=1e-6), k
     line = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[1])
     assert line["rejected"] == 4
+
+
+def test_too_few_usable_replies_skip_the_round_and_keep_the_global_adapter(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    from server.federation import Federation
+
+    overrides = ["federation.num_clients=8", "federation.num_rounds=1", "federation.min_train_clients=3"]
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", [*overrides, "security.max_update_mb=0.1"])
+    rows = Federation(cfg, tmp_path / "run", "skip").run(_FakeGrid())
+    assert rows[1]["clients"] == 2 and rows[1]["skipped"]  # 2 usable < 3
+    adapters = tmp_path / "run" / "adapters"
+    before, after = (load_file(str(adapters / f"round-00{r}" / "adapter_model.safetensors")) for r in (0, 1))
+    assert all(torch.equal(before[k], after[k]) for k in before)
