@@ -191,14 +191,56 @@ class CommunicationConfig:
         return self.quantize_delta or self.topk > 0
 
 
+SECAGG_MODULUS_RANGE = 2**32  # Flower's SecAgg+ mask range: sums of quantized updates wrap at this
+
+
 @dataclass
 class SecurityConfig:
     max_update_mb: float = _f(64.0, "a client update larger than this (MB on the wire) is rejected")
     update_norm_bound: float = _f(0.0, "reject an update farther than this (L2) from the global adapter (0 = off)")
+    secure_aggregation: Literal["none", "secagg+"] = _f(
+        "none", "none | secagg+ (Flower's SecAgg+: the server only ever sees the sum of the masked updates)"
+    )
+    secagg_num_shares: int | float = _f(
+        3, "SecAgg+: shares of each client's mask keys: a count (>= 3) or a fraction (0, 1] of the sampled clients"
+    )
+    secagg_reconstruction_threshold: int | float = _f(
+        2, "SecAgg+: shares needed to unmask a client: a count (>= 2, < num_shares) or a fraction (0, 1] of them"
+    )
+    secagg_max_weight: float = _f(1000.0, "SecAgg+: largest num-examples of one client (its weight is n / this)")
+    secagg_clipping_range: float = _f(8.0, "SecAgg+: each weighted value is clipped to [-this, this] before quantizing")
+    secagg_quantization_range: int = _f(
+        2**22, "SecAgg+: values are quantized to integers in [0, this); step 2 * clipping_range / this"
+    )
 
     def __post_init__(self) -> None:
         _check(self.max_update_mb > 0, "security.max_update_mb", "must be > 0")
         _check(self.update_norm_bound >= 0, "security.update_norm_bound", "must be >= 0 (0 = off)")
+        n, t = self.secagg_num_shares, self.secagg_reconstruction_threshold
+        if isinstance(n, int):
+            _check(n >= 3, "security.secagg_num_shares", f"{n}: a count must be >= 3 (or a fraction in (0, 1])")
+        else:
+            _check(0 < n <= 1, "security.secagg_num_shares", f"{n}: a fraction must be in (0, 1] (or a count >= 3)")
+        if isinstance(t, int):
+            _check(t >= 2, "security.secagg_reconstruction_threshold", f"{t}: a count must be >= 2")
+            _check(
+                not isinstance(n, int) or t < n,
+                "security.secagg_reconstruction_threshold",
+                f"{t} must be < secagg_num_shares={n} (a client's mask keys must survive one missing share)",
+            )
+        else:
+            _check(0 < t <= 1, "security.secagg_reconstruction_threshold", f"{t}: a fraction must be in (0, 1]")
+        _check(self.secagg_max_weight > 0, "security.secagg_max_weight", "must be > 0")
+        _check(self.secagg_clipping_range > 0, "security.secagg_clipping_range", "must be > 0")
+        _check(
+            2 <= self.secagg_quantization_range < SECAGG_MODULUS_RANGE,
+            "security.secagg_quantization_range",
+            f"{self.secagg_quantization_range} not in [2, 2**32)",
+        )
+
+    @property
+    def secure(self) -> bool:
+        return self.secure_aggregation != "none"
 
 
 @dataclass

@@ -61,3 +61,65 @@ def check_no_central_dp(name: str, cfg: RunConfig) -> None:
             f"{name!r} aggregates products B_i A_i (not a mean of clipped updates), so privacy.mode"
             f" {cfg.privacy.mode!r} would not give its accounted epsilon; use privacy.mode local or none"
         )
+
+
+# strategies whose aggregate is the example-weighted mean of what the clients upload, which is all
+# that SecAgg+ reveals (FedProx changes only the local loss; FFA-LoRA / FedSA-LoRA upload B / A only)
+SECAGG_STRATEGIES = ("fedavg", "fedprox", "ffa-lora", "fedsa-lora")
+
+
+def check_secure_aggregation(spec: StrategySpec, cfg: RunConfig) -> None:
+    """``security.secure_aggregation: secagg+`` reveals only the weighted sum of the sampled clients'
+    uploads: refuse everything that needs an individual update, or more than their mean."""
+    sec = cfg.security
+    if not sec.secure:
+        return
+    why = f"security.secure_aggregation {sec.secure_aggregation!r} shows the server only the sum of the updates"
+    if spec.needs_individual_updates:
+        raise StrategyConfigError(
+            f"{why}, but {spec.name!r} needs every client's individual update; use one of {', '.join(SECAGG_STRATEGIES)}"
+        )
+    if spec.name not in SECAGG_STRATEGIES:
+        raise StrategyConfigError(
+            f"{why}; {spec.name!r} is not implemented on it (server optimizers could step on the mean, but the"
+            f" SecAgg+ path runs plain example-weighted averaging); use one of {', '.join(SECAGG_STRATEGIES)}"
+        )
+    if cfg.privacy.central:
+        raise StrategyConfigError(
+            f"{why}, but privacy.mode {cfg.privacy.mode!r} clips each client's update on the server (central DP"
+            " needs individual updates); use privacy.mode local or none"
+        )
+    if cfg.communication.compresses_delta:
+        raise StrategyConfigError(
+            f"{why} of full adapters, but communication.quantize_delta/topk send compressed deltas with a"
+            " per-client error feedback; switch them off (SecAgg+ quantizes on its own)"
+        )
+    if sec.update_norm_bound > 0:
+        raise StrategyConfigError(
+            f"{why}, but security.update_norm_bound={sec.update_norm_bound} checks each client's update; set it to 0"
+        )
+    if cfg.eval.per_client:
+        raise StrategyConfigError(f"{why}; eval.per_client is not implemented on the SecAgg+ path; set it to false")
+    _check_secagg_sizes(cfg)
+
+
+def _check_secagg_sizes(cfg: RunConfig) -> None:
+    from slm.config import SECAGG_MODULUS_RANGE
+
+    sec, per_round = cfg.security, cfg.federation.clients_per_round
+    if per_round < 2:
+        raise StrategyConfigError(
+            f"SecAgg+ needs at least 2 clients per round, federation samples {per_round};"
+            " raise federation.min_train_clients or fraction_train"
+        )
+    t = sec.secagg_reconstruction_threshold
+    if isinstance(t, int) and t > per_round:
+        raise StrategyConfigError(
+            f"security.secagg_reconstruction_threshold={t} > the {per_round} clients sampled per round: no client"
+            " could ever be unmasked; lower it or sample more clients"
+        )
+    if per_round * sec.secagg_quantization_range >= SECAGG_MODULUS_RANGE:
+        raise StrategyConfigError(
+            f"{per_round} clients x security.secagg_quantization_range={sec.secagg_quantization_range} >= 2**32:"
+            " the sum of the quantized updates would wrap around; lower secagg_quantization_range"
+        )

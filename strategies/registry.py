@@ -92,9 +92,10 @@ def check_strategy_config(cfg: RunConfig) -> None:
     try:
         spec = get(cfg.strategy.name)
         check_params(spec, cfg.strategy.params)
-        from .checks import check_client_ranks  # checks imports this module
+        from .checks import check_client_ranks, check_secure_aggregation  # checks imports this module
 
         check_client_ranks(spec, cfg)
+        check_secure_aggregation(spec, cfg)
         check = getattr(spec.cls, "check_run_config", None)
         if check is not None:
             check(cfg)

@@ -75,7 +75,7 @@ def _digest(run: Path, rnd: int) -> str:
 def test_killed_after_round_one_resumes_to_the_same_adapter(tmp_path: Path) -> None:
     from simulation.run import simulate
 
-    overrides = ["federation.num_rounds=3", "strategy.name=fedadam", "train.learning_rate=0.05"]
+    overrides = ["federation.num_rounds=2", "strategy.name=fedadam", "train.learning_rate=0.05"]
     cfg = load_config(ROOT / "configs" / "tiny.yaml", overrides)
     whole = tmp_path / "whole"
     simulate(cfg, whole, progress=False)
@@ -105,10 +105,10 @@ def test_killed_after_round_one_resumes_to_the_same_adapter(tmp_path: Path) -> N
         proc.wait(30)
     assert not (killed / "summary.json").exists()
     done = sorted(p.name for p in (killed / "checkpoints").glob("round-*"))
-    assert done[-1] in ("round-001", "round-002")
+    assert done == ["round-000", "round-001"]  # killed within round 2
 
     rows = simulate(load_config(killed / "config.yaml"), killed, progress=False, resume=True)
-    assert [r["round"] for r in rows] == [0, 1, 2, 3]
-    assert [json.loads(line)["round"] for line in (killed / "metrics.jsonl").read_text().splitlines()] == [0, 1, 2, 3]
-    assert _digest(killed, 3) == _digest(whole, 3)  # bit for bit, FedAdam's moments included
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    assert [json.loads(line)["round"] for line in (killed / "metrics.jsonl").read_text().splitlines()] == [0, 1, 2]
     assert _digest(killed, 1) == _digest(whole, 1)
+    assert _digest(killed, 2) == _digest(whole, 2)  # bit for bit, FedAdam's moments and sampling RNG included
