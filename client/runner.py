@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,7 +54,11 @@ class ClientRunner:
 
     @classmethod
     def from_message(cls, msg: Message, context: Context) -> ClientRunner:
-        config = msg.content["config"]
+        return cls.from_config(msg.content["config"], context)
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any], context: Context) -> ClientRunner:
+        """From a train config (a ``ConfigRecord``, or the dict a legacy ``NumPyClient.fit`` gets)."""
         raw = yaml.safe_load(str(config["run-config"]))
         cfg = config_from_dict(raw, "run-config sent by the server")
         node = context.node_config

@@ -12,7 +12,7 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from slm.config import RunConfig, load_config
+from slm.config import ConfigError, RunConfig, load_config
 from slm.logs import get_logger
 
 from .checkpoint import Checkpoint
@@ -30,6 +30,12 @@ def run_federation(
     on_round: RoundCallback | None = None,
     resume: Checkpoint | None = None,
 ) -> None:
+    if cfg.security.secure:
+        raise ConfigError(
+            f"security.secure_aggregation {cfg.security.secure_aggregation!r} runs on Flower's legacy SecAgg+"
+            " workflow, not on this ServerApp: use `fedslm simulate`, or for `flwr run` set"
+            ' [tool.flwr.app.components] serverapp = "server.secagg:app" and clientapp = "client.secagg:app"'
+        )
     federation = Federation(cfg, out_dir, run_name, on_round)
     rows = federation.run(grid, resume)
     write_results(out_dir, cfg, rows, clients=federation.privacy_by_client)
@@ -57,6 +63,12 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    cfg, out, run_name = config_from_context(context)
+    run_federation(grid, cfg, out, run_name)
+
+
+def config_from_context(context: Context) -> tuple[RunConfig, Path, str]:
+    """(config, run directory, run name) from ``[tool.flwr.app.config]`` / ``--run-config``."""
     rc = context.run_config
     here = Path(__file__).resolve().parent.parent
     path = Path(str(rc.get("config", "configs/demo.yaml")))
@@ -67,4 +79,4 @@ def main(grid: Grid, context: Context) -> None:
     out = Path(str(rc.get("out-dir", "runs/flwr-run"))).expanduser()
     if not out.is_absolute():
         out = Path.cwd() / out
-    run_federation(grid, cfg, out, f"{out.name}-{int(time.time())}")
+    return cfg, out, f"{out.name}-{int(time.time())}"

@@ -58,8 +58,15 @@ def simulate(
     from client.app import app as client_app
     from server.app import make_server_app
 
+    secure = cfg.security.secure
+    if secure:  # Flower's SecAgg+ runs in its legacy API: its own server and client apps
+        from client.secagg import app as client_app
+        from server.secagg import make_server_app as make_secure_server_app
+
     out_dir = Path(out_dir).resolve()
     ck = None
+    if resume and secure:
+        raise SimulationError("security.secure_aggregation runs keep no checkpoints, so they cannot be resumed")
     if resume:
         from server.checkpoint import CheckpointError, latest
 
@@ -86,7 +93,10 @@ def simulate(
 
     run_name = run_name or f"{out_dir.name}-{time.strftime('%Y%m%d%H%M%S')}-{os.getpid()}"
     (out_dir / "run.json").write_text(json.dumps({"run_name": run_name, "num_clients": fed.num_clients}))
-    server_app = make_server_app(cfg, out_dir, run_name, _guard(on_round, errors), resume=ck)
+    if secure:
+        server_app = make_secure_server_app(cfg, out_dir, run_name, _guard(on_round, errors))
+    else:
+        server_app = make_server_app(cfg, out_dir, run_name, _guard(on_round, errors), resume=ck)
     cpus = os.cpu_count() or 2
     backend_config = {
         "client_resources": {"num_cpus": min(fed.client_cpus, cpus), "num_gpus": 0.0},

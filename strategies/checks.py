@@ -77,7 +77,8 @@ def check_secure_aggregation(spec: StrategySpec, cfg: RunConfig) -> None:
     why = f"security.secure_aggregation {sec.secure_aggregation!r} shows the server only the sum of the updates"
     if spec.needs_individual_updates:
         raise StrategyConfigError(
-            f"{why}, but {spec.name!r} needs every client's individual update; use one of {', '.join(SECAGG_STRATEGIES)}"
+            f"{why}, but {spec.name!r} needs every client's individual update;"
+            f" use one of {', '.join(SECAGG_STRATEGIES)}"
         )
     if spec.name not in SECAGG_STRATEGIES:
         raise StrategyConfigError(

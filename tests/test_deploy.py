@@ -1,0 +1,389 @@
+"""Real deployment on Flower's runtime: certificates, the SuperLink/SuperNode/flwr run command lines, and a
+TLS + node-authenticated federation of 3 SuperNodes on 127.0.0.1 (an unregistered node is refused)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import tomllib
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import load_pem_private_key, load_ssh_private_key
+from cryptography.x509.oid import ExtendedKeyUsageOID
+
+from client.node import NodeSpec, client_id_from_key, node_config, supernode_argv
+from server.deploy import (
+    CertPaths,
+    DeployError,
+    deploy_env,
+    list_nodes,
+    run_argv,
+    superlink_argv,
+    write_certificates,
+    write_connection,
+    write_node_key,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+FEDSLM = str(Path(sys.executable).with_name("fedslm"))
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> CertPaths:
+    return write_certificates(tmp_path_factory.mktemp("deploy") / "certs", 3, hosts=["fl.example.org", "10.1.2.3"])
+
+
+@pytest.fixture
+def deploy_log(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFixture]:
+    """caplog on the ``fedslm`` logger (it does not propagate once the CLI has set up logging)."""
+    logger = logging.getLogger("fedslm")
+    logger.addHandler(caplog.handler)
+    caplog.set_level(logging.WARNING, logger="fedslm")
+    try:
+        yield caplog
+    finally:
+        logger.removeHandler(caplog.handler)
+
+
+# -- certificates ------------------------------------------------------------------------------
+
+
+def test_certs_are_parseable_and_chain_to_the_ca(certs: CertPaths) -> None:
+    ca = x509.load_pem_x509_certificate(certs.ca_cert.read_bytes())
+    server = x509.load_pem_x509_certificate(certs.server_cert.read_bytes())
+    assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    server.verify_directly_issued_by(ca)  # raises if the signature or issuer is wrong
+    sans = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert set(sans.get_values_for_type(x509.DNSName)) == {"localhost", "fl.example.org"}
+    assert {str(ip) for ip in sans.get_values_for_type(x509.IPAddress)} == {"127.0.0.1", "10.1.2.3"}
+    eku = server.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert ExtendedKeyUsageOID.SERVER_AUTH in eku
+    key = load_pem_private_key(certs.server_key.read_bytes(), None)
+    assert key.public_key() == server.public_key()
+    for private in (certs.ca_key, certs.server_key, certs.node_key(0)):
+        assert private.stat().st_mode & 0o077 == 0, f"{private} is readable by others"
+
+
+def test_node_keys_are_what_flower_reads(certs: CertPaths) -> None:
+    from flwr.cli.supernode.register import try_load_public_key
+    from flwr.supercore.primitives.asymmetric import public_key_to_bytes
+
+    lines = certs.public_keys.read_text().splitlines()
+    assert len(lines) == 3
+    for k in range(3):
+        private = load_ssh_private_key(certs.node_key(k).read_bytes(), None)  # as flower-supernode loads it
+        assert isinstance(private, ec.EllipticCurvePrivateKey) and private.curve.name == "secp384r1"
+        assert try_load_public_key(certs.node_pub(k)) == public_key_to_bytes(private.public_key())
+        assert lines[k] == certs.node_pub(k).read_text().strip()
+        assert lines[k].startswith("ecdsa-sha2-nistp384 ") and lines[k].endswith(f"fedslm-node-{k}")
+    assert client_id_from_key(certs.node_key(2)) == 2
+
+
+def test_certs_refuse_to_overwrite_a_ca(certs: CertPaths) -> None:
+    with pytest.raises(DeployError, match="--force"):
+        write_certificates(certs.root, 1)
+
+
+# -- command lines -----------------------------------------------------------------------------
+
+
+def _flag(argv: list[str], name: str) -> str:
+    return argv[argv.index(name) + 1]
+
+
+def test_superlink_argv_turns_on_tls_and_node_auth(certs: CertPaths, deploy_log: pytest.LogCaptureFixture) -> None:
+    from flwr.superlink.cli.flower_superlink import _parse_args_run_superlink
+
+    argv = superlink_argv(certs.root, "127.0.0.1:9555")
+    assert _flag(argv, "--ssl-ca-certfile") == str(certs.ca_cert)
+    assert _flag(argv, "--ssl-certfile") == str(certs.server_cert)
+    assert _flag(argv, "--ssl-keyfile") == str(certs.server_key)
+    assert "--enable-supernode-auth" in argv and "--insecure" not in argv
+    args = _parse_args_run_superlink().parse_args(argv[1:])  # every flag exists in the installed Flower
+    assert args.enable_supernode_auth and not args.insecure
+    assert args.runtime_dependency_install is False and (args.host, args.port) == ("127.0.0.1", 9555)
+    assert not deploy_log.records
+    with pytest.raises(DeployError, match="--certs"):
+        superlink_argv(None)
+
+
+def test_insecure_superlink_warns(deploy_log: pytest.LogCaptureFixture) -> None:
+    argv = superlink_argv(None, insecure=True)
+    assert "--insecure" in argv and "--enable-supernode-auth" not in argv and "--ssl-certfile" not in argv
+    assert "--disable-runtime-dependency-installation" in argv
+    assert any(r.levelno == logging.WARNING and "INSECURE" in r.getMessage() for r in deploy_log.records)
+
+
+def test_supernode_argv_carries_tls_key_and_node_config(
+    certs: CertPaths, tmp_path: Path, deploy_log: pytest.LogCaptureFixture
+) -> None:
+    from flwr.common.config import parse_config_args
+    from flwr.supernode.cli.flower_supernode import _parse_args_run_supernode
+
+    spec = NodeSpec(
+        key=certs.node_key(1),
+        data=tmp_path / "my data.jsonl",
+        client_id=1,
+        root_certificates=certs.ca_cert,
+        superlink="10.1.2.3:9555",
+        profile="phone",
+        state_dir=tmp_path / "state",
+    )
+    argv = supernode_argv(spec)
+    args = _parse_args_run_supernode().parse_args(argv[1:])
+    assert args.root_certificates == str(certs.ca_cert) and not args.insecure
+    assert args.auth_supernode_private_key == str(certs.node_key(1))
+    assert args.superlink == "10.1.2.3:9555" and args.isolation == "subprocess"
+    assert args.port == 9095 and args.host == "127.0.0.1"  # 9094 + client id: several nodes on one machine
+    assert args.runtime_dependency_install is False
+    assert parse_config_args([node_config(spec)]) == {
+        "data-path": str((tmp_path / "my data.jsonl").resolve()),
+        "client-id": 1,
+        "state-dir": str((tmp_path / "state").resolve()),
+        "profile": "phone",
+    }
+    assert not deploy_log.records
+    insecure = supernode_argv(NodeSpec(key=None, data=tmp_path / "d.jsonl", client_id=0, insecure=True))
+    assert "--insecure" in insecure and "--root-certificates" not in insecure
+    assert any("INSECURE" in r.getMessage() for r in deploy_log.records)
+    assert "profile" not in node_config(NodeSpec(key=None, data=tmp_path, client_id=0, insecure=True))
+    with pytest.raises(DeployError, match="--profile"):
+        NodeSpec(key=None, data=tmp_path, client_id=0, profile='a" b')
+
+
+def test_run_argv_and_connection(certs: CertPaths, tmp_path: Path) -> None:
+    from flwr.common.config import parse_config_args
+
+    argv = run_argv(
+        ROOT, "site", "configs/tiny.yaml", "/srv/runs/a", ["train.local_steps=1", "federation.num_rounds=2"]
+    )
+    assert argv[1:4] == ["run", str(ROOT), "site"] and "--stream" in argv
+    assert parse_config_args([_flag(argv, "--run-config")]) == {
+        "config": "configs/tiny.yaml",
+        "out-dir": "/srv/runs/a",
+        "set": "train.local_steps=1,federation.num_rounds=2",
+    }
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "config.toml").write_text('[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local:"\n')
+    write_connection(home, "site", "127.0.0.1:9555", certs.ca_cert)
+    conf = tomllib.loads((home / "config.toml").read_text())
+    assert conf["superlink"]["default"] == "local" and conf["superlink"]["local"]["address"] == ":local:"
+    assert conf["superlink"]["site"] == {"address": "127.0.0.1:9555", "root-certificates": str(certs.ca_cert)}
+    env = deploy_env({"PATH": "/usr/bin", "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "0"})
+    assert env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] == "1"
+    assert env["PATH"].split(os.pathsep)[0] == str(Path(sys.executable).parent)
+
+
+@pytest.fixture
+def cli_logging() -> Iterator[None]:
+    """``fedslm``'s main() sets up console logging (no propagation): undo it for the tests that follow."""
+    logger = logging.getLogger("fedslm")
+    saved = (list(logger.handlers), logger.level, logger.propagate)
+    try:
+        yield
+    finally:
+        logger.handlers[:], logger.level, logger.propagate = saved[0], saved[1], saved[2]
+
+
+def test_cli_subcommands_fail_early(tmp_path: Path, capsys: pytest.CaptureFixture[str], cli_logging: None) -> None:
+    from simulation.cli import main
+
+    assert main(["certs", "--out", str(tmp_path / "c"), "--nodes", "2"]) == 0
+    assert CertPaths(tmp_path / "c").node_pub(1).is_file() and not CertPaths(tmp_path / "c").node_key(2).exists()
+    assert main(["certs", "--out", str(tmp_path / "c"), "--nodes", "2"]) == 1  # an existing CA is kept
+    assert main(["server", "--certs", str(tmp_path / "missing")]) == 1
+    assert "fedslm certs --out" in capsys.readouterr().err
+    key = str(tmp_path / "c" / "nodes" / "node-1.key")
+    assert main(["node", "--certs", str(tmp_path / "c"), "--key", key, "--data", str(tmp_path / "no.jsonl")]) == 1
+    assert "no.jsonl: no such file" in capsys.readouterr().err
+    # the run config is validated before anything is submitted
+    assert main(["run", "configs/tiny.yaml", "--set", "model.quantization=fp4", "--app", str(ROOT)]) == 2
+
+
+# -- a federation on 127.0.0.1 -----------------------------------------------------------------
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _descendants(pid: int) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+class Processes:
+    """Processes started by a test, each in its own session; all of them and their children stopped at the end."""
+
+    def __init__(self, logs: Path) -> None:
+        self.logs = logs
+        self.started: list[subprocess.Popen[bytes]] = []
+
+    def start(self, name: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+        with (self.logs / f"{name}.log").open("wb") as out:
+            proc = subprocess.Popen(
+                argv, env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        self.started.append(proc)
+        return proc
+
+    def log(self, name: str) -> str:
+        return (self.logs / f"{name}.log").read_text(errors="replace")
+
+    def stop_all(self) -> None:
+        """SIGTERM to every process started and its descendants (Flower's SuperExec runs in a session of its
+        own, its app processes below it), SIGKILL to what is left after 10 s."""
+        pids: set[int] = set()
+        for proc in self.started:
+            pids |= {proc.pid, *_descendants(proc.pid)}
+        for sig, grace in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, sig)
+            deadline = time.monotonic() + grace
+            while pids and time.monotonic() < deadline:
+                for proc in self.started:
+                    proc.poll()  # reap our direct children
+                pids = {p for p in pids if _state(p) not in ("Z", "gone")}
+                time.sleep(0.1)
+            if not pids:
+                return
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "gone"
+
+
+@pytest.fixture
+def processes(tmp_path: Path) -> Iterator[Processes]:
+    procs = Processes(tmp_path)
+    try:
+        yield procs
+    finally:
+        procs.stop_all()
+
+
+def _wait(what: str, check, timeout: float, interval: float = 1.0):  # noqa: ANN001, ANN202
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def _node_data(out: Path, clients: int) -> list[Path]:
+    """Each node's private file: the natural partition the simulation would give that client."""
+    from slm import data as data_mod
+    from slm.config import load_config
+    from slm.model import cache_root
+
+    cfg = load_config(ROOT / "configs" / "tiny.yaml")
+    paths = []
+    for k in range(clients):
+        recs = data_mod.client_records(cfg.data, cache_root(cfg.model), k, clients).records
+        paths.append(out / f"node-{k}.jsonl")
+        paths[-1].write_text("".join(json.dumps(r) + "\n" for r in recs))
+    return paths
+
+
+@pytest.mark.timeout(300)
+def test_tls_federation_of_three_authenticated_nodes(tmp_path: Path, processes: Processes) -> None:
+    t0 = time.monotonic()
+    certs = write_certificates(tmp_path / "certs", 3)
+    intruder = tmp_path / "intruder" / "node-9.key"  # a valid key pair, never registered
+    write_node_key(intruder, intruder.with_suffix(".pub"))
+    data = _node_data(tmp_path, 3)
+    link_port, *node_ports = _free_ports(5)
+    link = f"127.0.0.1:{link_port}"
+    env = deploy_env(FLWR_HOME=str(tmp_path / "flwr-home"), FEDSLM_LOG="INFO")
+
+    server = processes.start(
+        "server", [FEDSLM, "server", "--certs", str(certs.root), "--address", link, "--connection", "t"], env
+    )
+    _wait(
+        "the SuperLink to start and register the 3 node keys",
+        lambda: server.poll() is not None or processes.log("server").count("as SuperNode") == 3,
+        timeout=60,
+        interval=0.2,
+    )
+    assert server.poll() is None, processes.log("server")[-3000:]
+
+    def node(name: str, key: Path, data_file: Path, port: int) -> subprocess.Popen[bytes]:
+        argv = [FEDSLM, "node", "--certs", str(certs.root), "--key", str(key), "--data", str(data_file)]
+        argv += ["--superlink", link, "--runtime-port", str(port), "--state-dir", str(tmp_path / "state")]
+        return processes.start(name, argv, env)
+
+    nodes = [node(f"node-{k}", certs.node_key(k), data[k], node_ports[k]) for k in range(3)]
+    stranger = node("intruder", intruder, data[0], node_ports[3])
+    _wait("3 nodes online", lambda: sum(n["status"] == "online" for n in _nodes_or_empty(env)) == 3, timeout=60)
+    assert all(n.poll() is None for n in nodes)
+
+    # the unregistered node is refused by the SuperLink and gives up; it never joins
+    _wait("the unregistered node to exit", lambda: stranger.poll() is not None, timeout=60, interval=0.5)
+    assert stranger.returncode != 0
+    assert "Failed to activate SuperNode" in processes.log("intruder"), processes.log("intruder")[-2000:]
+    assert "No SuperNode found with the given public key" in processes.log("server")
+    assert len(_nodes_or_empty(env)) == 3
+    t_ready = time.monotonic() - t0
+
+    out = tmp_path / "run"
+    overrides = ["federation.num_clients=3", "federation.num_rounds=2", "train.local_steps=1"]
+    run = [FEDSLM, "run", "configs/tiny.yaml", "--connection", "t", "--out", str(out), "--app", str(ROOT)]
+    for o in overrides:
+        run += ["--set", o]
+    proc = subprocess.run(run, env=env, cwd=ROOT, capture_output=True, text=True, timeout=200)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    assert [r["clients"] for r in rows[1:]] == [3, 3] and all(r["failed"] == 0 for r in rows), (
+        rows,
+        proc.stdout[-6000:],
+    )
+    assert rows[2]["eval_loss"] < rows[0]["eval_loss"]
+    assert (out / "adapters" / "round-002" / "adapter_config.json").is_file()
+    assert all(n.poll() is None for n in nodes)
+    print(f"deploy: ready in {t_ready:.1f} s, run in {time.monotonic() - t0 - t_ready:.1f} s")
+
+
+def _nodes_or_empty(env: dict[str, str]) -> list[dict[str, object]]:
+    try:
+        return list_nodes("t", env, timeout=30)
+    except (DeployError, subprocess.TimeoutExpired):
+        return []
