@@ -10,6 +10,7 @@ lives in :mod:`slm.privacy`; this module only reports the steps and sampling rat
 
 from __future__ import annotations
 
+import inspect
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -79,6 +80,28 @@ def sequence_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return (nll * mask).sum(1) / mask.sum(1).clamp(min=1.0)
 
 
+def answer_positions(labels: torch.Tensor) -> torch.Tensor:
+    """Sequence positions whose logits predict an answer token in any row (logit ``t`` predicts
+    token ``t + 1``): the only logits a causal-LM loss needs. Prompts are long and answers short,
+    so the vocabulary projection and its softmax shrink several-fold (time and peak memory)."""
+    return (labels[:, 1:] != IGNORE).any(0).nonzero().flatten()
+
+
+def sequence_losses_at(logits: torch.Tensor, labels: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """:func:`sequence_losses` from the logits at ``keep`` only (``logits`` is ``(batch, len(keep), V)``)."""
+    target = labels[:, keep + 1]
+    nll = F.cross_entropy(logits.float().transpose(1, 2), target, ignore_index=IGNORE, reduction="none")
+    mask = (target != IGNORE).float()
+    return (nll * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+
+
+def _keeps_logits(model: Any) -> bool:
+    """Whether the causal LM's forward takes ``logits_to_keep`` (Llama, Qwen2, Mistral, Phi-3, Gemma ...)."""
+    inner = getattr(model, "_module", model)
+    base = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
+
+
 def _trainable(model: Any, train_lora_a: bool) -> list[torch.nn.Parameter]:
     params = []
     for name, p in model.named_parameters():
@@ -138,6 +161,7 @@ def train_local(
             generator=None if cfg.dp.secure_mode else torch.Generator().manual_seed(cfg.seed + 1),
         )
     model.train()
+    keep_logits = _keeps_logits(model)
     before = [p.detach().clone() for p in params]
     losses: list[float] = []
     seen = empty = 0
@@ -151,8 +175,16 @@ def train_local(
                 dp_opt.zero_grad(set_to_none=True)
             if idx:
                 batch = collate([examples[i] for i in idx], pad_id)
-                out = forward_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-                loss = sample_losses(out.logits, batch["labels"]).mean()
+                labels = batch["labels"]
+                if labels.dim() == 2 and keep_logits:  # causal LM: project only the answer positions
+                    keep = answer_positions(labels)
+                    out = forward_model(
+                        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep
+                    )
+                    loss = sequence_losses_at(out.logits, labels, keep).mean()
+                else:
+                    out = forward_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+                    loss = sample_losses(out.logits, labels).mean()
                 if not torch.isfinite(loss):
                     raise TrainingError(f"non-finite loss {loss.item()} at step {step}")
                 loss.backward()

@@ -9,7 +9,15 @@ from slm import data
 from slm.adapters import adapter_state
 from slm.config import DataConfig
 from slm.model import cache_root
-from slm.training import DPSettings, LocalTraining, TrainingError, sequence_losses, train_local
+from slm.training import (
+    DPSettings,
+    LocalTraining,
+    TrainingError,
+    answer_positions,
+    sequence_losses,
+    sequence_losses_at,
+    train_local,
+)
 
 
 def _examples(tok, n: int = 64) -> list[dict[str, list[int]]]:
@@ -34,6 +42,28 @@ def test_sequence_losses_are_per_sequence_token_means() -> None:
     assert got.shape == (2,)
     assert got[0].item() == pytest.approx((nll_confident + uniform) / 2, rel=1e-6)
     assert got[1].item() == pytest.approx(uniform, rel=1e-6)
+
+
+def test_only_answer_logits_give_the_same_loss_and_gradients(fresh) -> None:
+    """Training projects only the positions that predict answer tokens (``logits_to_keep``)."""
+    tok = fresh.base.tokenizer
+    batch = data.collate(_examples(tok, 8), tok.pad_token_id)
+    keep = answer_positions(batch["labels"])
+    assert 0 < len(keep) < batch["labels"].shape[1] // 3  # measured: 16 of 59 positions
+    grads = []
+    for kwargs in ({}, {"logits_to_keep": keep}):
+        fresh.model.zero_grad(set_to_none=True)
+        out = fresh.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kwargs)
+        if kwargs:
+            loss = sequence_losses_at(out.logits, batch["labels"], keep).mean()
+        else:
+            loss = sequence_losses(out.logits, batch["labels"]).mean()
+        loss.backward()
+        grads.append((loss.item(), [p.grad.clone() for n, p in fresh.model.named_parameters() if "lora_" in n]))
+    (full, g_full), (kept, g_kept) = grads
+    fresh.model.zero_grad(set_to_none=True)
+    assert kept == pytest.approx(full, rel=1e-6)
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-7) for a, b in zip(g_full, g_kept, strict=True))
 
 
 def test_plain_training_lowers_loss(fresh) -> None:
