@@ -14,6 +14,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from slm.logs import get_logger
+from slm.records import arrays_of, make_metrics
 
 from .runner import ClientRunner, DeclinedRound, node_client_id
 
@@ -27,14 +28,14 @@ def train(msg: Message, context: Context) -> Message:
     t0 = time.perf_counter()
     runner = ClientRunner.from_message(msg, context)
     try:
-        arrays, metrics = runner.train(msg.content["arrays"])
+        arrays, metrics = runner.train(arrays_of(msg.content))
     except DeclinedRound as declined:
         log.warning("client %s declines round %s: %s", runner.client_id, runner.server_round, declined)
         metrics = {**declined.metrics, "declined": 1, "num-examples": 0}
-        content = RecordDict({"metrics": MetricRecord(metrics), "decline": ConfigRecord({"reason": str(declined)})})
+        content = RecordDict({"metrics": make_metrics(metrics), "decline": ConfigRecord({"reason": str(declined)})})
         return Message(content=content, reply_to=msg)
     metrics["client-seconds"] = time.perf_counter() - t0
-    content = RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)})
+    content = RecordDict({"arrays": arrays, "metrics": make_metrics(metrics)})
     return Message(content=content, reply_to=msg)
 
 
@@ -48,8 +49,8 @@ def query(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     runner = ClientRunner.from_message(msg, context)
-    metrics = runner.evaluate(msg.content["arrays"])
-    return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+    metrics = runner.evaluate(arrays_of(msg.content))
+    return Message(content=RecordDict({"metrics": make_metrics(metrics)}), reply_to=msg)
 
 
 __all__ = ["app", "ArrayRecord"]

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
@@ -24,6 +24,7 @@ from slm import wire
 from slm.adapters import arrays_to_numpy, from_arrayrecord, numpy_to_arrays, to_arrayrecord
 from slm.config import RunConfig
 from slm.logs import get_logger
+from slm.records import arrays_of, as_float, as_int, metrics_of
 from strategies import registry
 
 from . import checkpoint
@@ -50,7 +51,7 @@ def content_nbytes(content: RecordDict) -> int:
 @dataclass
 class RoundReplies:
     ok: list[Message] = field(default_factory=list)
-    failed: list[tuple[int, str]] = field(default_factory=list)
+    failed: list[tuple[int, str | None]] = field(default_factory=list)
     declined: list[Message] = field(default_factory=list)
     rejected: list[tuple[int, str]] = field(default_factory=list)
     invalid: list[Message] = field(default_factory=list)  # screened out by check_update
@@ -97,11 +98,8 @@ def client_id(msg: Message, client_of: dict[int, int]) -> int:
     """The client id a reply speaks for (its ``client-id`` metric, else the node's known id)."""
     node = msg.metadata.src_node_id
     if msg.has_content() and "metrics" in msg.content and "client-id" in msg.content["metrics"]:
-        return int(msg.content["metrics"]["client-id"])
+        return as_int(msg.content["metrics"]["client-id"], "client-id")
     return client_of.get(node, node)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._grid, name)
 
 
 class Federation:
@@ -123,7 +121,7 @@ class Federation:
     def _train_config(self) -> ConfigRecord:
         return ConfigRecord({"run-config": self.cfg.to_yaml(), "run-name": self.run_name})
 
-    def _evaluate(self, rnd: int, arrays: ArrayRecord) -> dict[str, float]:
+    def _evaluate(self, rnd: int, arrays: ArrayRecord) -> dict[str, Any]:
         t0 = time.perf_counter()
         m = self.evaluator(arrays)
         log.info(
@@ -149,7 +147,7 @@ class Federation:
         ]
         for msg in grid.send_and_receive(messages, timeout=min(self.cfg.federation.round_timeout_s, 600.0)):
             if not msg.has_error() and "metrics" in msg.content and "client-id" in msg.content["metrics"]:
-                self.client_of[msg.metadata.src_node_id] = int(msg.content["metrics"]["client-id"])
+                self.client_of[msg.metadata.src_node_id] = as_int(msg.content["metrics"]["client-id"], "client-id")
         unknown = len(nodes) - len(self.client_of)
         log.info(
             "%d nodes, client ids %s%s",
@@ -201,7 +199,8 @@ class Federation:
             if not available.get_node_ids():
                 log.warning("every client has spent its privacy budget: stopping before round %d", rnd)
                 break
-            messages = list(self.strategy.configure_train(rnd, arrays, self._train_config(), available))
+            # a Grid view: its own node list, everything else delegated to the grid
+            messages = list(self.strategy.configure_train(rnd, arrays, self._train_config(), cast(Grid, available)))
             self._to_wire(messages)
             down = sum(content_nbytes(m.content) for m in messages)
             received = grid.send_and_receive(messages, timeout=fed.round_timeout_s)
@@ -212,7 +211,7 @@ class Federation:
             for node, reason in replies.failed:
                 log.warning("round %d: node %s failed: %s", rnd, node, reason)
             for msg in replies.declined:
-                reason = msg.content["decline"]["reason"] if "decline" in msg.content else "no reason given"
+                reason = str(msg.content["decline"]["reason"]) if "decline" in msg.content else "no reason given"
                 log.warning("round %d: node %s declined to train: %s", rnd, msg.metadata.src_node_id, reason)
             self._note_epsilons(replies.ok + replies.declined)
             train_metrics: dict[str, Any] = {}
@@ -249,7 +248,7 @@ class Federation:
         encoded: dict[int, ArrayRecord] = {}
         for msg in messages:
             if "arrays" in msg.content:
-                record = msg.content["arrays"]
+                record = arrays_of(msg.content)
                 if any(record is e for e in encoded.values()):
                     continue  # messages of one round may share their content
                 if id(record) not in encoded:
@@ -267,7 +266,7 @@ class Federation:
         for msg in replies.ok:
             node = msg.metadata.src_node_id
             try:
-                update = check_update(msg.content["arrays"], reference, self.cfg.security, flexible_rank=flexible)
+                update = check_update(arrays_of(msg.content), reference, self.cfg.security, flexible_rank=flexible)
             except UpdateRejected as e:
                 log.warning("round %d: update of node %s rejected: %s", rnd, node, e)
                 replies.rejected.append((node, str(e)))
@@ -296,8 +295,10 @@ class Federation:
             if msg.has_error():
                 log.warning("round %d: node %s failed to evaluate: %s", rnd, msg.metadata.src_node_id, msg.error.reason)
                 continue
-            m = msg.content["metrics"]
-            out[str(int(m["client-id"]))] = {k: float(v) for k, v in m.items() if k.startswith("eval_")}
+            m = metrics_of(msg.content)
+            out[str(as_int(m["client-id"], "client-id"))] = {
+                k: as_float(v, k) for k, v in m.items() if k.startswith("eval_")
+            }
         accs = ", ".join(f"client {k}: {v.get('eval_accuracy', float('nan')):.3f}" for k, v in sorted(out.items()))
         log.info("round %d per-client accuracy on own validation data: %s", rnd, accs)
         return out, sent
@@ -312,14 +313,14 @@ class Federation:
 
     def _note_epsilons(self, msgs: list[Message]) -> None:
         for msg in msgs:
-            m = msg.content["metrics"]
+            m = metrics_of(msg.content)
             if m.get("budget-exhausted", 0):
                 self.exhausted.add(client_id(msg, self.client_of))
             if "epsilon" in m:
-                client = int(m.get("client-id", msg.metadata.src_node_id))
-                self.epsilon_by_client[client] = float(m["epsilon"])
+                client = as_int(m.get("client-id", msg.metadata.src_node_id), "client-id")
+                self.epsilon_by_client[client] = as_float(m["epsilon"], "epsilon")
                 self.privacy_by_client[client] = {
-                    k: float(m[k]) for k in ("epsilon", "noise-multiplier", "sample-rate", "delta") if k in m
+                    k: as_float(m[k], k) for k in ("epsilon", "noise-multiplier", "sample-rate", "delta") if k in m
                 }
 
     def _record(
@@ -352,7 +353,9 @@ class Federation:
             "epsilon_max": max(eps) if eps else None,
             "epsilon_mean": sum(eps) / len(eps) if eps else None,
             "epsilon_central": train.get("epsilon-central"),
-            "model_loads_max": max((int(m.content["metrics"].get("model-loads", 0)) for m in replies.ok), default=None),
+            "model_loads_max": max(
+                (as_int(m.content["metrics"].get("model-loads", 0), "model-loads") for m in replies.ok), default=None
+            ),
         }
         row.update({k: ev[k] for k in ("eval_precision", "eval_recall", "eval_f1") if k in ev})  # classification
         if "per_client" in ev:

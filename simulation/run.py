@@ -7,10 +7,13 @@ import os
 import queue
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from slm.config import RunConfig
 from slm.logs import get_logger
+
+if TYPE_CHECKING:
+    from flwr.app import ConfigRecordValues
 
 log = get_logger(__name__)
 
@@ -98,7 +101,7 @@ def simulate(
     else:
         server_app = make_server_app(cfg, out_dir, run_name, _guard(on_round, errors), resume=ck)
     cpus = os.cpu_count() or 2
-    backend_config = {
+    backend_config: dict[str, dict[str, ConfigRecordValues]] = {
         "client_resources": {"num_cpus": min(fed.client_cpus, cpus), "num_gpus": 0.0},
         "init_args": {"num_cpus": cpus, "include_dashboard": False, "logging_level": "warning"},
     }

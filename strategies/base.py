@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from logging import INFO
 from typing import TYPE_CHECKING, Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 
 from slm.logs import get_logger
@@ -52,9 +52,10 @@ class LoRAStrategyMixin:
     def sample(self, grid: Grid) -> list[int]:
         # the federation's grid view lists nodes in client-id order and hides clients whose privacy
         # budget is spent; the round's size stays a fraction of ALL nodes (what DP was calibrated for)
-        ordered = hasattr(grid, "all_node_ids")
+        all_node_ids = getattr(grid, "all_node_ids", None)  # the federation's AvailableGrid has it
+        ordered = all_node_ids is not None
         nodes = list(grid.get_node_ids()) if ordered else sorted(grid.get_node_ids())
-        population = len(grid.all_node_ids()) if ordered else len(nodes)
+        population = len(all_node_ids()) if all_node_ids is not None else len(nodes)
         n = max(int(population * self.fraction_train), self.min_train_nodes)
         n = min(n, len(nodes))
         picked = set(self._rng.sample(range(len(nodes)), n))
@@ -76,6 +77,12 @@ class LoRAStrategyMixin:
         finally:
             self.fraction_train, self.min_train_nodes, self.min_available_nodes = saved
         return sorted(messages, key=lambda m: m.metadata.dst_node_id)
+
+    if TYPE_CHECKING:  # provided by the Flower strategy the mixin is combined with
+
+        def aggregate_train(
+            self, server_round: int, replies: Iterable[Message]
+        ) -> tuple[ArrayRecord | None, MetricRecord | None]: ...
 
     # -- checkpointing ----------------------------------------------------------------------
     # Flower's server-optimizer state: FedOpt's moments (dicts of arrays), FedAvgM's momentum (list)

@@ -12,6 +12,8 @@ from flwr.app.message.message import make_message
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from slm.records import arrays_of, metrics_of
+
 from .aggregation import clip_update
 
 
@@ -39,13 +41,13 @@ class WrapperStrategy(Strategy):
         """Each reply with its update ``w_i - w`` clipped to ``max_norm`` (metrics updated by ``metrics``)."""
         out, norms = [], []
         for msg in replies:
-            update = {k: v.numpy() for k, v in msg.content["arrays"].items()}
+            update = {k: v.numpy() for k, v in arrays_of(msg.content).items()}
             clipped, norm = clip_update(update, {k: self._current[k] for k in update}, max_norm)
             norms.append(norm)
             content = RecordDict(
                 {
                     "arrays": ArrayRecord({k: Array(v) for k, v in clipped.items()}),
-                    "metrics": MetricRecord({**dict(msg.content["metrics"]), **(metrics or {})}),
+                    "metrics": MetricRecord({**dict(metrics_of(msg.content)), **(metrics or {})}),
                 }
             )
             out.append(make_message(msg.metadata, content=content))
