@@ -164,6 +164,7 @@ class ClientRunner:
             proximal_mu=float(self.strategy_keys.get("proximal-mu", 0.0)),
             train_lora_a=bool(self.strategy_keys.get("train-lora-a", True)),
             dp=dp,
+            length_bucketing=t.length_bucketing,
         )
         result = train_local(model, train_ex, tokenizer.pad_token_id, spec)
         if accountant is not None:

@@ -99,6 +99,7 @@ class TrainConfig:
     learning_rate: float = _f(2e-3, "AdamW learning rate of the LoRA parameters")
     weight_decay: float = _f(0.0, "AdamW weight decay")
     seed: int = _f(0, "seed of local shuffling and dropout (mixed with client id and round)")
+    length_bucketing: bool = _f(False, "batch records of similar length (less padding); not with local DP")
 
     def __post_init__(self) -> None:
         _check(self.local_steps >= 1, "train.local_steps", "must be >= 1")
@@ -309,6 +310,12 @@ class RunConfig:
         for f in dataclasses.fields(self):
             if getattr(self, f.name) is None and f.name in _SECTIONS:
                 setattr(self, f.name, _SECTIONS[f.name]())
+        _check(
+            not (self.train.length_bucketing and self.privacy.local),
+            "train.length_bucketing",
+            "cannot be combined with privacy.mode local/both: DP-SGD's Poisson sampling must pick every"
+            " record independently of its length; set it to false",
+        )
         _check_profiles(self)
 
     def to_dict(self) -> dict[str, Any]:

@@ -49,6 +49,7 @@ class LocalTraining:
     proximal_mu: float = 0.0
     train_lora_a: bool = True
     dp: DPSettings | None = None
+    length_bucketing: bool = False  # batches of similar lengths (less padding); never under DP
 
 
 @dataclass
@@ -114,15 +115,33 @@ def _trainable(model: Any, train_lora_a: bool) -> list[torch.nn.Parameter]:
     return params
 
 
-def _batches(n: int, cfg: LocalTraining, gen: torch.Generator) -> Iterator[list[int]]:
-    """Shuffled epochs of fixed-size batches, or Poisson batches under DP."""
+BUCKET_WINDOW = 16  # batches per window that length bucketing sorts (HF's group_by_length uses 50)
+
+
+def _batches(lengths: list[int], cfg: LocalTraining, gen: torch.Generator) -> Iterator[list[int]]:
+    """Shuffled epochs of fixed-size batches, or Poisson batches under DP.
+
+    With ``length_bucketing`` each epoch's shuffled order is sorted by length within windows of
+    ``BUCKET_WINDOW`` batches and the batches are then shuffled: every record still appears once per
+    epoch, a batch pads to a width close to its members' lengths. DP-SGD never buckets (the
+    config refuses it): Poisson sampling must pick each record independently of its length.
+    """
+    n = len(lengths)
     if cfg.dp is not None:
+        if cfg.length_bucketing:
+            raise TrainingError("length bucketing would make DP-SGD's batches depend on the data")
         while True:
             yield torch.nonzero(torch.rand(n, generator=gen) < cfg.dp.sample_rate).flatten().tolist()
+    size = min(cfg.batch_size, n)
     while True:
         order = torch.randperm(n, generator=gen).tolist()
-        for i in range(0, n - cfg.batch_size + 1 if n >= cfg.batch_size else 1, cfg.batch_size):
-            yield order[i : i + cfg.batch_size]
+        batches = [order[i : i + size] for i in range(0, n - size + 1, size)]
+        if cfg.length_bucketing:
+            window = size * BUCKET_WINDOW
+            order = [j for w in range(0, n, window) for j in sorted(order[w : w + window], key=lengths.__getitem__)]
+            batches = [order[i : i + size] for i in range(0, n - size + 1, size)]
+            batches = [batches[k] for k in torch.randperm(len(batches), generator=gen).tolist()]
+        yield from batches
 
 
 def train_local(
@@ -167,7 +186,7 @@ def train_local(
     seen = empty = 0
     t0 = time.perf_counter()
     try:
-        batches = _batches(len(examples), cfg, gen)
+        batches = _batches([len(e["input_ids"]) for e in examples], cfg, gen)
         for step in range(cfg.steps):
             idx = next(batches)
             optimizer.zero_grad(set_to_none=True)
@@ -192,8 +211,8 @@ def train_local(
                 seen += len(idx)
             else:  # an empty Poisson batch: a noise-only step
                 empty += 1
-                for p in params:
-                    p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
+                for p in params:  # Opacus' per-sample gradients: an attribute it adds to parameters at runtime
+                    p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)  # type: ignore[attr-defined]
             _step(optimizer, dp_opt, anchors, cfg.proximal_mu)
             if step == 0:
                 _check_moved(params, before, names)
@@ -203,7 +222,7 @@ def train_local(
         if cfg.dp is not None:
             forward_model._close()  # remove Opacus hooks: the resident model is reused
             for p in params:
-                p.grad_sample = None
+                p.grad_sample = None  # type: ignore[attr-defined]  # Opacus' attribute, set at runtime
         for p in model.parameters():
             if "lora_A" in names.get(id(p), ""):
                 p.requires_grad_(True)

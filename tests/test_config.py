@@ -31,6 +31,10 @@ def _write(tmp_path: Path, text: str) -> Path:
         ("strategy:\n  name: fedavgx\n", ["strategy", "fedavgx", "fedavg"]),
         ("model: [1, 2]\n", ["model", "mapping"]),
         ("train:\n  learning_rate: true\n", ["train.learning_rate", "expected a number"]),
+        (
+            "train:\n  length_bucketing: true\nprivacy:\n  mode: local\n",
+            ["train.length_bucketing", "privacy.mode", "Poisson"],
+        ),
     ],
 )
 def test_bad_configs_fail_with_file_key_and_allowed_values(tmp_path: Path, text: str, needles: list[str]) -> None:

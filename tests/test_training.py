@@ -10,9 +10,11 @@ from slm.adapters import adapter_state
 from slm.config import DataConfig
 from slm.model import cache_root
 from slm.training import (
+    BUCKET_WINDOW,
     DPSettings,
     LocalTraining,
     TrainingError,
+    _batches,
     answer_positions,
     sequence_losses,
     sequence_losses_at,
@@ -131,3 +133,33 @@ def test_dp_training_lowers_loss_on_tiny_model(fresh) -> None:
 def test_no_examples_is_an_error(fresh) -> None:
     with pytest.raises(TrainingError, match="no training examples"):
         train_local(fresh.model, [], 0, LocalTraining(steps=1, batch_size=1, learning_rate=0.1))
+
+
+def _epoch(lengths: list[int], bucketing: bool, seed: int = 0) -> list[list[int]]:
+    spec = LocalTraining(steps=1, batch_size=4, learning_rate=0.1, length_bucketing=bucketing)
+    batches = _batches(lengths, spec, torch.Generator().manual_seed(seed))
+    return [next(batches) for _ in range(len(lengths) // 4)]
+
+
+def _padding(lengths: list[int], batches: list[list[int]]) -> int:
+    return sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in batches)
+
+
+def test_length_bucketing_keeps_every_record_once_per_epoch_and_pads_less() -> None:
+    gen = torch.Generator().manual_seed(1)
+    lengths = torch.randint(20, 100, (4 * BUCKET_WINDOW * 3,), generator=gen).tolist()  # 3 windows
+    plain, bucketed = _epoch(lengths, False), _epoch(lengths, True)
+    assert sorted(i for b in bucketed for i in b) == list(range(len(lengths)))  # each record once
+    assert all(len(b) == 4 for b in bucketed)
+    # lengths uniform in [20, 100): a random batch of 4 pads ~3 x 32 tokens, a sorted one of 64 ~3 x 1.3
+    assert _padding(lengths, bucketed) < 0.1 * _padding(lengths, plain), (
+        _padding(lengths, bucketed),
+        _padding(lengths, plain),
+    )
+    assert _epoch(lengths, True) == bucketed != _epoch(lengths, True, seed=2)  # seeded, and seed-dependent
+
+
+def test_length_bucketing_is_refused_under_dp() -> None:
+    spec = LocalTraining(steps=1, batch_size=4, learning_rate=0.1, length_bucketing=True, dp=DPSettings(1, 1, 0.1))
+    with pytest.raises(TrainingError, match="DP-SGD"):
+        next(_batches([10] * 40, spec, torch.Generator()))
