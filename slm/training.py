@@ -288,11 +288,17 @@ def evaluate(
     model.eval()
     nll = tokens = 0.0
     pad = tokenizer.pad_token_id
+    keep_logits = _keeps_logits(model)
     for i in range(0, len(examples), batch_size):
         batch = collate(examples[i : i + batch_size], pad)
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        target = batch["labels"][:, 1:]
-        n = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), target, ignore_index=IGNORE, reduction="sum")
+        labels = batch["labels"]
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        if keep_logits:  # only the logits that predict answer tokens (a fraction of the vocabulary projection)
+            keep = answer_positions(labels)
+            logits, target = model(**inputs, logits_to_keep=keep).logits, labels[:, keep + 1]
+        else:
+            logits, target = model(**inputs).logits[:, :-1], labels[:, 1:]
+        n = F.cross_entropy(logits.float().transpose(1, 2), target, ignore_index=IGNORE, reduction="sum")
         nll += n.item()
         tokens += (target != IGNORE).sum().item()
     correct = 0

@@ -16,6 +16,7 @@ from slm.training import (
     TrainingError,
     _batches,
     answer_positions,
+    evaluate,
     sequence_losses,
     sequence_losses_at,
     train_local,
@@ -163,3 +164,17 @@ def test_length_bucketing_is_refused_under_dp() -> None:
     spec = LocalTraining(steps=1, batch_size=4, learning_rate=0.1, length_bucketing=True, dp=DPSettings(1, 1, 0.1))
     with pytest.raises(TrainingError, match="DP-SGD"):
         next(_batches([10] * 40, spec, torch.Generator()))
+
+
+def test_eval_loss_from_answer_logits_only_equals_the_full_computation(fresh) -> None:
+    tok = fresh.base.tokenizer
+    ex = _examples(tok, 12)
+    got = evaluate(fresh.model, tok, ex, [], [], batch_size=5, max_new_tokens=1)["eval_loss"]
+    nll = count = 0.0
+    with torch.no_grad():
+        for e in ex:  # one example at a time, every position's logits
+            logits = fresh.model(input_ids=torch.tensor([e["input_ids"]])).logits[0, :-1].float()
+            target = torch.tensor(e["labels"][1:])
+            nll += torch.nn.functional.cross_entropy(logits, target, ignore_index=-100, reduction="sum").item()
+            count += (target != -100).sum().item()
+    assert got == pytest.approx(nll / count, rel=1e-5)
