@@ -1,0 +1,104 @@
+"""Federation overhead: ``fedslm simulate`` (Flower + Ray) against a single-process loop that does
+the same client work on the same data.
+
+The loop runs the same code a simulated client runs (``client.runner.ClientRunner.train``, the same
+seeds, DP-SGD with the same calibrated noise and accountant), averages the replies by example count
+(FedAvg) and evaluates centrally on the same held-out records every round, all in one process with
+one resident model. Both are measured in this one invocation; the ratio is the cost of Flower's
+simulation engine, Ray workers, message encoding and the server's separate model.
+
+    .venv/bin/python bench/overhead.py [--config configs/demo.yaml] [--set KEY=VALUE ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from common import ROOT, run, table
+
+
+def single_process_loop(config: str, overrides: list[str]) -> tuple[list[dict[str, Any]], float]:
+    """FedAvg rounds in plain Python: every client trains in turn on this process's one model."""
+    import torch
+
+    from client.runner import ClientRunner
+    from client.state import ClientStore
+    from server.evaluation import CentralEvaluator
+    from slm import wire
+    from slm.adapters import from_arrayrecord, to_arrayrecord
+    from slm.config import load_config
+
+    cfg = load_config(config, [*overrides, "eval.per_client=false"])
+    fed = cfg.federation
+    if fed.fraction_train < 1.0:
+        raise SystemExit("the loop replays every client every round: use federation.fraction_train=1")
+    t0 = time.perf_counter()
+    evaluator = CentralEvaluator(cfg)
+    global_state = from_arrayrecord(evaluator.initial_arrays())
+    rows = [{"round": 0, **evaluator(to_arrayrecord(global_state))}]
+    with tempfile.TemporaryDirectory() as tmp:
+        for rnd in range(1, fed.num_rounds + 1):
+            sent = wire.encode(global_state, cfg.communication.dtype)
+            replies = []
+            for cid in range(fed.num_clients):
+                runner = ClientRunner(
+                    cfg=cfg,
+                    client_id=cid,
+                    num_clients=fed.num_clients,
+                    data_path="",
+                    server_round=rnd,
+                    strategy_keys={},
+                    store=ClientStore(Path(tmp) / f"client-{cid}"),
+                )
+                arrays, metrics = runner.train(sent)
+                replies.append((wire.decode(arrays), int(metrics["num-examples"]), metrics))
+            total = sum(n for _, n, _ in replies)
+            global_state = {
+                k: sum((state[k].float() * (n / total) for state, n, _ in replies), torch.zeros_like(v))
+                for k, v in global_state.items()
+            }
+            row = {"round": rnd, **evaluator(to_arrayrecord(global_state))}
+            row["epsilon_max"] = max(float(m.get("epsilon", 0.0)) for _, _, m in replies)
+            rows.append(row)
+            print(f"loop round {rnd}: accuracy {row['eval_accuracy']:.3f}, loss {row['eval_loss']:.4f}", flush=True)
+    return rows, time.perf_counter() - t0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=str(ROOT / "configs" / "demo.yaml"))
+    parser.add_argument("--set", action="append", default=[], help="overrides for both")
+    args = parser.parse_args()
+
+    loop_rows, loop_s = single_process_loop(args.config, args.set)
+    print(f"single-process loop: {loop_s:.0f} s", flush=True)
+    fed = run("fedslm simulate", args.config, args.set)
+    lines = [
+        [
+            "fedslm simulate (Flower, Ray)",
+            f"{fed.wall_s:.0f}",
+            f"{fed.wall_s / loop_s:.2f}",
+            f"{fed.last['eval_accuracy']:.3f}",
+            f"{fed.last['eval_loss']:.4f}",
+            f"{fed.last.get('epsilon_max') or 0:.3f}",
+        ],
+        [
+            "single-process loop",
+            f"{loop_s:.0f}",
+            "1.00",
+            f"{loop_rows[-1]['eval_accuracy']:.3f}",
+            f"{loop_rows[-1]['eval_loss']:.4f}",
+            f"{loop_rows[-1].get('epsilon_max') or 0:.3f}",
+        ],
+    ]
+    print()
+    print(table(["", "wall s", "vs loop", "final acc", "final loss", "epsilon (max client)"], lines))
+    print("(goal: fedslm simulate <= 1.15x the loop; both include model loading and every round's evaluation)")
+
+
+if __name__ == "__main__":
+    main()
