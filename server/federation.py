@@ -55,6 +55,7 @@ class RoundReplies:
     declined: list[Message] = field(default_factory=list)
     rejected: list[tuple[int, str]] = field(default_factory=list)
     invalid: list[Message] = field(default_factory=list)  # screened out by check_update
+    no_reply: int = 0  # nodes that sent nothing within federation.round_timeout_s
 
 
 def sort_replies(replies: list[Message]) -> RoundReplies:
@@ -206,6 +207,15 @@ class Federation:
             received = grid.send_and_receive(messages, timeout=fed.round_timeout_s)
             # arrival order varies; aggregate in client order so that a run is reproducible bit for bit
             replies = sort_replies(sorted(received, key=lambda m: client_id(m, self.client_of)))
+            replies.no_reply = len(messages) - len(received)
+            if replies.no_reply:
+                log.warning(
+                    "round %d: %d of %d nodes sent no reply within federation.round_timeout_s=%s",
+                    rnd,
+                    replies.no_reply,
+                    len(messages),
+                    fed.round_timeout_s,
+                )
             up = sum(content_nbytes(m.content) for m in replies.ok + replies.declined + replies.invalid)
             self._screen(rnd, replies, arrays)
             for node, reason in replies.failed:
@@ -280,6 +290,8 @@ class Federation:
         """Every client evaluates the global adapter on its own validation split (never leaves it)."""
         config = self._train_config()
         config["server-round"] = rnd
+        for key, value in self.strategy.client_config(rnd).items():  # e.g. FedSA-LoRA: evaluate with own B
+            config[key] = value
         on_wire = wire.encode(from_arrayrecord(arrays), self.cfg.communication.dtype)
         messages = [
             Message(
@@ -347,6 +359,7 @@ class Federation:
             "wall_s": time.perf_counter() - t0,
             "clients": len(replies.ok),
             "failed": len(replies.failed),
+            "no_reply": replies.no_reply,
             "declined": len(replies.declined),
             "rejected": len(replies.rejected),
             "skipped": skipped,

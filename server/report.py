@@ -39,6 +39,7 @@ def summarize(
             "bytes_down": sum(r["bytes_down"] for r in rows),
             "wall_s": sum(r["wall_s"] for r in rows),
             "failed": sum(r["failed"] for r in rows),
+            "no_reply": sum(r.get("no_reply", 0) for r in rows),
             "declined": sum(r["declined"] for r in rows),
             "rejected": sum(r["rejected"] for r in rows),
             "skipped_rounds": sum(1 for r in rows if r["skipped"]),

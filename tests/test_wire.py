@@ -192,7 +192,8 @@ def test_federation_rejects_bad_updates_and_aggregates_the_honest_ones(tmp_path:
     fed = Federation(cfg, tmp_path / "run", "reject")
     grid = _FakeGrid()
     rows = fed.run(grid)
-    assert (rows[1]["clients"], rows[1]["rejected"], rows[1]["failed"], rows[1]["skipped"]) == (2, 4, 1, False)
+    row = rows[1]
+    assert (row["clients"], row["rejected"], row["failed"], row["no_reply"], row["skipped"]) == (2, 4, 1, 1, False)
     sent = grid.rounds[0][1]
     from safetensors.torch import load_file
 
