@@ -127,6 +127,22 @@ class ClientRunner:
         """The global adapter at this client's rank: the first ``rank`` components (HetLoRA, FLoRA)."""
         return fit_rank(wire.decode(arrays), self.lora_rank)
 
+    @property
+    def _keeps_own_b(self) -> bool:
+        """FedSA-LoRA: B never leaves this client; its own B replaces the global one."""
+        return not bool(self.strategy_keys.get("upload-lora-b", True))
+
+    def _load_start(self, model: Any, arrays: ArrayRecord) -> dict[str, torch.Tensor]:
+        """Load what this client starts from (trains or evaluates): the shared seeded init, the global
+        adapter over it (FFA-LoRA may send only B: A stays at the init), this client's own B under
+        FedSA-LoRA. Returns the full adapter state loaded."""
+        full = dict(self._resident().initial)
+        full.update(self._global(arrays))
+        if self._keeps_own_b:
+            full.update(self.store.load_tensors("local-lora-b") or {})
+        load_adapter_state(model, full)
+        return full
+
     def _model(self) -> tuple[Any, Any]:
         resident = self._resident()
         return resident.model, resident.base.tokenizer
@@ -134,15 +150,7 @@ class ClientRunner:
     def train(self, arrays: ArrayRecord) -> tuple[ArrayRecord, dict[str, float | int]]:
         model, tokenizer = self._model()
         train_ex, _, _ = self.examples(tokenizer)
-        global_state = self._global(arrays)
-        upload_b = bool(self.strategy_keys.get("upload-lora-b", True))
-        if not upload_b:  # FedSA-LoRA: this client's own B replaces the global one
-            local_b = self.store.load_tensors("local-lora-b")
-            if local_b is not None:
-                global_state.update(local_b)
-        full = dict(self._resident().initial)
-        full.update(global_state)  # FFA-LoRA may send only B; A then stays at the shared seeded init
-        load_adapter_state(model, full)
+        full = self._load_start(model, arrays)
 
         t = self.cfg.train
         metrics: dict[str, float | int] = {"client-id": self.client_id, "lora-rank": self.lora_rank}
@@ -170,7 +178,7 @@ class ClientRunner:
         if accountant is not None:
             accountant.record(t.local_steps, metrics)
         state = adapter_state(model)
-        if not upload_b:
+        if self._keeps_own_b:
             b_keys = {k: v for k, v in state.items() if "lora_B" in k}
             self.store.save_tensors("local-lora-b", b_keys)
             state = {k: v for k, v in state.items() if k not in b_keys}
@@ -216,9 +224,7 @@ class ClientRunner:
         """The global adapter on this client's own validation split (how well it serves this site)."""
         model, tokenizer = self._model()
         _, val_ex, val_recs = self.examples(tokenizer)
-        full = dict(self._resident().initial)
-        full.update(self._global(arrays))
-        load_adapter_state(model, full)
+        self._load_start(model, arrays)
         m = tasks.evaluate_records(self.cfg, model, tokenizer, val_recs, val_ex)
         return {**m, "num-examples": len(val_ex), "client-id": self.client_id}
 

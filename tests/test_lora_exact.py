@@ -3,6 +3,8 @@ residuals on a real PEFT model, heterogeneous client profiles (schema, assignmen
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -313,3 +315,26 @@ def test_a_rank_2_client_trains_its_slice_with_the_residual(tiny_cfg, _tiny_resi
     model = runner._resident().model
     assert model.peft_config["default"].r == 2 and set(residuals_of(model)) == {module}
     torch.testing.assert_close(residuals_of(model)[module], residual)
+
+
+def test_fedsa_client_evaluates_with_its_own_b(tiny_cfg, tiny_peft, tmp_path):
+    """FedSA-LoRA personalises through B: a client scores the global A with ITS OWN B (kept at home),
+    not with the global B (never aggregated, zero); other strategies score the global adapter as sent."""
+    from client.runner import ClientRunner
+    from client.state import ClientStore
+    from slm import wire
+    from slm.adapters import adapter_state
+
+    initial = dict(tiny_peft.initial)
+    own_b = {k: torch.full_like(v, 0.01 * (i + 1)) for i, (k, v) in enumerate(initial.items()) if "lora_B" in k}
+    store = ClientStore(tmp_path / "client-0")
+    store.save_tensors("local-lora-b", own_b)
+    global_b = {k: initial[k] for k in own_b}  # never aggregated under FedSA: the zero init
+    sent = wire.encode({k: v + 0.5 for k, v in initial.items() if "lora_A" in k} | global_b, "float32")
+    for keys, expect_b in (({"upload-lora-b": False}, own_b), ({}, global_b)):
+        runner = ClientRunner(tiny_cfg, 0, 4, "", 1, keys, store)
+        metrics = runner.evaluate(sent)
+        loaded = adapter_state(tiny_peft.model)
+        assert all(torch.equal(loaded[k], v) for k, v in expect_b.items()), keys
+        assert all(torch.allclose(loaded[k], initial[k] + 0.5) for k in initial if "lora_A" in k)
+        assert metrics["num-examples"] > 0 and math.isfinite(metrics["eval_loss"])
