@@ -204,7 +204,7 @@ class Federation:
             messages = list(self.strategy.configure_train(rnd, arrays, self._train_config(), cast(Grid, available)))
             self._to_wire(messages)
             down = sum(content_nbytes(m.content) for m in messages)
-            received = grid.send_and_receive(messages, timeout=fed.round_timeout_s)
+            received = list(grid.send_and_receive(messages, timeout=fed.round_timeout_s))
             # arrival order varies; aggregate in client order so that a run is reproducible bit for bit
             replies = sort_replies(sorted(received, key=lambda m: client_id(m, self.client_of)))
             replies.no_reply = len(messages) - len(received)
