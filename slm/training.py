@@ -135,11 +135,11 @@ def _batches(lengths: list[int], cfg: LocalTraining, gen: torch.Generator) -> It
     size = min(cfg.batch_size, n)
     while True:
         order = torch.randperm(n, generator=gen).tolist()
-        batches = [order[i : i + size] for i in range(0, n - size + 1, size)]
         if cfg.length_bucketing:
             window = size * BUCKET_WINDOW
             order = [j for w in range(0, n, window) for j in sorted(order[w : w + window], key=lengths.__getitem__)]
-            batches = [order[i : i + size] for i in range(0, n - size + 1, size)]
+        batches = [order[i : i + size] for i in range(0, n - size + 1, size)]
+        if cfg.length_bucketing:
             batches = [batches[k] for k in torch.randperm(len(batches), generator=gen).tolist()]
         yield from batches
 
