@@ -48,9 +48,9 @@ VARIANTS: dict[str, Variant] = {
     "phone + lean malloc": Variant(
         ["model.quantization=nf4", "lora.r=4"], "the phone profile, lean malloc", batch=2, env=LEAN_MALLOC
     ),
-    "nf4 no DP": Variant(["model.quantization=nf4"], "NF4, plain training", dp=False),
+    "nf4 no DP": Variant(["model.quantization=nf4", "privacy.mode=none"], "NF4, plain training", dp=False),
     "nf4 no DP + checkpointing": Variant(
-        ["model.quantization=nf4", "model.gradient_checkpointing=true"],
+        ["model.quantization=nf4", "model.gradient_checkpointing=true", "privacy.mode=none"],
         "NF4, plain training, activations recomputed in backward (refused with DP: Opacus' hooks)",
         dp=False,
     ),
