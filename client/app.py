@@ -3,40 +3,57 @@
 The server sends the global adapter (``arrays``) and a ``config`` holding the resolved run config
 (YAML) and strategy keys. The node's own data is either a partition of the bundled/simulated data
 (``partition-id``/``num-partitions`` in the node config) or a file on the node (``data-path``).
-Only adapter tensors and metrics leave the node. The base model stays resident in the process.
+Only adapter tensors and metrics leave the node.
+
+Where the base model lives: in a simulation, in the Ray worker running this app (it persists across
+rounds and clients). On a deployed node (``fedslm node``), Flower starts a fresh process per message,
+so the node config names a ``resident-socket``: the message is handed to the node's resident worker
+(``client/resident.py``), which keeps the model loaded; this process then never imports torch.
 """
 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from slm.logs import get_logger
 from slm.records import arrays_of, make_metrics
 
-from .runner import ClientRunner, DeclinedRound, node_client_id
+from .handlers import Outcome, handle, node_client_id
 
 log = get_logger(__name__)
 
 app = ClientApp()
 
 
+def _run(kind: str, msg: Message, context: Context) -> Outcome:
+    config, arrays, node = msg.content["config"], arrays_of(msg.content), context.node_config
+    path = node.get("resident-socket")
+    if path:
+        from .resident import forward
+
+        try:
+            return forward(Path(str(path)), kind, config, arrays, node)
+        except (FileNotFoundError, ConnectionRefusedError) as err:
+            log.warning("no resident worker at %s (%s): loading the base model in this process instead", path, err)
+    return handle(kind, config, arrays, node)
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     t0 = time.perf_counter()
-    runner = ClientRunner.from_message(msg, context)
-    try:
-        arrays, metrics = runner.train(arrays_of(msg.content))
-    except DeclinedRound as declined:
-        log.warning("client %s declines round %s: %s", runner.client_id, runner.server_round, declined)
-        metrics = {**declined.metrics, "declined": 1, "num-examples": 0}
-        content = RecordDict({"metrics": make_metrics(metrics), "decline": ConfigRecord({"reason": str(declined)})})
+    outcome = _run("train", msg, context)
+    if outcome.declined is not None:
+        content = RecordDict(
+            {"metrics": make_metrics(outcome.metrics), "decline": ConfigRecord({"reason": outcome.declined})}
+        )
         return Message(content=content, reply_to=msg)
-    metrics["client-seconds"] = time.perf_counter() - t0
-    content = RecordDict({"arrays": arrays, "metrics": make_metrics(metrics)})
-    return Message(content=content, reply_to=msg)
+    assert outcome.arrays is not None  # train replies carry the update unless declined
+    metrics = {**outcome.metrics, "client-seconds": time.perf_counter() - t0}
+    return Message(content=RecordDict({"arrays": outcome.arrays, "metrics": make_metrics(metrics)}), reply_to=msg)
 
 
 @app.query()
@@ -48,9 +65,8 @@ def query(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    runner = ClientRunner.from_message(msg, context)
-    metrics = runner.evaluate(arrays_of(msg.content))
+    metrics = _run("evaluate", msg, context).metrics
     return Message(content=RecordDict({"metrics": make_metrics(metrics)}), reply_to=msg)
 
 
-__all__ = ["app", "ArrayRecord"]
+__all__ = ["app"]

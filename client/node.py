@@ -7,19 +7,25 @@ history, FedSA's local B) and, if given, ``profile``: the name of one of the run
 the profile the run would assign to this client id.
 
 Flower 1.42 runs every message (train, evaluate) of a run in a fresh ``flwr-clientapp`` process in
-both isolation modes, so the base model is loaded once per message, not once per node. ``subprocess``
-isolation (the SuperNode starts its own SuperExec) is used: ``process`` isolation only adds a
-separately managed ``flower-superexec`` and keeps nothing more resident.
+both isolation modes (``process`` isolation only adds a separately managed ``flower-superexec``; each
+of its ClientApp processes still serves one task and exits). So ``fedslm node`` also starts the
+node's resident worker (``client/resident.py``) and names its socket in the node config
+(``resident-socket``): the short-lived ClientApp processes hand their messages to it, and the base
+model is loaded once per node, not once per message. ``subprocess`` isolation is used.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
+import subprocess
+import sys
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from server.deploy import DEFAULT_SUPERLINK, DeployError, split_address, tool
+from server.deploy import DEFAULT_SUPERLINK, DeployError, split_address, stop_process, tool
 from slm.logs import get_logger
 
 log = get_logger(__name__)
@@ -42,6 +48,7 @@ class NodeSpec:
     state_dir: Path | None = None  # default: <fedslm cache>/node-state
     runtime_port: int | None = None  # default: RUNTIME_PORT_BASE + client_id
     insecure: bool = False
+    resident: bool = True  # keep the base model loaded in a resident worker between messages
 
     def __post_init__(self) -> None:
         if self.profile and PROFILE_NAME.fullmatch(self.profile) is None:
@@ -62,6 +69,12 @@ class NodeSpec:
             return (cache_root() / "node-state").resolve()
         return self.state_dir.expanduser().resolve()
 
+    @property
+    def resident_socket(self) -> Path:
+        from .resident import socket_path
+
+        return socket_path(self.port)
+
 
 def client_id_from_key(key: Path) -> int:
     """``node-K.key`` (as ``fedslm certs`` names it) -> K."""
@@ -80,6 +93,8 @@ def node_config(spec: NodeSpec) -> str:
     }
     if spec.profile:
         values["profile"] = spec.profile
+    if spec.resident:
+        values["resident-socket"] = str(spec.resident_socket)
     for key, value in values.items():
         if isinstance(value, str) and '"' in value:
             raise DeployError(f"node config {key}={value!r}: a double quote cannot be passed to Flower")
@@ -122,3 +137,21 @@ def check_node_files(spec: NodeSpec) -> None:
     for label, path in (("--data", spec.data), ("--key", spec.key), ("CA certificate", spec.root_certificates)):
         if path is not None and not Path(path).expanduser().is_file():
             raise DeployError(f"{label} {path}: no such file")
+
+
+def resident_argv(spec: NodeSpec) -> list[str]:
+    return [sys.executable, "-m", "client.resident", "--socket", str(spec.resident_socket)]
+
+
+@contextlib.contextmanager
+def resident_worker(spec: NodeSpec, env: Mapping[str, str], timeout: float = 60.0) -> Iterator[subprocess.Popen[bytes]]:
+    """The node's resident worker, listening on ``spec.resident_socket`` while the block runs."""
+    from .resident import wait_until_listening
+
+    log.info("starting the resident worker: %s", " ".join(resident_argv(spec)))
+    worker = subprocess.Popen(resident_argv(spec), env=dict(env))
+    try:
+        wait_until_listening(spec.resident_socket, alive=lambda: worker.poll() is None, timeout=timeout)
+        yield worker
+    finally:
+        stop_process(worker)

@@ -20,6 +20,7 @@ from slm.logs import get_logger
 from slm.model import RESIDENT, cache_root
 from slm.training import LocalTraining, train_local
 
+from .handlers import node_client_id
 from .state import ClientStore
 
 log = get_logger(__name__)
@@ -54,14 +55,13 @@ class ClientRunner:
 
     @classmethod
     def from_message(cls, msg: Message, context: Context) -> ClientRunner:
-        return cls.from_config(msg.content["config"], context)
+        return cls.from_config(msg.content["config"], context.node_config)
 
     @classmethod
-    def from_config(cls, config: Mapping[str, Any], context: Context) -> ClientRunner:
+    def from_config(cls, config: Mapping[str, Any], node: Mapping[str, Any]) -> ClientRunner:
         """From a train config (a ``ConfigRecord``, or the dict a legacy ``NumPyClient.fit`` gets)."""
         raw = yaml.safe_load(str(config["run-config"]))
         cfg = config_from_dict(raw, "run-config sent by the server")
-        node = context.node_config
         client_id = node_client_id(node)
         profile, prof = client_profile(cfg, client_id, str(node.get("profile", "")))
         cfg = apply_profile(cfg, prof)  # its quantization, local steps and batch size
@@ -227,11 +227,6 @@ class ClientRunner:
         self._load_start(model, arrays)
         m = tasks.evaluate_records(self.cfg, model, tokenizer, val_recs, val_ex)
         return {**m, "num-examples": len(val_ex), "client-id": self.client_id}
-
-
-def node_client_id(node_config: Any) -> int:
-    """A node's client id: its simulation partition, or ``client-id`` in a deployed node's config."""
-    return int(node_config.get("partition-id", node_config.get("client-id", 0)))
 
 
 def _digest(obj: Any) -> str:

@@ -41,7 +41,7 @@ class SecAggClient(NumPyClient):
 
     def fit(self, parameters: list[np.ndarray], config: dict[str, Any]) -> tuple[list[np.ndarray], int, dict[str, Any]]:
         t0 = time.perf_counter()
-        runner = ClientRunner.from_config(config, self.context)
+        runner = ClientRunner.from_config(config, self.context.node_config)
         # SecAgg+ quantizes float values itself: the adapter goes up in full float32
         runner.cfg = dataclasses.replace(
             runner.cfg, communication=dataclasses.replace(runner.cfg.communication, dtype="float32")

@@ -430,13 +430,13 @@ def run_foreground(
         return proc.wait()
     except KeyboardInterrupt:
         log.info("stopping %s", argv[0])
-        return _stop(proc)
+        return stop_process(proc)
     except BaseException:
-        _stop(proc)
+        stop_process(proc)
         raise
 
 
-def _stop(proc: subprocess.Popen[bytes], grace: float = 10.0) -> int:
+def stop_process(proc: subprocess.Popen[bytes], grace: float = 10.0) -> int:
     if proc.poll() is None:
         proc.terminate()
         try:

@@ -369,6 +369,12 @@ class Federation:
             "model_loads_max": max(
                 (as_int(m.content["metrics"].get("model-loads", 0), "model-loads") for m in replies.ok), default=None
             ),
+            # messages the process that trained had handled by then, fewest over the clients: 1 when
+            # every message gets a fresh process, growing when the base model stays resident
+            "process_messages_min": min(
+                (as_int(m.content["metrics"].get("process-messages", 0), "process-messages") for m in replies.ok),
+                default=None,
+            ),
         }
         row.update({k: ev[k] for k in ("eval_precision", "eval_recall", "eval_f1") if k in ev})  # classification
         if "per_client" in ev:

@@ -171,7 +171,7 @@ def _register(args: argparse.Namespace) -> int:
 
 
 def _node(args: argparse.Namespace) -> int:
-    from client.node import NodeSpec, check_node_files, client_id_from_key, supernode_argv
+    from client.node import NodeSpec, check_node_files, client_id_from_key, resident_worker, supernode_argv
     from server.deploy import CertPaths, deploy_env
 
     key = Path(args.key).resolve() if args.key else None
@@ -186,9 +186,14 @@ def _node(args: argparse.Namespace) -> int:
         state_dir=Path(args.state_dir) if args.state_dir else None,
         runtime_port=args.runtime_port,
         insecure=args.insecure,
+        resident=not args.no_resident,
     )
     check_node_files(spec)
-    return run_foreground_cli(supernode_argv(spec), deploy_env())
+    env = deploy_env()
+    if not spec.resident:
+        return run_foreground_cli(supernode_argv(spec), env)
+    with resident_worker(spec, env):
+        return run_foreground_cli(supernode_argv(spec), env)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -301,6 +306,11 @@ def _add_deploy_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--state-dir", help="per-client state (DP history); default <fedslm cache>/node-state")
     p.add_argument("--runtime-port", type=int, help="local port of the node's Runtime API (default 9094 + client id)")
     p.add_argument("--insecure", action="store_true", help="NO TLS (local tests only)")
+    p.add_argument(
+        "--no-resident",
+        action="store_true",
+        help="no resident worker: every message loads the base model in its own ClientApp process",
+    )
     p.set_defaults(func=_node)
 
     p = sub.add_parser("run", help="deploy: submit a run to a SuperLink (flwr run)")

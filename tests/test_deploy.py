@@ -153,6 +153,7 @@ def test_supernode_argv_carries_tls_key_and_node_config(
         "client-id": 1,
         "state-dir": str((tmp_path / "state").resolve()),
         "profile": "phone",
+        "resident-socket": str(spec.resident_socket),
     }
     assert not deploy_log.records
     insecure = supernode_argv(NodeSpec(key=None, data=tmp_path / "d.jsonl", client_id=0, insecure=True))
@@ -394,6 +395,10 @@ def test_tls_federation_of_three_authenticated_nodes(tmp_path: Path, processes: 
     assert [r["clients"] for r in got[1:]] == [3, 2, 2], (got, processes.log("run")[-6000:])
     assert [r["failed"] for r in got[1:]] == [0, 1, 0] and not any(r["skipped"] for r in got)
     assert got[3]["eval_loss"] < got[0]["eval_loss"]
+    # each node's resident worker loaded the base model once and served every round's message
+    assert [r["model_loads_max"] for r in got[1:]] == [1, 1, 1]
+    assert [r["process_messages_min"] for r in got[1:]] == [1, 2, 3], got
+    assert all(processes.log(f"node-{k}").count("resident worker listening") == 1 for k in range(3))
     assert (out / "adapters" / "round-003" / "adapter_config.json").is_file()
     assert nodes[0].poll() is None and nodes[1].poll() is None
     took = time.monotonic() - t0 - t_ready
