@@ -8,6 +8,7 @@ loaded with the configured quantization (bitsandbytes nf4 / int8, or none).
 
 from __future__ import annotations
 
+import ctypes
 import importlib.metadata
 import json
 import os
@@ -211,7 +212,20 @@ def load_base_model(cfg: ModelConfig, task: str = "causal-lm", num_labels: int =
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     log.info("Loaded %s (%s, %s) in %.1f s", path.name, cfg.quantization, cfg.compute_dtype, time.perf_counter() - t0)
+    release_free_heap()  # quantizing leaves the full-precision weights' pages in glibc's free lists
     return LoadedModel(model, tokenizer, path, task)
+
+
+def release_free_heap() -> bool:
+    """Return the heap glibc keeps for reuse to the OS (``malloc_trim(0)``); False where there is no glibc.
+
+    Once, after a load or a round, not per allocation: ``MALLOC_TRIM_THRESHOLD_=0`` has the same effect
+    on RSS but makes every training step pay page faults (measured 2x slower, BENCHMARKS.md)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    return bool(libc.malloc_trim(0))
 
 
 def keep_4bit_layout_trainable(model: Any) -> int:
