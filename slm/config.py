@@ -316,12 +316,6 @@ class RunConfig:
             "cannot be combined with privacy.mode local/both: DP-SGD's Poisson sampling must pick every"
             " record independently of its length; set it to false",
         )
-        _check(
-            not (self.model.gradient_checkpointing and self.privacy.local),
-            "model.gradient_checkpointing",
-            "cannot be combined with privacy.mode local/both: Opacus' per-sample gradient hooks do not see"
-            " recomputed activations (training fails: 'Per sample gradient is not initialized'); set it to false",
-        )
         _check_profiles(self)
 
     def to_dict(self) -> dict[str, Any]:

@@ -165,10 +165,9 @@ def train_local(
     gen = torch.Generator().manual_seed(cfg.seed)
     forward_model, dp_opt = model, None
     if cfg.dp is not None:
-        from opacus import GradSampleModule
         from opacus.optimizers import DPOptimizer
 
-        forward_model = GradSampleModule(model, batch_first=True, loss_reduction="mean")
+        forward_model = _grad_sample_module(model)
         dp_opt = DPOptimizer(
             optimizer,
             noise_multiplier=cfg.dp.noise_multiplier,
@@ -241,6 +240,27 @@ def train_local(
         empty_batches=empty,
         losses=losses,
     )
+
+
+def _grad_sample_module(model: Any) -> Any:
+    """Opacus' per-sample gradient hooks, made safe for (non-reentrant) gradient checkpointing.
+
+    Checkpointing runs a layer's forward a second time inside backward to rebuild what it dropped.
+    Opacus' forward hook would record the activations again and count a second forward per
+    parameter, so the backward hook (which fires once, on the original graph) never completes the
+    per-sample gradient ("Per sample gradient is not initialized") and a stale activation is left
+    behind. The recomputed inputs equal the recorded ones, so the hook skips the recomputation: it is
+    the only forward that runs while autograd is executing a backward graph.
+    """
+    from opacus import GradSampleModule
+
+    class CheckpointSafeGradSampleModule(GradSampleModule):  # type: ignore[misc]
+        def capture_activations_hook(self, module: Any, forward_input: Any, forward_output: Any) -> None:
+            if torch._C._current_graph_task_id() != -1:  # inside backward: a checkpoint recomputation
+                return
+            super().capture_activations_hook(module, forward_input, forward_output)
+
+    return CheckpointSafeGradSampleModule(model, batch_first=True, loss_reduction="mean")
 
 
 def _step(optimizer: Any, dp_opt: Any, anchors: dict[int, torch.Tensor], mu: float) -> None:

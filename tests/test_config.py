@@ -35,10 +35,6 @@ def _write(tmp_path: Path, text: str) -> Path:
             "train:\n  length_bucketing: true\nprivacy:\n  mode: local\n",
             ["train.length_bucketing", "privacy.mode", "Poisson"],
         ),
-        (
-            "model:\n  gradient_checkpointing: true\nprivacy:\n  mode: both\n",
-            ["model.gradient_checkpointing", "privacy.mode", "per-sample"],
-        ),
     ],
 )
 def test_bad_configs_fail_with_file_key_and_allowed_values(tmp_path: Path, text: str, needles: list[str]) -> None:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
 from slm import data
 from slm.adapters import adapter_state
-from slm.config import DataConfig
+from slm.config import DataConfig, load_config
 from slm.model import cache_root
 from slm.training import (
     BUCKET_WINDOW,
@@ -21,6 +23,8 @@ from slm.training import (
     sequence_losses_at,
     train_local,
 )
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def _examples(tok, n: int = 64) -> list[dict[str, list[int]]]:
@@ -129,6 +133,34 @@ def test_dp_training_lowers_loss_on_tiny_model(fresh) -> None:
     cfg = LocalTraining(steps=30, batch_size=16, learning_rate=0.05, dp=DPSettings(0.5, 1.0, 16 / 64))
     result = train_local(fresh.model, _examples(tok), tok.pad_token_id, cfg)
     assert sum(result.losses[-5:]) / 5 < sum(result.losses[:5]) / 5 - 0.1, result.losses  # seeded noise
+
+
+def test_dp_training_with_gradient_checkpointing_takes_the_same_steps(fresh) -> None:
+    """Opacus' hooks under (non-reentrant) checkpointing: the recomputation in backward is not
+    recorded again, so the per-sample gradients, the clipped and noised steps and the adapter are
+    the ones training without checkpointing produces (plain Opacus fails: 'Per sample gradient is
+    not initialized')."""
+    from slm.adapters import attach_lora, load_adapter_state
+    from slm.model import load_base_model
+
+    tok = fresh.base.tokenizer
+    ex = _examples(tok)
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", ["model.gradient_checkpointing=true"])
+    ckpt_model = attach_lora(load_base_model(cfg.model).model, cfg.lora)  # its own copy, not the resident one
+    assert ckpt_model.base_model.model.is_activation_checkpointing
+    assert not fresh.model.base_model.model.is_activation_checkpointing
+    spec = LocalTraining(steps=6, batch_size=8, learning_rate=0.05, dp=DPSettings(0.5, 1.0, 8 / 53), seed=3)
+    runs = []
+    for model in (fresh.model, ckpt_model):
+        load_adapter_state(model, fresh.initial)
+        result = train_local(model, ex, tok.pad_token_id, spec)
+        left = [n for n, m in model.named_modules() if getattr(m, "activations", None)]
+        assert left == [], left  # no activation left behind for the next step or client
+        runs.append((result.losses, adapter_state(model)))
+    (plain_losses, plain), (ckpt_losses, checkpointed) = runs
+    assert ckpt_losses == pytest.approx(plain_losses, rel=1e-5, abs=1e-6) and len(plain_losses) >= 5
+    assert all(torch.allclose(plain[k], checkpointed[k], rtol=1e-4, atol=1e-6) for k in plain)
+    assert any(not torch.equal(plain[k], fresh.initial[k]) for k in plain)  # DP-SGD moved LoRA
 
 
 def test_no_examples_is_an_error(fresh) -> None:
