@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -151,3 +153,42 @@ def test_release_free_heap_returns_freed_pages_to_the_os() -> None:
     libc.free(guard)
     assert before - freed < 32, "glibc returned the blocks by itself; the test sets nothing up"
     assert freed - after > 96, f"RSS {before:.0f} -> freed {freed:.0f} -> trimmed {after:.0f} MB"
+
+
+def _peak_mb_of(fn: Callable[[], Any]) -> tuple[float, Any]:
+    """Peak RSS above the current RSS while ``fn`` runs (the kernel's high-water mark, reset first)."""
+
+    def field(name: str) -> float:
+        line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(name + ":"))
+        return int(line.split()[1]) / 1024
+
+    Path("/proc/self/clear_refs").write_text("5")
+    start = field("VmRSS")
+    out = fn()
+    return field("VmHWM") - start, out
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the kernel's RSS high-water mark")
+def test_last_position_logits_do_not_copy_the_frozen_head_per_sequence() -> None:
+    """Generation's ``logits_to_keep=1`` slices a strided view; with a frozen bf16 head,
+    torch.matmul broadcasts the head to a batched product and copies it once per sequence (fp32
+    does not). The loader's contiguous-input hook gives the same logits at a fraction of the memory."""
+    model = model_mod.load_base_model(
+        ModelConfig(name="tiny-llama", quantization="none", compute_dtype="bfloat16")
+    ).model
+    head = model.get_output_embeddings()
+    assert not head.weight.requires_grad and head._forward_pre_hooks  # frozen, hooked by load_base_model
+    ids = torch.randint(0, 1000, (16, 40), generator=torch.Generator().manual_seed(0))
+    copy_mb = 16 * head.weight.numel() * head.weight.element_size() / 2**20  # 16 x 49,152 x 64 bf16: 96 MB
+    with torch.no_grad():
+        model(input_ids=ids, logits_to_keep=1)  # warm-up: one-time allocations
+        hooked_mb, hooked = _peak_mb_of(lambda: model(input_ids=ids, logits_to_keep=1).logits)
+        hooks = dict(head._forward_pre_hooks)
+        head._forward_pre_hooks.clear()
+        try:
+            bare_mb, bare = _peak_mb_of(lambda: model(input_ids=ids, logits_to_keep=1).logits)
+        finally:
+            head._forward_pre_hooks.update(hooks)
+    assert torch.allclose(hooked, bare, rtol=1e-5, atol=1e-6), float((hooked - bare).abs().max())  # summation order
+    assert bare_mb > 0.8 * copy_mb, (bare_mb, copy_mb)  # the hazard is real in this torch
+    assert hooked_mb < 0.25 * copy_mb, (hooked_mb, copy_mb)  # measured: 97.6 MB without the hook, 1.5 MB with it
