@@ -252,6 +252,9 @@ class ClientProfile:
     )
     local_steps: int = _f(0, "optimizer steps per round (0 = train.local_steps)")
     batch_size: int = _f(0, "sequences per step (0 = train.batch_size)")
+    gradient_checkpointing: bool = _f(
+        False, "recompute activations in backward on this client (true = on; false = model.gradient_checkpointing)"
+    )
 
     def __post_init__(self) -> None:
         _check(0 <= self.rank <= 512, "rank", f"{self.rank} not in [0, 512] (0 = lora.r)")
@@ -555,6 +558,7 @@ def resolved_profile(cfg: RunConfig, name: str) -> ClientProfile:
         quantization=p.quantization or cfg.model.quantization,
         local_steps=p.local_steps or cfg.train.local_steps,
         batch_size=p.batch_size or cfg.train.batch_size,
+        gradient_checkpointing=p.gradient_checkpointing or cfg.model.gradient_checkpointing,
     )
 
 
@@ -569,7 +573,10 @@ def client_profile(cfg: RunConfig, client_id: int, name: str = "") -> tuple[str,
     if not name:
         names = assign_profiles(cfg)
         if not names:
-            return "", ClientProfile(cfg.lora.r, cfg.model.quantization, cfg.train.local_steps, cfg.train.batch_size)
+            m = cfg.model
+            return "", ClientProfile(
+                cfg.lora.r, m.quantization, cfg.train.local_steps, cfg.train.batch_size, m.gradient_checkpointing
+            )
         if not 0 <= client_id < len(names):
             raise ConfigError(
                 f"client id {client_id} is outside federation.num_clients={len(names)}, so it has no profile;"
@@ -580,10 +587,16 @@ def client_profile(cfg: RunConfig, client_id: int, name: str = "") -> tuple[str,
 
 
 def apply_profile(cfg: RunConfig, profile: ClientProfile) -> RunConfig:
-    """``cfg`` as the client runs it: the profile's quantization, local steps and batch size (its
-    rank is passed to the LoRA model separately: ``lora.r`` stays the global adapter's rank)."""
+    """``cfg`` as the client runs it: the profile's quantization, checkpointing, local steps and
+    batch size (its rank is passed to the LoRA model separately: ``lora.r`` stays the global
+    adapter's rank)."""
+    model = dataclasses.replace(
+        cfg.model,
+        quantization=typing.cast(Quantization, profile.quantization),
+        gradient_checkpointing=profile.gradient_checkpointing,
+    )
     return dataclasses.replace(
         cfg,
-        model=dataclasses.replace(cfg.model, quantization=typing.cast(Quantization, profile.quantization)),
+        model=model,
         train=dataclasses.replace(cfg.train, local_steps=profile.local_steps, batch_size=profile.batch_size),
     )

@@ -12,7 +12,14 @@ from flower_fakes import train_reply
 from flwr.app import Array, ArrayRecord, ConfigRecord
 
 from slm.adapters import RESIDUAL_SUFFIX, fit_rank, load_adapter_state, peft_config, residuals_of
-from slm.config import ConfigError, assign_profiles, client_profile, config_from_dict, profile_counts
+from slm.config import (
+    ConfigError,
+    apply_profile,
+    assign_profiles,
+    client_profile,
+    config_from_dict,
+    profile_counts,
+)
 from strategies import lora_maths, registry
 from strategies.lora_maths import (
     effective_deltas,
@@ -204,7 +211,7 @@ def test_a_lower_client_rank_keeps_the_global_scale(tiny_cfg) -> None:
 
 PROFILES = {
     "profiles": {
-        "phone": {"rank": 4, "local_steps": 2, "batch_size": 2},
+        "phone": {"rank": 4, "local_steps": 2, "batch_size": 2, "gradient_checkpointing": True},
         "hospital": {"rank": 16, "quantization": "nf4", "local_steps": 10, "batch_size": 8},
     },
     "mix": {"phone": 0.5, "hospital": 0.5},
@@ -230,7 +237,9 @@ def test_profiles_are_assigned_deterministically() -> None:
     assert sorted(names) == ["hospital"] * 3 + ["phone"] * 2 and names == assign_profiles(_cfg(n=5))
     name, prof = client_profile(cfg, names.index("phone"))
     assert (name, prof.rank, prof.quantization, prof.local_steps, prof.batch_size) == ("phone", 4, "nf4", 2, 2)
-    assert client_profile(cfg, 0, "hospital")[1].rank == 16  # a node may name its own profile
+    assert apply_profile(cfg, prof).model.gradient_checkpointing is True  # the phone recomputes activations
+    hospital = client_profile(cfg, 0, "hospital")[1]  # a node may name its own profile
+    assert hospital.rank == 16 and apply_profile(cfg, hospital).model.gradient_checkpointing is False
     mix = {**PROFILES, "mix": {"phone": 1, "hospital": 2}}  # counts instead of fractions
     counts = config_from_dict(
         {"federation": {"num_clients": 3}, "lora": {"r": 16}, "clients": mix, "strategy": {"name": "flora"}}
