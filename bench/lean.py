@@ -2,10 +2,9 @@
 
 Each variant runs in its own subprocess (so its memory is its own) on the same client data, at the
 same batch and sequence length (DP-SGD but for the two plain-training rows), all printed side by
-side in this one invocation: RSS once the model is loaded, peak RSS while training (the kernel's
-high-water mark, reset after loading), peak RSS of the whole process (loading and evaluation
-included), the median step time, and the held-out eval loss of the base model and of the adapter
-after training.
+side in this one invocation: RSS once the model is loaded, and the peak RSS (the kernel's high-water
+mark, reset before each phase) while loading, while training and while evaluating, the median step
+time, and the held-out eval loss of the base model and of the adapter after training.
 
     .venv/bin/python bench/lean.py [--steps 10] [--batch 4] [--tokens 128] [--variants nf4 fp32 ...]
 """
@@ -15,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -48,10 +46,24 @@ VARIANTS: dict[str, Variant] = {
     "phone + lean malloc": Variant(
         ["model.quantization=nf4", "lora.r=4"], "the phone profile, lean malloc", batch=2, env=LEAN_MALLOC
     ),
+    "nf4 + checkpointing": Variant(
+        ["model.quantization=nf4", "model.gradient_checkpointing=true"],
+        "NF4, DP-SGD, activations recomputed in backward (gradient checkpointing)",
+    ),
+    "nf4 + checkpointing + lean malloc": Variant(
+        ["model.quantization=nf4", "model.gradient_checkpointing=true"],
+        "NF4, DP-SGD, checkpointing, lean malloc",
+        env=LEAN_MALLOC,
+    ),
+    "phone + checkpointing": Variant(
+        ["model.quantization=nf4", "lora.r=4", "model.gradient_checkpointing=true"],
+        "the phone profile with checkpointing",
+        batch=2,
+    ),
     "nf4 no DP": Variant(["model.quantization=nf4", "privacy.mode=none"], "NF4, plain training", dp=False),
     "nf4 no DP + checkpointing": Variant(
         ["model.quantization=nf4", "model.gradient_checkpointing=true", "privacy.mode=none"],
-        "NF4, plain training, activations recomputed in backward (refused with DP: Opacus' hooks)",
+        "NF4, plain training, checkpointing",
         dp=False,
     ),
 }
@@ -96,6 +108,7 @@ def worker(args: argparse.Namespace) -> None:
     load_s = time.perf_counter() - t0
     model, tok = resident.model, resident.base.tokenizer
     rss_loaded = _vm_kb("VmRSS") / 1e6
+    load_peak = _vm_kb("VmHWM") / 1e6
     cache = cache_root(cfg.model)
     records = data.client_records(cfg.data, cache, 0, cfg.federation.num_clients).records
     examples = _padded(tasks.encode(cfg, tok, records), args.tokens, tok.pad_token_id)
@@ -109,9 +122,11 @@ def worker(args: argparse.Namespace) -> None:
     steps = [b - a for a, b in zip([t1, *stamps[:-1]], stamps, strict=True)][2:]  # drop 2 warm-up steps
     test = data.test_records(cfg.data, cache)
     test_ex = tasks.encode(cfg, tok, test)
+    _reset_peak_rss()
     after = tasks.evaluate_records(cfg, model, tok, test, test_ex)
     load_adapter_state(model, resident.initial)  # B = 0: the base model itself
     before = tasks.evaluate_records(cfg, model, tok, test, test_ex)
+    eval_peak = _vm_kb("VmHWM") / 1e6
     print(
         json.dumps(
             {
@@ -120,7 +135,8 @@ def worker(args: argparse.Namespace) -> None:
                 "load_s": load_s,
                 "rss_loaded_gb": rss_loaded,
                 "train_peak_gb": train_peak,
-                "process_peak_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
+                "load_peak_gb": load_peak,
+                "eval_peak_gb": eval_peak,
                 "step_s": statistics.median(steps),
                 "samples_per_step": result.samples_seen / args.steps,
                 "eval_loss_base": before["eval_loss"],
@@ -158,8 +174,9 @@ def main() -> None:
                 name,
                 str(r["batch"]),
                 f"{r['rss_loaded_gb']:.2f}",
+                f"{r['load_peak_gb']:.2f}",
                 f"{r['train_peak_gb']:.2f}",
-                f"{r['process_peak_gb']:.2f}",
+                f"{r['eval_peak_gb']:.2f}",
                 f"{r['step_s']:.2f}",
                 "-" if ref is None else f"{r['step_s'] / ref['step_s']:.2f}",
                 "-" if ref is None else f"{r['train_peak_gb'] / ref['train_peak_gb']:.2f}",
@@ -174,8 +191,9 @@ def main() -> None:
                 "variant",
                 "batch",
                 "RSS loaded GB",
+                "peak RSS loading GB",
                 "peak RSS training GB",
-                "peak RSS process GB",
+                "peak RSS eval GB",
                 "step s",
                 "step vs fp32",
                 "training peak vs fp32",
