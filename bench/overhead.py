@@ -63,6 +63,8 @@ def single_process_loop(config: str, overrides: list[str]) -> tuple[list[dict[st
             }
             row = {"round": rnd, **evaluator(to_arrayrecord(global_state))}
             row["epsilon_max"] = max(float(m.get("epsilon", 0.0)) for _, _, m in replies)
+            row["train_s_sum"] = sum(float(m["train-seconds"]) for _, _, m in replies)
+            row["client_s_sum"] = sum(float(m["client-seconds"]) for _, _, m in replies)
             rows.append(row)
             print(f"loop round {rnd}: accuracy {row['eval_accuracy']:.3f}, loss {row['eval_loss']:.4f}", flush=True)
     return rows, time.perf_counter() - t0
@@ -77,26 +79,32 @@ def main() -> None:
     loop_rows, loop_s = single_process_loop(args.config, args.set)
     print(f"single-process loop: {loop_s:.0f} s", flush=True)
     fed = run("fedslm simulate", args.config, args.set)
+
+    def line(label: str, rows: list[dict[str, Any]], wall: float) -> list[str]:
+        steps = sum(float(r.get("train_s_sum") or 0) for r in rows)
+        client = sum(float(r.get("client_s_sum") or 0) for r in rows)
+        return [
+            label,
+            f"{wall:.0f}",
+            f"{wall / loop_s:.2f}",
+            f"{steps:.0f}",
+            f"{client:.0f}",
+            f"{wall - client:.0f}",
+            f"{rows[-1]['eval_accuracy']:.3f}",
+            f"{rows[-1]['eval_loss']:.4f}",
+            f"{rows[-1].get('epsilon_max') or 0:.3f}",
+        ]
+
+    header = ["", "wall s", "vs loop", "clients' steps s", "clients' messages s", "outside clients s"]
+    header += ["final acc", "final loss", "epsilon (max client)"]
     lines = [
-        [
-            "fedslm simulate (Flower, Ray)",
-            f"{fed.wall_s:.0f}",
-            f"{fed.wall_s / loop_s:.2f}",
-            f"{fed.last['eval_accuracy']:.3f}",
-            f"{fed.last['eval_loss']:.4f}",
-            f"{fed.last.get('epsilon_max') or 0:.3f}",
-        ],
-        [
-            "single-process loop",
-            f"{loop_s:.0f}",
-            "1.00",
-            f"{loop_rows[-1]['eval_accuracy']:.3f}",
-            f"{loop_rows[-1]['eval_loss']:.4f}",
-            f"{loop_rows[-1].get('epsilon_max') or 0:.3f}",
-        ],
+        line("fedslm simulate (Flower, Ray)", fed.rows, fed.wall_s),
+        line("single-process loop", loop_rows, loop_s),
     ]
     print()
-    print(table(["", "wall s", "vs loop", "final acc", "final loss", "epsilon (max client)"], lines))
+    print(table(header, lines))
+    print("(clients' steps: summed time in optimizer steps; messages: all of each train message on the client;")
+    print(" outside clients: wall minus messages: loading, evaluation, messaging, Ray)")
     print("(goal: fedslm simulate <= 1.15x the loop; both include model loading and every round's evaluation)")
 
 

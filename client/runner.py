@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -148,6 +149,7 @@ class ClientRunner:
         return resident.model, resident.base.tokenizer
 
     def train(self, arrays: ArrayRecord) -> tuple[ArrayRecord, dict[str, float | int]]:
+        t_start = time.perf_counter()
         model, tokenizer = self._model()
         train_ex, _, _ = self.examples(tokenizer)
         full = self._load_start(model, arrays)
@@ -205,7 +207,9 @@ class ClientRunner:
             result.loss_last,
             result.seconds,
         )
-        return self._upload(state, full), metrics
+        upload = self._upload(state, full)
+        metrics["client-seconds"] = time.perf_counter() - t_start  # all of this message's work on the client
+        return upload, metrics
 
     def _upload(self, state: dict[str, torch.Tensor], sent: dict[str, torch.Tensor]) -> ArrayRecord:
         """The update for the wire: the adapter in ``communication.dtype``, or its compressed delta

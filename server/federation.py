@@ -366,6 +366,14 @@ class Federation:
             "epsilon_max": max(eps) if eps else None,
             "epsilon_mean": sum(eps) / len(eps) if eps else None,
             "epsilon_central": train.get("epsilon-central"),
+            # seconds the clients spent in their optimizer steps, and on the whole message (model, data,
+            # privacy accounting, upload); the rest of wall_s is messaging, loading and evaluation
+            "train_s_sum": sum(
+                as_float(m.content["metrics"].get("train-seconds", 0.0), "train-seconds") for m in replies.ok
+            ),
+            "client_s_sum": sum(
+                as_float(m.content["metrics"].get("client-seconds", 0.0), "client-seconds") for m in replies.ok
+            ),
             "model_loads_max": max(
                 (as_int(m.content["metrics"].get("model-loads", 0), "model-loads") for m in replies.ok), default=None
             ),

@@ -60,6 +60,9 @@ def test_tiny_federation_lowers_loss_and_writes_the_run_dir(tmp_path: Path) -> N
     assert rows[-1]["train_loss"] < rows[1]["train_loss"]
     assert all(r["clients"] == 4 for r in rows[1:])
     assert all(r["model_loads_max"] == 1 for r in rows[1:])  # one resident base model per worker, all rounds
+    # the clients' time: optimizer steps within their whole message, and within the round's wall time
+    # (two clients train at a time on two workers: their summed seconds may exceed wall_s, not twice it)
+    assert all(0 < r["train_s_sum"] < r["client_s_sum"] < 2 * r["wall_s"] for r in rows[1:]), rows
     # every client evaluated the global adapter on its own validation split, each round
     assert all(sorted(r["per_client"]) == ["0", "1", "2", "3"] for r in rows[1:])
     assert all(np.isfinite(m["eval_loss"]) and 0 <= m["eval_accuracy"] <= 1 for m in rows[-1]["per_client"].values())
