@@ -13,6 +13,7 @@ from __future__ import annotations
 import inspect
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -205,7 +206,11 @@ def train_local(
                     loss = sample_losses(out.logits, labels).mean()
                 if not torch.isfinite(loss):
                     raise TrainingError(f"non-finite loss {loss.item()} at step {step}")
-                loss.backward()
+                with warnings.catch_warnings():
+                    # Opacus' hooks on the first LoRA layer, whose input (a frozen embedding) needs no
+                    # gradient: torch says so at every step; the hook uses the output's gradient only
+                    warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
+                    loss.backward()
                 losses.append(loss.item())
                 seen += len(idx)
             else:  # an empty Poisson batch: a noise-only step
