@@ -89,7 +89,7 @@ def main() -> None:
             f"{wall / loop_s:.2f}",
             f"{steps:.0f}",
             f"{client:.0f}",
-            f"{wall - client:.0f}",
+            f"{wall - client:.0f}" if client <= wall else "- (clients in parallel)",
             f"{rows[-1]['eval_accuracy']:.3f}",
             f"{rows[-1]['eval_loss']:.4f}",
             f"{rows[-1].get('epsilon_max') or 0:.3f}",
@@ -104,7 +104,7 @@ def main() -> None:
     print()
     print(table(header, lines))
     print("(clients' steps: summed time in optimizer steps; messages: all of each train message on the client;")
-    print(" outside clients: wall minus messages: loading, evaluation, messaging, Ray)")
+    print(" outside clients: wall minus messages (loading, evaluation, messaging, Ray) when clients run one at a time)")
     print("(goal: fedslm simulate <= 1.15x the loop; both include model loading and every round's evaluation)")
 
 

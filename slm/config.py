@@ -46,7 +46,7 @@ class ModelConfig:
     compute_dtype: DType = _f("bfloat16", "dtype of activations and of an unquantized base")
     cache_dir: str = _f("", "where converted models are cached (default: $FEDSLM_CACHE or ~/.cache/fedslm)")
     max_length: int = _f(128, "tokens per training sequence (prompt + answer), longer ones are cut")
-    gradient_checkpointing: bool = _f(False, "recompute activations in backward to save memory")
+    gradient_checkpointing: bool = _f(False, "recompute activations in backward to save memory (DP-SGD too)")
 
     def __post_init__(self) -> None:
         _check(bool(self.name), "model.name", "must not be empty")
