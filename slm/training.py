@@ -10,6 +10,7 @@ lives in :mod:`slm.privacy`; this module only reports the steps and sampling rat
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 import time
@@ -186,42 +187,42 @@ def train_local(
     seen = empty = 0
     t0 = time.perf_counter()
     try:
-        batches = _batches([len(e["input_ids"]) for e in examples], cfg, gen)
-        for step in range(cfg.steps):
-            idx = next(batches)
-            optimizer.zero_grad(set_to_none=True)
-            if dp_opt is not None:
-                dp_opt.zero_grad(set_to_none=True)
-            if idx:
-                batch = collate([examples[i] for i in idx], pad_id)
-                labels = batch["labels"]
-                if labels.dim() == 2 and keep_logits:  # causal LM: project only the answer positions
-                    keep = answer_positions(labels)
-                    out = forward_model(
-                        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep
-                    )
-                    loss = sequence_losses_at(out.logits, labels, keep).mean()
-                else:
-                    out = forward_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-                    loss = sample_losses(out.logits, labels).mean()
-                if not torch.isfinite(loss):
-                    raise TrainingError(f"non-finite loss {loss.item()} at step {step}")
-                with warnings.catch_warnings():
-                    # Opacus' hooks on the first LoRA layer, whose input (a frozen embedding) needs no
-                    # gradient: torch says so at every step; the hook uses the output's gradient only
-                    warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
+        with warnings.catch_warnings():
+            # Opacus' hook on the first LoRA layer, whose input (a frozen embedding) needs no gradient:
+            # torch says so at every backward; the hook uses the output's gradient only
+            warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
+            batches = _batches([len(e["input_ids"]) for e in examples], cfg, gen)
+            for step in range(cfg.steps):
+                idx = next(batches)
+                optimizer.zero_grad(set_to_none=True)
+                if dp_opt is not None:
+                    dp_opt.zero_grad(set_to_none=True)
+                if idx:
+                    batch = collate([examples[i] for i in idx], pad_id)
+                    labels = batch["labels"]
+                    if labels.dim() == 2 and keep_logits:  # causal LM: project only the answer positions
+                        keep = answer_positions(labels)
+                        out = forward_model(
+                            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep
+                        )
+                        loss = sequence_losses_at(out.logits, labels, keep).mean()
+                    else:
+                        out = forward_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+                        loss = sample_losses(out.logits, labels).mean()
+                    if not torch.isfinite(loss):
+                        raise TrainingError(f"non-finite loss {loss.item()} at step {step}")
                     loss.backward()
-                losses.append(loss.item())
-                seen += len(idx)
-            else:  # an empty Poisson batch: a noise-only step
-                empty += 1
-                for p in params:  # Opacus' per-sample gradients: an attribute it adds to parameters at runtime
-                    p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)  # type: ignore[attr-defined]
-            _step(optimizer, dp_opt, anchors, cfg.proximal_mu)
-            if step == 0:
-                _check_moved(params, before, names)
-            if on_step is not None:
-                on_step(step)
+                    losses.append(loss.item())
+                    seen += len(idx)
+                else:  # an empty Poisson batch: a noise-only step
+                    empty += 1
+                    for p in params:  # Opacus' per-sample gradients: an attribute it adds to parameters at runtime
+                        p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)  # type: ignore[attr-defined]
+                _step(optimizer, dp_opt, anchors, cfg.proximal_mu)
+                if step == 0:
+                    _check_moved(params, before, names)
+                if on_step is not None:
+                    on_step(step)
     finally:
         if cfg.dp is not None:
             forward_model._close()  # remove Opacus hooks: the resident model is reused
@@ -248,6 +249,11 @@ def train_local(
 
 
 def _grad_sample_module(model: Any) -> Any:
+    return _checkpoint_safe_gsm()(model, batch_first=True, loss_reduction="mean")
+
+
+@functools.cache
+def _checkpoint_safe_gsm() -> type:
     """Opacus' per-sample gradient hooks, made safe for (non-reentrant) gradient checkpointing.
 
     Checkpointing runs a layer's forward a second time inside backward to rebuild what it dropped.
@@ -265,7 +271,7 @@ def _grad_sample_module(model: Any) -> Any:
                 return
             super().capture_activations_hook(module, forward_input, forward_output)
 
-    return CheckpointSafeGradSampleModule(model, batch_first=True, loss_reduction="mean")
+    return CheckpointSafeGradSampleModule
 
 
 def _step(optimizer: Any, dp_opt: Any, anchors: dict[int, torch.Tensor], mu: float) -> None:

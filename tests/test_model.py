@@ -125,6 +125,12 @@ def test_eval_forward_does_not_scramble_4bit_weights_for_training() -> None:
         assert after != before
 
 
+def _status_mb(field: str) -> float:
+    """A memory figure of this process from /proc/self/status (VmRSS, VmHWM), in MB."""
+    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(field + ":"))
+    return int(line.split()[1]) / 1024
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="malloc_trim is glibc's")
 def test_release_free_heap_returns_freed_pages_to_the_os() -> None:
     """Freed heap blocks below a live one stay resident until ``malloc_trim`` (what a load leaves)."""
@@ -135,21 +141,17 @@ def test_release_free_heap_returns_freed_pages_to_the_os() -> None:
     libc.malloc.argtypes = [ctypes.c_size_t]
     libc.free.argtypes = [ctypes.c_void_p]
 
-    def rss_mb() -> float:
-        line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmRSS:"))
-        return int(line.split()[1]) / 1024
-
     block = 64 * 1024  # below glibc's mmap threshold: served from the heap
     blocks = [libc.malloc(block) for _ in range(2048)]  # 128 MB
     for b in blocks:
         ctypes.memset(b, 1, block)
     guard = libc.malloc(block)  # keeps the heap top from shrinking on free
-    before = rss_mb()
+    before = _status_mb("VmRSS")
     for b in blocks:
         libc.free(b)
-    freed = rss_mb()
+    freed = _status_mb("VmRSS")
     assert model_mod.release_free_heap() is True  # 1: memory was released
-    after = rss_mb()
+    after = _status_mb("VmRSS")
     libc.free(guard)
     assert before - freed < 32, "glibc returned the blocks by itself; the test sets nothing up"
     assert freed - after > 96, f"RSS {before:.0f} -> freed {freed:.0f} -> trimmed {after:.0f} MB"
@@ -157,15 +159,10 @@ def test_release_free_heap_returns_freed_pages_to_the_os() -> None:
 
 def _peak_mb_of(fn: Callable[[], Any]) -> tuple[float, Any]:
     """Peak RSS above the current RSS while ``fn`` runs (the kernel's high-water mark, reset first)."""
-
-    def field(name: str) -> float:
-        line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(name + ":"))
-        return int(line.split()[1]) / 1024
-
     Path("/proc/self/clear_refs").write_text("5")
-    start = field("VmRSS")
+    start = _status_mb("VmRSS")
     out = fn()
-    return field("VmHWM") - start, out
+    return _status_mb("VmHWM") - start, out
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the kernel's RSS high-water mark")
