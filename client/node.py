@@ -49,8 +49,16 @@ class NodeSpec:
     runtime_port: int | None = None  # default: RUNTIME_PORT_BASE + client_id
     insecure: bool = False
     resident: bool = True  # keep the base model loaded in a resident worker between messages
+    device: str = ""  # this node's model.device (auto | cpu | cuda | cuda:N; "" = the run config's)
 
     def __post_init__(self) -> None:
+        if self.device:
+            from slm.hardware import HardwareError, resolve_device
+
+            try:  # a GPU hospital and a CPU phone in one federation: each node says what it has
+                resolve_device(self.device, key="--device")
+            except HardwareError as e:
+                raise DeployError(str(e)) from None
         if self.profile and PROFILE_NAME.fullmatch(self.profile) is None:
             raise DeployError(f"--profile {self.profile!r}: a profile name of the run config's clients.profiles")
         if self.client_id < 0:
@@ -93,6 +101,8 @@ def node_config(spec: NodeSpec) -> str:
     }
     if spec.profile:
         values["profile"] = spec.profile
+    if spec.device:
+        values["device"] = spec.device
     if spec.resident:
         values["resident-socket"] = str(spec.resident_socket)
     for key, value in values.items():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import time
 from collections.abc import Mapping
@@ -66,6 +67,8 @@ class ClientRunner:
         client_id = node_client_id(node)
         profile, prof = client_profile(cfg, client_id, str(node.get("profile", "")))
         cfg = apply_profile(cfg, prof)  # its quantization, local steps and batch size
+        if node.get("device"):  # the node's own hardware (fedslm node --device) overrides the run's
+            cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, device=str(node["device"])))
         num_clients = int(node.get("num-partitions", cfg.federation.num_clients))
         run_name = str(config.get("run-name", "run"))
         state_root = Path(str(node["state-dir"])) if "state-dir" in node else cache_root(cfg.model) / "client-state"

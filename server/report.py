@@ -28,6 +28,9 @@ KEYS = (
 def summarize(
     cfg: RunConfig, rows: list[dict[str, Any]], clients: dict[int, dict[str, float]] | None = None
 ) -> dict[str, Any]:
+    from slm.model import resolve_hardware
+
+    hardware = resolve_hardware(cfg.model)
     evaluated = [r for r in rows if r.get("eval_accuracy") is not None]
     first, last = evaluated[0], evaluated[-1]
     return {
@@ -46,6 +49,9 @@ def summarize(
         },
         "model": cfg.model.name,
         "quantization": cfg.model.quantization,
+        # as resolved on the machine that ran the server (each node resolves auto for itself)
+        "device": hardware.device,
+        "compute_dtype": hardware.compute_dtype,
         "strategy": cfg.strategy.name,
         "privacy": {
             "mode": cfg.privacy.mode,

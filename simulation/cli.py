@@ -34,6 +34,9 @@ def _simulate(args: argparse.Namespace) -> int:
             return 2
         cfg = load_config(args.config, args.set)  # fails here, before anything heavy starts
         out = Path(args.out) if args.out else default_out_dir(Path(args.config).stem)
+    from slm.model import check_run_hardware
+
+    check_run_hardware(cfg)
     try:
         rows = simulate(cfg, out, progress=not args.no_progress, resume=bool(args.resume))
     except SimulationError as e:
@@ -66,8 +69,13 @@ def _strategies(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
+    from slm.model import check_run_hardware, resolve_hardware
+
     cfg = load_config(args.config, args.set)
+    check_run_hardware(cfg)
     print(cfg.to_yaml())
+    hw = resolve_hardware(cfg.model)
+    print(f"# on this machine: model.device -> {hw.device}, model.compute_dtype -> {hw.compute_dtype}")
     return 0
 
 
@@ -187,6 +195,7 @@ def _node(args: argparse.Namespace) -> int:
         runtime_port=args.runtime_port,
         insecure=args.insecure,
         resident=not args.no_resident,
+        device=args.device,
     )
     check_node_files(spec)
     env = deploy_env()
@@ -306,6 +315,7 @@ def _add_deploy_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--state-dir", help="per-client state (DP history); default <fedslm cache>/node-state")
     p.add_argument("--runtime-port", type=int, help="local port of the node's Runtime API (default 9094 + client id)")
     p.add_argument("--insecure", action="store_true", help="NO TLS (local tests only)")
+    p.add_argument("--device", default="", help="this node's device: auto | cpu | cuda | cuda:N (default: the run's)")
     p.add_argument(
         "--no-resident",
         action="store_true",

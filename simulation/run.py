@@ -100,11 +100,7 @@ def simulate(
         server_app = make_secure_server_app(cfg, out_dir, run_name, _guard(on_round, errors))
     else:
         server_app = make_server_app(cfg, out_dir, run_name, _guard(on_round, errors), resume=ck)
-    cpus = os.cpu_count() or 2
-    backend_config: dict[str, dict[str, ConfigRecordValues]] = {
-        "client_resources": {"num_cpus": min(fed.client_cpus, cpus), "num_gpus": 0.0},
-        "init_args": {"num_cpus": cpus, "include_dashboard": False, "logging_level": "warning"},
-    }
+    backend_config = ray_backend_config(cfg)
     log.info("Simulating %d clients for %d rounds (run dir %s)", fed.num_clients, fed.num_rounds, out_dir)
     try:
         run_simulation(
@@ -126,6 +122,41 @@ def simulate(
             f" see the log above for the server's error; `fedslm simulate --resume {out_dir}` continues it"
         )
     return result
+
+
+def ray_backend_config(cfg: RunConfig) -> dict[str, dict[str, ConfigRecordValues]]:
+    """Flower's Ray backend settings: each client's CPU and GPU share, and where Ray runs.
+
+    With ``federation.ray_address`` the simulation attaches to that cluster (``ray start --head``
+    on one machine, ``ray start --address=HEAD:PORT`` on the others) and uses its resources; the
+    address is checked first, so an unreachable one fails in seconds instead of Ray's long retry.
+    """
+    fed = cfg.federation
+    resources: dict[str, ConfigRecordValues] = {"num_cpus": fed.client_cpus, "num_gpus": fed.client_gpus}
+    init: dict[str, ConfigRecordValues] = {"include_dashboard": False, "logging_level": "warning"}
+    if fed.ray_address:
+        check_reachable(fed.ray_address, "federation.ray_address")
+        init = {"address": fed.ray_address, "logging_level": "warning"}
+    else:
+        cpus = os.cpu_count() or 2
+        resources["num_cpus"] = min(fed.client_cpus, cpus)
+        init["num_cpus"] = cpus
+    return {"client_resources": resources, "init_args": init}
+
+
+def check_reachable(address: str, key: str, timeout_s: float = 3.0) -> None:
+    """Raise :class:`SimulationError` naming ``key`` unless something listens at ``host:port``."""
+    import socket
+
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            return
+    except OSError as e:
+        raise SimulationError(
+            f"{key}: nothing answers at {address} ({e.strerror or e}); start the cluster with"
+            f" `ray start --head --port={port}` or clear the key to run Ray locally"
+        ) from None
 
 
 def _guard(fn: Any, errors: list[BaseException]) -> Any:

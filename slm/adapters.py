@@ -106,7 +106,7 @@ def adapter_state(model: Any) -> dict[str, torch.Tensor]:
 
     inner = getattr(model, "_module", model)  # Opacus GradSampleModule -> PEFT model
     state = get_peft_model_state_dict(inner)
-    return {k: v.detach().to(torch.float32).clone() for k, v in state.items()}
+    return {k: v.detach().to("cpu", torch.float32).clone() for k, v in state.items()}
 
 
 def load_adapter_state(model: Any, state: dict[str, torch.Tensor]) -> None:

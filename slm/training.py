@@ -105,6 +105,17 @@ def _keeps_logits(model: Any) -> bool:
     return "logits_to_keep" in inspect.signature(base.forward).parameters
 
 
+def model_device(model: Any) -> torch.device:
+    """The device of the model's first parameter (all of a LoRA model's live on one device)."""
+    return next(model.parameters()).device
+
+
+def collate_on(examples: list[dict[str, Any]], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """:func:`slm.data.collate` moved to ``device`` (a no-op on CPU)."""
+    batch = collate(examples, pad_id)
+    return batch if device.type == "cpu" else {k: v.to(device) for k, v in batch.items()}
+
+
 def _trainable(model: Any, train_lora_a: bool) -> list[torch.nn.Parameter]:
     params = []
     for name, p in model.named_parameters():
@@ -164,7 +175,8 @@ def train_local(
     # FedProx anchors: the starting (= global) values of the trainable parameters
     anchors = {id(p): p.detach().clone() for p in params} if cfg.proximal_mu > 0 else {}
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    gen = torch.Generator().manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)  # batch draws on the CPU: the same on every device
+    device = model_device(model)
     forward_model, dp_opt = model, None
     if cfg.dp is not None:
         from opacus.optimizers import DPOptimizer
@@ -178,7 +190,7 @@ def train_local(
             loss_reduction="mean",
             secure_mode=cfg.dp.secure_mode,
             # reproducible noise from the run's seed; secure_mode draws from a CSPRNG instead
-            generator=None if cfg.dp.secure_mode else torch.Generator().manual_seed(cfg.seed + 1),
+            generator=None if cfg.dp.secure_mode else torch.Generator(device=device).manual_seed(cfg.seed + 1),
         )
     model.train()
     keep_logits = _keeps_logits(model)
@@ -198,7 +210,7 @@ def train_local(
                 if dp_opt is not None:
                     dp_opt.zero_grad(set_to_none=True)
                 if idx:
-                    batch = collate([examples[i] for i in idx], pad_id)
+                    batch = collate_on([examples[i] for i in idx], pad_id, device)
                     labels = batch["labels"]
                     if labels.dim() == 2 and keep_logits:  # causal LM: project only the answer positions
                         keep = answer_positions(labels)
@@ -217,7 +229,7 @@ def train_local(
                 else:  # an empty Poisson batch: a noise-only step
                     empty += 1
                     for p in params:  # Opacus' per-sample gradients: an attribute it adds to parameters at runtime
-                        p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)  # type: ignore[attr-defined]
+                        p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)  # type: ignore[attr-defined]
                 _step(optimizer, dp_opt, anchors, cfg.proximal_mu)
                 if step == 0:
                     _check_moved(params, before, names)
@@ -320,8 +332,9 @@ def evaluate(
     nll = tokens = 0.0
     pad = tokenizer.pad_token_id
     keep_logits = _keeps_logits(model)
+    device = model_device(model)
     for i in range(0, len(examples), batch_size):
-        batch = collate(examples[i : i + batch_size], pad)
+        batch = collate_on(examples[i : i + batch_size], pad, device)
         labels = batch["labels"]
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
         if keep_logits:  # only the logits that predict answer tokens (a fraction of the vocabulary projection)
@@ -338,6 +351,7 @@ def evaluate(
     try:
         for i in range(0, len(prompts), batch_size):
             enc = tokenizer(prompts[i : i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
+            enc = enc.to(device)
             out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
             texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
             correct += sum(
@@ -377,8 +391,9 @@ def evaluate_classification(
     """Loss, accuracy and macro precision/recall/F1 of the predicted classes."""
     model.eval()
     losses, preds, truth = [], [], []
+    device = model_device(model)
     for i in range(0, len(examples), batch_size):
-        batch = collate(examples[i : i + batch_size], pad_id)
+        batch = collate_on(examples[i : i + batch_size], pad_id, device)
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         losses.extend(sample_losses(logits, batch["labels"]).tolist())
         preds.extend(logits.argmax(-1).tolist())

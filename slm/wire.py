@@ -27,8 +27,9 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord
 
+from .hardware import DTYPES
+
 RAW = "fedslm.raw"
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 _PARTS = ("::q8", "::scale", "::mask", "::val")
 
 
@@ -51,8 +52,8 @@ def from_array(a: Array) -> torch.Tensor:
     """An ``Array`` (raw or numpy) as a float32 tensor."""
     if a.stype != RAW:
         return torch.from_numpy(np.array(a.numpy(), dtype=np.float32))
-    if a.dtype in _DTYPES:
-        dtype = _DTYPES[a.dtype]
+    if a.dtype in DTYPES:
+        dtype = DTYPES[a.dtype]
     elif a.dtype in ("int8", "uint8", "int32"):
         dtype = getattr(torch, a.dtype)
     else:
@@ -69,8 +70,8 @@ def from_array(a: Array) -> torch.Tensor:
 
 
 def _torch_dtype(name: str) -> torch.dtype:
-    if name in _DTYPES:
-        return _DTYPES[name]
+    if name in DTYPES:
+        return DTYPES[name]
     return getattr(torch, name)
 
 

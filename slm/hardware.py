@@ -1,0 +1,141 @@
+"""Hardware probing: which device a node trains on and which compute dtype it runs natively.
+
+bf16 is fast only where the hardware computes it: CUDA devices of compute capability 8.0 and newer
+(Ampere, Hopper), and CPUs with AVX512-BF16 or AMX. Elsewhere torch emulates it: on an AVX2-only
+EPYC a 512x576 by 576x1536 matmul takes 120 ms in bf16 against 13 ms in fp32, and an NF4 + DP-SGD
+step 104 s against 3.5 s. So ``model.compute_dtype: auto`` resolves per node, from what the node
+has, and ``model.device: auto`` picks CUDA where it exists.
+
+The probes are plain functions of what they read (``/proc/cpuinfo`` flags, torch's CPU capability,
+CUDA's device capability) so that tests can hand them any machine.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
+CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+class HardwareError(RuntimeError):
+    """A device or dtype was asked for that this machine does not have; the message names the key."""
+
+
+@dataclass(frozen=True)
+class CpuInfo:
+    capability: str  # torch.backends.cpu.get_cpu_capability(): DEFAULT, AVX2, AVX512, ...
+    flags: frozenset[str]  # /proc/cpuinfo "flags"
+
+    @property
+    def native_bf16(self) -> bool:
+        return any(f in self.flags for f in CPU_BF16_FLAGS) or "AMX" in self.capability.upper()
+
+
+@dataclass(frozen=True)
+class CudaInfo:
+    available: bool
+    count: int = 0
+    capability: tuple[int, int] = (0, 0)  # of the device in use
+    name: str = ""
+
+    @property
+    def native_bf16(self) -> bool:
+        return self.available and self.capability >= (8, 0)
+
+
+@functools.cache
+def probe_cpu() -> CpuInfo:
+    flags: set[str] = set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags.update(line.split(":", 1)[1].split())
+                break
+    except OSError:  # not Linux: torch's capability string alone
+        pass
+    return CpuInfo(torch.backends.cpu.get_cpu_capability(), frozenset(flags))
+
+
+def probe_cuda(index: int = 0) -> CudaInfo:
+    if not torch.cuda.is_available():
+        return CudaInfo(False)
+    count = torch.cuda.device_count()
+    if index >= count:
+        return CudaInfo(True, count)
+    return CudaInfo(True, count, torch.cuda.get_device_capability(index), torch.cuda.get_device_name(index))
+
+
+def resolve_device(requested: str, cuda: CudaInfo | None = None, key: str = "model.device") -> str:
+    """``auto`` -> ``cuda`` where CUDA exists, else ``cpu``; an explicit CUDA device must exist."""
+    if not DEVICE_PATTERN.match(requested):
+        raise HardwareError(f"{key}: {requested!r} is not one of auto | cpu | cuda | cuda:N")
+    if requested == "cpu":
+        return "cpu"
+    cuda = cuda if cuda is not None else probe_cuda(_index(requested))
+    if requested == "auto":
+        return "cuda" if cuda.available else "cpu"
+    if not cuda.available:
+        raise HardwareError(
+            f"{key}: {requested!r} asked for, but torch finds no CUDA device (torch {torch.__version__})"
+        )
+    if _index(requested) >= cuda.count:
+        raise HardwareError(f"{key}: {requested!r} asked for, but this machine has {cuda.count} CUDA device(s)")
+    return requested
+
+
+def resolve_compute_dtype(
+    requested: str,
+    device: str,
+    cpu: CpuInfo | None = None,
+    cuda: CudaInfo | None = None,
+    key: str = "model.compute_dtype",
+) -> str:
+    """The compute dtype for ``device`` (already resolved): ``auto`` picks what the hardware runs natively.
+
+    CUDA: bfloat16 from compute capability 8.0, else float16. CPU: bfloat16 with AVX512-BF16 or
+    AMX, else float32. An explicit choice wins, except float16 on a CPU, which is refused: CPUs have
+    no fast fp16 matmul and fp16's range overflows in LoRA training without loss scaling.
+    """
+    if requested not in ("auto", *DTYPES):
+        raise HardwareError(f"{key}: {requested!r} is not one of auto | {' | '.join(DTYPES)}")
+    on_cuda = device.startswith("cuda")
+    if requested == "float16" and not on_cuda:
+        raise HardwareError(
+            f"{key}: float16 on a CPU is refused (no native fp16 matmul, and fp16 overflows without loss"
+            " scaling); use auto, float32, or bfloat16"
+        )
+    if requested != "auto":
+        return requested
+    if on_cuda:
+        cuda = cuda if cuda is not None else probe_cuda(_index(device))
+        return "bfloat16" if cuda.native_bf16 else "float16"
+    cpu = cpu if cpu is not None else probe_cpu()
+    return "bfloat16" if cpu.native_bf16 else "float32"
+
+
+def _index(device: str) -> int:
+    return int(device.split(":", 1)[1]) if ":" in device else 0
+
+
+def describe(device: str, dtype: str) -> str:
+    """One line for the plan at start: what was resolved, and from what."""
+    if device.startswith("cuda"):
+        info = probe_cuda(_index(device))
+        return f"{device} ({info.name}, capability {info.capability[0]}.{info.capability[1]}), compute {dtype}"
+    cpu = probe_cpu()
+    native = "native bf16" if cpu.native_bf16 else "no native bf16"
+    return f"cpu ({cpu.capability}, {native}), compute {dtype}"
+
+
+def max_cuda_memory_gb(device: str) -> float | None:
+    """``torch.cuda.max_memory_allocated`` in GB on a CUDA device, else None."""
+    if not device.startswith("cuda") or not torch.cuda.is_available():
+        return None
+    return torch.cuda.max_memory_allocated(torch.device(device)) / 1e9

@@ -1,0 +1,132 @@
+"""Device and compute-dtype resolution: a table of machines, faked where the hardware is absent."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from slm.config import ConfigError, ModelConfig, load_config
+from slm.hardware import CpuInfo, CudaInfo, HardwareError, resolve_compute_dtype, resolve_device
+from slm.model import check_run_hardware, resolve_hardware
+
+AVX2 = CpuInfo("AVX2", frozenset({"avx2", "fma"}))
+AVX512_NO_BF16 = CpuInfo("AVX512", frozenset({"avx2", "avx512f", "avx512bw"}))
+AVX512_BF16 = CpuInfo("AVX512", frozenset({"avx2", "avx512f", "avx512_bf16"}))
+SAPPHIRE = CpuInfo("AVX512", frozenset({"avx512f", "amx_bf16", "amx_tile"}))
+NO_CUDA = CudaInfo(False)
+T4 = CudaInfo(True, 1, (7, 5), "Tesla T4")
+A100 = CudaInfo(True, 1, (8, 0), "A100")
+H200 = CudaInfo(True, 2, (9, 0), "H200")
+
+
+@pytest.mark.parametrize(
+    ("requested", "device", "cpu", "cuda", "expected"),
+    [
+        # auto: bf16 only where the hardware computes it natively
+        ("auto", "cpu", AVX2, NO_CUDA, "float32"),
+        ("auto", "cpu", AVX512_NO_BF16, NO_CUDA, "float32"),
+        ("auto", "cpu", AVX512_BF16, NO_CUDA, "bfloat16"),
+        ("auto", "cpu", SAPPHIRE, NO_CUDA, "bfloat16"),
+        ("auto", "cuda", AVX2, T4, "float16"),
+        ("auto", "cuda", AVX2, A100, "bfloat16"),
+        ("auto", "cuda:1", AVX2, H200, "bfloat16"),
+        # an explicit value wins
+        ("bfloat16", "cpu", AVX2, NO_CUDA, "bfloat16"),
+        ("float32", "cpu", SAPPHIRE, NO_CUDA, "float32"),
+        ("float32", "cuda", AVX2, A100, "float32"),
+        ("float16", "cuda", AVX2, A100, "float16"),
+        ("bfloat16", "cuda", AVX2, T4, "bfloat16"),
+    ],
+)
+def test_compute_dtype_resolution(requested: str, device: str, cpu: CpuInfo, cuda: CudaInfo, expected: str) -> None:
+    assert resolve_compute_dtype(requested, device, cpu=cpu, cuda=cuda) == expected
+
+
+def test_float16_on_a_cpu_is_refused_with_the_reason() -> None:
+    with pytest.raises(HardwareError, match=r"model.compute_dtype: float16 on a CPU is refused \(no native fp16"):
+        resolve_compute_dtype("float16", "cpu", cpu=SAPPHIRE, cuda=NO_CUDA)
+
+
+@pytest.mark.parametrize(
+    ("requested", "cuda", "expected"),
+    [
+        ("auto", NO_CUDA, "cpu"),
+        ("auto", A100, "cuda"),
+        ("cpu", A100, "cpu"),
+        ("cuda", A100, "cuda"),
+        ("cuda:1", H200, "cuda:1"),
+    ],
+)
+def test_device_resolution(requested: str, cuda: CudaInfo, expected: str) -> None:
+    assert resolve_device(requested, cuda=cuda) == expected
+
+
+@pytest.mark.parametrize(
+    ("requested", "cuda", "message"),
+    [
+        ("cuda", NO_CUDA, "model.device: 'cuda' asked for, but torch finds no CUDA device"),
+        ("cuda:2", H200, "model.device: 'cuda:2' asked for, but this machine has 2 CUDA device"),
+        ("gpu", A100, "model.device: 'gpu' is not one of auto | cpu | cuda | cuda:N"),
+    ],
+)
+def test_unavailable_device_names_the_key(requested: str, cuda: CudaInfo, message: str) -> None:
+    with pytest.raises(HardwareError, match=message):
+        resolve_device(requested, cuda=cuda)
+
+
+def test_this_machine_resolves_to_what_its_cpu_has() -> None:
+    from slm.hardware import probe_cpu
+
+    resolved = resolve_hardware(ModelConfig())
+    if torch.cuda.is_available():
+        assert resolved.device == "cuda"
+    else:
+        assert resolved.device == "cpu"
+        assert resolved.compute_dtype == ("bfloat16" if probe_cpu().native_bf16 else "float32")
+    assert resolve_hardware(ModelConfig(compute_dtype="float32", device="cpu")).compute_dtype == "float32"
+
+
+def test_model_device_is_checked_at_load_of_the_config() -> None:
+    with pytest.raises(ConfigError, match=r"model.device: 'tpu' not one of auto \| cpu \| cuda \| cuda:N"):
+        ModelConfig(device="tpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("model.device=cuda", "model.device: 'cuda' asked for, but torch finds no CUDA device"),
+        ("federation.client_gpus=0.25", "federation.client_gpus: 0.25 needs a CUDA device"),
+        ("model.compute_dtype=float16", "model.compute_dtype: float16 on a CPU is refused"),
+    ],
+)
+def test_check_refuses_hardware_this_machine_lacks(override: str, message: str) -> None:
+    cfg = load_config("configs/tiny.yaml", [override])
+    with pytest.raises(ConfigError, match=message):
+        check_run_hardware(cfg)
+
+
+def test_unreachable_ray_address_fails_within_seconds() -> None:
+    import socket
+
+    from simulation.run import SimulationError, ray_backend_config
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = load_config("configs/tiny.yaml", [f"federation.ray_address=127.0.0.1:{port}"])
+    t0 = time.perf_counter()
+    with pytest.raises(SimulationError, match=rf"federation.ray_address: nothing answers at 127.0.0.1:{port}"):
+        ray_backend_config(cfg)
+    assert time.perf_counter() - t0 < 5.0
+
+
+def test_client_resources_follow_the_config() -> None:
+    from simulation.run import ray_backend_config
+
+    cfg = load_config("configs/tiny.yaml", ["federation.client_cpus=1", "federation.client_gpus=0.25"])
+    backend = ray_backend_config(cfg)
+    assert backend["client_resources"] == {"num_cpus": 1.0, "num_gpus": 0.25}
+    assert "address" not in backend["init_args"]
