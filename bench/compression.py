@@ -21,8 +21,8 @@ VARIANTS = {
 
 def full_model_bytes(config: str) -> tuple[int, int]:
     """(parameters of the base model, its size in fp32 bytes): what full fine-tuning would send."""
-    from slm.config import load_config
-    from slm.model import load_base_model
+    from fedslm.config import load_config
+    from fedslm.model import load_base_model
 
     cfg = load_config(config, ["model.quantization=none", "model.compute_dtype=float32"])
     n = sum(p.numel() for p in load_base_model(cfg.model).model.parameters())

@@ -23,11 +23,11 @@ ROOT = Path(__file__).resolve().parent.parent
 def worker(args: argparse.Namespace) -> None:
     import torch
 
-    from slm import data
-    from slm.adapters import PEFT_CACHE
-    from slm.config import load_config
-    from slm.model import cache_root
-    from slm.training import DPSettings, LocalTraining, train_local
+    from fedslm import data
+    from fedslm.adapters import PEFT_CACHE
+    from fedslm.config import load_config
+    from fedslm.model import cache_root
+    from fedslm.training import DPSettings, LocalTraining, train_local
 
     torch.set_num_threads(2)
     cfg = load_config(args.config)

@@ -93,11 +93,11 @@ def _padded(examples: list[dict[str, list[int]]], tokens: int, pad_id: int) -> l
 def worker(args: argparse.Namespace) -> None:
     import torch
 
-    from slm import data, tasks
-    from slm.adapters import load_adapter_state
-    from slm.config import load_config
-    from slm.model import cache_root
-    from slm.training import DPSettings, LocalTraining, train_local
+    from fedslm import data, tasks
+    from fedslm.adapters import load_adapter_state
+    from fedslm.config import load_config
+    from fedslm.model import cache_root
+    from fedslm.training import DPSettings, LocalTraining, train_local
 
     torch.set_num_threads(2)
     variant = VARIANTS[args.variant]

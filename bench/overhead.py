@@ -25,12 +25,12 @@ def single_process_loop(config: str, overrides: list[str]) -> tuple[list[dict[st
     """FedAvg rounds in plain Python: every client trains in turn on this process's one model."""
     import torch
 
-    from client.runner import ClientRunner
-    from client.state import ClientStore
-    from server.evaluation import CentralEvaluator
-    from slm import wire
-    from slm.adapters import from_arrayrecord, to_arrayrecord
-    from slm.config import load_config
+    from fedslm.client.runner import ClientRunner
+    from fedslm.client.state import ClientStore
+    from fedslm.server.evaluation import CentralEvaluator
+    from fedslm import wire
+    from fedslm.adapters import from_arrayrecord, to_arrayrecord
+    from fedslm.config import load_config
 
     cfg = load_config(config, [*overrides, "eval.per_client=false"])
     fed = cfg.federation

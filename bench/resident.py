@@ -26,8 +26,8 @@ from common import ROOT, table
 CHILD = """
 import sys, time
 from pathlib import Path
-from client.handlers import handle
-from client.resident import read_frame
+from fedslm.client.handlers import handle
+from fedslm.client.resident import read_frame
 with open(sys.argv[1], "rb") as f:
     header, arrays = read_frame(f)
 outcome = handle("train", header["config"], arrays, header["node_config"])
@@ -42,11 +42,11 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=["train.local_steps=3"], metavar="KEY=VALUE")
     args = parser.parse_args()
 
-    from client.node import NodeSpec, resident_argv
-    from client.resident import forward, wait_until_listening, write_frame
-    from slm import wire
-    from slm.adapters import PEFT_CACHE
-    from slm.config import load_config
+    from fedslm.client.node import NodeSpec, resident_argv
+    from fedslm.client.resident import forward, wait_until_listening, write_frame
+    from fedslm import wire
+    from fedslm.adapters import PEFT_CACHE
+    from fedslm.config import load_config
 
     cfg = load_config(args.config, args.set)
     start = wire.encode(dict(PEFT_CACHE.get(cfg.model, cfg.lora).initial), cfg.communication.dtype)

@@ -15,7 +15,7 @@ PRIVACY = {"no DP": ["privacy.mode=none"], "DP eps 8": ["privacy.mode=local", "p
 
 
 def main() -> None:
-    from strategies.registry import available
+    from fedslm.strategies.registry import available
 
     names = [s.name for s in available()]
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

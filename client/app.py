@@ -19,8 +19,8 @@ from pathlib import Path
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from slm.logs import get_logger
-from slm.records import arrays_of, make_metrics
+from fedslm.logs import get_logger
+from fedslm.records import arrays_of, make_metrics
 
 from .handlers import Outcome, handle, node_client_id
 

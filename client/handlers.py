@@ -9,7 +9,7 @@ from typing import Any
 
 from flwr.app import ArrayRecord
 
-from slm.logs import get_logger
+from fedslm.logs import get_logger
 
 log = get_logger(__name__)
 

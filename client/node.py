@@ -25,8 +25,8 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from server.deploy import DEFAULT_SUPERLINK, DeployError, split_address, stop_process, tool
-from slm.logs import get_logger
+from fedslm.server.deploy import DEFAULT_SUPERLINK, DeployError, split_address, stop_process, tool
+from fedslm.logs import get_logger
 
 log = get_logger(__name__)
 
@@ -53,7 +53,7 @@ class NodeSpec:
 
     def __post_init__(self) -> None:
         if self.device:
-            from slm.hardware import HardwareError, resolve_device
+            from fedslm.hardware import HardwareError, resolve_device
 
             try:  # a GPU hospital and a CPU phone in one federation: each node says what it has
                 resolve_device(self.device, key="--device")
@@ -72,7 +72,7 @@ class NodeSpec:
     @property
     def state(self) -> Path:
         if self.state_dir is None:
-            from slm.model import cache_root  # imports torch: only when the default is needed
+            from fedslm.model import cache_root  # imports torch: only when the default is needed
 
             return (cache_root() / "node-state").resolve()
         return self.state_dir.expanduser().resolve()
@@ -150,7 +150,7 @@ def check_node_files(spec: NodeSpec) -> None:
 
 
 def resident_argv(spec: NodeSpec) -> list[str]:
-    return [sys.executable, "-m", "client.resident", "--socket", str(spec.resident_socket)]
+    return [sys.executable, "-m", "fedslm.client.resident", "--socket", str(spec.resident_socket)]
 
 
 @contextlib.contextmanager

@@ -10,9 +10,9 @@ the budget is declined.
 
 from __future__ import annotations
 
-from slm.config import RunConfig
-from slm.logs import get_logger
-from slm.privacy import (
+from fedslm.config import RunConfig
+from fedslm.logs import get_logger
+from fedslm.privacy import (
     ClientAccountant,
     PrivacyStateError,
     calibrate_noise,
@@ -20,7 +20,7 @@ from slm.privacy import (
     load_state,
     save_state,
 )
-from slm.training import DPSettings
+from fedslm.training import DPSettings
 
 from .state import ClientStore
 

@@ -33,7 +33,7 @@ from typing import Any, Protocol
 
 from flwr.app import Array, ArrayRecord
 
-from slm.logs import get_logger
+from fedslm.logs import get_logger
 
 from .handlers import Outcome
 
@@ -238,7 +238,7 @@ def serve(path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from slm.logs import setup_logging
+    from fedslm.logs import setup_logging
 
     parser = argparse.ArgumentParser(prog="python -m client.resident", description=__doc__)
     parser.add_argument("--socket", required=True, type=Path, help="Unix socket path to listen on")

@@ -14,13 +14,13 @@ import torch
 import yaml
 from flwr.app import ArrayRecord, Context, Message
 
-from slm import data as data_mod
-from slm import tasks, wire
-from slm.adapters import adapter_state, fit_rank, load_adapter_state
-from slm.config import RunConfig, apply_profile, client_profile, config_from_dict
-from slm.logs import get_logger
-from slm.model import RESIDENT, cache_root
-from slm.training import LocalTraining, train_local
+from fedslm import data as data_mod
+from fedslm import tasks, wire
+from fedslm.adapters import adapter_state, fit_rank, load_adapter_state
+from fedslm.config import RunConfig, apply_profile, client_profile, config_from_dict
+from fedslm.logs import get_logger
+from fedslm.model import RESIDENT, cache_root
+from fedslm.training import LocalTraining, train_local
 
 from .handlers import node_client_id
 from .state import ClientStore

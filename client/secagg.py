@@ -5,7 +5,7 @@ Flower's ``secaggplus_mod`` runs the protocol's four stages around this client: 
 returned arrays, masks them, and sends only the masked integers. The training itself is the normal
 :class:`client.runner.ClientRunner` (local DP included); only the packing differs: the global adapter
 arrives as numpy arrays in the key order the server sends (``adapter-keys``), and the trained
-adapter leaves in float32 in that order (what the strategy uploads, see :func:`slm.secagg.upload_keys`).
+adapter leaves in float32 in that order (what the strategy uploads, see :func:`fedslm.secagg.upload_keys`).
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from flwr.client import Client, NumPyClient
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
 
-from slm import secagg, wire
-from slm.logs import get_logger
+from fedslm import secagg, wire
+from fedslm.logs import get_logger
 
 from .runner import ClientRunner
 

@@ -12,8 +12,8 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from slm.config import ConfigError, RunConfig, load_config
-from slm.logs import get_logger
+from fedslm.config import ConfigError, RunConfig, load_config
+from fedslm.logs import get_logger
 
 from .checkpoint import Checkpoint
 from .federation import Federation, RoundCallback
@@ -34,7 +34,7 @@ def run_federation(
         raise ConfigError(
             f"security.secure_aggregation {cfg.security.secure_aggregation!r} runs on Flower's legacy SecAgg+"
             " workflow, not on this ServerApp: use `fedslm simulate`, or for `flwr run` set"
-            ' [tool.flwr.app.components] serverapp = "server.secagg:app" and clientapp = "client.secagg:app"'
+            ' [tool.flwr.app.components] serverapp = "fedslm.server.secagg:app" and clientapp = "fedslm.client.secagg:app"'
         )
     federation = Federation(cfg, out_dir, run_name, on_round)
     rows = federation.run(grid, resume)

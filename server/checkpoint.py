@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from slm.logs import get_logger
+from fedslm.logs import get_logger
 
 log = get_logger(__name__)
 

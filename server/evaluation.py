@@ -7,17 +7,17 @@ from typing import Any
 
 from flwr.app import ArrayRecord
 
-from slm import data as data_mod
-from slm import tasks
-from slm.adapters import (
+from fedslm import data as data_mod
+from fedslm import tasks
+from fedslm.adapters import (
     from_arrayrecord,
     load_adapter_state,
     save_adapter_dir,
     to_arrayrecord,
 )
-from slm.config import RunConfig
-from slm.logs import get_logger
-from slm.model import cache_root
+from fedslm.config import RunConfig
+from fedslm.logs import get_logger
+from fedslm.model import cache_root
 
 log = get_logger(__name__)
 

@@ -20,12 +20,12 @@ from typing import Any, cast
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
-from slm import wire
-from slm.adapters import arrays_to_numpy, from_arrayrecord, numpy_to_arrays, to_arrayrecord
-from slm.config import RunConfig
-from slm.logs import get_logger
-from slm.records import arrays_of, as_float, as_int, metrics_of
-from strategies import registry
+from fedslm import wire
+from fedslm.adapters import arrays_to_numpy, from_arrayrecord, numpy_to_arrays, to_arrayrecord
+from fedslm.config import RunConfig
+from fedslm.logs import get_logger
+from fedslm.records import arrays_of, as_float, as_int, metrics_of
+from fedslm.strategies import registry
 
 from . import checkpoint
 from .checkpoint import Checkpoint

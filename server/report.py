@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from slm.config import RunConfig
-from slm.logs import get_logger
+from fedslm.config import RunConfig
+from fedslm.logs import get_logger
 
 log = get_logger(__name__)
 
@@ -28,7 +28,7 @@ KEYS = (
 def summarize(
     cfg: RunConfig, rows: list[dict[str, Any]], clients: dict[int, dict[str, float]] | None = None
 ) -> dict[str, Any]:
-    from slm.model import resolve_hardware
+    from fedslm.model import resolve_hardware
 
     hardware = resolve_hardware(cfg.model)
     evaluated = [r for r in rows if r.get("eval_accuracy") is not None]

@@ -4,7 +4,7 @@ Flower's SecAgg+ exists only in its legacy API: a ``DefaultWorkflow`` whose fit 
 ``SecAggPlusWorkflow`` driving a legacy ``Strategy`` through a ``LegacyContext``. The server never
 sees one client's adapter: it sums masked, quantized uploads, removes the masks (recovering those of
 clients that dropped out from the other clients' key shares) and gets the example-weighted mean,
-up to SecAgg+'s quantization (see :mod:`slm.secagg` for the bound).
+up to SecAgg+'s quantization (see :mod:`fedslm.secagg` for the bound).
 
 :class:`SecAggFedAvg` is that legacy strategy, configured from the run config: the initial adapter
 in the fixed key order, the train config our ClientApp expects, sampling from ``federation``, no
@@ -31,11 +31,11 @@ from flwr.server.strategy import FedAvg
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.serverapp import Grid, ServerApp
 
-from slm import secagg
-from slm.adapters import from_arrayrecord, to_arrayrecord
-from slm.config import ConfigError, RunConfig
-from slm.logs import get_logger
-from strategies import registry
+from fedslm import secagg
+from fedslm.adapters import from_arrayrecord, to_arrayrecord
+from fedslm.config import ConfigError, RunConfig
+from fedslm.logs import get_logger
+from fedslm.strategies import registry
 
 from .evaluation import CentralEvaluator
 from .federation import RoundCallback
@@ -323,15 +323,15 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """``flwr run`` entry point, when pyproject's components name ``server.secagg:app`` and
-    ``client.secagg:app``; reads the run config as :mod:`server.app` does."""
+    """``flwr run`` entry point, when pyproject's components name ``fedslm.server.secagg:app`` and
+    ``fedslm.client.secagg:app``; reads the run config as :mod:`fedslm.server.app` does."""
     from .app import config_from_context
 
     cfg, out, run_name = config_from_context(context)
     if not cfg.security.secure:
         raise ConfigError(
-            "server.secagg:app runs SecAgg+ only: set security.secure_aggregation: secagg+ in the run config,"
-            " or use server.app:app"
+            "fedslm.server.secagg:app runs SecAgg+ only: set security.secure_aggregation: secagg+ in the run config,"
+            " or use fedslm.server.app:app"
         )
     run_secure_federation(grid, context, cfg, out, run_name)
 

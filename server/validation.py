@@ -1,6 +1,6 @@
 """Checks every client update passes before any aggregation.
 
-An update is the adapter a client sends back. It must decode (see :mod:`slm.wire`), stay under the
+An update is the adapter a client sends back. It must decode (see :mod:`fedslm.wire`), stay under the
 size limit, name only tensors of the global adapter with their shapes (a heterogeneous-rank strategy
 may see a different rank, never a different layer width), hold only finite values, and, when a bound
 is set, lie within that L2 distance of the global adapter. A failing update is rejected with the
@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 from flwr.app import ArrayRecord
 
-from slm import wire
-from slm.config import SecurityConfig
+from fedslm import wire
+from fedslm.config import SecurityConfig
 
 
 class UpdateRejected(ValueError):

@@ -8,9 +8,9 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from server.deploy import DeployError
-from slm.config import ConfigError, load_config
-from slm.logs import get_logger, setup_logging
+from fedslm.server.deploy import DeployError
+from fedslm.config import ConfigError, load_config
+from fedslm.logs import get_logger, setup_logging
 
 Handler = Callable[[argparse.Namespace], int]
 log = get_logger(__name__)
@@ -34,7 +34,7 @@ def _simulate(args: argparse.Namespace) -> int:
             return 2
         cfg = load_config(args.config, args.set)  # fails here, before anything heavy starts
         out = Path(args.out) if args.out else default_out_dir(Path(args.config).stem)
-    from slm.model import check_run_hardware
+    from fedslm.model import check_run_hardware
 
     check_run_hardware(cfg)
     try:
@@ -58,7 +58,7 @@ def _simulate(args: argparse.Namespace) -> int:
 
 
 def _strategies(args: argparse.Namespace) -> int:
-    from strategies.registry import available
+    from fedslm.strategies.registry import available
 
     specs = available()
     width = max(len(s.name) for s in specs)
@@ -69,7 +69,7 @@ def _strategies(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
-    from slm.model import check_run_hardware, resolve_hardware
+    from fedslm.model import check_run_hardware, resolve_hardware
 
     cfg = load_config(args.config, args.set)
     check_run_hardware(cfg)
@@ -80,7 +80,7 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from slm.export import ExportError, export
+    from fedslm.export import ExportError, export
 
     try:
         result = export(Path(args.run_dir), Path(args.out), args.format, args.round, args.gguf_dtype)
@@ -93,7 +93,7 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from slm.chat import ChatModel
+    from fedslm.chat import ChatModel
 
     model = ChatModel(Path(args.run_dir), args.round)
     for piece in model.stream([{"role": "user", "content": args.prompt}], args.max_new_tokens):
@@ -103,7 +103,7 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _chat(args: argparse.Namespace) -> int:
-    from slm.chat import ChatModel
+    from fedslm.chat import ChatModel
 
     model = ChatModel(Path(args.run_dir), args.round)
     history: list[dict[str, str]] = []
@@ -129,7 +129,7 @@ def _chat(args: argparse.Namespace) -> int:
 
 
 def _certs(args: argparse.Namespace) -> int:
-    from server.deploy import write_certificates
+    from fedslm.server.deploy import write_certificates
 
     paths = write_certificates(Path(args.out), args.nodes, args.host, args.days, args.force)
     print(f"CA, SuperLink certificate and {args.nodes} node keys written to {paths.root}")
@@ -138,7 +138,7 @@ def _certs(args: argparse.Namespace) -> int:
 
 
 def _server(args: argparse.Namespace) -> int:
-    from server.deploy import (
+    from fedslm.server.deploy import (
         CertPaths,
         connect_address,
         deploy_env,
@@ -169,7 +169,7 @@ def _server(args: argparse.Namespace) -> int:
 
 
 def _register(args: argparse.Namespace) -> int:
-    from server.deploy import deploy_env, flwr_home, register_nodes
+    from fedslm.server.deploy import deploy_env, flwr_home, register_nodes
 
     env = deploy_env()
     env["FLWR_HOME"] = str(flwr_home(env))
@@ -179,8 +179,8 @@ def _register(args: argparse.Namespace) -> int:
 
 
 def _node(args: argparse.Namespace) -> int:
-    from client.node import NodeSpec, check_node_files, client_id_from_key, resident_worker, supernode_argv
-    from server.deploy import CertPaths, deploy_env
+    from fedslm.client.node import NodeSpec, check_node_files, client_id_from_key, resident_worker, supernode_argv
+    from fedslm.server.deploy import CertPaths, deploy_env
 
     key = Path(args.key).resolve() if args.key else None
     client_id = args.client_id if args.client_id is not None else client_id_from_key(key) if key else 0
@@ -206,7 +206,7 @@ def _node(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from server.deploy import CertPaths, deploy_env, flwr_home, run_argv, write_connection
+    from fedslm.server.deploy import CertPaths, deploy_env, flwr_home, run_argv, write_connection
 
     load_config(args.config, args.set)  # fails here, before anything is submitted
     app = Path(args.app).resolve()
@@ -226,7 +226,7 @@ def _run(args: argparse.Namespace) -> int:
 def run_foreground_cli(
     argv: list[str], env: dict[str, str], after_start: Callable[[subprocess.Popen[bytes]], None] | None = None
 ) -> int:
-    from server.deploy import run_foreground
+    from fedslm.server.deploy import run_foreground
 
     return run_foreground(argv, env, after_start)  # a DeployError is reported by main()
 
@@ -276,7 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_deploy_parsers(sub: argparse._SubParsersAction) -> None:
-    from server.deploy import DEFAULT_SUPERLINK
+    from fedslm.server.deploy import DEFAULT_SUPERLINK
 
     p = sub.add_parser("certs", help="deploy: a CA, the SuperLink's TLS certificate and N node keys")
     p.add_argument("--out", required=True, help="directory to write (see server/deploy.py for its layout)")

@@ -9,8 +9,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from slm.config import RunConfig
-from slm.logs import get_logger
+from fedslm.config import RunConfig
+from fedslm.logs import get_logger
 
 if TYPE_CHECKING:
     from flwr.app import ConfigRecordValues
@@ -58,20 +58,20 @@ def simulate(
     quiet_environment()
     from flwr.simulation import run_simulation
 
-    from client.app import app as client_app
-    from server.app import make_server_app
+    from fedslm.client.app import app as client_app
+    from fedslm.server.app import make_server_app
 
     secure = cfg.security.secure
     if secure:  # Flower's SecAgg+ runs in its legacy API: its own server and client apps
-        from client.secagg import app as client_app
-        from server.secagg import make_server_app as make_secure_server_app
+        from fedslm.client.secagg import app as client_app
+        from fedslm.server.secagg import make_server_app as make_secure_server_app
 
     out_dir = Path(out_dir).resolve()
     ck = None
     if resume and secure:
         raise SimulationError("security.secure_aggregation runs keep no checkpoints, so they cannot be resumed")
     if resume:
-        from server.checkpoint import CheckpointError, latest
+        from fedslm.server.checkpoint import CheckpointError, latest
 
         try:
             ck = latest(out_dir, cfg.to_yaml())

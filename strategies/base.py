@@ -18,10 +18,10 @@ from typing import TYPE_CHECKING, Any
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 
-from slm.logs import get_logger
+from fedslm.logs import get_logger
 
 if TYPE_CHECKING:
-    from slm.config import RunConfig
+    from fedslm.config import RunConfig
 
 log = get_logger(__name__)
 

@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message, MetricRecord
 
-from slm.logs import get_logger
-from slm.privacy import CentralAccountant
+from fedslm.logs import get_logger
+from fedslm.privacy import CentralAccountant
 
 from .aggregation import add_noise
 from .wrapper import WrapperStrategy

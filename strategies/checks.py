@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 from .registry import StrategyConfigError
 
 if TYPE_CHECKING:
-    from slm.config import RunConfig
+    from fedslm.config import RunConfig
 
     from .registry import StrategySpec
 
@@ -28,7 +28,7 @@ def check_malicious(f: int) -> None:
 def check_client_ranks(spec: StrategySpec, cfg: RunConfig) -> None:
     """A strategy without ``heterogeneous_ranks`` needs every client profile at rank ``lora.r``;
     central DP needs it for any strategy (it clips ``update - global`` tensor by tensor)."""
-    from slm.config import profile_ranks
+    from fedslm.config import profile_ranks
 
     ranks = profile_ranks(cfg)
     if all(r == cfg.lora.r for r in ranks.values()):
@@ -105,7 +105,7 @@ def check_secure_aggregation(spec: StrategySpec, cfg: RunConfig) -> None:
 
 
 def _check_secagg_sizes(cfg: RunConfig) -> None:
-    from slm.config import SECAGG_MODULUS_RANGE
+    from fedslm.config import SECAGG_MODULUS_RANGE
 
     sec, per_round = cfg.security, cfg.federation.clients_per_round
     if per_round < 2:

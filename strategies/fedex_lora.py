@@ -10,7 +10,7 @@ The paper folds R into the frozen base weights. Here the base is quantized (NF4/
 be folded into it without re-quantization error, so R is carried as a **frozen dense residual**:
 the global adapter holds ``<module>.frozen_residual`` (out, in) per LoRA module, accumulated over
 rounds, and every node (clients and the server's evaluator) applies it as a forward hook on the
-LoRA layer (``slm.adapters.load_adapter_state``). It is never trained or uploaded; clients start
+LoRA layer (``fedslm.adapters.load_adapter_state``). It is never trained or uploaded; clients start
 each round from (mean B, mean A) plus the residual, exactly the global model.
 
 Cost: the residual is dense, out x in per module, downlink only (SmolLM2 q/v: 13.3 M values, 26.5

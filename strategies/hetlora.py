@@ -3,7 +3,7 @@ models"): clients train LoRA of different ranks (``clients.profiles``). The serv
 client's A (rows) and B (columns) to the global rank ``lora.r`` and sums them with the paper's
 sparsity weights ``p_i = ||B_i A_i||_F / sum_j ||B_j A_j||_F``, per LoRA module
 (``strategies.lora_maths.hetlora_aggregate``); a classification head, if any, is example-weighted.
-On receipt each client truncates the global adapter back to its own rank (``slm.adapters.fit_rank``:
+On receipt each client truncates the global adapter back to its own rank (``fedslm.adapters.fit_rank``:
 the first ``r_i`` rows of A and columns of B), keeping the global scale ``alpha / lora.r``.
 
 Not implemented: the paper's local rank self-pruning (optional there); ranks stay as configured.

@@ -3,9 +3,9 @@
 An adapter is a dict keyed by PEFT state-dict names: ``<module>.lora_A.weight`` (r, in) and
 ``<module>.lora_B.weight`` (out, r) per LoRA module, possibly other trained tensors (a
 classification head), and possibly ``<module>.frozen_residual`` (out, in): a dense weight delta that
-the quantized base cannot absorb (:mod:`slm.adapters` applies it as a frozen forward hook). A
+the quantized base cannot absorb (:mod:`fedslm.adapters` applies it as a frozen forward hook). A
 module's weight update is therefore ``scaling * B @ A + residual`` with ``scaling = alpha / r``
-(the global LoRA scale; clients of a lower rank keep it, see :func:`slm.adapters.peft_config`).
+(the global LoRA scale; clients of a lower rank keep it, see :func:`fedslm.adapters.peft_config`).
 
 Everything is computed in float64 and returned as float32. Weights are normalised here; they must
 be finite, >= 0 and not all zero.
@@ -20,7 +20,7 @@ import numpy as np
 Tensors = dict[str, np.ndarray]
 
 A_SUFFIX, B_SUFFIX = ".lora_A.weight", ".lora_B.weight"
-RESIDUAL_SUFFIX = ".frozen_residual"  # slm.adapters.RESIDUAL_SUFFIX (not imported: that pulls in torch)
+RESIDUAL_SUFFIX = ".frozen_residual"  # fedslm.adapters.RESIDUAL_SUFFIX (not imported: that pulls in torch)
 
 
 def modules(tensors: Tensors) -> list[str]:
@@ -157,7 +157,7 @@ def hetlora_weights(a_list: Sequence[np.ndarray], b_list: Sequence[np.ndarray]) 
 def hetlora_aggregate(updates: Sequence[Tensors], weights: Sequence[float], rank: int) -> Tensors:
     """HetLoRA (Cho et al. 2024): per module, every client's A and B zero-padded to ``rank`` and
     summed with :func:`hetlora_weights` of that module; other tensors by ``weights`` (examples).
-    Each client takes the first ``r_i`` components back (:func:`slm.adapters.fit_rank`)."""
+    Each client takes the first ``r_i`` components back (:func:`fedslm.adapters.fit_rank`)."""
     out = _others(updates, normalise(weights))
     for m in modules(updates[0]):
         a_list = [u[m + A_SUFFIX] for u in updates]

@@ -14,7 +14,7 @@ from typing import Any
 
 from flwr.app import ArrayRecord, Message, MetricRecord
 
-from slm.logs import get_logger
+from fedslm.logs import get_logger
 
 from .registry import StrategyConfigError, get, register
 from .wrapper import WrapperStrategy

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from slm.config import RunConfig
+    from fedslm.config import RunConfig
 
     from .base import LoRAStrategyMixin
 
@@ -88,7 +88,7 @@ def check_params(spec: StrategySpec, params: dict[str, Any]) -> None:
 
 
 def check_strategy_config(cfg: RunConfig) -> None:
-    """Called by :func:`slm.config.config_from_dict`: name, parameters and run compatibility."""
+    """Called by :func:`fedslm.config.config_from_dict`: name, parameters and run compatibility."""
     try:
         spec = get(cfg.strategy.name)
         check_params(spec, cfg.strategy.params)
@@ -100,7 +100,7 @@ def check_strategy_config(cfg: RunConfig) -> None:
         if check is not None:
             check(cfg)
     except StrategyConfigError as e:
-        from slm.config import ConfigError
+        from fedslm.config import ConfigError
 
         raise ConfigError(f"strategy: {e}") from None
 

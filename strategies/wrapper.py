@@ -12,7 +12,7 @@ from flwr.app.message.message import make_message
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from slm.records import arrays_of, metrics_of
+from fedslm.records import arrays_of, metrics_of
 
 from .aggregation import clip_update
 

@@ -18,7 +18,7 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from slm.config import RunConfig, load_config  # noqa: E402
+from fedslm.config import RunConfig, load_config  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 torch.set_num_threads(2)
@@ -32,7 +32,7 @@ def tiny_cfg() -> RunConfig:
 @pytest.fixture(scope="session")
 def _tiny_resident():
     """The resident tiny Llama with LoRA (r=4, float32); ``.initial`` is its seeded adapter."""
-    from slm.adapters import PEFT_CACHE
+    from fedslm.adapters import PEFT_CACHE
 
     cfg = load_config(ROOT / "configs" / "tiny.yaml")
     return PEFT_CACHE.get(cfg.model, cfg.lora)
@@ -41,7 +41,7 @@ def _tiny_resident():
 @pytest.fixture
 def tiny_peft(_tiny_resident):
     """The shared tiny LoRA model, set to its initial adapter before and after each test."""
-    from slm.adapters import load_adapter_state
+    from fedslm.adapters import load_adapter_state
 
     resident = _tiny_resident
     load_adapter_state(resident.model, resident.initial)
@@ -64,7 +64,7 @@ def _flower_task_identity():
 @pytest.fixture(scope="session")
 def real_run_dir(tmp_path_factory):
     """A short DP federation on the real SmolLM2 (2 clients, 1 round, 3 steps): a run directory."""
-    from simulation.run import simulate
+    from fedslm.simulation.run import simulate
 
     cfg = load_config(
         ROOT / "configs" / "demo.yaml",

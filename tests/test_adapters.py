@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from slm.adapters import (
+from fedslm.adapters import (
     AdapterError,
     adapter_state,
     from_arrayrecord,
@@ -17,7 +17,7 @@ from slm.adapters import (
     target_modules,
     to_arrayrecord,
 )
-from slm.config import LoRAConfig
+from fedslm.config import LoRAConfig
 
 
 def _randomize(model) -> dict[str, torch.Tensor]:

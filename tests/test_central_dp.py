@@ -7,11 +7,11 @@ import pytest
 from flower_fakes import train_reply
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 
-from slm.config import config_from_dict
-from slm.privacy import ClientAccountant
-from strategies import registry
-from strategies.aggregation import add_noise
-from strategies.central_dp import CentralDP
+from fedslm.config import config_from_dict
+from fedslm.privacy import ClientAccountant
+from fedslm.strategies import registry
+from fedslm.strategies.aggregation import add_noise
+from fedslm.strategies.central_dp import CentralDP
 
 
 def test_noise_std_is_as_asked() -> None:

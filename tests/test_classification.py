@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from slm import data
-from slm.adapters import adapter_state, attach_lora
-from slm.config import DataConfig, LoRAConfig, ModelConfig, load_config
-from slm.model import cache_root, load_base_model
-from slm.training import DPSettings, LocalTraining, classification_metrics, train_local
+from fedslm import data
+from fedslm.adapters import adapter_state, attach_lora
+from fedslm.config import DataConfig, LoRAConfig, ModelConfig, load_config
+from fedslm.model import cache_root, load_base_model
+from fedslm.training import DPSettings, LocalTraining, classification_metrics, train_local
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -74,7 +74,7 @@ def test_unknown_label_is_an_error(tiny_peft) -> None:
 def test_tiny_classification_federation_aggregates_the_head(tmp_path: Path) -> None:
     from safetensors.torch import load_file
 
-    from simulation.run import simulate
+    from fedslm.simulation.run import simulate
 
     cfg = load_config(ROOT / "configs" / "classify-tiny.yaml", ["federation.num_rounds=1"])
     rows = simulate(cfg, tmp_path / "run", progress=False)
@@ -89,7 +89,7 @@ def test_tiny_classification_federation_aggregates_the_head(tmp_path: Path) -> N
 @pytest.mark.slow
 @pytest.mark.integration
 def test_real_smollm2_classifier_learns_in_two_rounds(tmp_path: Path) -> None:
-    from simulation.run import simulate
+    from fedslm.simulation.run import simulate
 
     overrides = [
         "privacy.mode=none",

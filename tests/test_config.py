@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from slm.config import ConfigError, RunConfig, config_from_dict, load_config
+from fedslm.config import ConfigError, RunConfig, config_from_dict, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from slm import data, triage
-from slm.config import DataConfig
+from fedslm import data, triage
+from fedslm.config import DataConfig
 
 
 def test_generation_is_deterministic_and_non_iid() -> None:

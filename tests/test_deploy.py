@@ -22,8 +22,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_pem_private_key, load_ssh_private_key
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from client.node import NodeSpec, client_id_from_key, node_config, supernode_argv
-from server.deploy import (
+from fedslm.client.node import NodeSpec, client_id_from_key, node_config, supernode_argv
+from fedslm.server.deploy import (
     CertPaths,
     DeployError,
     deploy_env,
@@ -200,7 +200,7 @@ def cli_logging() -> Iterator[None]:
 
 
 def test_cli_subcommands_fail_early(tmp_path: Path, capsys: pytest.CaptureFixture[str], cli_logging: None) -> None:
-    from simulation.cli import main
+    from fedslm.simulation.cli import main
 
     assert main(["certs", "--out", str(tmp_path / "c"), "--nodes", "2"]) == 0
     assert CertPaths(tmp_path / "c").node_pub(1).is_file() and not CertPaths(tmp_path / "c").node_key(2).exists()
@@ -318,9 +318,9 @@ def _wait(what: str, check, timeout: float, interval: float = 1.0):  # noqa: ANN
 
 def _node_data(out: Path, clients: int) -> list[Path]:
     """Each node's private file: the natural partition the simulation would give that client."""
-    from slm import data as data_mod
-    from slm.config import load_config
-    from slm.model import cache_root
+    from fedslm import data as data_mod
+    from fedslm.config import load_config
+    from fedslm.model import cache_root
 
     cfg = load_config(ROOT / "configs" / "tiny.yaml")
     paths = []

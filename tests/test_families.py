@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from slm import data
-from slm.adapters import adapter_state, attach_lora, to_arrayrecord
-from slm.config import DataConfig, LoRAConfig, ModelConfig
-from slm.model import cache_root, load_base_model
-from slm.tiny import DECODERS
-from slm.training import DPSettings, LocalTraining, train_local
+from fedslm import data
+from fedslm.adapters import adapter_state, attach_lora, to_arrayrecord
+from fedslm.config import DataConfig, LoRAConfig, ModelConfig
+from fedslm.model import cache_root, load_base_model
+from fedslm.tiny import DECODERS
+from fedslm.training import DPSettings, LocalTraining, train_local
 
 QV = {"q_proj", "v_proj"}
 TARGETS = {"llama": QV, "qwen2": QV, "mistral": QV, "gemma2": QV, "phi3": {"qkv_proj"}}

@@ -12,10 +12,10 @@ import pytest
 from flower_fakes import reply
 from flwr.app import Array, ArrayRecord, Error, MetricRecord, RecordDict
 
-from server.federation import content_nbytes, sort_replies
-from slm.config import load_config
-from slm.model import cache_root
-from slm.privacy import ClientAccountant, calibrate_noise, save_state
+from fedslm.server.federation import content_nbytes, sort_replies
+from fedslm.config import load_config
+from fedslm.model import cache_root
+from fedslm.privacy import ClientAccountant, calibrate_noise, save_state
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.integration
@@ -43,7 +43,7 @@ def test_replies_are_sorted_into_ok_failed_declined_rejected() -> None:
 
 
 def _run(tmp_path: Path, overrides: list[str], run_name: str | None = None) -> tuple[list[dict], Path]:
-    from simulation.run import simulate
+    from fedslm.simulation.run import simulate
 
     cfg = load_config(ROOT / "configs" / "tiny.yaml", overrides)
     out = tmp_path / "run"
@@ -105,7 +105,7 @@ def test_dp_federation_reports_cumulative_epsilon_and_a_spent_client_declines(tm
     assert [r["declined"] for r in rows[1:]] == [1, 0]
     assert [r["clients"] for r in rows[1:]] == [3, 3]  # the rounds continued with the others
     # hand calculation for client 3 (natural split: county-general): n train records, q = 4/n
-    from slm import data
+    from fedslm import data
 
     n = len(data.client_records(cfg.data, cache_root(cfg.model), 3, 4).records)
     n_train = n - int(n * 0.1)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from slm.config import load_config
+from fedslm.config import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.integration
@@ -44,7 +44,7 @@ def _stop_local_superlink(flwr_home: Path) -> None:
 
 
 def test_flwr_run_matches_fedslm_simulate(tmp_path: Path) -> None:
-    from simulation.run import simulate
+    from fedslm.simulation.run import simulate
 
     home = tmp_path / "flwr-home"
     home.mkdir()

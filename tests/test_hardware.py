@@ -7,9 +7,9 @@ import time
 import pytest
 import torch
 
-from slm.config import ConfigError, ModelConfig, load_config
-from slm.hardware import CpuInfo, CudaInfo, HardwareError, resolve_compute_dtype, resolve_device
-from slm.model import check_run_hardware, resolve_hardware
+from fedslm.config import ConfigError, ModelConfig, load_config
+from fedslm.hardware import CpuInfo, CudaInfo, HardwareError, resolve_compute_dtype, resolve_device
+from fedslm.model import check_run_hardware, resolve_hardware
 
 AVX2 = CpuInfo("AVX2", frozenset({"avx2", "fma"}))
 AVX512_NO_BF16 = CpuInfo("AVX512", frozenset({"avx2", "avx512f", "avx512bw"}))
@@ -77,7 +77,7 @@ def test_unavailable_device_names_the_key(requested: str, cuda: CudaInfo, messag
 
 
 def test_this_machine_resolves_to_what_its_cpu_has() -> None:
-    from slm.hardware import probe_cpu
+    from fedslm.hardware import probe_cpu
 
     resolved = resolve_hardware(ModelConfig())
     if torch.cuda.is_available():
@@ -111,7 +111,7 @@ def test_check_refuses_hardware_this_machine_lacks(override: str, message: str) 
 def test_unreachable_ray_address_fails_within_seconds() -> None:
     import socket
 
-    from simulation.run import SimulationError, ray_backend_config
+    from fedslm.simulation.run import SimulationError, ray_backend_config
 
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
@@ -124,7 +124,7 @@ def test_unreachable_ray_address_fails_within_seconds() -> None:
 
 
 def test_client_resources_follow_the_config() -> None:
-    from simulation.run import ray_backend_config
+    from fedslm.simulation.run import ray_backend_config
 
     cfg = load_config("configs/tiny.yaml", ["federation.client_cpus=1", "federation.client_gpus=0.25"])
     backend = ray_backend_config(cfg)

@@ -11,8 +11,8 @@ import torch
 from flower_fakes import train_reply
 from flwr.app import Array, ArrayRecord, ConfigRecord
 
-from slm.adapters import RESIDUAL_SUFFIX, fit_rank, load_adapter_state, peft_config, residuals_of
-from slm.config import (
+from fedslm.adapters import RESIDUAL_SUFFIX, fit_rank, load_adapter_state, peft_config, residuals_of
+from fedslm.config import (
     ConfigError,
     apply_profile,
     assign_profiles,
@@ -20,8 +20,8 @@ from slm.config import (
     config_from_dict,
     profile_counts,
 )
-from strategies import lora_maths, registry
-from strategies.lora_maths import (
+from fedslm.strategies import lora_maths, registry
+from fedslm.strategies.lora_maths import (
     effective_deltas,
     fedex_aggregate,
     flora_stack,
@@ -292,7 +292,7 @@ def test_mixed_ranks_need_a_heterogeneous_strategy() -> None:
 def restore_resident(_tiny_resident, tiny_cfg):
     """A lower client rank re-wraps the process's resident base with LoRA of that rank; afterwards
     the session's tiny model (rank 4) is wrapped again (same seeded init) and put back in place."""
-    from slm.adapters import PEFT_CACHE
+    from fedslm.adapters import PEFT_CACHE
 
     yield
     new = PEFT_CACHE.get(tiny_cfg.model, tiny_cfg.lora)
@@ -305,10 +305,10 @@ def test_a_rank_2_client_trains_its_slice_with_the_residual(tiny_cfg, _tiny_resi
     the frozen residual is applied during training, and only rank-2 A and B go back."""
     import dataclasses
 
-    from client.runner import ClientRunner
-    from client.state import ClientStore
-    from slm import wire
-    from slm.adapters import to_arrayrecord
+    from fedslm.client.runner import ClientRunner
+    from fedslm.client.state import ClientStore
+    from fedslm import wire
+    from fedslm.adapters import to_arrayrecord
 
     initial = dict(_tiny_resident.initial)
     module = next(k for k in initial if k.endswith(".lora_A.weight"))[: -len(".lora_A.weight")]
@@ -329,10 +329,10 @@ def test_a_rank_2_client_trains_its_slice_with_the_residual(tiny_cfg, _tiny_resi
 def test_fedsa_client_evaluates_with_its_own_b(tiny_cfg, tiny_peft, tmp_path):
     """FedSA-LoRA personalises through B: a client scores the global A with ITS OWN B (kept at home),
     not with the global B (never aggregated, zero); other strategies score the global adapter as sent."""
-    from client.runner import ClientRunner
-    from client.state import ClientStore
-    from slm import wire
-    from slm.adapters import adapter_state
+    from fedslm.client.runner import ClientRunner
+    from fedslm.client.state import ClientStore
+    from fedslm import wire
+    from fedslm.adapters import adapter_state
 
     initial = dict(tiny_peft.initial)
     own_b = {k: torch.full_like(v, 0.01 * (i + 1)) for i, (k, v) in enumerate(initial.items()) if "lora_B" in k}

@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 import torch
 
-from slm import model as model_mod
-from slm.adapters import attach_lora, trainable_count
-from slm.config import LoRAConfig, ModelConfig
+from fedslm import model as model_mod
+from fedslm.adapters import attach_lora, trainable_count
+from fedslm.config import LoRAConfig, ModelConfig
 
 
 def test_bundled_gguf_is_located_without_importing_the_package() -> None:

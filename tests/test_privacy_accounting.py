@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from slm.privacy import (
+from fedslm.privacy import (
     CentralAccountant,
     ClientAccountant,
     PrivacyBudgetError,

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from slm import data
-from slm.adapters import PEFT_CACHE, adapter_state, load_adapter_state
-from slm.config import load_config
-from slm.model import cache_root
-from slm.training import DPSettings, LocalTraining, train_local
+from fedslm import data
+from fedslm.adapters import PEFT_CACHE, adapter_state, load_adapter_state
+from fedslm.config import load_config
+from fedslm.model import cache_root
+from fedslm.training import DPSettings, LocalTraining, train_local
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
@@ -63,7 +63,7 @@ def test_short_dp_federation_on_real_smollm2(real_run_dir) -> None:
 
 @pytest.mark.parametrize("fmt", ["peft", "merged", "gguf"])
 def test_exports_reload_to_the_same_logits(real_run_dir, tmp_path: Path, fmt: str) -> None:
-    from slm.export import TOLERANCE, export
+    from fedslm.export import TOLERANCE, export
 
     run, _ = real_run_dir
     result = export(run, tmp_path / fmt, fmt)
@@ -83,7 +83,7 @@ def test_exports_reload_to_the_same_logits(real_run_dir, tmp_path: Path, fmt: st
 
 
 def test_export_errors_name_the_problem(real_run_dir, tmp_path: Path) -> None:
-    from slm.export import ExportError, export
+    from fedslm.export import ExportError, export
 
     run, _ = real_run_dir
     with pytest.raises(ExportError, match="no round 7"):
@@ -95,7 +95,7 @@ def test_export_errors_name_the_problem(real_run_dir, tmp_path: Path) -> None:
 
 
 def test_generate_streams_an_answer(real_run_dir) -> None:
-    from slm.chat import ChatModel
+    from fedslm.chat import ChatModel
 
     run, _ = real_run_dir
     model = ChatModel(run)

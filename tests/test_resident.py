@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
-from client.app import evaluate, train
-from client.handlers import handle
-from client.node import NodeSpec, node_config, resident_argv
-from client.resident import ResidentError, read_frame, wait_until_listening, write_frame
-from slm import wire
-from slm.adapters import PEFT_CACHE
-from slm.config import load_config
+from fedslm.client.app import evaluate, train
+from fedslm.client.handlers import handle
+from fedslm.client.node import NodeSpec, node_config, resident_argv
+from fedslm.client.resident import ResidentError, read_frame, wait_until_listening, write_frame
+from fedslm import wire
+from fedslm.adapters import PEFT_CACHE
+from fedslm.config import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 

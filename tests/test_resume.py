@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from server import checkpoint
-from slm.config import load_config
-from strategies import registry
+from fedslm.server import checkpoint
+from fedslm.config import load_config
+from fedslm.strategies import registry
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -73,7 +73,7 @@ def _digest(run: Path, rnd: int) -> str:
 
 @pytest.mark.integration
 def test_killed_after_round_one_resumes_to_the_same_adapter(tmp_path: Path) -> None:
-    from simulation.run import simulate
+    from fedslm.simulation.run import simulate
 
     overrides = ["federation.num_rounds=2", "strategy.name=fedadam", "train.learning_rate=0.05"]
     cfg = load_config(ROOT / "configs" / "tiny.yaml", overrides)

@@ -21,8 +21,8 @@ from flwr.common.secure_aggregation.ndarrays_arithmetic import (
 )
 from flwr.common.secure_aggregation.quantization import dequantize, quantize
 
-from slm import secagg
-from slm.config import ConfigError, SecurityConfig, load_config
+from fedslm import secagg
+from fedslm.config import ConfigError, SecurityConfig, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -111,7 +111,7 @@ def test_secagg_parameters_are_checked(overrides: list[str], reason: str) -> Non
 
 
 def test_fractions_of_the_sampled_clients_are_accepted_and_survive_the_yaml_round_trip() -> None:
-    from slm.config import config_from_dict
+    from fedslm.config import config_from_dict
 
     cfg = _load("security.secagg_num_shares=1.0", "security.secagg_reconstruction_threshold=0.5")
     back = config_from_dict(__import__("yaml").safe_load(cfg.to_yaml()))  # what a client parses
@@ -159,7 +159,7 @@ def test_packing_refuses_tensors_outside_the_agreed_order() -> None:
     [("fedavg", "AB"), ("fedprox", "AB"), ("ffa-lora", "B"), ("fedsa-lora", "A")],
 )
 def test_upload_keys_follow_what_each_strategy_uploads(name: str, uploads: str) -> None:
-    from strategies import registry
+    from fedslm.strategies import registry
 
     strategy = registry.build(_load(f"strategy.name={name}"))
     keys = secagg.adapter_keys(STATE)
@@ -218,7 +218,7 @@ def test_error_bound_by_hand_and_clipping_refused() -> None:
 
 
 def test_payload_bytes_count_arrays_strings_bytes_and_numbers() -> None:
-    from server.secagg import payload_nbytes
+    from fedslm.server.secagg import payload_nbytes
 
     arr = np.zeros(4, dtype=np.float32)
     content = RecordDict(
@@ -244,9 +244,9 @@ def _adapter(out: Path, rnd: int) -> dict[str, torch.Tensor]:
 
 @pytest.mark.integration
 def test_secaggplus_federation_matches_plain_fedavg_within_quantization(tmp_path: Path) -> None:
-    from simulation.run import simulate
-    from slm import data
-    from slm.model import cache_root
+    from fedslm.simulation.run import simulate
+    from fedslm import data
+    from fedslm.model import cache_root
 
     common = ["federation.num_rounds=1", "train.local_steps=2", "seed=0"]
     plain_cfg = load_config(TINY, [*common, "communication.dtype=float32"])  # fp32 both ways: a fair comparison
@@ -283,7 +283,7 @@ def test_secaggplus_federation_matches_plain_fedavg_within_quantization(tmp_path
 
 
 def test_the_normal_server_app_refuses_a_secure_config_instead_of_ignoring_it(tmp_path: Path) -> None:
-    from server.app import run_federation
+    from fedslm.server.app import run_federation
 
-    with pytest.raises(ConfigError, match='serverapp = "server.secagg:app" and clientapp = "client.secagg:app"'):
+    with pytest.raises(ConfigError, match='serverapp = "fedslm.server.secagg:app" and clientapp = "fedslm.client.secagg:app"'):
         run_federation(None, _load(), tmp_path, "run")  # type: ignore[arg-type]  # refused before the grid is used

@@ -7,9 +7,9 @@ import pytest
 from flower_fakes import train_reply
 from flwr.app import Array, ArrayRecord, ConfigRecord
 
-from slm.config import ConfigError, config_from_dict
-from strategies import registry
-from strategies.aggregation import clip_update
+from fedslm.config import ConfigError, config_from_dict
+from fedslm.strategies import registry
+from fedslm.strategies.aggregation import clip_update
 
 A, B = "m.q_proj.lora_A.weight", "m.q_proj.lora_B.weight"
 GLOBAL = {A: np.full((2, 3), 0.5, dtype=np.float32), B: np.zeros((4, 2), dtype=np.float32)}

@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from slm import data
-from slm.adapters import adapter_state
-from slm.config import DataConfig, load_config
-from slm.model import cache_root
-from slm.training import (
+from fedslm import data
+from fedslm.adapters import adapter_state
+from fedslm.config import DataConfig, load_config
+from fedslm.model import cache_root
+from fedslm.training import (
     BUCKET_WINDOW,
     DPSettings,
     LocalTraining,
@@ -140,8 +140,8 @@ def test_dp_training_with_gradient_checkpointing_takes_the_same_steps(fresh) -> 
     recorded again, so the per-sample gradients, the clipped and noised steps and the adapter are
     the ones training without checkpointing produces (plain Opacus fails: 'Per sample gradient is
     not initialized')."""
-    from slm.adapters import attach_lora, load_adapter_state
-    from slm.model import load_base_model
+    from fedslm.adapters import attach_lora, load_adapter_state
+    from fedslm.model import load_base_model
 
     tok = fresh.base.tokenizer
     ex = _examples(tok)

@@ -12,9 +12,9 @@ import torch
 from flower_fakes import reply
 from flwr.app import Array, ArrayRecord, Error, MetricRecord, RecordDict
 
-from server.validation import UpdateRejected, check_update
-from slm import wire
-from slm.config import SecurityConfig, load_config
+from fedslm.server.validation import UpdateRejected, check_update
+from fedslm import wire
+from fedslm.config import SecurityConfig, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -178,7 +178,7 @@ class _FakeGrid:
 
 
 def test_federation_rejects_bad_updates_and_aggregates_the_honest_ones(tmp_path: Path) -> None:
-    from server.federation import Federation
+    from fedslm.server.federation import Federation
 
     cfg = load_config(
         ROOT / "configs" / "tiny.yaml",
@@ -207,7 +207,7 @@ def test_federation_rejects_bad_updates_and_aggregates_the_honest_ones(tmp_path:
 def test_too_few_usable_replies_skip_the_round_and_keep_the_global_adapter(tmp_path: Path) -> None:
     from safetensors.torch import load_file
 
-    from server.federation import Federation
+    from fedslm.server.federation import Federation
 
     overrides = ["federation.num_clients=8", "federation.num_rounds=1", "federation.min_train_clients=3"]
     cfg = load_config(ROOT / "configs" / "tiny.yaml", [*overrides, "security.max_update_mb=0.1"])

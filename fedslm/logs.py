@@ -10,7 +10,7 @@ _ROOT = "fedslm"
 
 def get_logger(name: str) -> logging.Logger:
     """A child of the ``fedslm`` logger (``name`` is usually ``__name__``)."""
-    return logging.getLogger(f"{_ROOT}.{name}")
+    return logging.getLogger(name if name == _ROOT or name.startswith(f"{_ROOT}.") else f"{_ROOT}.{name}")
 
 
 def setup_logging(level: str | int | None = None) -> None:

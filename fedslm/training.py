@@ -5,7 +5,7 @@ each step draws every record independently with probability ``q``, so the batch 
 may be empty (an empty batch still takes a noise-only step, as the analysis assumes). The loss is
 per sequence (token mean within a sequence, mean over the batch), not HF's token mean over the
 batch, so each record's contribution is one clipped per-sample gradient. The privacy accounting
-lives in :mod:`slm.privacy`; this module only reports the steps and sampling rate it used.
+lives in :mod:`fedslm.privacy`; this module only reports the steps and sampling rate it used.
 """
 
 from __future__ import annotations
@@ -111,7 +111,7 @@ def model_device(model: Any) -> torch.device:
 
 
 def collate_on(examples: list[dict[str, Any]], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
-    """:func:`slm.data.collate` moved to ``device`` (a no-op on CPU)."""
+    """:func:`fedslm.data.collate` moved to ``device`` (a no-op on CPU)."""
     batch = collate(examples, pad_id)
     return batch if device.type == "cpu" else {k: v.to(device) for k, v in batch.items()}
 

@@ -514,7 +514,7 @@ def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
 
 def validate_strategy(cfg: RunConfig) -> None:
     """Check the strategy name and parameters against the registry (and the rest of the run)."""
-    from strategies.registry import check_strategy_config  # the registry lives with the strategies
+    from fedslm.strategies.registry import check_strategy_config  # the registry lives with the strategies
 
     check_strategy_config(cfg)
 

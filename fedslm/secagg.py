@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from slm.config import SecurityConfig
+from fedslm.config import SecurityConfig
 
 
 class SecAggError(ValueError):

@@ -180,7 +180,7 @@ class LoadedModel:
 
 
 def resolve_hardware(cfg: ModelConfig) -> ModelConfig:
-    """``cfg`` with ``device`` and ``compute_dtype`` resolved for this machine (see :mod:`slm.hardware`).
+    """``cfg`` with ``device`` and ``compute_dtype`` resolved for this machine (see :mod:`fedslm.hardware`).
 
     Raises :class:`ModelLoadError` naming the key for a device this machine lacks, or float16 on a CPU.
     """
@@ -263,7 +263,7 @@ def load_base_model(cfg: ModelConfig, task: str = "causal-lm", num_labels: int =
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     if cfg.gradient_checkpointing:
-        # non-reentrant: the original graph is kept, so Opacus' backward hooks fire on it (slm.training)
+        # non-reentrant: the original graph is kept, so Opacus' backward hooks fire on it (fedslm.training)
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     log.info(
         "Loaded %s (%s, %s, %s) in %.1f s",
