@@ -38,6 +38,7 @@ class Run:
 def run(label: str, config: str, overrides: list[str]) -> Run:
     """One federation, sequentially in this process; prints a line when done."""
     from fedslm.simulation.run import simulate
+
     from fedslm.config import load_config
 
     cfg = load_config(config, [*overrides, "eval.per_client=false"])

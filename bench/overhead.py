@@ -24,10 +24,10 @@ from common import ROOT, run, table
 def single_process_loop(config: str, overrides: list[str]) -> tuple[list[dict[str, Any]], float]:
     """FedAvg rounds in plain Python: every client trains in turn on this process's one model."""
     import torch
-
     from fedslm.client.runner import ClientRunner
     from fedslm.client.state import ClientStore
     from fedslm.server.evaluation import CentralEvaluator
+
     from fedslm import wire
     from fedslm.adapters import from_arrayrecord, to_arrayrecord
     from fedslm.config import load_config

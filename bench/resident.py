@@ -44,6 +44,7 @@ def main() -> None:
 
     from fedslm.client.node import NodeSpec, resident_argv
     from fedslm.client.resident import forward, wait_until_listening, write_frame
+
     from fedslm import wire
     from fedslm.adapters import PEFT_CACHE
     from fedslm.config import load_config

@@ -470,14 +470,14 @@ def config_from_dict(raw: dict[str, Any], source: str = "<dict>") -> RunConfig:
         raise ConfigError(f"{source}: the top level must be a mapping, got {type(raw).__name__}")
     try:
         cfg = _build(RunConfig, raw, "")
-        validate_strategy(cfg)
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
     return cfg
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
-    """Read, override and validate a YAML run config."""
+    """Read, override and validate a YAML run config, section by section (the whole run:
+    :func:`fedslm.server.preflight.validate_run`)."""
     path = Path(path)
     raw = apply_overrides(_read_yaml(path, seen=()), overrides or [])
     return config_from_dict(raw, str(path))
@@ -510,13 +510,6 @@ def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
         else:
             out[key] = _deep_merge(out[key], value)
     return out
-
-
-def validate_strategy(cfg: RunConfig) -> None:
-    """Check the strategy name and parameters against the registry (and the rest of the run)."""
-    from fedslm.strategies.registry import check_strategy_config  # the registry lives with the strategies
-
-    check_strategy_config(cfg)
 
 
 # ------------------------------------------------------------------------------------------------

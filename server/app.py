@@ -12,11 +12,12 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedslm.config import ConfigError, RunConfig, load_config
+from fedslm.config import ConfigError, RunConfig
 from fedslm.logs import get_logger
 
 from .checkpoint import Checkpoint
 from .federation import Federation, RoundCallback
+from .preflight import load_run
 from .report import write_results
 
 log = get_logger(__name__)
@@ -34,7 +35,8 @@ def run_federation(
         raise ConfigError(
             f"security.secure_aggregation {cfg.security.secure_aggregation!r} runs on Flower's legacy SecAgg+"
             " workflow, not on this ServerApp: use `fedslm simulate`, or for `flwr run` set"
-            ' [tool.flwr.app.components] serverapp = "fedslm.server.secagg:app" and clientapp = "fedslm.client.secagg:app"'
+            ' [tool.flwr.app.components] serverapp = "fedslm.server.secagg:app" and'
+            ' clientapp = "fedslm.client.secagg:app"'
         )
     federation = Federation(cfg, out_dir, run_name, on_round)
     rows = federation.run(grid, resume)
@@ -75,7 +77,7 @@ def config_from_context(context: Context) -> tuple[RunConfig, Path, str]:
     if not path.is_absolute():
         path = here / path
     overrides = [s for s in str(rc.get("set", "")).split(",") if s.strip()]
-    cfg = load_config(path, overrides)
+    cfg = load_run(path, overrides)
     out = Path(str(rc.get("out-dir", "runs/flwr-run"))).expanduser()
     if not out.is_absolute():
         out = Path.cwd() / out

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
+from fedslm.strategies import registry
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
@@ -25,7 +26,6 @@ from fedslm.adapters import arrays_to_numpy, from_arrayrecord, numpy_to_arrays, 
 from fedslm.config import RunConfig
 from fedslm.logs import get_logger
 from fedslm.records import arrays_of, as_float, as_int, metrics_of
-from fedslm.strategies import registry
 
 from . import checkpoint
 from .checkpoint import Checkpoint

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedslm.strategies import registry
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.common import FitRes, Parameters, Scalar, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.server import LegacyContext, ServerConfig
@@ -35,7 +36,6 @@ from fedslm import secagg
 from fedslm.adapters import from_arrayrecord, to_arrayrecord
 from fedslm.config import ConfigError, RunConfig
 from fedslm.logs import get_logger
-from fedslm.strategies import registry
 
 from .evaluation import CentralEvaluator
 from .federation import RoundCallback

@@ -9,7 +9,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from fedslm.server.deploy import DeployError
-from fedslm.config import ConfigError, load_config
+from fedslm.server.preflight import load_run
+
+from fedslm.config import ConfigError
 from fedslm.logs import get_logger, setup_logging
 
 Handler = Callable[[argparse.Namespace], int]
@@ -27,16 +29,13 @@ def _simulate(args: argparse.Namespace) -> int:
             )
             return 2
         out = Path(args.resume)
-        cfg = load_config(out / "config.yaml")
+        cfg = load_run(out / "config.yaml")
     else:
         if not args.config:
             print("fedslm simulate: give a CONFIG (e.g. configs/demo.yaml) or --resume RUN_DIR", file=sys.stderr)
             return 2
-        cfg = load_config(args.config, args.set)  # fails here, before anything heavy starts
+        cfg = load_run(args.config, args.set)  # fails here, before anything heavy starts
         out = Path(args.out) if args.out else default_out_dir(Path(args.config).stem)
-    from fedslm.model import check_run_hardware
-
-    check_run_hardware(cfg)
     try:
         rows = simulate(cfg, out, progress=not args.no_progress, resume=bool(args.resume))
     except SimulationError as e:
@@ -69,10 +68,9 @@ def _strategies(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
-    from fedslm.model import check_run_hardware, resolve_hardware
+    from fedslm.model import resolve_hardware
 
-    cfg = load_config(args.config, args.set)
-    check_run_hardware(cfg)
+    cfg = load_run(args.config, args.set)
     print(cfg.to_yaml())
     hw = resolve_hardware(cfg.model)
     print(f"# on this machine: model.device -> {hw.device}, model.compute_dtype -> {hw.compute_dtype}")
@@ -208,7 +206,7 @@ def _node(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from fedslm.server.deploy import CertPaths, deploy_env, flwr_home, run_argv, write_connection
 
-    load_config(args.config, args.set)  # fails here, before anything is submitted
+    load_run(args.config, args.set)  # fails here, before anything is submitted
     app = Path(args.app).resolve()
     config = Path(args.config).resolve()
     if not config.is_relative_to(app):

@@ -56,10 +56,9 @@ def simulate(
     the run in ``out_dir`` from its newest usable checkpoint (same config, same run name).
     """
     quiet_environment()
-    from flwr.simulation import run_simulation
-
     from fedslm.client.app import app as client_app
     from fedslm.server.app import make_server_app
+    from flwr.simulation import run_simulation
 
     secure = cfg.security.secure
     if secure:  # Flower's SecAgg+ runs in its legacy API: its own server and client apps

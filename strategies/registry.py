@@ -88,7 +88,7 @@ def check_params(spec: StrategySpec, params: dict[str, Any]) -> None:
 
 
 def check_strategy_config(cfg: RunConfig) -> None:
-    """Called by :func:`fedslm.config.config_from_dict`: name, parameters and run compatibility."""
+    """Called by :func:`fedslm.server.preflight.validate_run`: name, parameters and run compatibility."""
     try:
         spec = get(cfg.strategy.name)
         check_params(spec, cfg.strategy.params)

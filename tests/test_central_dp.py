@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from fedslm.strategies import registry
+from fedslm.strategies.aggregation import add_noise
+from fedslm.strategies.central_dp import CentralDP
 from flower_fakes import train_reply
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 
 from fedslm.config import config_from_dict
 from fedslm.privacy import ClientAccountant
-from fedslm.strategies import registry
-from fedslm.strategies.aggregation import add_noise
-from fedslm.strategies.central_dp import CentralDP
 
 
 def test_noise_std_is_as_asked() -> None:

@@ -72,9 +72,8 @@ def test_unknown_label_is_an_error(tiny_peft) -> None:
 
 @pytest.mark.integration
 def test_tiny_classification_federation_aggregates_the_head(tmp_path: Path) -> None:
-    from safetensors.torch import load_file
-
     from fedslm.simulation.run import simulate
+    from safetensors.torch import load_file
 
     cfg = load_config(ROOT / "configs" / "classify-tiny.yaml", ["federation.num_rounds=1"])
     rows = simulate(cfg, tmp_path / "run", progress=False)

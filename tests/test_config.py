@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from fedslm.server.preflight import load_run
 
 from fedslm.config import ConfigError, RunConfig, config_from_dict, load_config
 
@@ -39,14 +40,14 @@ def _write(tmp_path: Path, text: str) -> Path:
 )
 def test_bad_configs_fail_with_file_key_and_allowed_values(tmp_path: Path, text: str, needles: list[str]) -> None:
     with pytest.raises(ConfigError) as err:
-        load_config(_write(tmp_path, text))
+        load_run(_write(tmp_path, text))
     for needle in needles:
         assert needle in str(err.value), (needle, str(err.value))
 
 
 def test_unknown_strategy_parameter_lists_allowed(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"strategy\.params\.mu.*allowed"):
-        load_config(_write(tmp_path, "strategy:\n  name: fedavg\n  params: {mu: 0.1}\n"))
+        load_run(_write(tmp_path, "strategy:\n  name: fedavg\n  params: {mu: 0.1}\n"))
 
 
 def test_missing_file_and_bad_yaml(tmp_path: Path) -> None:

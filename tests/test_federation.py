@@ -9,10 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fedslm.server.federation import content_nbytes, sort_replies
 from flower_fakes import reply
 from flwr.app import Array, ArrayRecord, Error, MetricRecord, RecordDict
 
-from fedslm.server.federation import content_nbytes, sort_replies
 from fedslm.config import load_config
 from fedslm.model import cache_root
 from fedslm.privacy import ClientAccountant, calibrate_noise, save_state

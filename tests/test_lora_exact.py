@@ -8,6 +8,15 @@ import math
 import numpy as np
 import pytest
 import torch
+from fedslm.server.preflight import run_from_dict
+from fedslm.strategies import lora_maths, registry
+from fedslm.strategies.lora_maths import (
+    effective_deltas,
+    fedex_aggregate,
+    flora_stack,
+    hetlora_aggregate,
+    hetlora_weights,
+)
 from flower_fakes import train_reply
 from flwr.app import Array, ArrayRecord, ConfigRecord
 
@@ -19,14 +28,6 @@ from fedslm.config import (
     client_profile,
     config_from_dict,
     profile_counts,
-)
-from fedslm.strategies import lora_maths, registry
-from fedslm.strategies.lora_maths import (
-    effective_deltas,
-    fedex_aggregate,
-    flora_stack,
-    hetlora_aggregate,
-    hetlora_weights,
 )
 
 M = "m.q_proj"
@@ -219,7 +220,7 @@ PROFILES = {
 
 
 def _cfg(strategy: str = "hetlora", n: int = 6, **extra):
-    return config_from_dict(
+    return run_from_dict(
         {
             "lora": {"r": 16, "alpha": 32},
             "federation": {"num_clients": n},
@@ -282,7 +283,7 @@ def test_mixed_ranks_need_a_heterogeneous_strategy() -> None:
         _cfg("hetlora", communication={"topk": 0.1})
     _cfg("hetlora", communication={"dtype": "float16"})  # a compact dtype alone is fine
     with pytest.raises(ConfigError, match=r"'fedex-lora' aggregates products B_i A_i .* use privacy.mode local"):
-        config_from_dict({"strategy": {"name": "fedex-lora"}, "privacy": {"mode": "both"}})
+        run_from_dict({"strategy": {"name": "fedex-lora"}, "privacy": {"mode": "both"}})
 
 
 # -- a client of a lower rank (in process) ------------------------------------------------------------
@@ -307,6 +308,7 @@ def test_a_rank_2_client_trains_its_slice_with_the_residual(tiny_cfg, _tiny_resi
 
     from fedslm.client.runner import ClientRunner
     from fedslm.client.state import ClientStore
+
     from fedslm import wire
     from fedslm.adapters import to_arrayrecord
 
@@ -331,6 +333,7 @@ def test_fedsa_client_evaluates_with_its_own_b(tiny_cfg, tiny_peft, tmp_path):
     not with the global B (never aggregated, zero); other strategies score the global adapter as sent."""
     from fedslm.client.runner import ClientRunner
     from fedslm.client.state import ClientStore
+
     from fedslm import wire
     from fedslm.adapters import adapter_state
 

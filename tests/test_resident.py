@@ -11,12 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
-
 from fedslm.client.app import evaluate, train
 from fedslm.client.handlers import handle
 from fedslm.client.node import NodeSpec, node_config, resident_argv
 from fedslm.client.resident import ResidentError, read_frame, wait_until_listening, write_frame
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+
 from fedslm import wire
 from fedslm.adapters import PEFT_CACHE
 from fedslm.config import load_config

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from fedslm.server import checkpoint
-from fedslm.config import load_config
 from fedslm.strategies import registry
+
+from fedslm.config import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 

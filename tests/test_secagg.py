@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from fedslm.server.preflight import load_run
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from flwr.common.secure_aggregation.ndarrays_arithmetic import (
     factor_combine,
@@ -30,7 +31,7 @@ SECURE = "security.secure_aggregation=secagg+"
 
 
 def _load(*overrides: str):
-    return load_config(TINY, [SECURE, *overrides])
+    return load_run(TINY, [SECURE, *overrides])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -245,6 +246,7 @@ def _adapter(out: Path, rnd: int) -> dict[str, torch.Tensor]:
 @pytest.mark.integration
 def test_secaggplus_federation_matches_plain_fedavg_within_quantization(tmp_path: Path) -> None:
     from fedslm.simulation.run import simulate
+
     from fedslm import data
     from fedslm.model import cache_root
 
@@ -285,5 +287,7 @@ def test_secaggplus_federation_matches_plain_fedavg_within_quantization(tmp_path
 def test_the_normal_server_app_refuses_a_secure_config_instead_of_ignoring_it(tmp_path: Path) -> None:
     from fedslm.server.app import run_federation
 
-    with pytest.raises(ConfigError, match='serverapp = "fedslm.server.secagg:app" and clientapp = "fedslm.client.secagg:app"'):
+    with pytest.raises(
+        ConfigError, match='serverapp = "fedslm.server.secagg:app" and clientapp = "fedslm.client.secagg:app"'
+    ):
         run_federation(None, _load(), tmp_path, "run")  # type: ignore[arg-type]  # refused before the grid is used

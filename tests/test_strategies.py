@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from fedslm.server.preflight import run_from_dict
+from fedslm.strategies import registry
+from fedslm.strategies.aggregation import clip_update
 from flower_fakes import train_reply
 from flwr.app import Array, ArrayRecord, ConfigRecord
 
 from fedslm.config import ConfigError, config_from_dict
-from fedslm.strategies import registry
-from fedslm.strategies.aggregation import clip_update
 
 A, B = "m.q_proj.lora_A.weight", "m.q_proj.lora_B.weight"
 GLOBAL = {A: np.full((2, 3), 0.5, dtype=np.float32), B: np.zeros((4, 2), dtype=np.float32)}
@@ -65,13 +66,13 @@ def test_registry_lists_every_strategy_and_refuses_unknowns() -> None:
         "hetlora",
     } <= set(ALL)
     with pytest.raises(ConfigError, match=r"unknown strategy 'fedx'; valid names are: .*fedavg.*trimmed-mean"):
-        config_from_dict({"strategy": {"name": "fedx"}})
+        run_from_dict({"strategy": {"name": "fedx"}})
     with pytest.raises(
         ConfigError, match=r"strategy.params.mu: not a parameter of 'fedprox'; allowed: \['proximal_mu'\]"
     ):
-        config_from_dict({"strategy": {"name": "fedprox", "params": {"mu": 0.1}}})
+        run_from_dict({"strategy": {"name": "fedprox", "params": {"mu": 0.1}}})
     with pytest.raises(ConfigError, match="inner_params.*|not a parameter"):
-        config_from_dict({"strategy": {"name": "norm-bound", "params": {"inner": "fedprox", "inner_params": {"x": 1}}}})
+        run_from_dict({"strategy": {"name": "norm-bound", "params": {"inner": "fedprox", "inner_params": {"x": 1}}}})
     with pytest.raises(registry.StrategyConfigError, match="registered twice"):
         registry.register("fedavg", description="again")(type("X", (), {}))
 

@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from fedslm.server.validation import UpdateRejected, check_update
 from flower_fakes import reply
 from flwr.app import Array, ArrayRecord, Error, MetricRecord, RecordDict
 
-from fedslm.server.validation import UpdateRejected, check_update
 from fedslm import wire
 from fedslm.config import SecurityConfig, load_config
 
@@ -205,9 +205,8 @@ def test_federation_rejects_bad_updates_and_aggregates_the_honest_ones(tmp_path:
 
 
 def test_too_few_usable_replies_skip_the_round_and_keep_the_global_adapter(tmp_path: Path) -> None:
-    from safetensors.torch import load_file
-
     from fedslm.server.federation import Federation
+    from safetensors.torch import load_file
 
     overrides = ["federation.num_clients=8", "federation.num_rounds=1", "federation.min_train_clients=3"]
     cfg = load_config(ROOT / "configs" / "tiny.yaml", [*overrides, "security.max_update_mb=0.1"])
