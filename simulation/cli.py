@@ -254,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.set_defaults(func=_check)
 
-    p = sub.add_parser("export", help="export a run's adapter: peft | merged | gguf (verified against the trained model)")
+    p = sub.add_parser("export", help="export a run's adapter: peft | merged | gguf (checked vs the trained model)")
     p.add_argument("run_dir")
     p.add_argument("--format", required=True, choices=["peft", "merged", "gguf"])
     p.add_argument("--out", required=True)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from fedslm.config import load_config
 from fedslm.export import ExportError, _write_modelfile, export
 
