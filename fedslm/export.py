@@ -88,9 +88,28 @@ def _float_base(cfg: RunConfig) -> tuple[Any, Any]:
 
 
 def _trained_base(cfg: RunConfig) -> tuple[Any, Any]:
-    """The base exactly as the clients trained on it: quantized as configured, on the CPU."""
+    """The weights the clients trained on (quantized as configured, from the run's dtype), computed in fp32.
+
+    A run whose compute dtype resolved to bf16 quantizes bf16 weights; those exact weights are kept,
+    but the reference computes in float32 so that bf16 rounding noise (about 0.9 in max |logit| on
+    SmolLM2-135M) does not hide a wrong merge base.
+    """
+    import bitsandbytes as bnb
+
     loaded = load_base_model(replace(cfg.model, device="cpu"))
-    return loaded.model.eval(), loaded.tokenizer
+    model = loaded.model
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.compute_dtype = torch.float32
+    for param in model.parameters():
+        if param.dtype in (torch.bfloat16, torch.float16) and not isinstance(param, bnb.nn.Params4bit):
+            param.data = param.data.float()
+    for module in model.modules():  # rotary inv_freq and the like
+        for name, buf in module.named_buffers(recurse=False):
+            if buf.dtype in (torch.bfloat16, torch.float16):
+                setattr(module, name, buf.float())
+    model.config.dtype = torch.float32
+    return model.eval(), loaded.tokenizer
 
 
 def _dequantized_base(cfg: RunConfig) -> Any:
