@@ -22,9 +22,9 @@ def _simulate(args: argparse.Namespace) -> int:
     from .run import SimulationError, default_out_dir, results_table, simulate
 
     if args.resume:  # the run's own config; --set is not allowed to change a run halfway
-        if args.config or args.set or args.out:
+        if args.config or args.set or args.out or args.ray_address:
             print(
-                "fedslm simulate: --resume RUN_DIR takes the run's config.yaml; drop CONFIG/--set/--out",
+                "fedslm simulate: --resume RUN_DIR takes the run's config.yaml; drop CONFIG/--set/--out/--ray-address",
                 file=sys.stderr,
             )
             return 2
@@ -34,7 +34,8 @@ def _simulate(args: argparse.Namespace) -> int:
         if not args.config:
             print("fedslm simulate: give a CONFIG (e.g. configs/demo.yaml) or --resume RUN_DIR", file=sys.stderr)
             return 2
-        cfg = load_run(args.config, args.set)  # fails here, before anything heavy starts
+        sets = list(args.set) + ([f"federation.ray_address={args.ray_address}"] if args.ray_address else [])
+        cfg = load_run(args.config, sets)  # fails here, before anything heavy starts
         out = Path(args.out) if args.out else default_out_dir(Path(args.config).stem)
     try:
         rows = simulate(cfg, out, progress=not args.no_progress, resume=bool(args.resume))
@@ -240,6 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="run directory (default runs/<config>-<time>)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from its last complete round")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--ray-address", metavar="HOST:PORT", help="attach to a running Ray cluster (sets federation.ray_address)"
+    )
     p.set_defaults(func=_simulate)
 
     p = sub.add_parser("check", help="validate a config and print it resolved")
