@@ -28,16 +28,17 @@ from typing import Any
 from common import table
 
 # family shape -> (LlamaConfig / Qwen2Config kwargs, batch, tokens)
+# fmt: off
 _LLAMA = {"model_type": "llama", "vocab_size": 128256, "tie_word_embeddings": True, "rope_theta": 500000.0}
+_SMOLLM2 = {"model_type": "llama", "vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536,
+            "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3, "tie_word_embeddings": True}
 SHAPES: dict[str, tuple[dict[str, Any], int, int]] = {
     "smollm2-135m-8x128": (
-        {"model_type": "llama", "vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536,
-         "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3, "tie_word_embeddings": True},
+        _SMOLLM2,
         8, 128,
     ),
     "smollm2-135m-32x256": (
-        {"model_type": "llama", "vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536,
-         "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3, "tie_word_embeddings": True},
+        _SMOLLM2,
         32, 256,
     ),
     "llama-3.2-1b": (
@@ -55,7 +56,8 @@ SHAPES: dict[str, tuple[dict[str, Any], int, int]] = {
          "num_attention_heads": 24, "num_key_value_heads": 8, "head_dim": 128},
         32, 256,
     ),
-}  # fmt: skip
+}
+# fmt: on
 NOISE, CLIP, LR = 0.6, 1.0, 5e-3
 
 
