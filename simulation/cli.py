@@ -82,12 +82,19 @@ def _export(args: argparse.Namespace) -> int:
     from fedslm.export import ExportError, export
 
     try:
-        result = export(Path(args.run_dir), Path(args.out), args.format, args.round, args.gguf_dtype)
+        result = export(Path(args.run_dir), Path(args.out), args.format, args.round, args.gguf_dtype, args.force)
     except ExportError as e:
         print(f"fedslm export: {e}", file=sys.stderr)
-        return 1
+        return 2
+    if result.replaced:
+        print(f"--force: replaced {len(result.replaced)} entries of {args.out}: {', '.join(result.replaced)}")
     print(f"{result.format} export written to {result.path}")
-    print(f"verified: max |logit difference| on reload {result.max_abs_logit_diff:.3g} (tolerance {result.tolerance})")
+    print(
+        f"verified against the trained model (quantized base + adapter): max |logit difference|"
+        f" {result.max_abs_logit_diff:.3g} (tolerance {result.tolerance})"
+    )
+    if result.original_base_diff is not None:
+        print(f"(merged into the original float base instead, it would be {result.original_base_diff:.3g})")
     return 0
 
 
@@ -251,12 +258,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.set_defaults(func=_check)
 
-    p = sub.add_parser("export", help="export a run's adapter: peft | merged | gguf (verified on reload)")
+    p = sub.add_parser("export", help="export a run's adapter: peft | merged | gguf (checked vs the trained model)")
     p.add_argument("run_dir")
     p.add_argument("--format", required=True, choices=["peft", "merged", "gguf"])
     p.add_argument("--out", required=True)
     p.add_argument("--round", type=int, default=None, help="default: the last round")
     p.add_argument("--gguf-dtype", default="f16", choices=["f16", "f32"])
+    p.add_argument("--force", action="store_true", help="replace an existing non-empty --out (never the run)")
     p.set_defaults(func=_export)
 
     for name, func, helptext in (
