@@ -25,12 +25,13 @@ import torch
 import torch.nn.functional as F
 
 from .data import IGNORE, collate
+from .errors import FedslmError
 from .logs import get_logger
 
 log = get_logger(__name__)
 
 
-class TrainingError(RuntimeError):
+class TrainingError(FedslmError, RuntimeError):
     """Training produced something unusable (non-finite loss, LoRA weights that never move)."""
 
 
