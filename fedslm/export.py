@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from .config import RunConfig, load_config
+from .errors import FedslmError
 from .logs import get_logger
 from .model import BUNDLED, load_base_model, locate_bundled_gguf, resolve_model_dir
 
@@ -45,7 +46,7 @@ TOLERANCE = {"peft": 1e-4, "merged": 1e-3, "gguf-f32": 1e-3, "gguf-f16": 0.1}
 PROMPTS = ["A 70-year-old man reports crushing chest pain. Which department?", "The capital of France is"]
 
 
-class ExportError(RuntimeError):
+class ExportError(FedslmError):
     """An export could not be written or did not reproduce the model (names the format and the gap)."""
 
 
