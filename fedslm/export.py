@@ -189,8 +189,8 @@ def export(
 ) -> ExportResult:
     if fmt not in FORMATS:
         raise ExportError(f"unknown export format {fmt!r}; choose one of {list(FORMATS)}")
-    replaced = check_out(out, run_dir, force)
     cfg, adapter = run_adapter(run_dir, round_)
+    replaced = check_out(out, run_dir, force)
     if cfg.task != "causal-lm":
         raise ExportError("export supports task causal-lm; a classifier is used through its PEFT adapter")
     if fmt == "gguf" and gguf_dtype not in ("f16", "f32"):
