@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ import torch
 from . import triage
 from .config import DataConfig
 from .errors import FedslmError
+from .fs import atomic_write
 from .logs import get_logger
 
 log = get_logger(__name__)
@@ -40,12 +40,7 @@ class DataError(FedslmError, ValueError):
 def _triage_file(cfg: DataConfig, cache: Path) -> Path:
     path = cache / "data" / f"triage-n{cfg.num_records}-s{cfg.seed}.jsonl"
     if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        with tmp.open("w") as fh:
-            for rec in triage.generate(cfg.num_records, cfg.seed):
-                fh.write(json.dumps(rec) + "\n")
-        os.replace(tmp, path)
+        atomic_write(path, "".join(json.dumps(rec) + "\n" for rec in triage.generate(cfg.num_records, cfg.seed)))
     return path
 
 

@@ -40,6 +40,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fedslm.errors import RunFailedError
+from fedslm.fs import atomic_write
 from fedslm.logs import get_logger
 
 log = get_logger(__name__)
@@ -212,11 +213,7 @@ def _pem_private(key: ec.EllipticCurvePrivateKey) -> bytes:
 
 
 def _write(path: Path, data: bytes, private: bool = False) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    if private:
-        tmp.chmod(0o600)
-    os.replace(tmp, path)
+    atomic_write(path, data, 0o600 if private else None)
 
 
 # -- command lines -----------------------------------------------------------------------------

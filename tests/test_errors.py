@@ -33,6 +33,7 @@ def test_every_error_class_has_the_one_root() -> None:
     from fedslm.strategies.registry import StrategyConfigError
 
     from fedslm.adapters import AdapterError
+    from fedslm.audit import AuditError
     from fedslm.config import ConfigError
     from fedslm.data import DataError
     from fedslm.hardware import HardwareError
@@ -43,6 +44,7 @@ def test_every_error_class_has_the_one_root() -> None:
     from fedslm.wire import WireError
 
     user = [
+        AuditError,
         AdapterError,
         ConfigError,
         DataError,
