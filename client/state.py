@@ -7,16 +7,17 @@ client and run), written atomically; tensors as safetensors, the rest as JSON. N
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from fedslm.errors import FedslmError
+from fedslm.fs import atomic_file
 
-class ClientStateError(RuntimeError):
+
+class ClientStateError(FedslmError, RuntimeError):
     """A client's saved state is unreadable (it is never silently reset: that could reset a budget)."""
 
 
@@ -27,15 +28,8 @@ class ClientStore:
         self.root = Path(root)
 
     def _atomic(self, path: Path, write: Any) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=self.root)
-        os.close(fd)
-        try:
-            write(tmp)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        with atomic_file(path) as tmp:
+            write(str(tmp))
 
     def save_json(self, name: str, value: Any) -> None:
         self._atomic(self.root / f"{name}.json", lambda t: Path(t).write_text(json.dumps(value)))

@@ -18,9 +18,6 @@ Two additions serve the exact and heterogeneous-rank strategies (``fedex-lora``,
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +28,8 @@ import torch
 from flwr.app import ArrayRecord
 
 from .config import LoRAConfig, ModelConfig
+from .errors import FedslmError
+from .fs import atomic_dir
 from .logs import get_logger
 from .model import RESIDENT, LoadedModel
 
@@ -50,7 +49,7 @@ DEFAULT_TARGETS: dict[str, list[str]] = {
 }
 
 
-class AdapterError(ValueError):
+class AdapterError(FedslmError, ValueError):
     """Adapter tensors do not match the model (names the key and the shapes)."""
 
 
@@ -262,9 +261,7 @@ def save_adapter_dir(model: Any, state: dict[str, torch.Tensor], out: Path) -> P
     add them with :func:`load_adapter_state` (keys ``<module>.frozen_residual``).
     """
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         inner = getattr(model, "_module", model)
         load_adapter_state(inner, state)
         inner.save_pretrained(str(tmp))
@@ -274,11 +271,6 @@ def save_adapter_dir(model: Any, state: dict[str, torch.Tensor], out: Path) -> P
 
             data = {k + RESIDUAL_SUFFIX: v.detach().to(torch.float32).contiguous() for k, v in residuals.items()}
             save_file(data, str(tmp / RESIDUAL_FILE))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

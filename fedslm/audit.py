@@ -23,6 +23,7 @@ from typing import Any
 from scipy.stats import binom
 
 from .config import AUDIT_MAX_FRACTION, RunConfig
+from .errors import FedslmError
 
 CODE_ALPHABET = string.ascii_uppercase + string.digits
 CODE_LENGTH = 8
@@ -33,7 +34,7 @@ CANARIES_FILE = "audit/canaries.jsonl"
 _SALT = 0x5EC2E7
 
 
-class AuditError(ValueError):
+class AuditError(FedslmError, ValueError):
     """The audit cannot run as asked (names the file or key and the fix)."""
 
 

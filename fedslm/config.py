@@ -16,10 +16,11 @@ from typing import Any, Literal, get_args, get_origin
 
 import yaml
 
+from .errors import FedslmError
 from .hardware import DEVICE_PATTERN
 
 
-class ConfigError(ValueError):
+class ConfigError(FedslmError, ValueError):
     """A run configuration is invalid. The message names the file, the key and what is allowed."""
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,8 @@ import torch
 
 from . import triage
 from .config import DataConfig
+from .errors import FedslmError
+from .fs import atomic_write
 from .logs import get_logger
 
 log = get_logger(__name__)
@@ -29,7 +30,7 @@ log = get_logger(__name__)
 IGNORE = -100
 
 
-class DataError(ValueError):
+class DataError(FedslmError, ValueError):
     """Data could not be loaded or split as configured (names the file/column and the fix)."""
 
 
@@ -39,12 +40,7 @@ class DataError(ValueError):
 def _triage_file(cfg: DataConfig, cache: Path) -> Path:
     path = cache / "data" / f"triage-n{cfg.num_records}-s{cfg.seed}.jsonl"
     if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        with tmp.open("w") as fh:
-            for rec in triage.generate(cfg.num_records, cfg.seed):
-                fh.write(json.dumps(rec) + "\n")
-        os.replace(tmp, path)
+        atomic_write(path, "".join(json.dumps(rec) + "\n" for rec in triage.generate(cfg.num_records, cfg.seed)))
     return path
 
 

@@ -13,8 +13,6 @@ import dataclasses
 import importlib.metadata
 import json
 import os
-import shutil
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -24,6 +22,8 @@ from typing import Any
 import torch
 
 from .config import ModelConfig, RunConfig
+from .errors import FedslmError
+from .fs import atomic_dir
 from .hardware import DTYPES, HardwareError, describe, probe_cuda, resolve_compute_dtype, resolve_device
 from .logs import get_logger
 
@@ -36,7 +36,7 @@ BUNDLED = {
 TINY_PREFIX = "tiny-"
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(FedslmError, RuntimeError):
     """A base model could not be located or loaded; the message says how to fix it."""
 
 
@@ -68,21 +68,6 @@ def locate_bundled_gguf(name: str = "smollm2-135m-instruct") -> Path:
     raise ModelLoadError(f"{dist_name} is installed but {filename} is not in it; reinstall it")
 
 
-def _atomic_dir(target: Path) -> tuple[Path, Any]:
-    """A temp dir beside ``target`` and a function that moves it into place."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-
-    def commit() -> None:
-        (tmp / ".complete").write_text(str(time.time()))
-        try:
-            os.replace(tmp, target)
-        except OSError:  # another process finished first: keep theirs
-            shutil.rmtree(tmp, ignore_errors=True)
-
-    return tmp, commit
-
-
 def _is_complete(path: Path) -> bool:
     return (path / ".complete").is_file()
 
@@ -95,8 +80,7 @@ def convert_gguf(gguf: Path, out: Path) -> Path:
     if _is_complete(out):
         return out
     log.info("Converting %s to safetensors in %s (once; about 30 s)", gguf.name, out)
-    tmp, commit = _atomic_dir(out)
-    try:
+    with atomic_dir(out, _is_complete) as tmp:  # a half-converted one left by a crash is replaced
         kw = {"gguf_file": gguf.name}
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), **kw)
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), dtype=torch.float32, **kw)
@@ -110,9 +94,7 @@ def convert_gguf(gguf: Path, out: Path) -> Path:
         if model.generation_config is not None:
             model.generation_config.save_pretrained(str(tmp))
         tok.save_pretrained(str(tmp))
-        commit()
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / ".complete").write_text(str(time.time()))
     return out
 
 

@@ -18,13 +18,15 @@ import json
 import math
 import numbers
 import os
-import tempfile
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Self, TypeVar, overload
+
+from .errors import FedslmError
+from .fs import atomic_write
 
 ACCOUNTANTS = ("rdp", "prv")
 STATE_FORMAT = 1
@@ -37,7 +39,7 @@ PRV_EPS_ERROR = 0.01  # Opacus' default eps_error of PRVAccountant.get_epsilon
 Entry = tuple[float, float, int]
 
 
-class PrivacyError(ValueError):
+class PrivacyError(FedslmError, ValueError):
     """An invalid privacy argument; the message names the value and what is allowed."""
 
 
@@ -222,28 +224,11 @@ _A = TypeVar("_A", bound=_Accountant)
 
 
 def save_state(path: str | os.PathLike[str], accountant: _Accountant) -> None:
-    """Write the accountant's JSON atomically: a temp file in the same directory, fsync, then rename.
+    """Write the accountant's JSON atomically and durably (:func:`fedslm.fs.atomic_write`).
 
     A crash leaves either the old file or the new one, never a torn one.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = accountant.to_json()
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # make the rename itself durable
-    finally:
-        os.close(dir_fd)
+    atomic_write(path, accountant.to_json())
 
 
 @overload

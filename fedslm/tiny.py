@@ -6,6 +6,7 @@ as for the real model. Weights are seeded, so a tiny model is identical on every
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +56,8 @@ def build_tiny_model_dir(family: str, out: Path, cfg: ModelConfig) -> Path:
     import transformers
     from transformers import AutoTokenizer
 
-    from .model import _atomic_dir, _is_complete, bundled_tokenizer_dir
+    from .fs import atomic_dir
+    from .model import _is_complete, bundled_tokenizer_dir
 
     if family not in FAMILIES:
         raise ValueError(f"unknown tiny model family {family!r}; choose one of {sorted(FAMILIES)}")
@@ -68,12 +70,12 @@ def build_tiny_model_dir(family: str, out: Path, cfg: ModelConfig) -> Path:
     else:
         ids = {"pad_token_id": tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id}
     config = getattr(transformers, config_name)(**kwargs, **ids)
-    tmp, commit = _atomic_dir(out)
     with torch.random.fork_rng():
         torch.manual_seed(0)
         model = getattr(transformers, model_name)(config)
-    model.save_pretrained(str(tmp))
-    tok.save_pretrained(str(tmp))
-    commit()
+    with atomic_dir(out, _is_complete) as tmp:
+        model.save_pretrained(str(tmp))
+        tok.save_pretrained(str(tmp))
+        (tmp / ".complete").write_text(str(time.time()))
     log.info("Built tiny %s model in %s", family, out)
     return out

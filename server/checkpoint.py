@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +25,8 @@ from typing import Any
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
+from fedslm.errors import FedslmError
+from fedslm.fs import atomic_dir
 from fedslm.logs import get_logger
 
 log = get_logger(__name__)
@@ -35,7 +35,7 @@ FORMAT = 1
 KEEP = 2
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(FedslmError, RuntimeError):
     """A checkpoint that cannot be used (missing file, digest mismatch, other config)."""
 
 
@@ -88,20 +88,13 @@ def save(
     root.mkdir(parents=True, exist_ok=True)
     arrays = {f"adapter/{k}": np.ascontiguousarray(v) for k, v in adapter.items()}
     strategy_json = _split(strategy, "s", arrays)
-    tmp = Path(tempfile.mkdtemp(prefix=f".round-{rnd:03d}.", dir=root))
-    try:
+    final = root / f"round-{rnd:03d}"
+    with atomic_dir(final) as tmp:
         save_file(arrays, str(tmp / "tensors.safetensors"))
         body = {"format": FORMAT, "round": rnd, "strategy": strategy_json, "state": state}
         (tmp / "state.json").write_text(json.dumps(body, allow_nan=True))
         manifest = {name: _sha256(tmp / name) for name in ("tensors.safetensors", "state.json")}
         (tmp / "MANIFEST.json").write_text(json.dumps(manifest))
-        final = root / f"round-{rnd:03d}"
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     for old in sorted(root.glob("round-*"))[:-KEEP]:
         shutil.rmtree(old, ignore_errors=True)
     return final

@@ -39,6 +39,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from fedslm.errors import RunFailedError
+from fedslm.fs import atomic_write
 from fedslm.logs import get_logger
 
 log = get_logger(__name__)
@@ -59,7 +61,7 @@ DEPLOY_ENV = {
 }
 
 
-class DeployError(Exception):
+class DeployError(RunFailedError):
     """A deployment step cannot go on; the message says what to do."""
 
 
@@ -211,11 +213,7 @@ def _pem_private(key: ec.EllipticCurvePrivateKey) -> bytes:
 
 
 def _write(path: Path, data: bytes, private: bool = False) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    if private:
-        tmp.chmod(0o600)
-    os.replace(tmp, path)
+    atomic_write(path, data, 0o600 if private else None)
 
 
 # -- command lines -----------------------------------------------------------------------------

@@ -10,7 +10,6 @@ adapter and a checkpoint before the next round starts.
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ from flwr.serverapp import Grid
 from fedslm import wire
 from fedslm.adapters import arrays_to_numpy, from_arrayrecord, numpy_to_arrays, to_arrayrecord
 from fedslm.config import RunConfig
+from fedslm.fs import atomic_write
 from fedslm.logs import get_logger
 from fedslm.records import arrays_of, as_float, as_int, metrics_of
 
@@ -163,9 +163,8 @@ class Federation:
         self.exhausted = set(ck.state["exhausted"])
         self.epsilon_by_client = {int(k): v for k, v in ck.state["epsilon_by_client"].items()}
         self.privacy_by_client = {int(k): v for k, v in ck.state["privacy_by_client"].items()}
-        tmp = self.out / ".metrics.jsonl.tmp"  # rows of a round that had not checkpointed are dropped
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
-        os.replace(tmp, self.out / "metrics.jsonl")
+        # rows of a round that had not checkpointed are dropped
+        atomic_write(self.out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.rows))
         log.info("resumed from %s: round %d done, continuing", ck.path, ck.round)
         return numpy_to_arrays(ck.adapter)
 

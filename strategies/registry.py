@@ -11,13 +11,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from fedslm.errors import FedslmError
+
 if TYPE_CHECKING:
     from fedslm.config import RunConfig
 
     from .base import LoRAStrategyMixin
 
 
-class StrategyConfigError(ValueError):
+class StrategyConfigError(FedslmError, ValueError):
     """An unknown strategy, an unknown parameter, or a combination the strategy cannot run."""
 
 
