@@ -117,6 +117,12 @@ def read_canaries(path: Path) -> list[Canary]:
 # -- statistics ------------------------------------------------------------------------------
 
 
+def split_scores(scores: list[float], members: list[bool]) -> tuple[list[float], list[float]]:
+    """(scores of members, scores of non-members)."""
+    pairs = list(zip(scores, members, strict=True))
+    return [s for s, m in pairs if m], [s for s, m in pairs if not m]
+
+
 def roc_auc(member_scores: list[float], nonmember_scores: list[float]) -> float:
     """P(score of a random member > score of a random non-member), ties counted one half."""
     if not member_scores or not nonmember_scores:

@@ -15,6 +15,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedslm.config import ConfigError, RunConfig
 from fedslm.logs import get_logger
 
+from . import audit
 from .checkpoint import Checkpoint
 from .federation import Federation, RoundCallback
 from .preflight import load_run
@@ -39,8 +40,11 @@ def run_federation(
             ' clientapp = "fedslm.client.secagg:app"'
         )
     federation = Federation(cfg, out_dir, run_name, on_round)
+    audit.start(out_dir, cfg)
     rows = federation.run(grid, resume)
     write_results(out_dir, cfg, rows, clients=federation.privacy_by_client)
+    if cfg.audit.enabled:
+        audit.score(out_dir)
 
 
 def make_server_app(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import sys
 from collections.abc import Callable
@@ -48,7 +49,24 @@ def _simulate(args: argparse.Namespace) -> int:
     if last.get("per_client"):
         sites = ", ".join(f"client {k} {v['eval_accuracy']:.3f}" for k, v in sorted(last["per_client"].items()))
         print(f"global adapter on each client's own validation data (accuracy): {sites}")
+    if (out / "audit.json").is_file():
+        from fedslm.server.audit import table_line
+
+        print(table_line(json.loads((out / "audit.json").read_text())))
     print(f"run directory: {out} (metrics.jsonl, summary.json, metrics.png, adapters/)")
+    return 0
+
+
+def _audit(args: argparse.Namespace) -> int:
+    from fedslm.server.audit import PrivacyAuditFailure, score, table_line
+
+    try:  # an AuditError (missing, partial or unaudited run) is main's one-line exit 2
+        result = score(Path(args.run_dir))
+    except PrivacyAuditFailure as e:
+        print(f"fedslm audit: {e}", file=sys.stderr)
+        return 1
+    print(table_line(result))
+    print(f"written: {Path(args.run_dir) / 'audit.json'}, {Path(args.run_dir) / 'audit-roc.png'}")
     return 0
 
 
@@ -248,6 +266,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--ray-address", metavar="HOST:PORT", help="attach to a running Ray cluster (sets federation.ray_address)"
     )
     p.set_defaults(func=_simulate)
+
+    p = sub.add_parser("audit", help="score a finished run's canaries: exposure, ROC, empirical epsilon bound")
+    p.add_argument("run_dir")
+    p.set_defaults(func=_audit)
 
     p = sub.add_parser("check", help="validate a config and print it resolved")
     p.add_argument("config")

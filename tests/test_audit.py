@@ -106,3 +106,72 @@ def test_epsilon_lower_bound_by_hand() -> None:
     assert audit.epsilon_lower_bound(10, 6, 0.95) == 0.0  # 6 of 10 is chance at 95%
     # 2 correct of 2 happens by chance with probability 0.25 > 0.05 at eps = 0: nothing rejected
     assert audit.epsilon_lower_bound(2, 2, 0.95) == 0.0
+
+
+def test_simulate_with_audit_writes_canaries_and_scores_and_fedslm_audit_rescores(tmp_path, capsys) -> None:
+    import json
+
+    from fedslm.simulation.cli import main
+    from fedslm.simulation.run import simulate
+
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", AUDIT_ON + ["audit.candidates=10", "federation.num_rounds=1"])
+    out = tmp_path / "run"
+    simulate(cfg, out, progress=False)
+    recorded = audit.read_canaries(out / audit.CANARIES_FILE)
+    assert recorded == audit.run_canaries(cfg)
+    first = json.loads((out / "audit.json").read_text())
+    assert first["canaries"] == 20 and first["members"] == sum(c.member for c in recorded)
+    assert 0.0 <= first["auc"] <= 1.0 and first["epsilon_accountant"] is None  # no DP in this run
+    assert json.loads((out / "summary.json").read_text())["audit"]["auc"] == first["auc"]
+    assert (out / "audit-roc.png").stat().st_size > 1000
+    assert main(["audit", str(out)]) == 0
+    assert "eps lower bound" in capsys.readouterr().out
+    assert json.loads((out / "audit.json").read_text())["per_canary"] == first["per_canary"]  # same scores
+
+
+def test_fedslm_audit_without_audit_section_or_on_a_partial_run_dir(tmp_path, capsys) -> None:
+    from fedslm.simulation.cli import main
+
+    assert main(["audit", str(tmp_path / "nope")]) == 2
+    assert capsys.readouterr().err.strip().count("\n") == 0  # one line
+    run = tmp_path / "run"
+    run.mkdir()
+    assert main(["audit", str(run)]) == 2
+    assert "no config.yaml" in capsys.readouterr().err
+    (run / "config.yaml").write_text(load_config(ROOT / "configs" / "tiny.yaml").to_yaml())
+    assert main(["audit", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "without an audit: section" in err and err.count("\n") == 1
+    (run / "config.yaml").write_text(load_config(ROOT / "configs" / "tiny.yaml", AUDIT_ON).to_yaml())
+    assert main(["audit", str(run)]) == 2
+    assert "partial run" in capsys.readouterr().err
+
+
+def _memorisation_auc(fresh, dp) -> float:
+    from fedslm.adapters import load_adapter_state
+    from fedslm.training import LocalTraining, train_local
+
+    tok = fresh.base.tokenizer
+    canaries = audit.make_canaries(3, 40, 1)
+    members = [c for c in canaries if c.member]
+    ex = [data.encode(tok, c.question, c.answer, 96, "") for c in members]
+    pairs = [(c.question, c.answer) for c in canaries]
+    base = audit.answer_losses(fresh.model, tok, pairs, 96, "")
+    spec = LocalTraining(steps=40, batch_size=8, learning_rate=0.05, seed=1, dp=dp)
+    train_local(fresh.model, ex, tok.pad_token_id, spec)
+    final = audit.answer_losses(fresh.model, tok, pairs, 96, "")
+    load_adapter_state(fresh.model, fresh.initial)
+    scores = [b - f for b, f in zip(base, final, strict=True)]
+    return audit.roc_auc(*audit.split_scores(scores, [c.member for c in canaries]))
+
+
+def test_tiny_model_memorises_canaries_without_dp_and_not_with_strong_dp(tiny_peft) -> None:
+    from fedslm.training import DPSettings
+
+    plain = _memorisation_auc(tiny_peft, None)
+    noisy = _memorisation_auc(tiny_peft, DPSettings(noise_multiplier=50.0, max_grad_norm=0.01, sample_rate=0.4))
+    # measured: 0.955 without DP; 0.578 under sigma=50 with clipping 0.01. Tolerance: with 22 members
+    # and 18 non-members, chance AUC has a standard deviation of about 0.09, so |AUC - 0.5| < 0.2 is
+    # two standard deviations
+    assert plain > 0.9
+    assert abs(noisy - 0.5) < 0.2

@@ -1,0 +1,167 @@
+"""Score a run's canaries with its global adapter: ``audit.json``, ``audit-roc.png``, and the audit's
+epsilon lower bound beside the accountant's epsilon in ``summary.json``.
+
+Called after the last round (when ``audit.enabled``) and by ``fedslm audit RUN_DIR``. The score of a
+canary is its answer's loss under the base model minus its loss under the global model: memorised
+secrets get cheaper than under the base.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from fedslm import audit
+from fedslm.audit import AuditError
+from fedslm.config import ConfigError, RunConfig, load_config
+from fedslm.logs import get_logger
+
+log = get_logger(__name__)
+
+AUDIT_JSON = "audit.json"
+ROC_PNG = "audit-roc.png"
+
+
+class PrivacyAuditFailure(RuntimeError):
+    """The empirical lower bound exceeds the accountant's epsilon: the DP implementation leaks more than
+    it claims (a privacy bug)."""
+
+
+def start(run_dir: Path, cfg: RunConfig) -> None:
+    """Record the run's canaries (inserted or not, and where) before training starts."""
+    if cfg.audit.enabled:
+        audit.write_canaries(Path(run_dir) / audit.CANARIES_FILE, audit.run_canaries(cfg))
+
+
+def _run_config(run_dir: Path) -> RunConfig:
+    if not run_dir.is_dir():
+        raise AuditError(f"{run_dir}: no such run directory")
+    if not (run_dir / "config.yaml").is_file():
+        raise AuditError(f"{run_dir} is not a finished run directory (no config.yaml)")
+    try:
+        return load_config(run_dir / "config.yaml")
+    except ConfigError as e:
+        raise AuditError(f"{run_dir / 'config.yaml'}: {e}") from None
+
+
+def _global_state(run_dir: Path) -> dict[str, Any]:
+    from safetensors.torch import load_file
+
+    rounds = sorted((run_dir / "adapters").glob("round-*"))
+    if not rounds or not (rounds[-1] / "adapter_model.safetensors").is_file():
+        raise AuditError(f"{run_dir} is a partial run: no adapters/round-NNN/adapter_model.safetensors")
+    state = load_file(str(rounds[-1] / "adapter_model.safetensors"))
+    residuals = rounds[-1] / "frozen_residuals.safetensors"
+    if residuals.is_file():
+        state.update(load_file(str(residuals)))
+    return state
+
+
+def accountant_epsilon(run_dir: Path) -> float | None:
+    """The largest cumulative client epsilon the accountant reported in the run (None without local DP)."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return None
+    values = [json.loads(line).get("epsilon_max") for line in path.read_text().splitlines() if line.strip()]
+    values = [v for v in values if v is not None]
+    return max(values) if values else None
+
+
+def score(run_dir: Path) -> dict[str, Any]:
+    """Audit a finished run; writes ``audit.json`` and the ROC plot, updates ``summary.json``."""
+    from fedslm import tasks
+    from fedslm.adapters import load_adapter_state
+
+    run_dir = Path(run_dir)
+    cfg = _run_config(run_dir)
+    if not cfg.audit.enabled:
+        raise AuditError(f"{run_dir} was run without an audit: section (audit.enabled is false); nothing to score")
+    cpath = run_dir / audit.CANARIES_FILE
+    if not cpath.is_file():
+        raise AuditError(f"{run_dir} is a partial run: no {audit.CANARIES_FILE}")
+    canaries = audit.read_canaries(cpath)
+    state = _global_state(run_dir)
+    resident = tasks.resident_model(cfg)
+    model, tok = resident.model, resident.base.tokenizer
+    a, d = cfg.audit, cfg.data
+    pairs = [(c.question, c.answer) for c in canaries]
+    cand = [(c.question, x) for c in canaries for x in audit.candidate_codes(cfg.seed, c, a.candidates)]
+    length, system = cfg.model.max_length, d.system_prompt
+    load_adapter_state(model, dict(resident.initial))  # B = 0: the base model
+    base = audit.answer_losses(model, tok, pairs, length, system)
+    load_adapter_state(model, {**resident.initial, **state})
+    final = audit.answer_losses(model, tok, pairs, length, system)
+    cand_loss = audit.answer_losses(model, tok, cand, length, system)
+    load_adapter_state(model, dict(resident.initial))
+    scores = [b - f for b, f in zip(base, final, strict=True)]
+    members = [c.member for c in canaries]
+    mem, non = audit.split_scores(scores, members)
+    k = max(1, round(a.guess_fraction * len(canaries) / 2))
+    r, v = audit.guesses(scores, members, k, k)
+    lower = audit.epsilon_lower_bound(r, v, a.confidence)
+    exposures = [
+        audit.exposure(final[i], cand_loss[i * a.candidates : (i + 1) * a.candidates]) for i in range(len(canaries))
+    ]
+    eps = accountant_epsilon(run_dir)
+    result = {
+        "canaries": len(canaries),
+        "members": len(mem),
+        "repeats": a.repeats,
+        "auc": audit.roc_auc(mem, non),
+        "tpr_at_1pct_fpr": audit.tpr_at_fpr(mem, non, 0.01),
+        "tpr_at_0.1pct_fpr": audit.tpr_at_fpr(mem, non, 0.001),
+        "exposure_members_mean": sum(e for e, m in zip(exposures, members, strict=True) if m) / max(1, len(mem)),
+        "exposure_nonmembers_mean": sum(e for e, m in zip(exposures, members, strict=True) if not m) / max(1, len(non)),
+        "exposure_max": max(exposures),
+        "guesses": r,
+        "correct": v,
+        "confidence": a.confidence,
+        "epsilon_lower_bound": lower,
+        "epsilon_accountant": eps,
+        "per_canary": [
+            {"index": c.index, "member": c.member, "client": c.client, "loss": f, "base_loss": b, "exposure": e}
+            for c, f, b, e in zip(canaries, final, base, exposures, strict=True)
+        ],
+    }
+    (run_dir / AUDIT_JSON).write_text(json.dumps(result, indent=2))
+    _plot(audit.roc_curve(mem, non), result["auc"], run_dir / ROC_PNG)
+    summary_path = run_dir / "summary.json"
+    if summary_path.is_file():
+        summary = json.loads(summary_path.read_text())
+        summary["audit"] = {"epsilon_lower_bound": lower, "epsilon_accountant": eps, "auc": result["auc"]}
+        summary_path.write_text(json.dumps(summary, indent=2))
+    log.info("audit: %s", table_line(result))
+    if eps is not None and lower > eps:
+        raise PrivacyAuditFailure(
+            f"PRIVACY BUG: the audit's epsilon lower bound {lower:.3f} ({a.confidence:.0%} confidence) exceeds"
+            f" the accountant's epsilon {eps:.3f}: the model leaks more than DP-SGD's accounting allows"
+        )
+    return result
+
+
+def table_line(result: dict[str, Any]) -> str:
+    eps = result["epsilon_accountant"]
+    return (
+        f"audit  AUC {result['auc']:.3f}  TPR@1%FPR {result['tpr_at_1pct_fpr']:.3f}"
+        f"  TPR@0.1%FPR {result['tpr_at_0.1pct_fpr']:.3f}  exposure(max) {result['exposure_max']:.2f}"
+        f"  eps lower bound {result['epsilon_lower_bound']:.3f}"
+        f"  accountant eps {'-' if eps is None else f'{eps:.3f}'}"
+    )
+
+
+def _plot(points: list[tuple[float, float]], auc: float, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    ax.plot(*zip(*points, strict=True), marker=".", label=f"canaries (AUC {auc:.3f})")
+    ax.plot([0, 1], [0, 1], linestyle="--", color="grey", label="chance")
+    ax.set_xlabel("false positive rate")
+    ax.set_ylabel("true positive rate")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
