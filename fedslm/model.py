@@ -14,7 +14,6 @@ import importlib.metadata
 import json
 import os
 import shutil
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ import torch
 from .config import ModelConfig, RunConfig
 from .hardware import DTYPES, HardwareError, describe, probe_cuda, resolve_compute_dtype, resolve_device
 from .logs import get_logger
+from .modeldir import atomic_dir, is_complete
 
 log = get_logger(__name__)
 
@@ -68,34 +68,15 @@ def locate_bundled_gguf(name: str = "smollm2-135m-instruct") -> Path:
     raise ModelLoadError(f"{dist_name} is installed but {filename} is not in it; reinstall it")
 
 
-def _atomic_dir(target: Path) -> tuple[Path, Any]:
-    """A temp dir beside ``target`` and a function that moves it into place."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-
-    def commit() -> None:
-        (tmp / ".complete").write_text(str(time.time()))
-        try:
-            os.replace(tmp, target)
-        except OSError:  # another process finished first: keep theirs
-            shutil.rmtree(tmp, ignore_errors=True)
-
-    return tmp, commit
-
-
-def _is_complete(path: Path) -> bool:
-    return (path / ".complete").is_file()
-
-
 def convert_gguf(gguf: Path, out: Path) -> Path:
     """De-quantize a GGUF to a safetensors model directory (with tokenizer), atomically."""
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if _is_complete(out):
+    if is_complete(out):
         return out
     log.info("Converting %s to safetensors in %s (once; about 30 s)", gguf.name, out)
-    tmp, commit = _atomic_dir(out)
+    tmp, commit = atomic_dir(out)
     try:
         kw = {"gguf_file": gguf.name}
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), **kw)
@@ -129,7 +110,8 @@ def resolve_model_dir(cfg: ModelConfig) -> Path:
     if name.startswith(TINY_PREFIX):
         from .tiny import build_tiny_model_dir  # only tests and quick runs need these
 
-        return build_tiny_model_dir(name[len(TINY_PREFIX) :], cache_root(cfg) / "models" / name, cfg)
+        out = cache_root(cfg) / "models" / name
+        return build_tiny_model_dir(name[len(TINY_PREFIX) :], out, bundled_tokenizer_dir(cfg))
     path = Path(name).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():

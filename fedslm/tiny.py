@@ -11,7 +11,6 @@ from typing import Any
 
 import torch
 
-from .config import ModelConfig
 from .logs import get_logger
 
 log = get_logger(__name__)
@@ -50,25 +49,25 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
 DECODERS = ("llama", "qwen2", "mistral", "phi3", "gemma2")
 
 
-def build_tiny_model_dir(family: str, out: Path, cfg: ModelConfig) -> Path:
-    """Write (once) a seeded random model of ``family`` with SmolLM2's tokenizer to ``out``."""
+def build_tiny_model_dir(family: str, out: Path, tokenizer_dir: Path) -> Path:
+    """Write (once) a seeded random model of ``family`` with the tokenizer in ``tokenizer_dir`` to ``out``."""
     import transformers
     from transformers import AutoTokenizer
 
-    from .model import _atomic_dir, _is_complete, bundled_tokenizer_dir
+    from .modeldir import atomic_dir, is_complete
 
     if family not in FAMILIES:
         raise ValueError(f"unknown tiny model family {family!r}; choose one of {sorted(FAMILIES)}")
-    if _is_complete(out):
+    if is_complete(out):
         return out
-    tok = AutoTokenizer.from_pretrained(str(bundled_tokenizer_dir(cfg)))
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     config_name, model_name, kwargs = FAMILIES[family]
     if family in DECODERS:
         ids = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id}
     else:
         ids = {"pad_token_id": tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id}
     config = getattr(transformers, config_name)(**kwargs, **ids)
-    tmp, commit = _atomic_dir(out)
+    tmp, commit = atomic_dir(out)
     with torch.random.fork_rng():
         torch.manual_seed(0)
         model = getattr(transformers, model_name)(config)
