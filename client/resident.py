@@ -33,6 +33,7 @@ from typing import Any, Protocol
 
 from flwr.app import Array, ArrayRecord
 
+from fedslm.errors import FedslmError
 from fedslm.logs import get_logger
 
 from .handlers import Outcome
@@ -53,7 +54,7 @@ class _Writer(Protocol):
     def flush(self) -> None: ...
 
 
-class ResidentError(RuntimeError):
+class ResidentError(FedslmError, RuntimeError):
     """The resident worker failed to answer, or sent something that is not a reply."""
 
 

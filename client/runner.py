@@ -14,8 +14,8 @@ import torch
 import yaml
 from flwr.app import ArrayRecord, Context, Message
 
+from fedslm import audit, tasks, wire
 from fedslm import data as data_mod
-from fedslm import tasks, wire
 from fedslm.adapters import adapter_state, fit_rank, load_adapter_state
 from fedslm.config import RunConfig, apply_profile, client_profile, config_from_dict
 from fedslm.logs import get_logger
@@ -96,6 +96,8 @@ class ClientRunner:
             self.client_id,
             self.num_clients,
             _digest(self.cfg.data),
+            _digest(self.cfg.audit),
+            self.cfg.seed,
             self.cfg.model.max_length,
             self.cfg.model.name,
         )
@@ -103,6 +105,7 @@ class ClientRunner:
             records = self._records()
             n_val = int(len(records) * VALIDATION_FRACTION) if len(records) >= 10 else 0
             train_recs, val_recs = records[n_val:], records[:n_val]
+            train_recs = audit.insert_canaries(self.cfg, self.client_id, train_recs)  # never in validation
             _ENCODED.clear()
             _ENCODED[key] = (
                 tasks.encode(self.cfg, tokenizer, train_recs),

@@ -22,6 +22,7 @@ from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
 
 from fedslm import secagg, wire
+from fedslm.errors import FedslmError
 from fedslm.logs import get_logger
 
 from .runner import ClientRunner
@@ -29,7 +30,7 @@ from .runner import ClientRunner
 log = get_logger(__name__)
 
 
-class SecAggWeightError(ValueError):
+class SecAggWeightError(FedslmError, ValueError):
     """A client's num-examples exceeds ``security.secagg_max_weight`` (its scaled values could clip)."""
 
 

@@ -15,8 +15,10 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from fedslm.errors import FedslmError
 
-class ClientStateError(RuntimeError):
+
+class ClientStateError(FedslmError, RuntimeError):
     """A client's saved state is unreadable (it is never silently reset: that could reset a budget)."""
 
 

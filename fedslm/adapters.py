@@ -31,6 +31,7 @@ import torch
 from flwr.app import ArrayRecord
 
 from .config import LoRAConfig, ModelConfig
+from .errors import FedslmError
 from .logs import get_logger
 from .model import RESIDENT, LoadedModel
 
@@ -50,7 +51,7 @@ DEFAULT_TARGETS: dict[str, list[str]] = {
 }
 
 
-class AdapterError(ValueError):
+class AdapterError(FedslmError, ValueError):
     """Adapter tensors do not match the model (names the key and the shapes)."""
 
 

@@ -16,10 +16,11 @@ from typing import Any, Literal, get_args, get_origin
 
 import yaml
 
+from .errors import FedslmError
 from .hardware import DEVICE_PATTERN
 
 
-class ConfigError(ValueError):
+class ConfigError(FedslmError, ValueError):
     """A run configuration is invalid. The message names the file, the key and what is allowed."""
 
 
@@ -312,6 +313,28 @@ class StrategyConfig:
     params: dict[str, Any] = _f({}, "keyword arguments of the strategy, checked against its signature")
 
 
+# canaries (records) per client: at most this fraction of the smallest client's training records,
+# so that the audit does not change the task it measures
+AUDIT_MAX_FRACTION = 0.1
+
+
+@dataclass
+class AuditConfig:
+    enabled: bool = _f(False, "insert canaries into client training data and score them after the last round")
+    canaries: int = _f(100, "m: canary records made from the run seed; each is a member with probability 1/2")
+    repeats: int = _f(1, "copies of each member canary in its client's training data")
+    guess_fraction: float = _f(0.2, "share of canaries guessed (half member, half non-member); others abstain")
+    candidates: int = _f(100, "random secrets of the same format each canary is ranked among (exposure)")
+    confidence: float = _f(0.95, "confidence of the empirical epsilon lower bound")
+
+    def __post_init__(self) -> None:
+        _check(self.canaries >= 2, "audit.canaries", f"{self.canaries} must be >= 2")
+        _check(self.repeats >= 1, "audit.repeats", f"{self.repeats} must be >= 1")
+        _check(0 < self.guess_fraction <= 1, "audit.guess_fraction", f"{self.guess_fraction} not in (0, 1]")
+        _check(self.candidates >= 1, "audit.candidates", f"{self.candidates} must be >= 1")
+        _check(0.5 <= self.confidence < 1, "audit.confidence", f"{self.confidence} not in [0.5, 1)")
+
+
 @dataclass
 class RunConfig:
     model: ModelConfig = _f(None, "base model and its quantization")
@@ -325,6 +348,7 @@ class RunConfig:
     communication: CommunicationConfig = _f(None, "how adapters travel (dtype, compressed updates)")
     security: SecurityConfig = _f(None, "checks every client update passes before aggregation")
     clients: ClientsConfig = _f(None, "heterogeneous clients: profiles (rank, steps, batch) and their mix")
+    audit: AuditConfig = _f(None, "privacy audit: canaries, their scores and an empirical epsilon lower bound")
     seed: int = _f(0, "master seed, recorded in the run")
     task: Literal["causal-lm", "classification"] = _f(
         "causal-lm", "causal-lm (instruction tuning, answers generated) | classification (label of a text)"
@@ -341,6 +365,7 @@ class RunConfig:
             " record independently of its length; set it to false",
         )
         _check_profiles(self)
+        _check_audit(self)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -361,7 +386,26 @@ _SECTIONS: dict[str, type] = {
     "communication": CommunicationConfig,
     "security": SecurityConfig,
     "clients": ClientsConfig,
+    "audit": AuditConfig,
 }
+
+
+def _check_audit(cfg: RunConfig) -> None:
+    """Worst case, every member canary lands on one client: its copies must stay within
+    :data:`AUDIT_MAX_FRACTION` of a client's share of the training records (bundled data; a user
+    file's size is known only when loaded, where the same cap is checked again)."""
+    a = cfg.audit
+    if not a.enabled or cfg.data.source != "triage":
+        return
+    per_client = int(cfg.data.num_records * (1 - cfg.data.test_fraction)) // cfg.federation.num_clients
+    cap = int(AUDIT_MAX_FRACTION * per_client)
+    _check(
+        a.canaries * a.repeats <= cap,
+        "audit.canaries",
+        f"{a.canaries} canaries x {a.repeats} repeats = {a.canaries * a.repeats} records exceed the cap"
+        f" {cap} ({AUDIT_MAX_FRACTION:.0%} of ~{per_client} training records per client); lower"
+        " audit.canaries or audit.repeats, or raise data.num_records",
+    )
 
 
 # ------------------------------------------------------------------------------------------------

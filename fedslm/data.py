@@ -22,6 +22,7 @@ import torch
 
 from . import triage
 from .config import DataConfig
+from .errors import FedslmError
 from .logs import get_logger
 
 log = get_logger(__name__)
@@ -29,7 +30,7 @@ log = get_logger(__name__)
 IGNORE = -100
 
 
-class DataError(ValueError):
+class DataError(FedslmError, ValueError):
     """Data could not be loaded or split as configured (names the file/column and the fix)."""
 
 

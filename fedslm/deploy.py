@@ -39,6 +39,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from fedslm.errors import RunFailedError
 from fedslm.logs import get_logger
 
 log = get_logger(__name__)
@@ -59,7 +60,7 @@ DEPLOY_ENV = {
 }
 
 
-class DeployError(Exception):
+class DeployError(RunFailedError):
     """A deployment step cannot go on; the message says what to do."""
 
 

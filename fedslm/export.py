@@ -1,19 +1,31 @@
 """Export a run's global adapter to where models are deployed, and verify every export.
 
 - ``peft``: the adapter dir (``PeftModel.from_pretrained(base, out)`` loads it);
-- ``merged``: the adapter merged into the de-quantized float base, a plain safetensors model
-  (``AutoModelForCausalLM.from_pretrained(out)`` loads it);
+- ``merged``: the adapter merged into the weights it was trained against, a plain safetensors model
+  (``AutoModelForCausalLM.from_pretrained(out)`` loads it). For an nf4 / int8 run these are the
+  de-quantized *quantized* weights (bitsandbytes' dequantize), not the original full-precision ones:
+  the adapter learnt to correct the quantized model, and merging it into the original base gives a
+  different model (``ExportResult.original_base_diff`` measures how different);
 - ``gguf``: the merged model as a GGUF file for llama.cpp / Ollama (Llama architecture, base
   loaded from a GGUF: its tokenizer and metadata are carried over), plus an Ollama ``Modelfile``.
 
-Each export is reloaded and its logits compared with the in-memory model on a few prompts;
-the largest absolute difference is returned and must be within the stated tolerance.
+Each export is reloaded and its logits compared with the *trained* model (the run's base, quantized
+as in training, with the adapter) on a few prompts; the largest absolute difference is returned and
+must be within the stated tolerance.
+
+The output folder is never merged into: one that exists and is not empty is refused unless
+``force`` (then its entries are replaced, and named), and one inside the run directory is refused
+(the run is never written to). The export is built in a temporary sibling folder and moved into place
+once verified, so a failed export leaves nothing behind.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -23,7 +35,7 @@ import torch
 
 from .config import RunConfig, load_config
 from .logs import get_logger
-from .model import BUNDLED, locate_bundled_gguf, resolve_model_dir
+from .model import BUNDLED, load_base_model, locate_bundled_gguf, resolve_model_dir
 
 log = get_logger(__name__)
 
@@ -43,6 +55,10 @@ class ExportResult:
     path: Path
     max_abs_logit_diff: float
     tolerance: float
+    # max |logit diff| vs the trained model had the adapter been merged into the original float base
+    # (None for a run without quantization, where both bases are the same weights)
+    original_base_diff: float | None = None
+    replaced: tuple[str, ...] = ()  # entries of an existing --out replaced under force
 
 
 def run_adapter(run_dir: Path, round_: int | None = None) -> tuple[RunConfig, Path]:
@@ -71,6 +87,21 @@ def _float_base(cfg: RunConfig) -> tuple[Any, Any]:
     return model.eval(), tok
 
 
+def _trained_base(cfg: RunConfig) -> tuple[Any, Any]:
+    """The base exactly as the clients trained on it: quantized as configured, on the CPU."""
+    loaded = load_base_model(replace(cfg.model, device="cpu"))
+    return loaded.model.eval(), loaded.tokenizer
+
+
+def _dequantized_base(cfg: RunConfig) -> Any:
+    """The weights the adapter was trained against, in float32: the de-quantized quantized base."""
+    model, _ = _trained_base(cfg)
+    if cfg.model.quantization != "none":
+        model = model.dequantize()  # bitsandbytes' dequantize_4bit / int8 SCB, module by module
+        model.config.__dict__.pop("quantization_config", None)
+    return model.float().eval()
+
+
 @torch.no_grad()
 def _logits(model: Any, tok: Any) -> list[torch.Tensor]:
     return [model(**tok(p, return_tensors="pt")).logits.float() for p in PROMPTS]
@@ -83,40 +114,106 @@ def _max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
 def _check(fmt: str, diff: float, path: Path) -> ExportResult:
     tol = TOLERANCE[fmt]
     if not diff <= tol:
-        raise ExportError(f"{fmt} export at {path} reproduces logits only to {diff:.3g} > tolerance {tol}")
-    log.info("%s export verified: max |logit diff| %.3g <= %g", fmt, diff, tol)
+        raise ExportError(
+            f"{fmt} export at {path} reproduces the trained model's logits only to {diff:.3g} > tolerance {tol}"
+        )
+    log.info("%s export verified against the trained model: max |logit diff| %.3g <= %g", fmt, diff, tol)
     return ExportResult(fmt.split("-")[0], path, diff, tol)
 
 
-def export(run_dir: Path, out: Path, fmt: str, round_: int | None = None, gguf_dtype: str = "f16") -> ExportResult:
+def check_out(out: Path, run_dir: Path, force: bool = False) -> tuple[str, ...]:
+    """Refuse an --out that would overwrite the run or, without ``force``, anything of the user's.
+
+    Returns the entries of ``out`` that the export will replace (empty when it is new or empty).
+    """
+    out, run = Path(out).resolve(), Path(run_dir).resolve()
+    if out == run or run in out.parents:
+        raise ExportError(f"--out {out} is inside the run directory {run}; export somewhere outside the run")
+    if out in run.parents:
+        raise ExportError(f"--out {out} holds the run directory {run}; export somewhere outside the run")
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"--out {out} is a file, not a folder; choose a new folder")
+    entries = tuple(sorted(p.name for p in out.iterdir())) if out.is_dir() else ()
+    if entries and not force:
+        shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
+        raise ExportError(
+            f"--out {out} exists and is not empty ({len(entries)} entries: {shown});"
+            " choose a new folder, or pass --force to replace it"
+        )
+    return entries
+
+
+@contextmanager
+def _staging(out: Path) -> Iterator[Path]:
+    """A temporary folder beside ``out`` that becomes ``out`` when the block succeeds."""
+    out = Path(out).resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.export-", dir=out.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        shutil.rmtree(out)  # checked by check_out: empty, or replaced under --force
+    tmp.rename(out)
+
+
+def export(
+    run_dir: Path,
+    out: Path,
+    fmt: str,
+    round_: int | None = None,
+    gguf_dtype: str = "f16",
+    force: bool = False,
+) -> ExportResult:
     if fmt not in FORMATS:
         raise ExportError(f"unknown export format {fmt!r}; choose one of {list(FORMATS)}")
+    replaced = check_out(out, run_dir, force)
     cfg, adapter = run_adapter(run_dir, round_)
     if cfg.task != "causal-lm":
         raise ExportError("export supports task causal-lm; a classifier is used through its PEFT adapter")
+    if fmt == "gguf" and gguf_dtype not in ("f16", "f32"):
+        raise ExportError(f"gguf dtype {gguf_dtype!r}: choose f16 or f32")
+    if replaced:
+        log.warning("--force: replacing %d entries of %s: %s", len(replaced), out, ", ".join(replaced))
+    final = Path(out).resolve()
+    with _staging(final) as tmp:
+        result = _export(cfg, adapter, tmp, fmt, gguf_dtype)
+    path = final / result.path.relative_to(tmp)
+    return replace(result, path=path, replaced=replaced)
+
+
+def _export(cfg: RunConfig, adapter: Path, out: Path, fmt: str, gguf_dtype: str) -> ExportResult:
     from peft import PeftModel
 
-    out = Path(out)
-    base, tok = _float_base(cfg)
-    peft_model = PeftModel.from_pretrained(base, str(adapter)).eval()
-    expected = _logits(peft_model, tok)
+    trained_base, tok = _trained_base(cfg)
+    expected = _logits(PeftModel.from_pretrained(trained_base, str(adapter)).eval(), tok)
+    del trained_base
+    original_diff = None
+    if cfg.model.quantization != "none":  # what merging into the original float weights would give
+        float_base, _ = _float_base(cfg)
+        original = PeftModel.from_pretrained(float_base, str(adapter)).eval().merge_and_unload()
+        original_diff = _max_diff(expected, _logits(original, tok))
+        del float_base, original
+        log.info("merged into the original float base, logits would differ by %.3g", original_diff)
     if fmt == "peft":
-        if out.exists():
-            shutil.rmtree(out)
-        shutil.copytree(adapter, out)
-        fresh, _ = _float_base(cfg)
-        reloaded = PeftModel.from_pretrained(fresh, str(out)).eval()
-        return _check("peft", _max_diff(expected, _logits(reloaded, tok)), out)
-    merged = peft_model.merge_and_unload()
+        shutil.copytree(adapter, out, dirs_exist_ok=True)
+        reloaded, _ = _trained_base(cfg)
+        peft_reloaded = PeftModel.from_pretrained(reloaded, str(out)).eval()
+        result = _check("peft", _max_diff(expected, _logits(peft_reloaded, tok)), out)
+        return replace(result, original_base_diff=original_diff)
+    merged = PeftModel.from_pretrained(_dequantized_base(cfg), str(adapter)).eval().merge_and_unload()
     if fmt == "merged":
-        out.mkdir(parents=True, exist_ok=True)
         merged.save_pretrained(str(out))
         tok.save_pretrained(str(out))
         from transformers import AutoModelForCausalLM
 
         reloaded = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
-        return _check("merged", _max_diff(expected, _logits(reloaded, tok)), out)
-    return _export_gguf(cfg, merged, tok, expected, out, gguf_dtype)
+        result = _check("merged", _max_diff(expected, _logits(reloaded, tok)), out)
+    else:
+        result = _export_gguf(cfg, merged, tok, expected, out, gguf_dtype)
+    return replace(result, original_base_diff=original_diff)
 
 
 # -- GGUF ------------------------------------------------------------------------------------
@@ -146,10 +243,7 @@ def _export_gguf(
 
     if merged.config.model_type != "llama":
         raise ExportError(f"gguf export supports the Llama architecture, not {merged.config.model_type!r}")
-    if dtype not in ("f16", "f32"):
-        raise ExportError(f"gguf dtype {dtype!r}: choose f16 or f32")
     source = gguf.GGUFReader(str(_source_gguf(cfg)))
-    out.mkdir(parents=True, exist_ok=True)
     path = out / "model.gguf"
     writer = gguf.GGUFWriter(str(path), arch="llama")
     for name, field in source.fields.items():
@@ -177,7 +271,7 @@ def _export_gguf(
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    _write_modelfile(out, tok)
+    _write_modelfile(out, tok, cfg.data.system_prompt)
     from transformers import AutoModelForCausalLM
 
     reloaded = AutoModelForCausalLM.from_pretrained(str(out), gguf_file=path.name, dtype=torch.float32).eval()
@@ -185,14 +279,16 @@ def _export_gguf(
     return replace(result, path=path)
 
 
-def _write_modelfile(out: Path, tok: Any) -> None:
-    """An Ollama Modelfile for the ChatML template SmolLM2 uses."""
+def _write_modelfile(out: Path, tok: Any, system_prompt: str) -> None:
+    """An Ollama Modelfile: the ChatML template SmolLM2 uses, the run's system prompt and stop tokens."""
     eos = tok.eos_token or "<|im_end|>"
     template = (
         "{{ if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ end }}"
         "{{ if .Prompt }}<|im_start|>user\n{{ .Prompt }}<|im_end|>\n{{ end }}<|im_start|>assistant\n"
     )
-    (out / "Modelfile").write_text(
-        f"FROM ./model.gguf\nTEMPLATE {json.dumps(template)}\nPARAMETER stop {json.dumps(eos)}\n"
-        "PARAMETER temperature 0\n"
-    )
+    lines = ["FROM ./model.gguf", f"TEMPLATE {json.dumps(template)}"]
+    if system_prompt:  # training put it in every prompt: the deployed model must see it too
+        lines.append(f"SYSTEM {json.dumps(system_prompt)}")
+    lines += [f"PARAMETER stop {json.dumps(s)}" for s in dict.fromkeys([eos, "<|im_end|>", "<|im_start|>"])]
+    lines.append("PARAMETER temperature 0")
+    (out / "Modelfile").write_text("\n".join(lines) + "\n")

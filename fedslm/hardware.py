@@ -19,12 +19,14 @@ from pathlib import Path
 
 import torch
 
+from .errors import FedslmError
+
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
-class HardwareError(RuntimeError):
+class HardwareError(FedslmError, RuntimeError):
     """A device or dtype was asked for that this machine does not have; the message names the key."""
 
 

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from .config import ModelConfig, RunConfig
+from .errors import FedslmError
 from .hardware import DTYPES, HardwareError, describe, probe_cuda, resolve_compute_dtype, resolve_device
 from .logs import get_logger
 from .modeldir import atomic_dir, is_complete
@@ -36,7 +37,7 @@ BUNDLED = {
 TINY_PREFIX = "tiny-"
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(FedslmError, RuntimeError):
     """A base model could not be located or loaded; the message says how to fix it."""
 
 

@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Self, TypeVar, overload
 
+from .errors import FedslmError
+
 ACCOUNTANTS = ("rdp", "prv")
 STATE_FORMAT = 1
 # The PRV accountant convolves densities on a grid whose size grows with sqrt(steps * log(1/delta))
@@ -37,7 +39,7 @@ PRV_EPS_ERROR = 0.01  # Opacus' default eps_error of PRVAccountant.get_epsilon
 Entry = tuple[float, float, int]
 
 
-class PrivacyError(ValueError):
+class PrivacyError(FedslmError, ValueError):
     """An invalid privacy argument; the message names the value and what is allowed."""
 
 

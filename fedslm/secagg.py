@@ -24,8 +24,10 @@ import torch
 
 from fedslm.config import SecurityConfig
 
+from .errors import FedslmError
 
-class SecAggError(ValueError):
+
+class SecAggError(FedslmError, ValueError):
     """Arrays that do not match the agreed key order (count, names or shapes)."""
 
 

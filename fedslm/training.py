@@ -10,6 +10,7 @@ lives in :mod:`fedslm.privacy`; this module only reports the steps and sampling 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import math
@@ -24,12 +25,13 @@ import torch
 import torch.nn.functional as F
 
 from .data import IGNORE, collate
+from .errors import FedslmError
 from .logs import get_logger
 
 log = get_logger(__name__)
 
 
-class TrainingError(RuntimeError):
+class TrainingError(FedslmError, RuntimeError):
     """Training produced something unusable (non-finite loss, LoRA weights that never move)."""
 
 
@@ -76,11 +78,17 @@ def sample_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 def sequence_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Per-sequence mean NLL over answer tokens (shape ``(batch,)``)."""
-    logits = logits[:, :-1].float()
-    target = labels[:, 1:]
-    nll = F.cross_entropy(logits.transpose(1, 2), target, ignore_index=IGNORE, reduction="none")
+    return _per_sequence(logits[:, :-1], labels[:, 1:])
+
+
+def _token_nll(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Token NLL ``(batch, positions)`` of aligned logits and targets (0 where the target is ignored)."""
+    return F.cross_entropy(logits.float().transpose(1, 2), target, ignore_index=IGNORE, reduction="none")
+
+
+def _per_sequence(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     mask = (target != IGNORE).float()
-    return (nll * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+    return (_token_nll(logits, target) * mask).sum(1) / mask.sum(1).clamp(min=1.0)
 
 
 def answer_positions(labels: torch.Tensor) -> torch.Tensor:
@@ -92,10 +100,30 @@ def answer_positions(labels: torch.Tensor) -> torch.Tensor:
 
 def sequence_losses_at(logits: torch.Tensor, labels: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """:func:`sequence_losses` from the logits at ``keep`` only (``logits`` is ``(batch, len(keep), V)``)."""
-    target = labels[:, keep + 1]
-    nll = F.cross_entropy(logits.float().transpose(1, 2), target, ignore_index=IGNORE, reduction="none")
-    mask = (target != IGNORE).float()
-    return (nll * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+    return _per_sequence(logits, labels[:, keep + 1])
+
+
+def answer_logits(model: Any, batch: dict[str, torch.Tensor], keep_logits: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """A causal LM's logits and their aligned targets, ``(batch, positions, V)`` and ``(batch, positions)``.
+
+    With ``keep_logits`` only the positions that predict an answer token are projected onto the
+    vocabulary (a fraction of the work); otherwise every position but the last.
+    """
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    labels = batch["labels"]
+    if keep_logits:
+        keep = answer_positions(labels)
+        return model(**inputs, logits_to_keep=keep).logits, labels[:, keep + 1]
+    return model(**inputs).logits[:, :-1], labels[:, 1:]
+
+
+def batch_losses(model: Any, batch: dict[str, torch.Tensor], keep_logits: bool) -> torch.Tensor:
+    """One loss per example of a collated batch (training and evaluation share it): class
+    cross-entropy for a classifier (labels ``(batch,)``), per-sequence answer NLL for a causal LM."""
+    if batch["labels"].dim() == 1:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return sample_losses(logits, batch["labels"])
+    return _per_sequence(*answer_logits(model, batch, keep_logits))
 
 
 def _keeps_logits(model: Any) -> bool:
@@ -143,8 +171,13 @@ def _batches(lengths: list[int], cfg: LocalTraining, gen: torch.Generator) -> It
     if cfg.dp is not None:
         if cfg.length_bucketing:
             raise TrainingError("length bucketing would make DP-SGD's batches depend on the data")
-        while True:
-            yield torch.nonzero(torch.rand(n, generator=gen) < cfg.dp.sample_rate).flatten().tolist()
+        from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+
+        # each record in each step independently with probability q (one torch.rand(n) per step)
+        yield from UniformWithReplacementSampler(
+            num_samples=n, sample_rate=cfg.dp.sample_rate, generator=gen, steps=cfg.steps
+        )
+        return
     size = min(cfg.batch_size, n)
     while True:
         order = torch.randperm(n, generator=gen).tolist()
@@ -155,6 +188,68 @@ def _batches(lengths: list[int], cfg: LocalTraining, gen: torch.Generator) -> It
         if cfg.length_bucketing:
             batches = [batches[k] for k in torch.randperm(len(batches), generator=gen).tolist()]
         yield from batches
+
+
+@dataclass
+class _Session:
+    """What one local training call works with, set up and torn down by :func:`_session`."""
+
+    params: list[torch.nn.Parameter]
+    names: dict[int, str]
+    optimizer: torch.optim.Optimizer
+    forward_model: Any  # the model, or Opacus' GradSampleModule around it under DP
+    dp_opt: Any = None  # Opacus' DPOptimizer around ``optimizer`` under DP
+
+
+def _prepare_model(model: Any, cfg: LocalTraining) -> Any:
+    """The module that runs forward: Opacus' per-sample gradient hooks under DP."""
+    return model if cfg.dp is None else _grad_sample_module(model)
+
+
+def _prepare_optimizer(optimizer: torch.optim.Optimizer, cfg: LocalTraining, n: int, device: torch.device) -> Any:
+    """Opacus' DPOptimizer (per-sample clipping, noise of the expected logical batch) or ``None``."""
+    if cfg.dp is None:
+        return None
+    from opacus.optimizers import DPOptimizer
+
+    return DPOptimizer(
+        optimizer,
+        noise_multiplier=cfg.dp.noise_multiplier,
+        max_grad_norm=cfg.dp.max_grad_norm,
+        expected_batch_size=max(1, round(cfg.dp.sample_rate * n)),
+        loss_reduction="mean",
+        secure_mode=cfg.dp.secure_mode,
+        # reproducible noise from the run's seed; secure_mode draws from a CSPRNG instead
+        generator=None if cfg.dp.secure_mode else torch.Generator(device=device).manual_seed(cfg.seed + 1),
+    )
+
+
+@contextlib.contextmanager
+def _session(model: Any, cfg: LocalTraining, n: int) -> Iterator[_Session]:
+    """Trainable parameters, optimizer and (under DP) Opacus' hooks for one call, removed on exit.
+
+    The resident model is reused across calls, so tear-down leaves it as it was: no Opacus hooks, no
+    per-sample gradients, every LoRA A trainable again.
+    """
+    params = _trainable(model, cfg.train_lora_a)
+    names = {id(p): n for n, p in model.named_parameters()}
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    forward_model = _prepare_model(model, cfg)
+    try:
+        dp_opt = _prepare_optimizer(optimizer, cfg, n, model_device(model))
+        with warnings.catch_warnings():
+            # Opacus' hook on the first LoRA layer, whose input (a frozen embedding) needs no gradient:
+            # torch says so at every backward; the hook uses the output's gradient only
+            warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
+            yield _Session(params, names, optimizer, forward_model, dp_opt)
+    finally:
+        if cfg.dp is not None:
+            forward_model._close()  # remove Opacus hooks: the resident model is reused
+            for p in params:
+                p.grad_sample = None  # type: ignore[attr-defined]  # Opacus' attribute, set at runtime
+        for p in model.parameters():
+            if "lora_A" in names.get(id(p), ""):
+                p.requires_grad_(True)
 
 
 def train_local(
@@ -170,82 +265,43 @@ def train_local(
     """
     if not examples:
         raise TrainingError("this client has no training examples")
-    params = _trainable(model, cfg.train_lora_a)
-    names = {id(p): n for n, p in model.named_parameters()}
-    # FedProx anchors: the starting (= global) values of the trainable parameters
-    anchors = {id(p): p.detach().clone() for p in params} if cfg.proximal_mu > 0 else {}
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed)  # batch draws on the CPU: the same on every device
     device = model_device(model)
-    forward_model, dp_opt = model, None
-    if cfg.dp is not None:
-        from opacus.optimizers import DPOptimizer
-
-        forward_model = _grad_sample_module(model)
-        dp_opt = DPOptimizer(
-            optimizer,
-            noise_multiplier=cfg.dp.noise_multiplier,
-            max_grad_norm=cfg.dp.max_grad_norm,
-            expected_batch_size=max(1, round(cfg.dp.sample_rate * len(examples))),
-            loss_reduction="mean",
-            secure_mode=cfg.dp.secure_mode,
-            # reproducible noise from the run's seed; secure_mode draws from a CSPRNG instead
-            generator=None if cfg.dp.secure_mode else torch.Generator(device=device).manual_seed(cfg.seed + 1),
-        )
     model.train()
     keep_logits = _keeps_logits(model)
-    before = [p.detach().clone() for p in params]
     losses: list[float] = []
     seen = empty = 0
     t0 = time.perf_counter()
-    try:
-        with warnings.catch_warnings():
-            # Opacus' hook on the first LoRA layer, whose input (a frozen embedding) needs no gradient:
-            # torch says so at every backward; the hook uses the output's gradient only
-            warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
-            batches = _batches([len(e["input_ids"]) for e in examples], cfg, gen)
-            for step in range(cfg.steps):
-                idx = next(batches)
-                optimizer.zero_grad(set_to_none=True)
-                if dp_opt is not None:
-                    dp_opt.zero_grad(set_to_none=True)
-                if idx:
-                    batch = collate_on([examples[i] for i in idx], pad_id, device)
-                    labels = batch["labels"]
-                    if labels.dim() == 2 and keep_logits:  # causal LM: project only the answer positions
-                        keep = answer_positions(labels)
-                        out = forward_model(
-                            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep
-                        )
-                        loss = sequence_losses_at(out.logits, labels, keep).mean()
-                    else:
-                        out = forward_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-                        loss = sample_losses(out.logits, labels).mean()
-                    if not torch.isfinite(loss):
-                        raise TrainingError(f"non-finite loss {loss.item()} at step {step}")
-                    loss.backward()
-                    losses.append(loss.item())
-                    seen += len(idx)
-                else:  # an empty Poisson batch: a noise-only step
-                    empty += 1
-                    for p in params:  # Opacus' per-sample gradients: an attribute it adds to parameters at runtime
-                        p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)  # type: ignore[attr-defined]
-                _step(optimizer, dp_opt, anchors, cfg.proximal_mu)
-                if step == 0:
-                    _check_moved(params, before, names)
-                if on_step is not None:
-                    on_step(step)
-    finally:
-        if cfg.dp is not None:
-            forward_model._close()  # remove Opacus hooks: the resident model is reused
-            for p in params:
-                p.grad_sample = None  # type: ignore[attr-defined]  # Opacus' attribute, set at runtime
-        for p in model.parameters():
-            if "lora_A" in names.get(id(p), ""):
-                p.requires_grad_(True)
-    for p in params:
+    with _session(model, cfg, len(examples)) as run:
+        # FedProx anchors: the starting (= global) values of the trainable parameters
+        anchors = {id(p): p.detach().clone() for p in run.params} if cfg.proximal_mu > 0 else {}
+        before = [p.detach().clone() for p in run.params]
+        batches = _batches([len(e["input_ids"]) for e in examples], cfg, gen)
+        for step in range(cfg.steps):
+            idx = next(batches)
+            run.optimizer.zero_grad(set_to_none=True)
+            if run.dp_opt is not None:
+                run.dp_opt.zero_grad(set_to_none=True)
+            if idx:
+                batch = collate_on([examples[i] for i in idx], pad_id, device)
+                loss = batch_losses(run.forward_model, batch, keep_logits).mean()
+                if not torch.isfinite(loss):
+                    raise TrainingError(f"non-finite loss {loss.item()} at step {step}")
+                loss.backward()
+                losses.append(loss.item())
+                seen += len(idx)
+            else:  # an empty Poisson batch: a noise-only step
+                empty += 1
+                for p in run.params:  # Opacus' per-sample gradients: an attribute it adds to parameters at runtime
+                    p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)  # type: ignore[attr-defined]
+            _step(run.optimizer, run.dp_opt, anchors, cfg.proximal_mu)
+            if step == 0:
+                _check_moved(run.params, before, run.names)
+            if on_step is not None:
+                on_step(step)
+    for p in run.params:
         if not torch.isfinite(p).all():
-            raise TrainingError(f"non-finite LoRA weights in {names[id(p)]} after training")
+            raise TrainingError(f"non-finite LoRA weights in {run.names[id(p)]} after training")
     done = [v for v in losses if math.isfinite(v)]
     return TrainResult(
         steps=cfg.steps,
@@ -335,15 +391,8 @@ def evaluate(
     device = model_device(model)
     for i in range(0, len(examples), batch_size):
         batch = collate_on(examples[i : i + batch_size], pad, device)
-        labels = batch["labels"]
-        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-        if keep_logits:  # only the logits that predict answer tokens (a fraction of the vocabulary projection)
-            keep = answer_positions(labels)
-            logits, target = model(**inputs, logits_to_keep=keep).logits, labels[:, keep + 1]
-        else:
-            logits, target = model(**inputs).logits[:, :-1], labels[:, 1:]
-        n = F.cross_entropy(logits.float().transpose(1, 2), target, ignore_index=IGNORE, reduction="sum")
-        nll += n.item()
+        logits, target = answer_logits(model, batch, keep_logits)
+        nll += _token_nll(logits, target).sum().item()
         tokens += (target != IGNORE).sum().item()
     correct = 0
     side = tokenizer.padding_side
@@ -395,7 +444,7 @@ def evaluate_classification(
     for i in range(0, len(examples), batch_size):
         batch = collate_on(examples[i : i + batch_size], pad_id, device)
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        losses.extend(sample_losses(logits, batch["labels"]).tolist())
+        losses.extend(sample_losses(logits, batch["labels"]).tolist())  # batch_losses, keeping the logits
         preds.extend(logits.argmax(-1).tolist())
         truth.extend(batch["labels"].tolist())
     loss = float(np.mean(losses)) if losses else float("nan")

@@ -27,13 +27,14 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord
 
+from .errors import FedslmError
 from .hardware import DTYPES
 
 RAW = "fedslm.raw"
 _PARTS = ("::q8", "::scale", "::mask", "::val")
 
 
-class WireError(ValueError):
+class WireError(FedslmError, ValueError):
     """An array record that does not decode (unknown dtype, truncated bytes, inconsistent parts)."""
 
 

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
+from fedslm.errors import FedslmError
 from fedslm.logs import get_logger
 
 log = get_logger(__name__)
@@ -35,7 +36,7 @@ FORMAT = 1
 KEEP = 2
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(FedslmError, RuntimeError):
     """A checkpoint that cannot be used (missing file, digest mismatch, other config)."""
 
 

@@ -10,8 +10,7 @@ from pathlib import Path
 
 from fedslm.server.preflight import load_run
 
-from fedslm.config import ConfigError
-from fedslm.deploy import DeployError
+from fedslm.errors import FedslmError
 from fedslm.logs import get_logger, setup_logging
 
 Handler = Callable[[argparse.Namespace], int]
@@ -19,12 +18,12 @@ log = get_logger(__name__)
 
 
 def _simulate(args: argparse.Namespace) -> int:
-    from .run import SimulationError, default_out_dir, results_table, simulate
+    from .run import default_out_dir, results_table, simulate
 
     if args.resume:  # the run's own config; --set is not allowed to change a run halfway
-        if args.config or args.set or args.out:
+        if args.config or args.set or args.out or args.ray_address:
             print(
-                "fedslm simulate: --resume RUN_DIR takes the run's config.yaml; drop CONFIG/--set/--out",
+                "fedslm simulate: --resume RUN_DIR takes the run's config.yaml; drop CONFIG/--set/--out/--ray-address",
                 file=sys.stderr,
             )
             return 2
@@ -34,13 +33,10 @@ def _simulate(args: argparse.Namespace) -> int:
         if not args.config:
             print("fedslm simulate: give a CONFIG (e.g. configs/demo.yaml) or --resume RUN_DIR", file=sys.stderr)
             return 2
-        cfg = load_run(args.config, args.set)  # fails here, before anything heavy starts
+        sets = list(args.set) + ([f"federation.ray_address={args.ray_address}"] if args.ray_address else [])
+        cfg = load_run(args.config, sets)  # fails here, before anything heavy starts
         out = Path(args.out) if args.out else default_out_dir(Path(args.config).stem)
-    try:
-        rows = simulate(cfg, out, progress=not args.no_progress, resume=bool(args.resume))
-    except SimulationError as e:
-        print(f"fedslm simulate: {e}", file=sys.stderr)
-        return 1
+    rows = simulate(cfg, out, progress=not args.no_progress, resume=bool(args.resume))  # main() reports errors
     print()
     print(results_table(rows))
     first, last = rows[0], rows[-1]
@@ -81,12 +77,19 @@ def _export(args: argparse.Namespace) -> int:
     from fedslm.export import ExportError, export
 
     try:
-        result = export(Path(args.run_dir), Path(args.out), args.format, args.round, args.gguf_dtype)
+        result = export(Path(args.run_dir), Path(args.out), args.format, args.round, args.gguf_dtype, args.force)
     except ExportError as e:
         print(f"fedslm export: {e}", file=sys.stderr)
-        return 1
+        return 2
+    if result.replaced:
+        print(f"--force: replaced {len(result.replaced)} entries of {args.out}: {', '.join(result.replaced)}")
     print(f"{result.format} export written to {result.path}")
-    print(f"verified: max |logit difference| on reload {result.max_abs_logit_diff:.3g} (tolerance {result.tolerance})")
+    print(
+        f"verified against the trained model (quantized base + adapter): max |logit difference|"
+        f" {result.max_abs_logit_diff:.3g} (tolerance {result.tolerance})"
+    )
+    if result.original_base_diff is not None:
+        print(f"(merged into the original float base instead, it would be {result.original_base_diff:.3g})")
     return 0
 
 
@@ -233,6 +236,7 @@ def run_foreground_cli(
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedslm", description=__doc__)
     parser.add_argument("--log-level", default=None, help="DEBUG, INFO (default), WARNING")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("simulate", help="run a simulated federation from a YAML config")
@@ -241,6 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="run directory (default runs/<config>-<time>)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from its last complete round")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--ray-address", metavar="HOST:PORT", help="attach to a running Ray cluster (sets federation.ray_address)"
+    )
     p.set_defaults(func=_simulate)
 
     p = sub.add_parser("check", help="validate a config and print it resolved")
@@ -248,12 +255,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.set_defaults(func=_check)
 
-    p = sub.add_parser("export", help="export a run's adapter: peft | merged | gguf (verified on reload)")
+    p = sub.add_parser("export", help="export a run's adapter: peft | merged | gguf (checked vs the trained model)")
     p.add_argument("run_dir")
     p.add_argument("--format", required=True, choices=["peft", "merged", "gguf"])
     p.add_argument("--out", required=True)
     p.add_argument("--round", type=int, default=None, help="default: the last round")
     p.add_argument("--gguf-dtype", default="f16", choices=["f16", "f32"])
+    p.add_argument("--force", action="store_true", help="replace an existing non-empty --out (never the run)")
     p.set_defaults(func=_export)
 
     for name, func, helptext in (
@@ -336,16 +344,24 @@ def _add_deploy_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one subcommand; a :class:`FedslmError` is one line on stderr and exit 2 (1: a failed run)."""
+    from fedslm.export import ExportError  # generate/chat on a bad run directory raise it
+
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level)
     try:
         return int(args.func(args))
-    except ConfigError as e:
-        print(f"fedslm: invalid config: {e}", file=sys.stderr)
-        return 2
-    except DeployError as e:
-        print(f"fedslm {args.command}: {e}", file=sys.stderr)
-        return 1
+    except (FedslmError, ExportError) as e:
+        if args.debug:
+            raise
+        message = " ".join(str(e).split()) or type(e).__name__
+        print(f"fedslm: error: {message}", file=sys.stderr)
+        return getattr(e, "exit_code", 2)
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print("fedslm: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fedslm.config import RunConfig
+from fedslm.errors import RunFailedError
 from fedslm.logs import get_logger
 
 if TYPE_CHECKING:
@@ -26,7 +27,7 @@ QUIET_ENV = {
 }
 
 
-class SimulationError(RuntimeError):
+class SimulationError(RunFailedError, RuntimeError):
     """The simulated federation failed; the message carries the server's error."""
 
 

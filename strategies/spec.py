@@ -11,8 +11,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from fedslm.errors import FedslmError
 
-class StrategyConfigError(ValueError):
+
+class StrategyConfigError(FedslmError, ValueError):
     """An unknown strategy, an unknown parameter, or a combination the strategy cannot run."""
 
 

@@ -210,3 +210,37 @@ def test_eval_loss_from_answer_logits_only_equals_the_full_computation(fresh) ->
             nll += torch.nn.functional.cross_entropy(logits, target, ignore_index=-100, reduction="sum").item()
             count += (target != -100).sum().item()
     assert got == pytest.approx(nll / count, rel=1e-5)
+
+
+def test_poisson_batches_come_from_opacus_sampler_with_the_former_draws() -> None:
+    """Opacus' UniformWithReplacementSampler gives, for a seed, exactly the batches the former
+    hand-written loop drew (one ``torch.rand(n) < q`` per step): runs before and after agree."""
+    n, q, steps, seed = 50, 0.2, 40, 7
+    spec = LocalTraining(steps=steps, batch_size=10, learning_rate=0.1, dp=DPSettings(1.0, 1.0, q))
+    got = list(_batches([10] * n, spec, torch.Generator().manual_seed(seed)))
+    gen = torch.Generator().manual_seed(seed)
+    former = [torch.nonzero(torch.rand(n, generator=gen) < q).flatten().tolist() for _ in range(steps)]
+    assert got == former and len(got) == steps
+    sizes = [len(b) for b in got]
+    assert 6 < sum(sizes) / steps < 14  # Poisson around q * n = 10
+    assert len(set(map(len, got))) > 3  # the batch size varies
+
+
+def test_batch_losses_are_the_training_loss_and_sum_to_the_eval_nll(fresh) -> None:
+    """One batch-loss helper: per-sequence means for training, token sums for evaluation."""
+    from fedslm.training import _keeps_logits, _token_nll, answer_logits, batch_losses
+
+    tok = fresh.base.tokenizer
+    batch = data.collate(_examples(tok, 5), tok.pad_token_id)
+    fresh.model.eval()
+    with torch.no_grad():
+        keep = _keeps_logits(fresh.model)
+        per_seq = batch_losses(fresh.model, batch, keep)
+        full = sequence_losses(
+            fresh.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, batch["labels"]
+        )
+        logits, target = answer_logits(fresh.model, batch, keep)
+        nll = _token_nll(logits, target)
+    assert per_seq.shape == (5,) and torch.allclose(per_seq, full, atol=1e-5)
+    counts = (target != -100).sum(1)
+    assert torch.allclose(nll.sum(1), per_seq * counts, rtol=1e-5)  # a sequence's mean x its answer tokens

@@ -1,0 +1,192 @@
+"""fedslm's client step against a plain PEFT + bitsandbytes + Opacus loop, on one CUDA GPU.
+
+Both sides, side by side in one run, on random-weight models of each family's shape (issue 14's
+table), the same batch x tokens, NF4 base, LoRA r=8 on q/v, DP-SGD (noise 0.6, clip 1.0):
+
+- **fedslm**: ``fedslm.model.load_base_model`` + ``fedslm.adapters.attach_lora`` +
+  ``fedslm.training.train_local`` (answer-only logits: only the last quarter of each sequence is
+  labelled, as an instruction's answer is, and only those positions reach ``lm_head``);
+- **plain**: ``AutoModelForCausalLM`` with a ``BitsAndBytesConfig``, ``peft.get_peft_model``, Opacus'
+  ``GradSampleModule`` + ``DPOptimizer``, labels on every position (full-vocabulary logits).
+
+It prints seconds per step (median, two warm-up steps dropped), tokens per second and the peak of
+``torch.cuda.max_memory_allocated``. Without a CUDA device it says so and exits 0.
+
+    .venv/bin/python bench/gpu.py [--steps 6] [--shapes smollm2-135m llama-3.2-1b ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from common import table
+
+# family shape -> (LlamaConfig / Qwen2Config kwargs, batch, tokens)
+# fmt: off
+_LLAMA = {"model_type": "llama", "vocab_size": 128256, "tie_word_embeddings": True, "rope_theta": 500000.0}
+_SMOLLM2 = {"model_type": "llama", "vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536,
+            "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3, "tie_word_embeddings": True}
+SHAPES: dict[str, tuple[dict[str, Any], int, int]] = {
+    "smollm2-135m-8x128": (
+        _SMOLLM2,
+        8, 128,
+    ),
+    "smollm2-135m-32x256": (
+        _SMOLLM2,
+        32, 256,
+    ),
+    "llama-3.2-1b": (
+        {**_LLAMA, "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
+         "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 64},
+        32, 256,
+    ),
+    "qwen2.5-1.5b": (
+        {"model_type": "qwen2", "vocab_size": 151936, "hidden_size": 1536, "intermediate_size": 8960,
+         "num_hidden_layers": 28, "num_attention_heads": 12, "num_key_value_heads": 2, "tie_word_embeddings": True},
+        32, 256,
+    ),
+    "llama-3.2-3b": (
+        {**_LLAMA, "hidden_size": 3072, "intermediate_size": 8192, "num_hidden_layers": 28,
+         "num_attention_heads": 24, "num_key_value_heads": 8, "head_dim": 128},
+        32, 256,
+    ),
+}
+# fmt: on
+NOISE, CLIP, LR = 0.6, 1.0, 5e-3
+
+
+def cuda_device() -> str | None:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else None
+
+
+def write_random_model(shape: dict[str, Any], out: Path) -> Path:
+    """A seeded random-weight model of ``shape`` (bf16 safetensors) with SmolLM2's tokenizer files."""
+    import shutil
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from fedslm.model import bundled_tokenizer_dir
+
+    kwargs = dict(shape)
+    config = AutoConfig.for_model(kwargs.pop("model_type"), **kwargs, max_position_embeddings=512)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(out)
+    for f in bundled_tokenizer_dir().iterdir():
+        if f.is_file() and "token" in f.name:
+            shutil.copy(f, out / f.name)
+    return out
+
+
+def _examples(batch: int, tokens: int, vocab: int, steps: int) -> list[dict[str, list[int]]]:
+    import torch
+
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, min(vocab, 49152), (batch * steps, tokens), generator=gen).tolist()
+    answer = tokens // 4  # the labelled answer: the last quarter of each sequence
+    return [{"input_ids": x, "labels": [-100] * (tokens - answer) + x[tokens - answer :]} for x in ids]
+
+
+def fedslm_step(path: Path, batch: int, tokens: int, steps: int) -> tuple[list[float], float]:
+    import torch
+
+    from fedslm.adapters import attach_lora
+    from fedslm.config import LoRAConfig, ModelConfig
+    from fedslm.model import load_base_model
+    from fedslm.training import DPSettings, LocalTraining, train_local
+
+    cfg = ModelConfig(name=str(path), quantization="nf4", compute_dtype="bfloat16", device="cuda", max_length=tokens)
+    base = load_base_model(cfg)
+    model = attach_lora(base.model, LoRAConfig(r=8, alpha=16, target_modules=["q_proj", "v_proj"]))
+    examples = _examples(batch, tokens, base.model.config.vocab_size, steps)
+    spec = LocalTraining(steps=steps, batch_size=batch, learning_rate=LR, dp=DPSettings(NOISE, CLIP, 1.0 / steps))
+    torch.cuda.reset_peak_memory_stats()
+    stamps: list[float] = []
+    t0 = time.perf_counter()
+    train_local(model, examples, base.tokenizer.pad_token_id, spec, on_step=lambda s: _stamp(stamps))
+    return _durations(t0, stamps), torch.cuda.max_memory_allocated() / 2**30
+
+
+def plain_step(path: Path, batch: int, tokens: int, steps: int) -> tuple[list[float], float]:
+    import torch
+    from opacus import GradSampleModule
+    from opacus.optimizers import DPOptimizer
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    qc = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
+    base = AutoModelForCausalLM.from_pretrained(
+        str(path), quantization_config=qc, dtype=torch.bfloat16, device_map="cuda"
+    )
+    base.requires_grad_(False)
+    model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    gsm = GradSampleModule(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = DPOptimizer(torch.optim.AdamW(params, lr=LR), noise_multiplier=NOISE, max_grad_norm=CLIP,
+                      expected_batch_size=batch)  # fmt: skip
+    gen = torch.Generator().manual_seed(1)
+    vocab = base.config.vocab_size
+    torch.cuda.reset_peak_memory_stats()
+    stamps: list[float] = []
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        ids = torch.randint(0, min(vocab, 49152), (batch, tokens), generator=gen).cuda()
+        logits = gsm(input_ids=ids).logits.float()  # every position, the full vocabulary
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, vocab), ids[:, 1:].reshape(-1))
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        _stamp(stamps)
+    return _durations(t0, stamps), torch.cuda.max_memory_allocated() / 2**30
+
+
+def _stamp(stamps: list[float]) -> None:
+    import torch
+
+    torch.cuda.synchronize()
+    stamps.append(time.perf_counter())
+
+
+def _durations(t0: float, stamps: list[float]) -> list[float]:
+    return [b - a for a, b in zip([t0, *stamps[:-1]], stamps, strict=True)][2:]  # drop 2 warm-up steps
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    args = ap.parse_args(argv)
+    if cuda_device() is None:
+        print("bench/gpu.py: no CUDA device here (torch.cuda.is_available() is False); nothing measured")
+        return 0
+    import torch
+
+    lines = []
+    for name in args.shapes:
+        shape, batch, tokens = SHAPES[name]
+        with tempfile.TemporaryDirectory() as d:
+            path = write_random_model(shape, Path(d) / name)
+            for side, fn in (("plain", plain_step), ("fedslm", fedslm_step)):
+                times, peak = fn(path, batch, tokens, args.steps)
+                s = statistics.median(times)
+                rate = f"{batch * tokens / s:,.0f}"
+                lines.append([name, side, f"{batch} x {tokens}", f"{s:.3f}", rate, f"{peak:.1f}"])
+                torch.cuda.empty_cache()
+    print(f"{torch.cuda.get_device_name()}, {args.steps} steps each (median after 2 warm-up steps)")
+    print(table(["model shape", "loop", "batch x tokens", "s/step", "tokens/s", "peak GiB"], lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

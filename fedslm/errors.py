@@ -1,0 +1,20 @@
+"""The one error root: everything fedslm raises about the user's input or the environment.
+
+The ``fedslm`` command prints any :class:`FedslmError` as one line and exits with its
+:attr:`~FedslmError.exit_code` (2: the input is wrong; 1: a run was started and failed);
+``fedslm --debug`` shows the traceback instead. Any other exception in normal use is a bug.
+"""
+
+from __future__ import annotations
+
+
+class FedslmError(Exception):
+    """A mistake in the user's input or environment; the message says what and how to fix it."""
+
+    exit_code = 2
+
+
+class RunFailedError(FedslmError):
+    """A run was started and did not finish (no round trained, a process died, ...)."""
+
+    exit_code = 1

@@ -1,0 +1,108 @@
+"""Privacy audit: canaries (deterministic, capped, never in evaluation data), statistics against
+hand-computed values, and memorisation on a tiny model with and without DP-SGD."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+from fedslm import audit, data
+from fedslm.config import ConfigError, load_config
+from fedslm.model import cache_root
+
+ROOT = Path(__file__).resolve().parent.parent
+AUDIT_ON = ["audit.enabled=true", "data.num_records=1200", "audit.canaries=20"]
+
+
+def test_canaries_are_deterministic_per_seed_and_differ_between_seeds() -> None:
+    a, b, c = audit.make_canaries(7, 50, 4), audit.make_canaries(7, 50, 4), audit.make_canaries(8, 50, 4)
+    assert a == b
+    assert [x.answer for x in a] != [x.answer for x in c]
+    assert all(len(x.answer) == 8 and set(x.answer) <= set(audit.CODE_ALPHABET) for x in a)
+    assert len({x.question for x in a}) == 50  # distinct patients
+    members = [x for x in a if x.member]
+    assert 15 <= len(members) <= 35  # a fair coin over 50 (measured 27 at seed 7)
+    assert all(0 <= x.client < 4 for x in members) and all(x.client == -1 for x in a if not x.member)
+
+
+def test_members_go_into_their_clients_training_data_only(tiny_cfg) -> None:
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", AUDIT_ON + ["audit.canaries=12", "audit.repeats=2"])
+    canaries = audit.run_canaries(cfg)
+    base = data.client_records(cfg.data, cache_root(cfg.model), 1, 4).records
+    with_c = audit.insert_canaries(cfg, 1, base)
+    questions = [r["question"] for r in with_c]
+    for c in canaries:
+        assert questions.count(c.question) == (2 if c.member and c.client == 1 else 0)
+    assert any(c.member and c.client == 1 for c in canaries)  # this seed gives client 1 some
+    assert [r for r in with_c if not r["question"].startswith("What is the access code")] == base
+    off = load_config(ROOT / "configs" / "tiny.yaml")
+    assert audit.insert_canaries(off, 1, base) is base
+
+
+def test_canaries_never_reach_evaluation_data(tiny_cfg, tmp_path) -> None:
+    from fedslm.client.runner import ClientRunner
+    from fedslm.client.state import ClientStore
+
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", AUDIT_ON)
+    secrets = {c.question for c in audit.run_canaries(cfg)}
+    assert not secrets & {r["question"] for r in data.test_records(cfg.data, cache_root(cfg.model))}
+    held = 0
+    for cid in range(4):
+        runner = ClientRunner(cfg, cid, 4, "", 1, {}, ClientStore(tmp_path / str(cid)))
+        train, val, val_recs = runner.examples(tiny_cfg_tok())
+        assert not secrets & {r["question"] for r in val_recs}
+        held += len(train) - len(runner._records()) + len(val_recs)
+    assert held == sum(c.member for c in audit.run_canaries(cfg))  # every member once, in training
+
+
+def tiny_cfg_tok():
+    from fedslm.adapters import PEFT_CACHE
+
+    cfg = load_config(ROOT / "configs" / "tiny.yaml")
+    return PEFT_CACHE.get(cfg.model, cfg.lora).base.tokenizer
+
+
+def test_too_many_canaries_are_refused_at_check_naming_the_key() -> None:
+    # tiny: 240 records, 10% test -> 216 training, 54 per client; cap 10% -> 5 records
+    with pytest.raises(ConfigError, match=r"audit.canaries: 3 canaries x 2 repeats = 6 records exceed the cap 5"):
+        load_config(ROOT / "configs" / "tiny.yaml", ["audit.enabled=true", "audit.canaries=3", "audit.repeats=2"])
+    load_config(ROOT / "configs" / "tiny.yaml", ["audit.enabled=true", "audit.canaries=5"])  # at the cap
+
+
+def test_roc_auc_and_tpr_at_fpr_by_hand() -> None:
+    members, non = [0.9, 0.8, 0.3], [0.7, 0.3, 0.1, 0.0]
+    # pairs member > non: 0.9 beats 4, 0.8 beats 4, 0.3 beats 2 and ties 1 -> (4 + 4 + 2 + 0.5) / 12
+    assert audit.roc_auc(members, non) == pytest.approx(10.5 / 12)
+    # thresholds 0.9, 0.8 -> FPR 0, TPR 2/3; 0.7 -> FPR 1/4, TPR 2/3; 0.3 -> FPR 2/4, TPR 1
+    assert audit.tpr_at_fpr(members, non, 0.01) == pytest.approx(2 / 3)
+    assert audit.tpr_at_fpr(members, non, 0.5) == pytest.approx(1.0)
+
+
+def test_exposure_on_a_hand_ranked_set() -> None:
+    # canary loss 1.0 among 7 candidates: 0.5 and 1.0 rank at or before it -> rank 3 of 8
+    cands = [0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 5.0]
+    assert audit.exposure(1.0, cands) == pytest.approx(math.log2(8) - math.log2(3))
+    assert audit.exposure(0.1, cands) == pytest.approx(3.0)  # best of 8: log2(8)
+    assert audit.exposure(9.0, cands) == pytest.approx(0.0)  # worst: no information
+
+
+def test_guesses_count_correct_members_and_non_members() -> None:
+    scores = [0.1, 0.9, 0.5, 0.8, 0.2, 0.3]
+    members = [False, True, True, False, True, False]
+    # top 2: 0.9 (member, right), 0.8 (non-member, wrong); bottom 2: 0.1 (right), 0.2 (member, wrong)
+    assert audit.guesses(scores, members, 2, 2) == (4, 2)
+
+
+def test_epsilon_lower_bound_by_hand() -> None:
+    # r = 10 guesses, all correct, 95%: the bound is eps with p(eps)^10 = 0.05, p = e^eps / (1 + e^eps)
+    # p = 0.05 ** 0.1 = 0.741134; eps = ln(p / (1 - p)) = ln(0.741134 / 0.258866) = ln(2.862996) = 1.05187
+    assert audit.epsilon_lower_bound(10, 10, 0.95) == pytest.approx(1.05187, abs=1e-4)
+    # r = 10, v = 9: P[X >= 9] = 10 p^9 (1 - p) + p^10 = 0.05; by hand at eps = 0.6: p = 0.645656,
+    # 10 * 0.019499 * 0.354344 + 0.012590 = 0.0817 > 0.05; at eps = 0.4: p = 0.598688,
+    # 10 * 0.009881 * 0.401312 + 0.005916 = 0.0456 < 0.05, so the bound lies in (0.4, 0.6)
+    assert 0.4 < audit.epsilon_lower_bound(10, 9, 0.95) < 0.6
+    assert audit.epsilon_lower_bound(10, 6, 0.95) == 0.0  # 6 of 10 is chance at 95%
+    # 2 correct of 2 happens by chance with probability 0.25 > 0.05 at eps = 0: nothing rejected
+    assert audit.epsilon_lower_bound(2, 2, 0.95) == 0.0

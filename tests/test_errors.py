@@ -1,0 +1,95 @@
+"""Every user mistake ends in one line on stderr and exit 2 (1: a failed run), never a traceback."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fedslm.errors import FedslmError, RunFailedError
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = str(ROOT / "configs" / "tiny.yaml")
+
+
+def _fedslm(*argv: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    code = "import sys; from fedslm.simulation.cli import main; sys.exit(main(sys.argv[1:]))"
+    return subprocess.run(
+        [sys.executable, "-c", code, *argv], cwd=cwd, env=env, capture_output=True, text=True, timeout=120
+    )
+
+
+def test_every_error_class_has_the_one_root() -> None:
+    from fedslm.client.resident import ResidentError
+    from fedslm.client.secagg import SecAggWeightError
+    from fedslm.client.state import ClientStateError
+    from fedslm.server.checkpoint import CheckpointError
+    from fedslm.simulation.run import SimulationError
+    from fedslm.strategies.registry import StrategyConfigError
+
+    from fedslm.adapters import AdapterError
+    from fedslm.config import ConfigError
+    from fedslm.data import DataError
+    from fedslm.deploy import DeployError
+    from fedslm.hardware import HardwareError
+    from fedslm.model import ModelLoadError
+    from fedslm.privacy import PrivacyBudgetError, PrivacyError, PrivacyStateError
+    from fedslm.secagg import SecAggError
+    from fedslm.training import TrainingError
+    from fedslm.wire import WireError
+
+    user = [
+        AdapterError,
+        ConfigError,
+        DataError,
+        HardwareError,
+        ModelLoadError,
+        PrivacyError,
+        PrivacyStateError,
+        PrivacyBudgetError,
+        SecAggError,
+        TrainingError,
+        WireError,
+        ResidentError,
+        SecAggWeightError,
+        ClientStateError,
+        CheckpointError,
+        StrategyConfigError,
+    ]
+    for cls in user:
+        assert issubclass(cls, FedslmError) and cls.exit_code == 2, cls
+    for cls in (DeployError, SimulationError):
+        assert issubclass(cls, RunFailedError) and cls.exit_code == 1, cls
+    assert issubclass(ConfigError, ValueError)  # callers that catch ValueError keep working
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["check", TINY, "--set", "train.no_such_key=3"], "no_such_key"),
+        (["check", "missing.yaml"], "missing.yaml: no such config file"),
+        (["check", TINY, "--set", "strategy.name=fedavgx"], "fedavgx"),
+        (["check", TINY, "--set", "lora.r=0"], "lora.r"),
+        (["simulate", "--resume", "no-run"], "no such config file"),
+        (["generate", "no-run", "hello"], "no-run is not a run directory"),
+        (["chat", "no-run"], "no-run is not a run directory"),
+    ],
+)
+def test_user_error_is_one_line_exit_2(argv: list[str], needle: str, tmp_path: Path) -> None:
+    r = _fedslm(*argv, cwd=tmp_path)
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr
+    # one error line (library import noise such as bitsandbytes' kernel notice is the quiet-console issue's)
+    lines = [line for line in r.stderr.splitlines() if line.startswith("fedslm: ")]
+    assert len(lines) == 1 and lines[0].startswith("fedslm: error: "), r.stderr
+    assert needle in lines[0]
+
+
+def test_debug_shows_the_traceback(tmp_path: Path) -> None:
+    r = _fedslm("--debug", "check", "missing.yaml", cwd=tmp_path)
+    assert r.returncode != 0
+    assert "Traceback" in r.stderr and "ConfigError: missing.yaml: no such config file" in r.stderr
