@@ -20,9 +20,10 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedslm.logs import get_logger
+from fedslm.protocol import node_client_id
 from fedslm.records import arrays_of, make_metrics
 
-from .handlers import Outcome, handle, node_client_id
+from .handlers import Outcome, handle
 
 log = get_logger(__name__)
 

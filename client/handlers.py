@@ -23,14 +23,10 @@ class Outcome:
     declined: str | None = None  # why the client declined to train this round
 
 
-def node_client_id(node_config: Mapping[str, Any]) -> int:
-    """A node's client id: its simulation partition, or ``client-id`` in a deployed node's config."""
-    return int(node_config.get("partition-id", node_config.get("client-id", 0)))
-
-
 def handle(kind: str, config: Mapping[str, Any], arrays: ArrayRecord, node_config: Mapping[str, Any]) -> Outcome:
     """Train or evaluate on this node's data, with this process's resident base model."""
-    from .runner import ClientRunner, DeclinedRound  # torch: only in the process that trains
+    from .privacy import DeclinedRound  # torch: only in the process that trains
+    from .runner import ClientRunner
 
     if kind not in ("train", "evaluate"):
         raise ValueError(f"message kind {kind!r}: expected 'train' or 'evaluate'")

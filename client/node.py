@@ -25,8 +25,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedslm.server.deploy import DEFAULT_SUPERLINK, DeployError, split_address, stop_process, tool
-
+from fedslm.deploy import DEFAULT_SUPERLINK, DeployError, split_address, stop_process, tool
 from fedslm.logs import get_logger
 
 log = get_logger(__name__)

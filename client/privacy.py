@@ -24,6 +24,14 @@ from fedslm.training import DPSettings
 
 from .state import ClientStore
 
+
+class DeclinedRound(Exception):
+    """The client will not train this round (e.g. its privacy budget would be exceeded)."""
+
+    def __init__(self, reason: str, metrics: dict[str, float | int]) -> None:
+        super().__init__(reason)
+        self.metrics = metrics
+
 log = get_logger(__name__)
 
 
@@ -73,8 +81,6 @@ class ClientPrivacy:
 
     def check_budget(self, metrics: dict[str, float | int]) -> None:
         """Raise :class:`DeclinedRound` if this round's steps would exceed the run's budget."""
-        from .runner import DeclinedRound
-
         p = self.cfg.privacy
         exceed, would = self.accountant.would_exceed(
             self.noise_multiplier, self.sample_rate, self.cfg.train.local_steps, p.delta, p.target_epsilon

@@ -20,22 +20,15 @@ from fedslm.adapters import adapter_state, fit_rank, load_adapter_state
 from fedslm.config import RunConfig, apply_profile, client_profile, config_from_dict
 from fedslm.logs import get_logger
 from fedslm.model import RESIDENT, cache_root
+from fedslm.protocol import node_client_id
 from fedslm.training import LocalTraining, train_local
 
-from .handlers import node_client_id
+from .privacy import DeclinedRound
 from .state import ClientStore
 
 log = get_logger(__name__)
 
 VALIDATION_FRACTION = 0.1  # of each client's records, held back for its own evaluation
-
-
-class DeclinedRound(Exception):
-    """The client will not train this round (e.g. its privacy budget would be exceeded)."""
-
-    def __init__(self, reason: str, metrics: dict[str, float | int]) -> None:
-        super().__init__(reason)
-        self.metrics = metrics
 
 
 _ENCODED: dict[

@@ -26,6 +26,7 @@ from .errors import FedslmError
 from .fs import atomic_dir
 from .hardware import DTYPES, HardwareError, describe, probe_cuda, resolve_compute_dtype, resolve_device
 from .logs import get_logger
+from .modeldir import is_complete
 
 log = get_logger(__name__)
 
@@ -68,19 +69,15 @@ def locate_bundled_gguf(name: str = "smollm2-135m-instruct") -> Path:
     raise ModelLoadError(f"{dist_name} is installed but {filename} is not in it; reinstall it")
 
 
-def _is_complete(path: Path) -> bool:
-    return (path / ".complete").is_file()
-
-
 def convert_gguf(gguf: Path, out: Path) -> Path:
     """De-quantize a GGUF to a safetensors model directory (with tokenizer), atomically."""
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if _is_complete(out):
+    if is_complete(out):
         return out
     log.info("Converting %s to safetensors in %s (once; about 30 s)", gguf.name, out)
-    with atomic_dir(out, _is_complete) as tmp:  # a half-converted one left by a crash is replaced
+    with atomic_dir(out, is_complete) as tmp:  # a half-converted one left by a crash is replaced
         kw = {"gguf_file": gguf.name}
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), **kw)
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), dtype=torch.float32, **kw)
@@ -111,7 +108,8 @@ def resolve_model_dir(cfg: ModelConfig) -> Path:
     if name.startswith(TINY_PREFIX):
         from .tiny import build_tiny_model_dir  # only tests and quick runs need these
 
-        return build_tiny_model_dir(name[len(TINY_PREFIX) :], cache_root(cfg) / "models" / name, cfg)
+        out = cache_root(cfg) / "models" / name
+        return build_tiny_model_dir(name[len(TINY_PREFIX) :], out, bundled_tokenizer_dir(cfg))
     path = Path(name).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():

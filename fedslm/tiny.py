@@ -12,7 +12,6 @@ from typing import Any
 
 import torch
 
-from .config import ModelConfig
 from .logs import get_logger
 
 log = get_logger(__name__)
@@ -51,19 +50,19 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
 DECODERS = ("llama", "qwen2", "mistral", "phi3", "gemma2")
 
 
-def build_tiny_model_dir(family: str, out: Path, cfg: ModelConfig) -> Path:
-    """Write (once) a seeded random model of ``family`` with SmolLM2's tokenizer to ``out``."""
+def build_tiny_model_dir(family: str, out: Path, tokenizer_dir: Path) -> Path:
+    """Write (once) a seeded random model of ``family`` with the tokenizer in ``tokenizer_dir`` to ``out``."""
     import transformers
     from transformers import AutoTokenizer
 
     from .fs import atomic_dir
-    from .model import _is_complete, bundled_tokenizer_dir
+    from .modeldir import is_complete
 
     if family not in FAMILIES:
         raise ValueError(f"unknown tiny model family {family!r}; choose one of {sorted(FAMILIES)}")
-    if _is_complete(out):
+    if is_complete(out):
         return out
-    tok = AutoTokenizer.from_pretrained(str(bundled_tokenizer_dir(cfg)))
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     config_name, model_name, kwargs = FAMILIES[family]
     if family in DECODERS:
         ids = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id}
@@ -73,7 +72,7 @@ def build_tiny_model_dir(family: str, out: Path, cfg: ModelConfig) -> Path:
     with torch.random.fork_rng():
         torch.manual_seed(0)
         model = getattr(transformers, model_name)(config)
-    with atomic_dir(out, _is_complete) as tmp:
+    with atomic_dir(out, is_complete) as tmp:
         model.save_pretrained(str(tmp))
         tok.save_pretrained(str(tmp))
         (tmp / ".complete").write_text(str(time.time()))

@@ -144,11 +144,11 @@ def _chat(args: argparse.Namespace) -> int:
     return 0
 
 
-# -- real deployment on Flower's runtime (server/deploy.py, client/node.py) --------------------
+# -- real deployment on Flower's runtime (fedslm/deploy.py, client/node.py) --------------------
 
 
 def _certs(args: argparse.Namespace) -> int:
-    from fedslm.server.deploy import write_certificates
+    from fedslm.deploy import write_certificates
 
     paths = write_certificates(Path(args.out), args.nodes, args.host, args.days, args.force)
     print(f"CA, SuperLink certificate and {args.nodes} node keys written to {paths.root}")
@@ -157,7 +157,7 @@ def _certs(args: argparse.Namespace) -> int:
 
 
 def _server(args: argparse.Namespace) -> int:
-    from fedslm.server.deploy import (
+    from fedslm.deploy import (
         CertPaths,
         connect_address,
         deploy_env,
@@ -188,7 +188,7 @@ def _server(args: argparse.Namespace) -> int:
 
 
 def _register(args: argparse.Namespace) -> int:
-    from fedslm.server.deploy import deploy_env, flwr_home, register_nodes
+    from fedslm.deploy import deploy_env, flwr_home, register_nodes
 
     env = deploy_env()
     env["FLWR_HOME"] = str(flwr_home(env))
@@ -199,7 +199,8 @@ def _register(args: argparse.Namespace) -> int:
 
 def _node(args: argparse.Namespace) -> int:
     from fedslm.client.node import NodeSpec, check_node_files, client_id_from_key, resident_worker, supernode_argv
-    from fedslm.server.deploy import CertPaths, deploy_env
+
+    from fedslm.deploy import CertPaths, deploy_env
 
     key = Path(args.key).resolve() if args.key else None
     client_id = args.client_id if args.client_id is not None else client_id_from_key(key) if key else 0
@@ -225,7 +226,7 @@ def _node(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from fedslm.server.deploy import CertPaths, deploy_env, flwr_home, run_argv, write_connection
+    from fedslm.deploy import CertPaths, deploy_env, flwr_home, run_argv, write_connection
 
     load_run(args.config, args.set)  # fails here, before anything is submitted
     app = Path(args.app).resolve()
@@ -245,7 +246,7 @@ def _run(args: argparse.Namespace) -> int:
 def run_foreground_cli(
     argv: list[str], env: dict[str, str], after_start: Callable[[subprocess.Popen[bytes]], None] | None = None
 ) -> int:
-    from fedslm.server.deploy import run_foreground
+    from fedslm.deploy import run_foreground
 
     return run_foreground(argv, env, after_start)  # a DeployError is reported by main()
 
@@ -304,10 +305,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_deploy_parsers(sub: argparse._SubParsersAction) -> None:
-    from fedslm.server.deploy import DEFAULT_SUPERLINK
+    from fedslm.deploy import DEFAULT_SUPERLINK
 
     p = sub.add_parser("certs", help="deploy: a CA, the SuperLink's TLS certificate and N node keys")
-    p.add_argument("--out", required=True, help="directory to write (see server/deploy.py for its layout)")
+    p.add_argument("--out", required=True, help="directory to write (see fedslm/deploy.py for its layout)")
     p.add_argument("--nodes", type=int, required=True, help="node key pairs to create (nodes/node-K.key)")
     p.add_argument("--host", action="append", default=[], help="extra SAN of the SuperLink (DNS name or IP)")
     p.add_argument("--days", type=int, default=365, help="validity of the certificates")

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .registry import StrategyConfigError
+from .spec import StrategyConfigError, registered_specs
 
 if TYPE_CHECKING:
     from fedslm.config import RunConfig
 
-    from .registry import StrategySpec
+    from .spec import StrategySpec
 
 
 def check_server_optimizer(eta: float, tau: float, beta_1: float = 0.9, beta_2: float = 0.99) -> None:
@@ -34,9 +34,7 @@ def check_client_ranks(spec: StrategySpec, cfg: RunConfig) -> None:
     if all(r == cfg.lora.r for r in ranks.values()):
         return
     if not spec.heterogeneous_ranks:
-        from .registry import available
-
-        flexible = [s.name for s in available() if s.heterogeneous_ranks]
+        flexible = [s.name for s in registered_specs() if s.heterogeneous_ranks]
         raise StrategyConfigError(
             f"{spec.name!r} aggregates adapters of one rank, lora.r={cfg.lora.r}, but clients.profiles give ranks"
             f" {ranks}; use a strategy for mixed ranks ({', '.join(flexible)}) or give every profile rank {cfg.lora.r}"

@@ -8,7 +8,7 @@ from flwr.serverapp.strategy import FedAdagrad
 
 from .base import LoRAStrategyMixin
 from .checks import check_server_optimizer
-from .registry import register
+from .spec import register
 
 
 @register("fedadagrad", description="server-side Adagrad on the averaged adapter delta (Reddi et al. 2021)")

@@ -9,7 +9,7 @@ from flwr.serverapp.strategy import FedAdam
 
 from .base import LoRAStrategyMixin
 from .checks import check_server_optimizer
-from .registry import register
+from .spec import register
 
 
 @register("fedadam", description="server-side Adam on the averaged adapter delta (Reddi et al. 2021)")

@@ -11,7 +11,7 @@ from typing import Any
 from flwr.serverapp.strategy import FedAvg
 
 from .base import LoRAStrategyMixin
-from .registry import register
+from .spec import register
 
 
 @register("fedavg", description="example-weighted mean of adapter tensors (McMahan et al., 2017)")

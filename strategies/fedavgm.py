@@ -7,7 +7,7 @@ from typing import Any
 from flwr.serverapp.strategy import FedAvgM
 
 from .base import LoRAStrategyMixin
-from .registry import StrategyConfigError, register
+from .spec import StrategyConfigError, register
 
 
 @register("fedavgm", description="FedAvg with server momentum on the adapter update (Hsu et al. 2019)")

@@ -24,8 +24,8 @@ from flwr.serverapp.strategy import FedAvg
 
 from .base import LoRAStrategyMixin
 from .lora_maths import Tensors, accumulate, fedex_aggregate
-from .registry import register
 from .replies import OwnAggregation
+from .spec import register
 
 
 @register(

@@ -9,7 +9,7 @@ from typing import Any
 from flwr.serverapp.strategy import FedProx
 
 from .base import LoRAStrategyMixin
-from .registry import StrategyConfigError, register
+from .spec import StrategyConfigError, register
 
 
 @register("fedprox", description="FedAvg + proximal term mu/2 |w - w_global|^2 on each client's LoRA (Li et al. 2020)")

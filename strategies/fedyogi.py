@@ -9,7 +9,7 @@ from flwr.serverapp.strategy import FedYogi
 
 from .base import LoRAStrategyMixin
 from .checks import check_server_optimizer
-from .registry import register
+from .spec import register
 
 
 @register("fedyogi", description="server-side Yogi on the averaged adapter delta (Reddi et al. 2021)")

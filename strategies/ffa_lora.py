@@ -10,7 +10,7 @@ from typing import Any
 from flwr.serverapp.strategy import FedAvg
 
 from .base import LoRAStrategyMixin
-from .registry import register
+from .spec import register
 
 
 @register(

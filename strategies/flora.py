@@ -21,8 +21,8 @@ from flwr.serverapp.strategy import FedAvg
 
 from .base import LoRAStrategyMixin
 from .lora_maths import A_SUFFIX, B_SUFFIX, Tensors, accumulate, flora_aggregate, modules
-from .registry import register
 from .replies import OwnAggregation
+from .spec import register
 
 
 @register(

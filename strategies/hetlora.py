@@ -15,8 +15,8 @@ from flwr.serverapp.strategy import FedAvg
 
 from .base import LoRAStrategyMixin
 from .lora_maths import hetlora_aggregate
-from .registry import register
 from .replies import OwnAggregation, Tensors
+from .spec import register
 
 
 @register(

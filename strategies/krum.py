@@ -9,7 +9,7 @@ from flwr.serverapp.strategy import Krum
 
 from .base import LoRAStrategyMixin
 from .checks import check_malicious
-from .registry import register
+from .spec import register
 
 
 @register(

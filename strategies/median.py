@@ -7,7 +7,7 @@ from typing import Any
 from flwr.serverapp.strategy import FedMedian
 
 from .base import LoRAStrategyMixin
-from .registry import register
+from .spec import register
 
 
 @register(

@@ -8,7 +8,7 @@ from flwr.serverapp.strategy import MultiKrum
 
 from .base import LoRAStrategyMixin
 from .checks import check_malicious
-from .registry import StrategyConfigError, register
+from .spec import StrategyConfigError, register
 
 
 @register(

@@ -16,7 +16,7 @@ from flwr.app import ArrayRecord, Message, MetricRecord
 
 from fedslm.logs import get_logger
 
-from .registry import StrategyConfigError, get, register
+from .spec import StrategyConfigError, check_params, register, registered
 from .wrapper import WrapperStrategy
 
 log = get_logger(__name__)
@@ -35,16 +35,14 @@ class NormBound(WrapperStrategy):
             raise StrategyConfigError(f"strategy.params.max_norm must be > 0, got {max_norm}")
         if inner == "norm-bound":
             raise StrategyConfigError("strategy.params.inner: norm-bound cannot wrap itself")
-        super().__init__(get(inner).cls(**common, **(inner_params or {})))
+        super().__init__(registered(inner).cls(**common, **(inner_params or {})))
         self.max_norm = max_norm
         self.clipped = 0  # updates clipped so far
 
     @classmethod
     def check_run_config(cls, cfg: Any) -> None:
-        from .registry import check_params
-
         params = cfg.strategy.params
-        spec = get(str(params.get("inner", "fedavg")))
+        spec = registered(str(params.get("inner", "fedavg")))
         check_params(spec, dict(params.get("inner_params") or {}))
 
     def bind_run(self, cfg: Any) -> None:

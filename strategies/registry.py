@@ -1,67 +1,24 @@
 """YAML strategy names -> strategy classes, through one small registry.
 
+The entries (specs, the ``register`` decorator) live in ``spec.py``, which strategy modules import;
+this module loads every strategy module before it answers, and builds the configured one.
+
 Unknown or duplicate names raise, listing the valid ones. A strategy's YAML parameters are its
 keyword-only constructor arguments; anything else is refused at config load.
 """
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from fedslm.errors import FedslmError
+from .spec import StrategyConfigError, StrategySpec, check_params, register, registered, registered_specs
 
 if TYPE_CHECKING:
     from fedslm.config import RunConfig
 
     from .base import LoRAStrategyMixin
 
-
-class StrategyConfigError(FedslmError, ValueError):
-    """An unknown strategy, an unknown parameter, or a combination the strategy cannot run."""
-
-
-@dataclass(frozen=True)
-class StrategySpec:
-    name: str
-    cls: type
-    description: str
-    heterogeneous_ranks: bool  # can aggregate adapters of different ranks
-    needs_individual_updates: bool  # robust aggregators: incompatible with secure aggregation
-
-    def params(self) -> dict[str, inspect.Parameter]:
-        """The YAML-settable parameters: the keyword-only arguments of the registered class's own
-        ``__init__`` (Flower's sampling arguments come from the ``federation`` section)."""
-        init = self.cls.__dict__.get("__init__")
-        if init is None:
-            return {}
-        return {p.name: p for p in inspect.signature(init).parameters.values() if p.kind is p.KEYWORD_ONLY}
-
-
-_REGISTRY: dict[str, StrategySpec] = {}
-
-
-def register(
-    name: str,
-    *,
-    description: str,
-    heterogeneous_ranks: bool = False,
-    needs_individual_updates: bool = False,
-) -> Callable[[type], type]:
-    """Class decorator: make a strategy available in YAML as ``strategy: {name: <name>}``."""
-
-    def deco(cls: type) -> type:
-        if name in _REGISTRY:
-            raise StrategyConfigError(
-                f"strategy name {name!r} registered twice ({_REGISTRY[name].cls.__name__} and {cls.__name__})"
-            )
-        _REGISTRY[name] = StrategySpec(name, cls, description, heterogeneous_ranks, needs_individual_updates)
-        cls.registered_name = name  # type: ignore[attr-defined]
-        return cls
-
-    return deco
+__all__ = ["StrategyConfigError", "StrategySpec", "available", "build", "check_params", "get", "register"]
 
 
 def _load_all() -> None:
@@ -70,23 +27,12 @@ def _load_all() -> None:
 
 def available() -> list[StrategySpec]:
     _load_all()
-    return [_REGISTRY[k] for k in sorted(_REGISTRY)]
+    return registered_specs()
 
 
 def get(name: str) -> StrategySpec:
     _load_all()
-    if name not in _REGISTRY:
-        raise StrategyConfigError(f"unknown strategy {name!r}; valid names are: {', '.join(sorted(_REGISTRY))}")
-    return _REGISTRY[name]
-
-
-def check_params(spec: StrategySpec, params: dict[str, Any]) -> None:
-    allowed = spec.params()
-    for key in params:
-        if key not in allowed:
-            raise StrategyConfigError(
-                f"strategy.params.{key}: not a parameter of {spec.name!r}; allowed: {sorted(allowed) or 'none'}"
-            )
+    return registered(name)
 
 
 def check_strategy_config(cfg: RunConfig) -> None:
@@ -94,7 +40,7 @@ def check_strategy_config(cfg: RunConfig) -> None:
     try:
         spec = get(cfg.strategy.name)
         check_params(spec, cfg.strategy.params)
-        from .checks import check_client_ranks, check_secure_aggregation  # checks imports this module
+        from .checks import check_client_ranks, check_secure_aggregation
 
         check_client_ranks(spec, cfg)
         check_secure_aggregation(spec, cfg)

@@ -7,7 +7,7 @@ from typing import Any
 from flwr.serverapp.strategy import FedTrimmedAvg
 
 from .base import LoRAStrategyMixin
-from .registry import StrategyConfigError, register
+from .spec import StrategyConfigError, register
 
 
 @register(

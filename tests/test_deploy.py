@@ -22,7 +22,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_pem_private_key, load_ssh_private_key
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from fedslm.client.node import NodeSpec, client_id_from_key, node_config, supernode_argv
-from fedslm.server.deploy import (
+
+from fedslm.deploy import (
     CertPaths,
     DeployError,
     deploy_env,

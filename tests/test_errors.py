@@ -28,7 +28,6 @@ def test_every_error_class_has_the_one_root() -> None:
     from fedslm.client.secagg import SecAggWeightError
     from fedslm.client.state import ClientStateError
     from fedslm.server.checkpoint import CheckpointError
-    from fedslm.server.deploy import DeployError
     from fedslm.simulation.run import SimulationError
     from fedslm.strategies.registry import StrategyConfigError
 
@@ -36,6 +35,7 @@ def test_every_error_class_has_the_one_root() -> None:
     from fedslm.audit import AuditError
     from fedslm.config import ConfigError
     from fedslm.data import DataError
+    from fedslm.deploy import DeployError
     from fedslm.hardware import HardwareError
     from fedslm.model import ModelLoadError
     from fedslm.privacy import PrivacyBudgetError, PrivacyError, PrivacyStateError
