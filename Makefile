@@ -52,7 +52,8 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q
 
-# CI: the full suite on the default Python, then an install plus a tiny federation on the other two.
+# Manual (not CI): the full suite on the default Python, then an install plus a tiny federation on the
+# other two; needs TORCH_INDEX reachable.
 OTHER_PYTHONS ?= python3.12 python3.13
 ci: test
 	for py in $(OTHER_PYTHONS); do $(MAKE) install-check PYTHON=$$py || exit 1; done
