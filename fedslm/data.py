@@ -45,46 +45,92 @@ def _triage_file(cfg: DataConfig, cache: Path) -> Path:
 
 
 def load_records(cfg: DataConfig, cache: Path) -> list[dict[str, Any]]:
-    """All records of the configured source, checked for the configured columns."""
+    """All records of the configured source, checked for the configured columns.
+
+    Values arrive as written: JSONL through ``json`` and CSV through ``csv`` (text stays text, "007"
+    is not turned into 7.0), and a record whose prompt or response is missing, null or empty is refused
+    with its file and line instead of training on "nan".
+    """
     if cfg.source == "triage":
         path = _triage_file(cfg, cache)
         records = [json.loads(line) for line in path.read_text().splitlines()]
+        lines = list(range(1, len(records) + 1))
     else:
-        records = _load_user_records(cfg.source)
+        records, lines = _load_user_records(cfg.source)
     if not records:
         raise DataError(f"data.source {cfg.source!r} has no records")
     for col in (cfg.prompt_column, cfg.response_column):
         if col not in records[0]:
             raise DataError(f"data.source {cfg.source!r} has no column {col!r}; its columns are {sorted(records[0])}")
+    key = {cfg.prompt_column: "data.prompt_column", cfg.response_column: "data.response_column"}
+    for rec, line in zip(records, lines, strict=True):
+        for col in (cfg.prompt_column, cfg.response_column):
+            value = rec.get(col)
+            if value is None or (isinstance(value, float) and value != value) or str(value).strip() == "":
+                raise DataError(
+                    f"{cfg.source}:{line}: column {col!r} ({key[col]}) is empty or null; fill it or remove the record"
+                )
     return records
 
 
-def _load_user_records(source: str) -> list[dict[str, Any]]:
+def _load_user_records(source: str) -> tuple[list[dict[str, Any]], list[int]]:
+    """(records, the file line of each record) of a local file, or of a hub dataset when online."""
     path = Path(source).expanduser()
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".csv", ".parquet"):
         if not path.is_file():
             raise DataError(f"data.source {source!r}: no such file")
+        if suffix == ".jsonl":
+            return _read_jsonl(path, source)
+        if suffix == ".csv":
+            return _read_csv(path, source)
         import pandas as pd
 
-        if suffix == ".jsonl":
-            frame = pd.read_json(path, lines=True)
-        elif suffix == ".csv":
-            frame = pd.read_csv(path)
-        else:
-            frame = pd.read_parquet(path)
-        return frame.to_dict("records")
+        records = pd.read_parquet(path).to_dict("records")
+        return records, list(range(1, len(records) + 1))
     if path.exists():
         raise DataError(f"data.source {source!r}: unsupported file type; use .jsonl, .csv or .parquet")
     try:
         from datasets import load_dataset
 
-        return list(load_dataset(source, split="train"))
+        records = list(load_dataset(source, split="train"))
     except Exception as e:  # noqa: BLE001 - any hub failure gets the same advice
         raise DataError(
             f"data.source {source!r} is not 'triage', a .jsonl/.csv/.parquet file or a reachable"
             f" dataset ({type(e).__name__}: {e})"
         ) from None
+    return records, list(range(1, len(records) + 1))
+
+
+def _read_jsonl(path: Path, source: str) -> tuple[list[dict[str, Any]], list[int]]:
+    records, lines = [], []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{source}:{number}: not a JSON object ({e.msg} at column {e.colno})") from None
+        if not isinstance(rec, dict):
+            raise DataError(f"{source}:{number}: expected a JSON object per line, got {type(rec).__name__}")
+        records.append(rec)
+        lines.append(number)
+    return records, lines
+
+
+def _read_csv(path: Path, source: str) -> tuple[list[dict[str, Any]], list[int]]:
+    import csv
+
+    with path.open(newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        records, lines = [], []
+        for rec in reader:
+            if None in rec:  # more fields than the header names
+                header = len(reader.fieldnames or [])
+                raise DataError(f"{source}:{reader.line_num}: more fields than the header's {header}")
+            records.append(rec)
+            lines.append(reader.line_num)
+    return records, lines
 
 
 def split(records: list[dict[str, Any]], cfg: DataConfig) -> tuple[list[int], list[int]]:

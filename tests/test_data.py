@@ -79,6 +79,33 @@ def test_user_files_with_own_columns(tmp_path: Path, suffix: str) -> None:
         data.load_records(DataConfig(source=str(path)), tmp_path)
 
 
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv"])
+def test_user_text_arrives_as_written(tmp_path: Path, suffix: str) -> None:
+    """"007" stays "007" (no type guessing), and a null or empty answer is refused with file:line."""
+    path = tmp_path / f"codes{suffix}"
+    if suffix == ".jsonl":
+        path.write_text('{"q": "code?", "a": "007"}\n{"q": "zip?", "a": "01234"}\n')
+    else:
+        path.write_text("q,a\ncode?,007\nzip?,01234\n")
+    cfg = DataConfig(source=str(path), prompt_column="q", response_column="a")
+    assert [r["a"] for r in data.load_records(cfg, tmp_path)] == ["007", "01234"]
+    if suffix == ".jsonl":
+        path.write_text('{"q": "code?", "a": "007"}\n{"q": "zip?", "a": null}\n')
+    else:
+        path.write_text("q,a\ncode?,007\nzip?,\n")
+    line = 2 if suffix == ".jsonl" else 3  # the CSV header is line 1
+    refused = rf"codes\{suffix}:{line}: column 'a' \(data.response_column\) is empty or null"
+    with pytest.raises(data.DataError, match=refused):
+        data.load_records(cfg, tmp_path)
+
+
+def test_broken_jsonl_line_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "broken.jsonl"
+    path.write_text('{"q": "a", "a": "b"}\n\n{"q": "c", "a": \n')
+    with pytest.raises(data.DataError, match=r"broken.jsonl:3: not a JSON object"):
+        data.load_records(DataConfig(source=str(path), prompt_column="q", response_column="a"), tmp_path)
+
+
 def test_bad_source_errors(tmp_path: Path) -> None:
     (tmp_path / "x.txt").write_text("hi")
     with pytest.raises(data.DataError, match="unsupported file type"):
