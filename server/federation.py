@@ -10,6 +10,7 @@ adapter and a checkpoint before the next round starts.
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -56,6 +57,14 @@ class RoundReplies:
     rejected: list[tuple[int, str]] = field(default_factory=list)
     invalid: list[Message] = field(default_factory=list)  # screened out by check_update
     no_reply: int = 0  # nodes that sent nothing within federation.round_timeout_s
+
+
+def failure_line(reason: object) -> str:
+    """The line that says what went wrong in a client's error: a traceback's last line, without Ray's
+    wrapper text or terminal colours, at most 300 characters."""
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(reason).splitlines()]
+    lines = [line for line in lines if line and not set(line) <= set("^~ ")]
+    return (lines[-1] if lines else "no reason given")[:300]
 
 
 def sort_replies(replies: list[Message]) -> RoundReplies:
@@ -358,6 +367,8 @@ class Federation:
             "wall_s": time.perf_counter() - t0,
             "clients": len(replies.ok),
             "failed": len(replies.failed),
+            # what the clients said when they failed or declined: a run that trained nothing ends on these
+            "errors": sorted({failure_line(reason) for _, reason in replies.failed}),
             "no_reply": replies.no_reply,
             "declined": len(replies.declined),
             "rejected": len(replies.rejected),

@@ -95,3 +95,48 @@ def test_debug_shows_the_traceback(tmp_path: Path) -> None:
     r = _fedslm("--debug", "check", "missing.yaml", cwd=tmp_path)
     assert r.returncode != 0
     assert "Traceback" in r.stderr and "ConfigError: missing.yaml: no such config file" in r.stderr
+
+
+def test_a_run_that_trained_nothing_fails_with_the_clients_reasons(tmp_path: Path) -> None:
+    """Every round skipped (all clients failed): exit 1 with what the clients said, not a results table."""
+    from fedslm.simulation.run import check_trained
+
+    from fedslm.errors import RunFailedError
+
+    round0 = {"round": 0, "eval_loss": 3.2, "clients": 0, "failed": 0, "declined": 0, "skipped": False, "errors": []}
+    bad = {"clients": 0, "failed": 4, "declined": 0, "skipped": True, "errors": ["DataError: client 3 has no records"]}
+    rows = [round0, {"round": 1, **bad}, {"round": 2, **bad, "failed": 3, "declined": 1}]
+    with pytest.raises(RunFailedError) as err:
+        check_trained(rows, tmp_path)
+    message = str(err.value)
+    assert "2 of 2 rounds skipped (7 client failures, 1 declines" in message
+    assert "clients said: DataError: client 3 has no records" in message and err.value.exit_code == 1
+    # one round that trained is a run: no error
+    check_trained([round0, {"round": 1, **bad}, {"round": 2, **bad, "clients": 2, "skipped": False}], tmp_path)
+
+
+def test_failure_line_is_the_exception_a_client_raised() -> None:
+    from fedslm.server.federation import failure_line
+
+    ray = (
+        "<class 'ray.exceptions.RayTaskError(ClientAppException)'>:<'\x1b[36mray::ClientAppActor.run()\x1b[39m"
+        " (pid=1, ip=192.0.2.2)\n  File \"x.py\", line 3, in run\n    raise DataError(...)\n    ^^^^^^^^\n"
+        "fedslm.data.DataError: client 3 has no training records\n"
+    )
+    assert failure_line(ray) == "fedslm.data.DataError: client 3 has no training records"
+    assert failure_line("") == "no reason given" and len(failure_line("x" * 500)) == 300
+
+
+def test_simulate_that_trains_nothing_exits_1_naming_the_cause(tmp_path: Path) -> None:
+    """End to end, tiny federation: a Dirichlet split that leaves clients without records fails every
+    client; `fedslm simulate` exits 1 with the clients' own reason instead of printing a results table."""
+    proc = _fedslm(
+        "simulate", TINY, "--no-progress", "--out", str(tmp_path / "run"),
+        "--set", "federation.num_rounds=1", "--set", "federation.min_train_clients=4",
+        "--set", "data.partitioner=dirichlet", "--set", "data.dirichlet_alpha=0.01",
+        cwd=tmp_path,
+    )  # fmt: skip
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert last.startswith("fedslm: error: no round trained: 1 of 1 rounds skipped"), last
+    assert "data.partitioner 'dirichlet' (alpha=0.01) left client" in last and "round  train_loss" not in proc.stdout
