@@ -81,7 +81,7 @@ def config_from_context(context: Context) -> tuple[RunConfig, Path, str]:
     if not path.is_absolute():
         path = here / path
     overrides = [s for s in str(rc.get("set", "")).split(",") if s.strip()]
-    cfg = load_run(path, overrides)
+    cfg = load_run(path, overrides, scope="server")  # the nodes bring their own data files
     out = Path(str(rc.get("out-dir", "runs/flwr-run"))).expanduser()
     if not out.is_absolute():
         out = Path.cwd() / out
