@@ -13,7 +13,7 @@ from typing import Any
 from fedslm.server.preflight import load_run
 
 from fedslm.config import load_config
-from fedslm.errors import FedslmError
+from fedslm.errors import FedslmError, Interrupted
 from fedslm.logs import get_logger, setup_logging
 
 Handler = Callable[[argparse.Namespace], int]
@@ -395,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         message = " ".join(str(e).split()) or type(e).__name__
-        print(f"fedslm: error: {message}", file=sys.stderr)
+        print(f"fedslm: {'interrupted' if isinstance(e, Interrupted) else 'error'}: {message}", file=sys.stderr)
         return getattr(e, "exit_code", 2)
     except KeyboardInterrupt:
         if args.debug:
