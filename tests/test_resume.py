@@ -71,6 +71,14 @@ def _digest(run: Path, rnd: int) -> str:
     ).hexdigest()
 
 
+def _wait_for_round_one(proc: subprocess.Popen, run: Path, timeout_s: float = 240) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not (run / "checkpoints" / "round-001").is_dir():
+        assert proc.poll() is None, "the run ended before round 1 was checkpointed"
+        assert time.monotonic() < deadline, "round 1 took too long"
+        time.sleep(0.1)
+
+
 @pytest.mark.integration
 def test_killed_after_round_one_resumes_to_the_same_adapter(tmp_path: Path) -> None:
     from fedslm.simulation.run import simulate
@@ -95,11 +103,7 @@ def test_killed_after_round_one_resumes_to_the_same_adapter(tmp_path: Path) -> N
         argv, cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     try:
-        deadline = time.monotonic() + 240
-        while not (killed / "checkpoints" / "round-001").is_dir():
-            assert proc.poll() is None, "the run ended before round 1 was checkpointed"
-            assert time.monotonic() < deadline, "round 1 took too long"
-            time.sleep(0.2)
+        _wait_for_round_one(proc, killed)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the server and its Ray workers, mid-run
         proc.wait(30)
@@ -134,11 +138,7 @@ def test_ctrl_c_stops_within_seconds_keeps_the_checkpoint_and_resumes(tmp_path: 
     with err.open("w") as sink:
         proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=sink, text=True)
     try:
-        deadline = time.monotonic() + 240
-        while not (run / "checkpoints" / "round-001").is_dir():
-            assert proc.poll() is None, "the run ended before round 1 was checkpointed"
-            assert time.monotonic() < deadline, "round 1 took too long"
-            time.sleep(0.1)
+        _wait_for_round_one(proc, run)
         proc.send_signal(signal.SIGINT)
         t0 = time.monotonic()
         proc.wait(timeout=60)
