@@ -32,21 +32,9 @@ from .errors import FedslmError
 from .fs import atomic_dir
 from .logs import get_logger
 from .model import RESIDENT, LoadedModel
+from .modelinfo import DEFAULT_TARGETS
 
 log = get_logger(__name__)
-
-# model_type -> default LoRA target modules (attention query/value projections, as in the LoRA paper)
-DEFAULT_TARGETS: dict[str, list[str]] = {
-    "llama": ["q_proj", "v_proj"],
-    "qwen2": ["q_proj", "v_proj"],
-    "mistral": ["q_proj", "v_proj"],
-    "gemma": ["q_proj", "v_proj"],
-    "gemma2": ["q_proj", "v_proj"],
-    "gemma3_text": ["q_proj", "v_proj"],
-    "phi3": ["qkv_proj"],
-    "distilbert": ["q_lin", "v_lin"],
-    "bert": ["query", "value"],
-}
 
 
 class AdapterError(FedslmError, ValueError):

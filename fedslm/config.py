@@ -8,6 +8,7 @@ Nothing deeper in the code reads raw dicts.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,7 +18,6 @@ from typing import Any, Literal, get_args, get_origin
 import yaml
 
 from .errors import FedslmError
-from .hardware import DEVICE_PATTERN
 
 
 class ConfigError(FedslmError, ValueError):
@@ -35,6 +35,7 @@ def _check(ok: bool, key: str, msg: str) -> None:
         raise ConfigError(f"{key}: {msg}")
 
 
+DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")  # model.device (fedslm.hardware resolves it)
 Quantization = Literal["nf4", "int8", "none"]
 DType = Literal["auto", "bfloat16", "float16", "float32"]
 
@@ -427,6 +428,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return value
     if tp is Any:
         return value
+    if tp is type(None):
+        _check(value is None, key, f"expected null, got {type(value).__name__} {value!r}")
+        return value
     if origin in (list, typing.List):  # noqa: UP006
         _check(isinstance(value, list), key, f"expected a list, got {type(value).__name__} {value!r}")
         (inner,) = get_args(tp)
@@ -460,6 +464,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         _check(isinstance(value, str), key, f"expected a string, got {type(value).__name__} {value!r}")
         return value
     raise ConfigError(f"{key}: unsupported type {tp}")
+
+
+def check_value(value: Any, tp: Any, key: str) -> Any:
+    """``value`` checked against the type annotation ``tp`` (as YAML is): :class:`ConfigError` naming
+    ``key``, the type allowed and the value given. Used for strategy parameters (their signature)."""
+    return _coerce(value, tp, key)
 
 
 def _build(cls: type, raw: dict[str, Any], prefix: str) -> Any:

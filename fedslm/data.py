@@ -14,16 +14,18 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from . import triage
 from .config import DataConfig
 from .errors import FedslmError
 from .fs import atomic_write
 from .logs import get_logger
+
+if TYPE_CHECKING:
+    import torch
 
 log = get_logger(__name__)
 
@@ -56,7 +58,7 @@ def load_records(cfg: DataConfig, cache: Path) -> list[dict[str, Any]]:
         records = [json.loads(line) for line in path.read_text().splitlines()]
         lines = list(range(1, len(records) + 1))
     else:
-        records, lines = _load_user_records(cfg.source)
+        records, lines = read_records(cfg.source)
     if not records:
         raise DataError(f"data.source {cfg.source!r} has no records")
     for col in (cfg.prompt_column, cfg.response_column):
@@ -73,7 +75,7 @@ def load_records(cfg: DataConfig, cache: Path) -> list[dict[str, Any]]:
     return records
 
 
-def _load_user_records(source: str) -> tuple[list[dict[str, Any]], list[int]]:
+def read_records(source: str) -> tuple[list[dict[str, Any]], list[int]]:
     """(records, the file line of each record) of a local file, or of a hub dataset when online."""
     path = Path(source).expanduser()
     suffix = path.suffix.lower()
@@ -145,17 +147,39 @@ def split(records: list[dict[str, Any]], cfg: DataConfig) -> tuple[list[int], li
 
 
 def partition(records: list[dict[str, Any]], indices: list[int], num_clients: int, cfg: DataConfig) -> list[list[int]]:
-    """Split ``indices`` over ``num_clients``: disjoint, covering, deterministic for ``cfg.seed``."""
+    """Split ``indices`` over ``num_clients``: disjoint, covering, deterministic for ``cfg.seed``.
+
+    A client left without records is refused (:class:`DataError` naming it and the partitioner
+    setting that caused it): it could only fail every round it is sampled for.
+    """
     if num_clients < 1:
         raise DataError(f"num_clients must be >= 1, got {num_clients}")
     rng = np.random.default_rng(cfg.seed + 1)
     idx = np.asarray(indices)
     if cfg.partitioner == "iid":
-        parts = np.array_split(rng.permutation(idx), num_clients)
-        return [sorted(p.tolist()) for p in parts]
-    if cfg.partitioner == "natural":
-        return _natural(records, idx, num_clients, cfg)
-    return _dirichlet(records, idx, num_clients, cfg, rng)
+        parts = [sorted(p.tolist()) for p in np.array_split(rng.permutation(idx), num_clients)]
+    elif cfg.partitioner == "natural":
+        parts = _natural(records, idx, num_clients, cfg)
+    else:
+        parts = _dirichlet(records, idx, num_clients, cfg, rng)
+    empty = [c for c, p in enumerate(parts) if not p]
+    if empty:
+        raise DataError(_empty_client_message(empty, len(indices), num_clients, cfg))
+    return parts
+
+
+def _empty_client_message(empty: list[int], n_train: int, n: int, cfg: DataConfig) -> str:
+    who = f"client {empty[0]}" + (f" (and {len(empty) - 1} more of {n})" if len(empty) > 1 else "")
+    if cfg.partitioner == "dirichlet":
+        return (
+            f"data.partitioner 'dirichlet' (data.dirichlet_alpha={cfg.dirichlet_alpha}) left {who} without training"
+            " records; raise data.dirichlet_alpha or data.num_records, or change data.seed"
+        )
+    return (
+        f"data.partitioner {cfg.partitioner!r} spreads {n_train} training records (data.source {cfg.source!r},"
+        f" less the data.test_fraction={cfg.test_fraction} test split) over federation.num_clients={n}: {who}"
+        " gets none; lower federation.num_clients or add records"
+    )
 
 
 def _column(records: list[dict[str, Any]], idx: np.ndarray, col: str, partitioner: str) -> list[Any]:
@@ -191,12 +215,6 @@ def _dirichlet(
         cuts = (np.cumsum(shares)[:-1] * len(members)).astype(int)
         for c, chunk in enumerate(np.split(members, cuts)):
             parts[c].extend(chunk.tolist())
-    empty = [c for c, p in enumerate(parts) if not p]
-    if empty:
-        raise DataError(
-            f"data.partitioner 'dirichlet' (alpha={cfg.dirichlet_alpha}) left client {empty[0]} without"
-            " records; raise data.dirichlet_alpha or data.num_records, or change data.seed"
-        )
     return [sorted(p) for p in parts]
 
 
@@ -208,14 +226,22 @@ class ClientData:
     records: list[dict[str, Any]]
 
 
+def client_partitions(
+    cfg: DataConfig, cache: Path, num_partitions: int, records: list[dict[str, Any]] | None = None
+) -> list[list[dict[str, Any]]]:
+    """The training records of every simulated client, in client-id order (what each one trains on;
+    the preflight calls this too, so that it refuses exactly what the run would meet). ``records``:
+    :func:`load_records` of ``cfg`` when the caller has them already."""
+    records = load_records(cfg, cache) if records is None else records
+    train_idx, _ = split(records, cfg)
+    return [[records[i] for i in part] for part in partition(records, train_idx, num_partitions, cfg)]
+
+
 def client_records(cfg: DataConfig, cache: Path, partition_id: int, num_partitions: int) -> ClientData:
     """The training records of one simulated client (built deterministically, on demand)."""
-    records = load_records(cfg, cache)
-    train_idx, _ = split(records, cfg)
-    parts = partition(records, train_idx, num_partitions, cfg)
     if not 0 <= partition_id < num_partitions:
         raise DataError(f"partition-id {partition_id} not in [0, {num_partitions})")
-    return ClientData(partition_id, [records[i] for i in parts[partition_id]])
+    return ClientData(partition_id, client_partitions(cfg, cache, num_partitions)[partition_id])
 
 
 def test_records(cfg: DataConfig, cache: Path) -> list[dict[str, Any]]:
@@ -285,6 +311,8 @@ def label_names(cfg: DataConfig, records: list[dict[str, Any]]) -> list[str]:
 def collate(examples: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-padded batch: input_ids, attention_mask, and labels (per token, IGNORE on padding and
     prompt; or one class index per example for classification)."""
+    import torch  # the preflight reads and partitions the data without torch
+
     width = max(len(e["input_ids"]) for e in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(examples), width), dtype=torch.long)

@@ -18,3 +18,9 @@ class RunFailedError(FedslmError):
     """A run was started and did not finish (no round trained, a process died, ...)."""
 
     exit_code = 1
+
+
+class Interrupted(FedslmError):
+    """The user stopped a run (Ctrl-C); the message says what was kept and how to continue."""
+
+    exit_code = 130

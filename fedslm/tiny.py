@@ -10,8 +10,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from .logs import get_logger
 
 log = get_logger(__name__)
@@ -52,6 +50,7 @@ DECODERS = ("llama", "qwen2", "mistral", "phi3", "gemma2")
 
 def build_tiny_model_dir(family: str, out: Path, tokenizer_dir: Path) -> Path:
     """Write (once) a seeded random model of ``family`` with the tokenizer in ``tokenizer_dir`` to ``out``."""
+    import torch
     import transformers
     from transformers import AutoTokenizer
 

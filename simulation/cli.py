@@ -8,10 +8,12 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from fedslm.server.preflight import load_run
 
-from fedslm.errors import FedslmError
+from fedslm.config import load_config
+from fedslm.errors import FedslmError, Interrupted
 from fedslm.logs import get_logger, setup_logging
 
 Handler = Callable[[argparse.Namespace], int]
@@ -82,10 +84,15 @@ def _strategies(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
-    from fedslm.model import resolve_hardware
+    from fedslm.server.preflight import preflight
 
-    cfg = load_run(args.config, args.set)
+    checked = preflight(load_config(args.config, args.set), args.config)  # what `simulate` checks
+    cfg = checked.cfg
     print(cfg.to_yaml())
+    for line in checked.summary():
+        print(f"# {line}")
+    from fedslm.model import resolve_hardware  # torch: after the checks
+
     hw = resolve_hardware(cfg.model)
     print(f"# on this machine: model.device -> {hw.device}, model.compute_dtype -> {hw.compute_dtype}")
     return 0
@@ -218,6 +225,7 @@ def _node(args: argparse.Namespace) -> int:
         device=args.device,
     )
     check_node_files(spec)
+    _preflight_node(args, spec)
     env = deploy_env()
     if not spec.resident:
         return run_foreground_cli(supernode_argv(spec), env)
@@ -225,10 +233,20 @@ def _node(args: argparse.Namespace) -> int:
         return run_foreground_cli(supernode_argv(spec), env)
 
 
+def _preflight_node(args: argparse.Namespace, spec: Any) -> None:
+    """The node's data file (and, with --config, the run's columns, profile and model) before it starts."""
+    from fedslm.server.preflight import preflight_node
+
+    cfg = load_config(args.config, args.set) if args.config else None
+    n = preflight_node(spec.data, cfg, args.config or "", spec.client_id, spec.profile)
+    log.info("node %d: %d records in %s", spec.client_id, n, spec.data)
+
+
 def _run(args: argparse.Namespace) -> int:
     from fedslm.deploy import CertPaths, deploy_env, flwr_home, run_argv, write_connection
 
-    load_run(args.config, args.set)  # fails here, before anything is submitted
+    # fails here, before anything is submitted; the data and the model are checked on the SuperLink machine
+    load_run(args.config, args.set, scope="config")
     app = Path(args.app).resolve()
     config = Path(args.config).resolve()
     if not config.is_relative_to(app):
@@ -345,6 +363,8 @@ def _add_deploy_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--runtime-port", type=int, help="local port of the node's Runtime API (default 9094 + client id)")
     p.add_argument("--insecure", action="store_true", help="NO TLS (local tests only)")
     p.add_argument("--device", default="", help="this node's device: auto | cpu | cuda | cuda:N (default: the run's)")
+    p.add_argument("--config", help="the run's YAML config: check --data against its columns, profiles and model first")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="with --config: an override")
     p.add_argument(
         "--no-resident",
         action="store_true",
@@ -367,17 +387,15 @@ def _add_deploy_parsers(sub: argparse._SubParsersAction) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run one subcommand; a :class:`FedslmError` is one line on stderr and exit 2 (1: a failed run)."""
-    from fedslm.export import ExportError  # generate/chat on a bad run directory raise it
-
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level)
     try:
         return int(args.func(args))
-    except (FedslmError, ExportError) as e:
+    except FedslmError as e:
         if args.debug:
             raise
         message = " ".join(str(e).split()) or type(e).__name__
-        print(f"fedslm: error: {message}", file=sys.stderr)
+        print(f"fedslm: {'interrupted' if isinstance(e, Interrupted) else 'error'}: {message}", file=sys.stderr)
         return getattr(e, "exit_code", 2)
     except KeyboardInterrupt:
         if args.debug:

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import queue
+import signal
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fedslm.config import RunConfig
-from fedslm.errors import RunFailedError
+from fedslm.errors import Interrupted, RunFailedError
 from fedslm.logs import get_logger
 
 if TYPE_CHECKING:
@@ -96,20 +101,26 @@ def simulate(
 
     run_name = run_name or f"{out_dir.name}-{time.strftime('%Y%m%d%H%M%S')}-{os.getpid()}"
     (out_dir / "run.json").write_text(json.dumps({"run_name": run_name, "num_clients": fed.num_clients}))
+    stop = threading.Event()  # Ctrl-C: the ServerApp stops at its next wait for replies
     if secure:
         server_app = make_secure_server_app(cfg, out_dir, run_name, _guard(on_round, errors))
     else:
-        server_app = make_server_app(cfg, out_dir, run_name, _guard(on_round, errors), resume=ck)
+        server_app = make_server_app(cfg, out_dir, run_name, _guard(on_round, errors), resume=ck, stop=stop)
     backend_config = ray_backend_config(cfg)
     log.info("Simulating %d clients for %d rounds (run dir %s)", fed.num_clients, fed.num_rounds, out_dir)
     try:
-        run_simulation(
-            server_app=server_app,
-            client_app=client_app,
-            num_supernodes=fed.num_clients,
-            backend_name=backend,
-            backend_config=backend_config,
-        )
+        with interrupt_stops(stop):
+            try:
+                run_simulation(
+                    server_app=server_app,
+                    client_app=client_app,
+                    num_supernodes=fed.num_clients,
+                    backend_name=backend,
+                    backend_config=backend_config,
+                )
+            except KeyboardInterrupt:
+                stop.set()
+                raise Interrupted(stopped_message(cfg, out_dir)) from None
     finally:
         if bar is not None:
             bar.close()
@@ -123,6 +134,64 @@ def simulate(
         )
     check_trained(result, out_dir)
     return result
+
+
+@contextlib.contextmanager
+def interrupt_stops(stop: threading.Event) -> Iterator[None]:
+    """While the block runs, Ctrl-C sets ``stop`` (the ServerApp ends at its next wait for replies)
+    and then raises KeyboardInterrupt in the main thread, where Flower's engine shuts Ray down.
+
+    The messages in flight then fail with the actors Ray kills, and Flower logs each one with a
+    traceback: that is the interrupt's doing, not news, so Flower's log is quiet until the block
+    ends. Where SIGINT is ignored (a background job) or this is not the main thread, nothing changes.
+    """
+    flwr_log = logging.getLogger("flwr")
+    level = flwr_log.level
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        stop.set()
+        flwr_log.setLevel(logging.CRITICAL)
+        raise KeyboardInterrupt
+
+    main = threading.current_thread() is threading.main_thread()
+    installed = main and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    previous = signal.signal(signal.SIGINT, on_sigint) if installed else None
+    try:
+        yield
+    finally:
+        if installed:
+            signal.signal(signal.SIGINT, previous)
+        flwr_log.setLevel(level)
+
+
+def stopped_message(cfg: RunConfig, out_dir: Path, wait_s: float = 30.0) -> str:
+    """After Ctrl-C: stop Ray, let the ServerApp thread end (a round it was finishing writes its
+    checkpoint; one whose replies had not come is dropped), and say what was kept."""
+    try:
+        import ray
+
+        if ray.is_initialized():  # Flower's engine shuts it down when the interrupt reached its loop
+            ray.shutdown()
+    except KeyboardInterrupt:
+        pass  # a second Ctrl-C: do not wait for Ray
+    deadline = time.monotonic() + wait_s
+    for thread in threading.enumerate():
+        if thread is not threading.main_thread() and not thread.daemon:
+            thread.join(max(0.0, deadline - time.monotonic()))
+    if cfg.security.secure:
+        return f"stopped; secure-aggregation runs keep no checkpoints, so {out_dir} cannot be resumed"
+    from fedslm.server.checkpoint import CheckpointError, latest
+
+    try:
+        ck = latest(out_dir, cfg.to_yaml())
+    except CheckpointError:
+        ck = None
+    if ck is None:
+        return f"stopped before round 0 was complete; nothing in {out_dir} to resume, start the run again"
+    return (
+        f"stopped after round {ck.round} of {cfg.federation.num_rounds}; its checkpoint {ck.path} is kept;"
+        f" `fedslm simulate --resume {out_dir}` continues from it"
+    )
 
 
 def check_trained(rows: list[dict[str, Any]], out_dir: Path) -> None:

@@ -9,7 +9,10 @@ keyword-only constructor arguments; anything else is refused at config load.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import contextlib
+import logging
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
 from .spec import StrategyConfigError, StrategySpec, check_params, register, registered, registered_specs
 
@@ -37,9 +40,12 @@ def get(name: str) -> StrategySpec:
 
 def check_strategy_config(cfg: RunConfig) -> None:
     """Called by :func:`fedslm.server.preflight.validate_run`: name, parameters and run compatibility."""
+    from fedslm.config import ConfigError
+
     try:
         spec = get(cfg.strategy.name)
         check_params(spec, cfg.strategy.params)
+        check_param_types(spec, cfg.strategy.params)
         from .checks import check_client_ranks, check_secure_aggregation
 
         check_client_ranks(spec, cfg)
@@ -47,10 +53,37 @@ def check_strategy_config(cfg: RunConfig) -> None:
         check = getattr(spec.cls, "check_run_config", None)
         if check is not None:
             check(cfg)
+        with _flower_logs_quiet():  # built only to be checked; the run builds (and logs) its own
+            build(cfg)  # its constructor checks the values: ranges, and what they must be together
     except StrategyConfigError as e:
-        from fedslm.config import ConfigError
-
         raise ConfigError(f"strategy: {e}") from None
+    except (TypeError, ValueError) as e:  # a check of Flower's, or of a nested strategy's parameters
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(f"strategy {cfg.strategy.name!r} with params {cfg.strategy.params}: {e}") from None
+
+
+@contextlib.contextmanager
+def _flower_logs_quiet() -> Iterator[None]:
+    logger = logging.getLogger("flwr")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def check_param_types(spec: StrategySpec, params: dict[str, Any]) -> None:
+    """Each parameter's value against the type its constructor declares (``eta: float`` refuses
+    ``"0.1"`` and ``true``): a :class:`fedslm.config.ConfigError` naming the key and the type."""
+    import typing
+
+    from fedslm.config import check_value
+
+    hints = typing.get_type_hints(spec.cls.__init__)
+    for key, value in params.items():
+        check_value(value, hints.get(key, Any), f"strategy.params.{key}")
 
 
 def build(cfg: RunConfig) -> LoRAStrategyMixin:

@@ -128,15 +128,25 @@ def test_failure_line_is_the_exception_a_client_raised() -> None:
 
 
 def test_simulate_that_trains_nothing_exits_1_naming_the_cause(tmp_path: Path) -> None:
-    """End to end, tiny federation: a Dirichlet split that leaves clients without records fails every
-    client; `fedslm simulate` exits 1 with the clients' own reason instead of printing a results table."""
+    """End to end, tiny federation: the preflight passes, then every client fails at train time (its
+    state directory cannot be written: a file stands where ``<cache>/client-state`` should be, as a
+    full or read-only disk would); `fedslm simulate` exits 1 with the clients' own reason instead of
+    printing a results table. (A Dirichlet split that leaves a client empty is refused before the run:
+    tests/test_preflight.py.)"""
+    from fedslm.model import cache_root
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "models").symlink_to(cache_root() / "models", target_is_directory=True)  # the built tiny model
+    (cache / "client-state").write_text("not a directory\n")
     proc = _fedslm(
         "simulate", TINY, "--no-progress", "--out", str(tmp_path / "run"),
-        "--set", "federation.num_rounds=1", "--set", "federation.min_train_clients=4",
-        "--set", "data.partitioner=dirichlet", "--set", "data.dirichlet_alpha=0.01",
+        "--set", "federation.num_rounds=1", "--set", f"model.cache_dir={cache}",
+        "--set", "communication.quantize_delta=true",  # each client keeps its error-feedback residual on disk
         cwd=tmp_path,
     )  # fmt: skip
     last = proc.stderr.strip().splitlines()[-1]
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert last.startswith("fedslm: error: no round trained: 1 of 1 rounds skipped"), last
-    assert "data.partitioner 'dirichlet' (alpha=0.01) left client" in last and "round  train_loss" not in proc.stdout
+    assert "client-state" in last and "round  train_loss" not in proc.stdout
+    assert (cache / "client-state").read_text() == "not a directory\n"  # nothing of the user's was replaced

@@ -220,6 +220,8 @@ PROFILES = {
 
 
 def _cfg(strategy: str = "hetlora", n: int = 6, **extra):
+    # the strategy and profile rules only (scope "config"): the bundled data's 4 hospitals could not
+    # give 5 or 6 simulated clients a partition each, which the full preflight refuses
     return run_from_dict(
         {
             "lora": {"r": 16, "alpha": 32},
@@ -227,7 +229,8 @@ def _cfg(strategy: str = "hetlora", n: int = 6, **extra):
             "clients": PROFILES,
             "strategy": {"name": strategy},
             **extra,
-        }
+        },
+        scope="config",
     )
 
 

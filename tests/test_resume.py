@@ -71,6 +71,14 @@ def _digest(run: Path, rnd: int) -> str:
     ).hexdigest()
 
 
+def _wait_for_round_one(proc: subprocess.Popen, run: Path, timeout_s: float = 240) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not (run / "checkpoints" / "round-001").is_dir():
+        assert proc.poll() is None, "the run ended before round 1 was checkpointed"
+        assert time.monotonic() < deadline, "round 1 took too long"
+        time.sleep(0.1)
+
+
 @pytest.mark.integration
 def test_killed_after_round_one_resumes_to_the_same_adapter(tmp_path: Path) -> None:
     from fedslm.simulation.run import simulate
@@ -95,11 +103,7 @@ def test_killed_after_round_one_resumes_to_the_same_adapter(tmp_path: Path) -> N
         argv, cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     try:
-        deadline = time.monotonic() + 240
-        while not (killed / "checkpoints" / "round-001").is_dir():
-            assert proc.poll() is None, "the run ended before round 1 was checkpointed"
-            assert time.monotonic() < deadline, "round 1 took too long"
-            time.sleep(0.2)
+        _wait_for_round_one(proc, killed)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the server and its Ray workers, mid-run
         proc.wait(30)
@@ -112,3 +116,54 @@ def test_killed_after_round_one_resumes_to_the_same_adapter(tmp_path: Path) -> N
     assert [json.loads(line)["round"] for line in (killed / "metrics.jsonl").read_text().splitlines()] == [0, 1, 2]
     assert _digest(killed, 1) == _digest(whole, 1)
     assert _digest(killed, 2) == _digest(whole, 2)  # bit for bit, FedAdam's moments and sampling RNG included
+
+
+@pytest.mark.integration
+def test_ctrl_c_stops_within_seconds_keeps_the_checkpoint_and_resumes(tmp_path: Path) -> None:
+    """SIGINT (what Ctrl-C sends) during round 2: exit 130 within 15 s with one line, no traceback, Ray
+    gone; round 1's checkpoint is kept, and `--resume` runs rounds 2 and 3 to the end."""
+    run = tmp_path / "run"
+    fedslm = str(Path(sys.executable).parent / "fedslm")
+    argv = [
+        fedslm,
+        "simulate",
+        "configs/tiny.yaml",
+        "--set",
+        "federation.num_rounds=3",
+        "--out",
+        str(run),
+        "--no-progress",
+    ]
+    err = tmp_path / "stderr.txt"  # a file, not a pipe: a full pipe would stall the run
+    with err.open("w") as sink:
+        proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=sink, text=True)
+    try:
+        _wait_for_round_one(proc, run)
+        proc.send_signal(signal.SIGINT)
+        t0 = time.monotonic()
+        proc.wait(timeout=60)
+        stopped_s = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    stderr = err.read_text()
+    assert proc.returncode == 130, stderr[-3000:]
+    assert stopped_s < 15, f"{stopped_s:.1f} s from SIGINT to exit"
+    assert "Traceback" not in stderr, stderr[-3000:]
+    lines = [line for line in stderr.splitlines() if line.startswith("fedslm: ")]
+    assert len(lines) == 1 and lines[0].startswith("fedslm: interrupted: stopped after round "), lines
+    assert f"--resume {run}` continues from it" in lines[0]
+    kept = checkpoint.latest(run, (run / "config.yaml").read_text())
+    assert kept is not None and kept.round >= 1 and f"round {kept.round} of 3" in lines[0]
+    assert not (run / "summary.json").exists()
+
+    resumed = subprocess.run(
+        [fedslm, "simulate", "--resume", str(run), "--no-progress"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert [json.loads(line)["round"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [0, 1, 2, 3]
+    assert (run / "summary.json").is_file() and (run / "adapters" / "round-003").is_dir()
