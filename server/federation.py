@@ -26,6 +26,17 @@ from fedslm.adapters import arrays_to_numpy, from_arrayrecord, numpy_to_arrays, 
 from fedslm.config import RunConfig
 from fedslm.fs import atomic_write
 from fedslm.logs import get_logger
+from fedslm.protocol import (
+    ARRAYS,
+    CLIENT_ID,
+    DECLINE,
+    METRICS,
+    REASON,
+    LoRAPlan,
+    MessageError,
+    TrainInstructions,
+    TrainReport,
+)
 from fedslm.records import arrays_of, as_float, as_int, metrics_of
 
 from . import checkpoint
@@ -67,17 +78,32 @@ def failure_line(reason: object) -> str:
     return (lines[-1] if lines else "no reason given")[:300]
 
 
+def report_of(msg: Message) -> TrainReport:
+    """A train reply's :class:`TrainReport` (``MessageError`` naming the key that is missing)."""
+    if METRICS not in msg.content:
+        raise MessageError(f"train reply: no {METRICS!r} record")
+    return TrainReport.from_record(metrics_of(msg.content, METRICS))
+
+
 def sort_replies(replies: list[Message]) -> RoundReplies:
     out = RoundReplies()
     for msg in replies:
+        node = msg.metadata.src_node_id
         if msg.has_error():
-            out.failed.append((msg.metadata.src_node_id, msg.error.reason))
-        elif "arrays" not in msg.content:
-            declined = msg.content["metrics"].get("declined", 0) if "metrics" in msg.content else 0
-            if declined:
+            out.failed.append((node, msg.error.reason))
+            continue
+        try:
+            report = report_of(msg)
+        except MessageError as err:
+            if ARRAYS in msg.content:
+                out.rejected.append((node, str(err)))
+                continue
+            report = None
+        if ARRAYS not in msg.content:
+            if report is not None and report.declined:
                 out.declined.append(msg)
             else:
-                out.rejected.append((msg.metadata.src_node_id, "reply carries no adapter"))
+                out.rejected.append((node, "reply carries no adapter"))
         else:
             out.ok.append(msg)
     return out
@@ -107,8 +133,8 @@ class AvailableGrid:
 def client_id(msg: Message, client_of: dict[int, int]) -> int:
     """The client id a reply speaks for (its ``client-id`` metric, else the node's known id)."""
     node = msg.metadata.src_node_id
-    if msg.has_content() and "metrics" in msg.content and "client-id" in msg.content["metrics"]:
-        return as_int(msg.content["metrics"]["client-id"], "client-id")
+    if msg.has_content() and METRICS in msg.content and CLIENT_ID in msg.content[METRICS]:
+        return as_int(msg.content[METRICS][CLIENT_ID], CLIENT_ID)
     return client_of.get(node, node)
 
 
@@ -128,8 +154,9 @@ class Federation:
         self.client_of: dict[int, int] = {}  # node id -> client id, learnt at the start
         self.rows: list[dict[str, Any]] = []
 
-    def _train_config(self) -> ConfigRecord:
-        return ConfigRecord({"run-config": self.cfg.to_yaml(), "run-name": self.run_name})
+    def _train_config(self, server_round: int = 0, plan: LoRAPlan | None = None) -> ConfigRecord:
+        instructions = TrainInstructions(self.cfg.to_yaml(), self.run_name, server_round, plan or LoRAPlan())
+        return ConfigRecord(instructions.to_record())
 
     def _evaluate(self, rnd: int, arrays: ArrayRecord) -> dict[str, Any]:
         t0 = time.perf_counter()
@@ -149,15 +176,15 @@ class Federation:
         nodes = list(grid.get_node_ids())
         messages = [
             Message(
-                content=RecordDict({"config": ConfigRecord({"ask": "client-id"})}),
+                content=RecordDict({"config": ConfigRecord({"ask": CLIENT_ID})}),
                 message_type=MessageType.QUERY,
                 dst_node_id=n,
             )
             for n in nodes
         ]
         for msg in grid.send_and_receive(messages, timeout=min(self.cfg.federation.round_timeout_s, 600.0)):
-            if not msg.has_error() and "metrics" in msg.content and "client-id" in msg.content["metrics"]:
-                self.client_of[msg.metadata.src_node_id] = as_int(msg.content["metrics"]["client-id"], "client-id")
+            if not msg.has_error() and METRICS in msg.content and CLIENT_ID in msg.content[METRICS]:
+                self.client_of[msg.metadata.src_node_id] = as_int(msg.content[METRICS][CLIENT_ID], CLIENT_ID)
         unknown = len(nodes) - len(self.client_of)
         log.info(
             "%d nodes, client ids %s%s",
@@ -229,7 +256,7 @@ class Federation:
             for node, reason in replies.failed:
                 log.warning("round %d: node %s failed: %s", rnd, node, reason)
             for msg in replies.declined:
-                reason = str(msg.content["decline"]["reason"]) if "decline" in msg.content else "no reason given"
+                reason = str(msg.content[DECLINE][REASON]) if DECLINE in msg.content else "no reason given"
                 log.warning("round %d: node %s declined to train: %s", rnd, msg.metadata.src_node_id, reason)
             self._note_epsilons(replies.ok + replies.declined)
             train_metrics: dict[str, Any] = {}
@@ -296,10 +323,8 @@ class Federation:
 
     def _evaluate_on_clients(self, rnd: int, arrays: ArrayRecord, grid: Grid) -> tuple[dict[str, Any], int]:
         """Every client evaluates the global adapter on its own validation split (never leaves it)."""
-        config = self._train_config()
-        config["server-round"] = rnd
-        for key, value in self.strategy.client_config(rnd).items():  # e.g. FedSA-LoRA: evaluate with own B
-            config[key] = value
+        # what the strategy asks of the clients holds for evaluation too (FedSA-LoRA: with its own B)
+        config = self._train_config(rnd, LoRAPlan.from_record(self.strategy.client_config(rnd)))
         on_wire = wire.encode(from_arrayrecord(arrays), self.cfg.communication.dtype)
         messages = [
             Message(
@@ -316,7 +341,7 @@ class Federation:
                 log.warning("round %d: node %s failed to evaluate: %s", rnd, msg.metadata.src_node_id, msg.error.reason)
                 continue
             m = metrics_of(msg.content)
-            out[str(as_int(m["client-id"], "client-id"))] = {
+            out[str(as_int(m[CLIENT_ID], CLIENT_ID))] = {
                 k: as_float(v, k) for k, v in m.items() if k.startswith("eval_")
             }
         accs = ", ".join(f"client {k}: {v.get('eval_accuracy', float('nan')):.3f}" for k, v in sorted(out.items()))
@@ -333,15 +358,14 @@ class Federation:
 
     def _note_epsilons(self, msgs: list[Message]) -> None:
         for msg in msgs:
-            m = metrics_of(msg.content)
-            if m.get("budget-exhausted", 0):
+            privacy = report_of(msg).privacy
+            if privacy is None:
+                continue
+            if privacy.budget_exhausted:
                 self.exhausted.add(client_id(msg, self.client_of))
-            if "epsilon" in m:
-                client = as_int(m.get("client-id", msg.metadata.src_node_id), "client-id")
-                self.epsilon_by_client[client] = as_float(m["epsilon"], "epsilon")
-                self.privacy_by_client[client] = {
-                    k: as_float(m[k], k) for k in ("epsilon", "noise-multiplier", "sample-rate", "delta") if k in m
-                }
+            client = client_id(msg, {})  # the client-id it reports, else its node id
+            self.epsilon_by_client[client] = privacy.epsilon
+            self.privacy_by_client[client] = privacy.summary()
 
     def _record(
         self,
@@ -356,6 +380,7 @@ class Federation:
         skipped: bool,
     ) -> None:
         eps = list(self.epsilon_by_client.values())
+        reports = [report_of(m) for m in replies.ok]
         row: dict[str, Any] = {
             "round": rnd,
             "train_loss": train.get("train-loss"),
@@ -378,21 +403,12 @@ class Federation:
             "epsilon_central": train.get("epsilon-central"),
             # seconds the clients spent in their optimizer steps, and on the whole message (model, data,
             # privacy accounting, upload); the rest of wall_s is messaging, loading and evaluation
-            "train_s_sum": sum(
-                as_float(m.content["metrics"].get("train-seconds", 0.0), "train-seconds") for m in replies.ok
-            ),
-            "client_s_sum": sum(
-                as_float(m.content["metrics"].get("client-seconds", 0.0), "client-seconds") for m in replies.ok
-            ),
-            "model_loads_max": max(
-                (as_int(m.content["metrics"].get("model-loads", 0), "model-loads") for m in replies.ok), default=None
-            ),
+            "train_s_sum": sum(r.train_seconds or 0.0 for r in reports),
+            "client_s_sum": sum(r.client_seconds or 0.0 for r in reports),
+            "model_loads_max": max((r.model_loads or 0 for r in reports), default=None),
             # messages the process that trained had handled by then, fewest over the clients: 1 when
             # every message gets a fresh process, growing when the base model stays resident
-            "process_messages_min": min(
-                (as_int(m.content["metrics"].get("process-messages", 0), "process-messages") for m in replies.ok),
-                default=None,
-            ),
+            "process_messages_min": min((r.process_messages or 0 for r in reports), default=None),
         }
         row.update({k: ev[k] for k in ("eval_precision", "eval_recall", "eval_f1") if k in ev})  # classification
         if "per_client" in ev:

@@ -16,6 +16,7 @@ Not on this path: checkpoints and resume, per-client evaluation, the server's pe
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Iterable
@@ -36,6 +37,7 @@ from fedslm import secagg
 from fedslm.adapters import from_arrayrecord, to_arrayrecord
 from fedslm.config import ConfigError, RunConfig
 from fedslm.logs import get_logger
+from fedslm.protocol import LoRAPlan, TrainInstructions, TrainReport
 
 from .evaluation import CentralEvaluator
 from .federation import RoundCallback
@@ -144,26 +146,21 @@ class SecAggFedAvg(FedAvg):
         return f"SecAggFedAvg({self.cfg.strategy.name}, {self.cfg.security.secure_aggregation})"
 
     # -- what travels to clients ---------------------------------------------------------------
-    def strategy_keys(self, server_round: int) -> dict[str, Scalar]:
-        keys: dict[str, Scalar] = dict(self.strategy.client_config(server_round))
+    def plan(self, server_round: int) -> LoRAPlan:
+        plan = LoRAPlan.from_record(self.strategy.client_config(server_round))
         mu = getattr(self.strategy, "proximal_mu", None)  # FedProx sends it from its configure_train
-        if mu is not None:
-            keys["proximal-mu"] = float(mu)
-        return keys
+        return plan if mu is None else dataclasses.replace(plan, proximal_mu=float(mu))
 
     def upload_keys(self, server_round: int) -> list[str]:
-        return secagg.upload_keys(self.keys, self.strategy_keys(server_round))
+        return self.plan(server_round).uploads(self.keys)
 
     def fit_config(self, server_round: int) -> dict[str, Scalar]:
         """The train config of :meth:`client.runner.ClientRunner.from_config`, plus the key order."""
         self._round = _Round()
-        return {
-            "run-config": self.cfg.to_yaml(),
-            "run-name": self.run_name,
-            "server-round": server_round,
-            "adapter-keys": json.dumps(self.keys),
-            **self.strategy_keys(server_round),
-        }
+        instructions = TrainInstructions(
+            self.cfg.to_yaml(), self.run_name, server_round, self.plan(server_round), json.dumps(self.keys)
+        )
+        return instructions.to_record()
 
     # -- aggregate -----------------------------------------------------------------------------
     def aggregate_fit(
@@ -178,13 +175,13 @@ class SecAggFedAvg(FedAvg):
         r.clients, r.failed = len(results), len(failures)
         for failure in failures:
             log.warning("round %d: a client failed or dropped out: %s", server_round, failure)
-        metrics = [res.metrics for _, res in results]
-        self._note_epsilons(metrics)
+        reports = [TrainReport.from_record(res.metrics) for _, res in results]
+        self._note_epsilons(reports)
         total = sum(res.num_examples for _, res in results)
-        if total > 0 and all("train-loss" in m for m in metrics):
-            losses = [float(m["train-loss"]) * res.num_examples for m, (_, res) in zip(metrics, results, strict=True)]
+        if total > 0 and all(m.train_loss is not None for m in reports):
+            losses = [(m.train_loss or 0.0) * res.num_examples for m, (_, res) in zip(reports, results, strict=True)]
             r.train_loss = sum(losses) / total
-        r.model_loads_max = max((int(m.get("model-loads", 0)) for m in metrics), default=None)
+        r.model_loads_max = max((m.model_loads or 0 for m in reports), default=None)
         if len(results) < self.cfg.federation.min_train_clients:
             log.warning(
                 "round %d skipped: %d clients in the secure sum < federation.min_train_clients=%d; global adapter kept",
@@ -200,14 +197,12 @@ class SecAggFedAvg(FedAvg):
         r.aggregated = True
         return ndarrays_to_parameters(secagg.pack(self.global_state, self.keys)), {}
 
-    def _note_epsilons(self, metrics: list[dict[str, Scalar]]) -> None:
-        for m in metrics:
-            if "epsilon" in m:
-                client = int(m.get("client-id", -1))
-                self.epsilon_by_client[client] = float(m["epsilon"])
-                self.privacy_by_client[client] = {
-                    k: float(m[k]) for k in ("epsilon", "noise-multiplier", "sample-rate", "delta") if k in m
-                }
+    def _note_epsilons(self, reports: list[TrainReport]) -> None:
+        for m in reports:
+            if m.privacy is not None:
+                client = -1 if m.client_id is None else m.client_id
+                self.epsilon_by_client[client] = m.privacy.epsilon
+                self.privacy_by_client[client] = m.privacy.summary()
 
     # -- evaluate and record (called for round 0 and after every round) -------------------------
     def evaluate(self, server_round: int, parameters: Parameters) -> tuple[float, dict[str, Scalar]] | None:
