@@ -18,6 +18,7 @@ from .spec import register
 @register(
     "fedsa-lora",
     description="only A aggregated; each client keeps its own B across rounds (Guo et al. 2025)",
+    secure_aggregation=True,  # the weighted mean of the A uploads
 )
 class FedSALoRA(LoRAStrategyMixin, FedAvg):
     def __init__(self, **common: Any) -> None:

@@ -18,6 +18,7 @@ from .spec import register
 @register(
     "ffa-lora",
     description="A frozen at the shared init, only B trained and sent (Sun et al. 2024); best under DP",
+    secure_aggregation=True,  # the weighted mean of the B uploads
 )
 class FFALoRA(LoRAStrategyMixin, FedAvg):
     def __init__(self, **common: Any) -> None:
