@@ -9,10 +9,7 @@ adapter and a checkpoint before the next round starts.
 
 from __future__ import annotations
 
-import json
-import re
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -24,14 +21,15 @@ from flwr.serverapp import Grid
 from fedslm import wire
 from fedslm.adapters import arrays_to_numpy, from_arrayrecord, numpy_to_arrays, to_arrayrecord
 from fedslm.config import RunConfig
-from fedslm.fs import atomic_write
 from fedslm.logs import get_logger
 from fedslm.protocol import (
     ARRAYS,
     CLIENT_ID,
     DECLINE,
+    EPSILON_CENTRAL,
     METRICS,
     REASON,
+    TRAIN_LOSS,
     LoRAPlan,
     MessageError,
     TrainInstructions,
@@ -42,22 +40,10 @@ from fedslm.records import arrays_of, as_float, as_int, metrics_of
 from . import checkpoint
 from .checkpoint import Checkpoint
 from .evaluation import CentralEvaluator
+from .recording import Recorded, Recorder, RoundCallback, RoundRecord, content_nbytes, failure_line
 from .validation import UpdateRejected, check_update
 
 log = get_logger(__name__)
-
-RoundCallback = Callable[[dict[str, Any]], None]
-
-
-def content_nbytes(content: RecordDict) -> int:
-    """Payload bytes of a message: array bytes plus the JSON size of config/metric records."""
-    total = 0
-    for value in content.values():
-        if isinstance(value, ArrayRecord):
-            total += value.count_bytes()
-        else:
-            total += len(json.dumps({k: v for k, v in value.items()}, default=str))
-    return total
 
 
 @dataclass
@@ -68,14 +54,6 @@ class RoundReplies:
     rejected: list[tuple[int, str]] = field(default_factory=list)
     invalid: list[Message] = field(default_factory=list)  # screened out by check_update
     no_reply: int = 0  # nodes that sent nothing within federation.round_timeout_s
-
-
-def failure_line(reason: object) -> str:
-    """The line that says what went wrong in a client's error: a traceback's last line, without Ray's
-    wrapper text or terminal colours, at most 300 characters."""
-    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(reason).splitlines()]
-    lines = [line for line in lines if line and not set(line) <= set("^~ ")]
-    return (lines[-1] if lines else "no reason given")[:300]
 
 
 def report_of(msg: Message) -> TrainReport:
@@ -138,21 +116,18 @@ def client_id(msg: Message, client_of: dict[int, int]) -> int:
     return client_of.get(node, node)
 
 
-class Federation:
+class Federation(Recorded):
     """Runs ``cfg.federation.num_rounds`` rounds of the configured strategy and writes ``out_dir``."""
 
     def __init__(self, cfg: RunConfig, out_dir: Path, run_name: str, on_round: RoundCallback | None = None) -> None:
         self.cfg = cfg
         self.out = Path(out_dir)
         self.run_name = run_name
-        self.on_round = on_round
         self.strategy = registry.build(cfg)
         self.evaluator = CentralEvaluator(cfg)
-        self.epsilon_by_client: dict[int, float] = {}
-        self.privacy_by_client: dict[int, dict[str, float]] = {}
+        self.recorder = Recorder(self.out, self.evaluator.save, on_round)
         self.exhausted: set[int] = set()  # client ids whose privacy budget is spent
         self.client_of: dict[int, int] = {}  # node id -> client id, learnt at the start
-        self.rows: list[dict[str, Any]] = []
 
     def _train_config(self, server_round: int = 0, plan: LoRAPlan | None = None) -> ConfigRecord:
         instructions = TrainInstructions(self.cfg.to_yaml(), self.run_name, server_round, plan or LoRAPlan())
@@ -195,12 +170,8 @@ class Federation:
 
     def _restore(self, ck: Checkpoint) -> ArrayRecord:
         self.strategy.load_state_dict(ck.strategy)
-        self.rows = list(ck.state["rows"])
         self.exhausted = set(ck.state["exhausted"])
-        self.epsilon_by_client = {int(k): v for k, v in ck.state["epsilon_by_client"].items()}
-        self.privacy_by_client = {int(k): v for k, v in ck.state["privacy_by_client"].items()}
-        # rows of a round that had not checkpointed are dropped
-        atomic_write(self.out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.rows))
+        self.recorder.restore(ck.state["rows"], ck.state["epsilon_by_client"], ck.state["privacy_by_client"])
         log.info("resumed from %s: round %d done, continuing", ck.path, ck.round)
         return numpy_to_arrays(ck.adapter)
 
@@ -209,8 +180,8 @@ class Federation:
             "config_digest": checkpoint.config_digest(self.cfg.to_yaml()),
             "rows": self.rows,
             "exhausted": sorted(self.exhausted),
-            "epsilon_by_client": self.epsilon_by_client,
-            "privacy_by_client": self.privacy_by_client,
+            "epsilon_by_client": self.recorder.epsilon_by_client,
+            "privacy_by_client": self.recorder.privacy_by_client,
         }
         checkpoint.save(self.out, rnd, arrays_to_numpy(arrays), self.strategy.state_dict(), state)
 
@@ -363,9 +334,7 @@ class Federation:
                 continue
             if privacy.budget_exhausted:
                 self.exhausted.add(client_id(msg, self.client_of))
-            client = client_id(msg, {})  # the client-id it reports, else its node id
-            self.epsilon_by_client[client] = privacy.epsilon
-            self.privacy_by_client[client] = privacy.summary()
+            self.recorder.note_privacy(client_id(msg, {}), privacy)  # the client-id it reports, else its node
 
     def _record(
         self,
@@ -379,43 +348,21 @@ class Federation:
         t0: float,
         skipped: bool,
     ) -> None:
-        eps = list(self.epsilon_by_client.values())
-        reports = [report_of(m) for m in replies.ok]
-        row: dict[str, Any] = {
-            "round": rnd,
-            "train_loss": train.get("train-loss"),
-            "eval_loss": ev.get("eval_loss"),
-            "perplexity": ev.get("perplexity"),
-            "eval_accuracy": ev.get("eval_accuracy"),
-            "bytes_up": up,
-            "bytes_down": down,
-            "wall_s": time.perf_counter() - t0,
-            "clients": len(replies.ok),
-            "failed": len(replies.failed),
-            # what the clients said when they failed or declined: a run that trained nothing ends on these
-            "errors": sorted({failure_line(reason) for _, reason in replies.failed}),
-            "no_reply": replies.no_reply,
-            "declined": len(replies.declined),
-            "rejected": len(replies.rejected),
-            "skipped": skipped,
-            "epsilon_max": max(eps) if eps else None,
-            "epsilon_mean": sum(eps) / len(eps) if eps else None,
-            "epsilon_central": train.get("epsilon-central"),
-            # seconds the clients spent in their optimizer steps, and on the whole message (model, data,
-            # privacy accounting, upload); the rest of wall_s is messaging, loading and evaluation
-            "train_s_sum": sum(r.train_seconds or 0.0 for r in reports),
-            "client_s_sum": sum(r.client_seconds or 0.0 for r in reports),
-            "model_loads_max": max((r.model_loads or 0 for r in reports), default=None),
-            # messages the process that trained had handled by then, fewest over the clients: 1 when
-            # every message gets a fresh process, growing when the base model stays resident
-            "process_messages_min": min((r.process_messages or 0 for r in reports), default=None),
-        }
-        row.update({k: ev[k] for k in ("eval_precision", "eval_recall", "eval_f1") if k in ev})  # classification
-        if "per_client" in ev:
-            row["per_client"] = ev["per_client"]  # client-id -> metrics on its own validation split
-        self.rows.append(row)
-        with (self.out / "metrics.jsonl").open("a") as fh:
-            fh.write(json.dumps(row) + "\n")
-        self.evaluator.save(arrays, self.out / "adapters" / f"round-{rnd:03d}")
-        if self.on_round is not None:
-            self.on_round(row)
+        record = RoundRecord(
+            rnd,
+            t0,
+            ev,
+            train_loss=train.get(TRAIN_LOSS),
+            epsilon_central=train.get(EPSILON_CENTRAL),
+            reports=[report_of(m) for m in replies.ok],
+            bytes_up=up,
+            bytes_down=down,
+            clients=len(replies.ok),
+            failed=len(replies.failed),
+            errors=[failure_line(reason) for _, reason in replies.failed],
+            no_reply=replies.no_reply,
+            declined=len(replies.declined),
+            rejected=len(replies.rejected),
+            skipped=skipped,
+        )
+        self.recorder.record(record, arrays)
