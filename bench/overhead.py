@@ -31,6 +31,7 @@ def single_process_loop(config: str, overrides: list[str]) -> tuple[list[dict[st
     from fedslm import wire
     from fedslm.adapters import from_arrayrecord, to_arrayrecord
     from fedslm.config import load_config
+    from fedslm.protocol import LoRAPlan
 
     cfg = load_config(config, [*overrides, "eval.per_client=false"])
     fed = cfg.federation
@@ -51,7 +52,7 @@ def single_process_loop(config: str, overrides: list[str]) -> tuple[list[dict[st
                     num_clients=fed.num_clients,
                     data_path="",
                     server_round=rnd,
-                    strategy_keys={},
+                    plan=LoRAPlan(),
                     store=ClientStore(Path(tmp) / f"client-{cid}"),
                 )
                 arrays, metrics = runner.train(sent)

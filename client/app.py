@@ -20,7 +20,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedslm.logs import get_logger
-from fedslm.protocol import node_client_id
+from fedslm.protocol import ARRAYS, CLIENT_ID, CLIENT_SECONDS, CONFIG, DECLINE, METRICS, REASON, NodeConfig
 from fedslm.records import arrays_of, make_metrics
 
 from .handlers import Outcome, handle
@@ -31,8 +31,8 @@ app = ClientApp()
 
 
 def _run(kind: str, msg: Message, context: Context) -> Outcome:
-    config, arrays, node = msg.content["config"], arrays_of(msg.content), context.node_config
-    path = node.get("resident-socket")
+    config, arrays, node = msg.content[CONFIG], arrays_of(msg.content, ARRAYS), context.node_config
+    path = NodeConfig.from_record(node).resident_socket
     if path:
         from .resident import forward
 
@@ -49,25 +49,25 @@ def train(msg: Message, context: Context) -> Message:
     outcome = _run("train", msg, context)
     if outcome.declined is not None:
         content = RecordDict(
-            {"metrics": make_metrics(outcome.metrics), "decline": ConfigRecord({"reason": outcome.declined})}
+            {METRICS: make_metrics(outcome.metrics), DECLINE: ConfigRecord({REASON: outcome.declined})}
         )
         return Message(content=content, reply_to=msg)
     assert outcome.arrays is not None  # train replies carry the update unless declined
-    metrics = {**outcome.metrics, "client-seconds": time.perf_counter() - t0}
-    return Message(content=RecordDict({"arrays": outcome.arrays, "metrics": make_metrics(metrics)}), reply_to=msg)
+    metrics = {**outcome.metrics, CLIENT_SECONDS: time.perf_counter() - t0}
+    return Message(content=RecordDict({ARRAYS: outcome.arrays, METRICS: make_metrics(metrics)}), reply_to=msg)
 
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
     """Who is this node? Its client id (the server orders and samples clients by it)."""
-    metrics = MetricRecord({"client-id": node_client_id(context.node_config)})
-    return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)
+    metrics = MetricRecord({CLIENT_ID: NodeConfig.from_record(context.node_config).client})
+    return Message(content=RecordDict({METRICS: metrics}), reply_to=msg)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     metrics = _run("evaluate", msg, context).metrics
-    return Message(content=RecordDict({"metrics": make_metrics(metrics)}), reply_to=msg)
+    return Message(content=RecordDict({METRICS: make_metrics(metrics)}), reply_to=msg)
 
 
 __all__ = ["app"]

@@ -10,6 +10,7 @@ from typing import Any
 from flwr.app import ArrayRecord
 
 from fedslm.logs import get_logger
+from fedslm.protocol import PROCESS_MESSAGES
 
 log = get_logger(__name__)
 
@@ -33,10 +34,10 @@ def handle(kind: str, config: Mapping[str, Any], arrays: ArrayRecord, node_confi
     _SERVED[0] += 1
     runner = ClientRunner.from_config(config, node_config)
     if kind == "evaluate":
-        return Outcome(None, {**runner.evaluate(arrays), "process-messages": _SERVED[0]})
+        return Outcome(None, {**runner.evaluate(arrays), PROCESS_MESSAGES: _SERVED[0]})
     try:
         update, metrics = runner.train(arrays)
     except DeclinedRound as declined:
         log.warning("client %s declines round %s: %s", runner.client_id, runner.server_round, declined)
-        return Outcome(None, {**declined.metrics, "declined": 1, "num-examples": 0}, str(declined))
-    return Outcome(update, {**metrics, "process-messages": _SERVED[0]})
+        return Outcome(None, declined.report.to_record(), str(declined))
+    return Outcome(update, {**metrics, PROCESS_MESSAGES: _SERVED[0]})

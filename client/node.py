@@ -27,6 +27,7 @@ from pathlib import Path
 
 from fedslm.deploy import DEFAULT_SUPERLINK, DeployError, split_address, stop_process, tool
 from fedslm.logs import get_logger
+from fedslm.protocol import NodeConfig
 
 log = get_logger(__name__)
 
@@ -94,17 +95,14 @@ def client_id_from_key(key: Path) -> int:
 
 def node_config(spec: NodeSpec) -> str:
     """The ``--node-config`` string: TOML values, space-separated (strings quoted)."""
-    values: dict[str, str | int] = {
-        "data-path": str(Path(spec.data).expanduser().resolve()),
-        "client-id": spec.client_id,
-        "state-dir": str(spec.state),
-    }
-    if spec.profile:
-        values["profile"] = spec.profile
-    if spec.device:
-        values["device"] = spec.device
-    if spec.resident:
-        values["resident-socket"] = str(spec.resident_socket)
+    values = NodeConfig(
+        client_id=spec.client_id,
+        data_path=str(Path(spec.data).expanduser().resolve()),
+        state_dir=str(spec.state),
+        profile=spec.profile,
+        device=spec.device,
+        resident_socket=str(spec.resident_socket) if spec.resident else "",
+    ).to_record()
     for key, value in values.items():
         if isinstance(value, str) and '"' in value:
             raise DeployError(f"node config {key}={value!r}: a double quote cannot be passed to Flower")

@@ -20,6 +20,7 @@ from fedslm.privacy import (
     load_state,
     save_state,
 )
+from fedslm.protocol import PrivacyReport, TrainReport
 from fedslm.training import DPSettings
 
 from .state import ClientStore
@@ -28,9 +29,10 @@ from .state import ClientStore
 class DeclinedRound(Exception):
     """The client will not train this round (e.g. its privacy budget would be exceeded)."""
 
-    def __init__(self, reason: str, metrics: dict[str, float | int]) -> None:
+    def __init__(self, reason: str, report: TrainReport) -> None:
         super().__init__(reason)
-        self.metrics = metrics
+        self.report = report  # the reply's metrics: declined, no examples, the privacy spent so far
+
 
 log = get_logger(__name__)
 
@@ -62,24 +64,21 @@ class ClientPrivacy:
         p = self.cfg.privacy
         return DPSettings(self.noise_multiplier, p.max_grad_norm, self.sample_rate, p.secure_mode)
 
-    def _report(self, metrics: dict[str, float | int], epsilon: float) -> None:
+    def _report(self, epsilon: float) -> PrivacyReport:
         p = self.cfg.privacy
         exhausted, _ = self.accountant.would_exceed(
             self.noise_multiplier, self.sample_rate, self.cfg.train.local_steps, p.delta, p.target_epsilon
         )
-        metrics.update(
-            {
-                "epsilon": epsilon,
-                # the server stops sampling a client once another round would not fit its budget
-                "budget-exhausted": int(exhausted),
-                "delta": self.cfg.privacy.delta,
-                "noise-multiplier": self.noise_multiplier,
-                "sample-rate": self.sample_rate,
-                "max-grad-norm": self.cfg.privacy.max_grad_norm,
-            }
+        return PrivacyReport(
+            epsilon=epsilon,
+            budget_exhausted=exhausted,  # the server stops sampling a client once another round would not fit
+            delta=p.delta,
+            noise_multiplier=self.noise_multiplier,
+            sample_rate=self.sample_rate,
+            max_grad_norm=p.max_grad_norm,
         )
 
-    def check_budget(self, metrics: dict[str, float | int]) -> None:
+    def check_budget(self, client_id: int, lora_rank: int) -> None:
         """Raise :class:`DeclinedRound` if this round's steps would exceed the run's budget."""
         p = self.cfg.privacy
         exceed, would = self.accountant.would_exceed(
@@ -87,14 +86,17 @@ class ClientPrivacy:
         )
         if exceed:
             spent = self.accountant.epsilon(p.delta)
-            self._report(metrics, spent)
+            report = TrainReport(
+                num_examples=0, client_id=client_id, lora_rank=lora_rank, declined=True, privacy=self._report(spent)
+            )
             raise DeclinedRound(
                 f"privacy budget: epsilon {spent:.3f} spent, this round would reach {would:.3f}"
                 f" > target {p.target_epsilon}",
-                metrics,
+                report,
             )
 
-    def record(self, steps: int, metrics: dict[str, float | int]) -> None:
+    def record(self, steps: int) -> PrivacyReport:
+        """Account for this round's ``steps`` (persisted) and report the privacy spent so far."""
         self.accountant.record(self.noise_multiplier, self.sample_rate, steps)
         save_state(self.path, self.accountant)
-        self._report(metrics, self.accountant.epsilon(self.cfg.privacy.delta))
+        return self._report(self.accountant.epsilon(self.cfg.privacy.delta))

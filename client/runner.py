@@ -20,7 +20,7 @@ from fedslm.adapters import adapter_state, fit_rank, load_adapter_state
 from fedslm.config import RunConfig, apply_profile, client_profile, config_from_dict
 from fedslm.logs import get_logger
 from fedslm.model import RESIDENT, cache_root
-from fedslm.protocol import node_client_id
+from fedslm.protocol import CLIENT_ID, CONFIG, NUM_EXAMPLES, LoRAPlan, NodeConfig, TrainInstructions, TrainReport
 from fedslm.training import LocalTraining, train_local
 
 from .privacy import DeclinedRound
@@ -43,37 +43,36 @@ class ClientRunner:
     num_clients: int
     data_path: str
     server_round: int
-    strategy_keys: dict[str, Any]
+    plan: LoRAPlan  # what the strategy asks of this client's LoRA (train A? upload B? proximal mu)
     store: ClientStore
     rank: int = 0  # LoRA rank this client trains (its profile's; 0 = lora.r, the global adapter's rank)
     profile: str = ""  # its profile in clients.profiles ("" = none)
 
     @classmethod
     def from_message(cls, msg: Message, context: Context) -> ClientRunner:
-        return cls.from_config(msg.content["config"], context.node_config)
+        return cls.from_config(msg.content[CONFIG], context.node_config)
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any], node: Mapping[str, Any]) -> ClientRunner:
         """From a train config (a ``ConfigRecord``, or the dict a legacy ``NumPyClient.fit`` gets)."""
-        raw = yaml.safe_load(str(config["run-config"]))
+        instructions, nc = TrainInstructions.from_record(config), NodeConfig.from_record(node)
+        raw = yaml.safe_load(instructions.run_config)
         cfg = config_from_dict(raw, "run-config sent by the server")
-        client_id = node_client_id(node)
-        profile, prof = client_profile(cfg, client_id, str(node.get("profile", "")))
+        client_id = nc.client
+        profile, prof = client_profile(cfg, client_id, nc.profile)
         cfg = apply_profile(cfg, prof)  # its quantization, local steps and batch size
-        if node.get("device"):  # the node's own hardware (fedslm node --device) overrides the run's
-            cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, device=str(node["device"])))
-        num_clients = int(node.get("num-partitions", cfg.federation.num_clients))
-        run_name = str(config.get("run-name", "run"))
-        state_root = Path(str(node["state-dir"])) if "state-dir" in node else cache_root(cfg.model) / "client-state"
-        keys = {k: config[k] for k in config if k not in ("run-config", "run-name")}
+        if nc.device:  # the node's own hardware (fedslm node --device) overrides the run's
+            cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, device=nc.device))
+        num_clients = nc.num_partitions if nc.num_partitions is not None else cfg.federation.num_clients
+        state_root = Path(nc.state_dir) if nc.state_dir else cache_root(cfg.model) / "client-state"
         return cls(
             cfg=cfg,
             client_id=client_id,
             num_clients=num_clients,
-            data_path=str(node.get("data-path", "")),
-            server_round=int(config.get("server-round", 0)),
-            strategy_keys=keys,
-            store=ClientStore(state_root / run_name / f"client-{client_id}"),
+            data_path=nc.data_path,
+            server_round=instructions.server_round,
+            plan=instructions.plan,
+            store=ClientStore(state_root / instructions.run_name / f"client-{client_id}"),
             rank=prof.rank,
             profile=profile,
         )
@@ -130,7 +129,7 @@ class ClientRunner:
     @property
     def _keeps_own_b(self) -> bool:
         """FedSA-LoRA: B never leaves this client; its own B replaces the global one."""
-        return not bool(self.strategy_keys.get("upload-lora-b", True))
+        return not self.plan.upload_lora_b
 
     def _load_start(self, model: Any, arrays: ArrayRecord) -> dict[str, torch.Tensor]:
         """Load what this client starts from (trains or evaluates): the shared seeded init, the global
@@ -154,7 +153,6 @@ class ClientRunner:
         full = self._load_start(model, arrays)
 
         t = self.cfg.train
-        metrics: dict[str, float | int] = {"client-id": self.client_id, "lora-rank": self.lora_rank}
         dp = None
         accountant = None
         if self.cfg.privacy.local:
@@ -162,7 +160,7 @@ class ClientRunner:
 
             accountant = ClientPrivacy(self.cfg, self.store, len(train_ex))
             dp = accountant.settings()
-            accountant.check_budget(metrics)  # raises DeclinedRound
+            accountant.check_budget(self.client_id, self.lora_rank)  # raises DeclinedRound
         seed = _mix(t.seed, self.client_id, self.server_round)
         spec = LocalTraining(
             steps=t.local_steps,
@@ -170,32 +168,29 @@ class ClientRunner:
             learning_rate=t.learning_rate,
             weight_decay=t.weight_decay,
             seed=seed,
-            proximal_mu=float(self.strategy_keys.get("proximal-mu", 0.0)),
-            train_lora_a=bool(self.strategy_keys.get("train-lora-a", True)),
+            proximal_mu=self.plan.proximal_mu,
+            train_lora_a=self.plan.train_lora_a,
             dp=dp,
             length_bucketing=t.length_bucketing,
         )
         result = train_local(model, train_ex, tokenizer.pad_token_id, spec)
-        if accountant is not None:
-            accountant.record(t.local_steps, metrics)
+        privacy = accountant.record(t.local_steps) if accountant is not None else None
         state = adapter_state(model)
         if self._keeps_own_b:
-            b_keys = {k: v for k, v in state.items() if "lora_B" in k}
-            self.store.save_tensors("local-lora-b", b_keys)
-            state = {k: v for k, v in state.items() if k not in b_keys}
-        if not spec.train_lora_a:
-            state = {k: v for k, v in state.items() if "lora_A" not in k}
-        metrics.update(
-            {
-                "num-examples": result.num_examples,
-                "train-loss": result.loss_mean,
-                "train-loss-first": result.loss_first,
-                "train-loss-last": result.loss_last,
-                "train-seconds": result.seconds,
-                "train-steps": result.steps,
-                "samples-seen": result.samples_seen,
-                "model-loads": RESIDENT.loads,  # base-model loads in this process so far (1 = resident)
-            }
+            self.store.save_tensors("local-lora-b", {k: v for k, v in state.items() if "lora_B" in k})
+        state = {k: state[k] for k in self.plan.uploads(state)}
+        report = TrainReport(
+            client_id=self.client_id,
+            lora_rank=self.lora_rank,
+            privacy=privacy,
+            num_examples=result.num_examples,
+            train_loss=result.loss_mean,
+            train_loss_first=result.loss_first,
+            train_loss_last=result.loss_last,
+            train_seconds=result.seconds,
+            train_steps=result.steps,
+            samples_seen=result.samples_seen,
+            model_loads=RESIDENT.loads,
         )
         log.info(
             "client %d round %d: %d steps, loss %.3f -> %.3f (%.1f s)",
@@ -207,8 +202,8 @@ class ClientRunner:
             result.seconds,
         )
         upload = self._upload(state, full)
-        metrics["client-seconds"] = time.perf_counter() - t_start  # all of this message's work on the client
-        return upload, metrics
+        report = dataclasses.replace(report, client_seconds=time.perf_counter() - t_start)
+        return upload, report.to_record()
 
     def _upload(self, state: dict[str, torch.Tensor], sent: dict[str, torch.Tensor]) -> ArrayRecord:
         """The update for the wire: the adapter in ``communication.dtype``, or its compressed delta
@@ -229,7 +224,7 @@ class ClientRunner:
         _, val_ex, val_recs = self.examples(tokenizer)
         self._load_start(model, arrays)
         m = tasks.evaluate_records(self.cfg, model, tokenizer, val_recs, val_ex)
-        return {**m, "num-examples": len(val_ex), "client-id": self.client_id}
+        return {**m, NUM_EXAMPLES: len(val_ex), CLIENT_ID: self.client_id}
 
 
 def _digest(obj: Any) -> str:

@@ -24,6 +24,7 @@ from flwr.clientapp import ClientApp
 from fedslm import secagg, wire
 from fedslm.errors import FedslmError
 from fedslm.logs import get_logger
+from fedslm.protocol import CLIENT_SECONDS, NUM_EXAMPLES, TrainInstructions
 
 from .runner import ClientRunner
 
@@ -47,19 +48,19 @@ class SecAggClient(NumPyClient):
         runner.cfg = dataclasses.replace(
             runner.cfg, communication=dataclasses.replace(runner.cfg.communication, dtype="float32")
         )
-        keys = list(json.loads(str(config["adapter-keys"])))
+        keys = list(json.loads(str(TrainInstructions.from_record(config).adapter_keys)))
         arrays = ArrayRecord({k: Array(t.numpy()) for k, t in secagg.unpack(parameters, keys).items()})
         trained, metrics = runner.train(arrays)  # raises DeclinedRound: SecAgg+ then sees a dropout
         state = wire.decode(trained)
-        n = int(metrics["num-examples"])
+        n = int(metrics[NUM_EXAMPLES])
         sec = runner.cfg.security
         if n > sec.secagg_max_weight:
             raise SecAggWeightError(
                 f"client {runner.client_id} has {n} training examples > security.secagg_max_weight="
                 f"{sec.secagg_max_weight:g}: its weighted values could be clipped; raise secagg_max_weight"
             )
-        metrics["client-seconds"] = time.perf_counter() - t0
-        return secagg.pack(state, secagg.upload_keys(keys, runner.strategy_keys)), n, metrics
+        metrics[CLIENT_SECONDS] = time.perf_counter() - t0
+        return secagg.pack(state, runner.plan.uploads(keys)), n, metrics
 
 
 def client_fn(context: Context) -> Client:

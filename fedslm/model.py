@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import json
+import os
 import threading
 import time
 from dataclasses import dataclass

@@ -25,6 +25,7 @@ import torch
 from fedslm.config import SecurityConfig
 
 from .errors import FedslmError
+from .protocol import LoRAPlan
 
 
 class SecAggError(FedslmError, ValueError):
@@ -39,13 +40,8 @@ def adapter_keys(state: Mapping[str, Any]) -> list[str]:
 def upload_keys(keys: Sequence[str], strategy_keys: Mapping[str, Any]) -> list[str]:
     """The tensors a client uploads, in ``keys`` order: without B when the strategy keeps it on the
     client (``upload-lora-b: false``, FedSA-LoRA), without A when A is frozen (``train-lora-a: false``,
-    FFA-LoRA); as :meth:`client.runner.ClientRunner.train` does."""
-    out = list(keys)
-    if not bool(strategy_keys.get("upload-lora-b", True)):
-        out = [k for k in out if "lora_B" not in k]
-    if not bool(strategy_keys.get("train-lora-a", True)):
-        out = [k for k in out if "lora_A" not in k]
-    return out
+    FFA-LoRA): :meth:`fedslm.protocol.LoRAPlan.uploads`, the rule the client runner applies."""
+    return LoRAPlan.from_record(strategy_keys).uploads(keys)
 
 
 def pack(state: Mapping[str, torch.Tensor | np.ndarray], keys: Sequence[str]) -> list[np.ndarray]:

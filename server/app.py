@@ -21,8 +21,9 @@ from fedslm.logs import get_logger
 
 from . import audit
 from .checkpoint import Checkpoint
-from .federation import Federation, RoundCallback
+from .federation import Federation
 from .preflight import load_run
+from .recording import RoundCallback
 from .report import write_results
 
 log = get_logger(__name__)

@@ -9,10 +9,7 @@ adapter and a checkpoint before the next round starts.
 
 from __future__ import annotations
 
-import json
-import re
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -24,29 +21,29 @@ from flwr.serverapp import Grid
 from fedslm import wire
 from fedslm.adapters import arrays_to_numpy, from_arrayrecord, numpy_to_arrays, to_arrayrecord
 from fedslm.config import RunConfig
-from fedslm.fs import atomic_write
 from fedslm.logs import get_logger
+from fedslm.protocol import (
+    ARRAYS,
+    CLIENT_ID,
+    DECLINE,
+    EPSILON_CENTRAL,
+    METRICS,
+    REASON,
+    TRAIN_LOSS,
+    LoRAPlan,
+    MessageError,
+    TrainInstructions,
+    TrainReport,
+)
 from fedslm.records import arrays_of, as_float, as_int, metrics_of
 
 from . import checkpoint
 from .checkpoint import Checkpoint
 from .evaluation import CentralEvaluator
+from .recording import Recorded, Recorder, RoundCallback, RoundRecord, content_nbytes, failure_line
 from .validation import UpdateRejected, check_update
 
 log = get_logger(__name__)
-
-RoundCallback = Callable[[dict[str, Any]], None]
-
-
-def content_nbytes(content: RecordDict) -> int:
-    """Payload bytes of a message: array bytes plus the JSON size of config/metric records."""
-    total = 0
-    for value in content.values():
-        if isinstance(value, ArrayRecord):
-            total += value.count_bytes()
-        else:
-            total += len(json.dumps({k: v for k, v in value.items()}, default=str))
-    return total
 
 
 @dataclass
@@ -59,25 +56,32 @@ class RoundReplies:
     no_reply: int = 0  # nodes that sent nothing within federation.round_timeout_s
 
 
-def failure_line(reason: object) -> str:
-    """The line that says what went wrong in a client's error: a traceback's last line, without Ray's
-    wrapper text or terminal colours, at most 300 characters."""
-    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(reason).splitlines()]
-    lines = [line for line in lines if line and not set(line) <= set("^~ ")]
-    return (lines[-1] if lines else "no reason given")[:300]
+def report_of(msg: Message) -> TrainReport:
+    """A train reply's :class:`TrainReport` (``MessageError`` naming the key that is missing)."""
+    if METRICS not in msg.content:
+        raise MessageError(f"train reply: no {METRICS!r} record")
+    return TrainReport.from_record(metrics_of(msg.content, METRICS))
 
 
 def sort_replies(replies: list[Message]) -> RoundReplies:
     out = RoundReplies()
     for msg in replies:
+        node = msg.metadata.src_node_id
         if msg.has_error():
-            out.failed.append((msg.metadata.src_node_id, msg.error.reason))
-        elif "arrays" not in msg.content:
-            declined = msg.content["metrics"].get("declined", 0) if "metrics" in msg.content else 0
-            if declined:
+            out.failed.append((node, msg.error.reason))
+            continue
+        try:
+            report = report_of(msg)
+        except MessageError as err:
+            if ARRAYS in msg.content:
+                out.rejected.append((node, str(err)))
+                continue
+            report = None
+        if ARRAYS not in msg.content:
+            if report is not None and report.declined:
                 out.declined.append(msg)
             else:
-                out.rejected.append((msg.metadata.src_node_id, "reply carries no adapter"))
+                out.rejected.append((node, "reply carries no adapter"))
         else:
             out.ok.append(msg)
     return out
@@ -107,29 +111,27 @@ class AvailableGrid:
 def client_id(msg: Message, client_of: dict[int, int]) -> int:
     """The client id a reply speaks for (its ``client-id`` metric, else the node's known id)."""
     node = msg.metadata.src_node_id
-    if msg.has_content() and "metrics" in msg.content and "client-id" in msg.content["metrics"]:
-        return as_int(msg.content["metrics"]["client-id"], "client-id")
+    if msg.has_content() and METRICS in msg.content and CLIENT_ID in msg.content[METRICS]:
+        return as_int(msg.content[METRICS][CLIENT_ID], CLIENT_ID)
     return client_of.get(node, node)
 
 
-class Federation:
+class Federation(Recorded):
     """Runs ``cfg.federation.num_rounds`` rounds of the configured strategy and writes ``out_dir``."""
 
     def __init__(self, cfg: RunConfig, out_dir: Path, run_name: str, on_round: RoundCallback | None = None) -> None:
         self.cfg = cfg
         self.out = Path(out_dir)
         self.run_name = run_name
-        self.on_round = on_round
         self.strategy = registry.build(cfg)
         self.evaluator = CentralEvaluator(cfg)
-        self.epsilon_by_client: dict[int, float] = {}
-        self.privacy_by_client: dict[int, dict[str, float]] = {}
+        self.recorder = Recorder(self.out, self.evaluator.save, on_round)
         self.exhausted: set[int] = set()  # client ids whose privacy budget is spent
         self.client_of: dict[int, int] = {}  # node id -> client id, learnt at the start
-        self.rows: list[dict[str, Any]] = []
 
-    def _train_config(self) -> ConfigRecord:
-        return ConfigRecord({"run-config": self.cfg.to_yaml(), "run-name": self.run_name})
+    def _train_config(self, server_round: int = 0, plan: LoRAPlan | None = None) -> ConfigRecord:
+        instructions = TrainInstructions(self.cfg.to_yaml(), self.run_name, server_round, plan or LoRAPlan())
+        return ConfigRecord(instructions.to_record())
 
     def _evaluate(self, rnd: int, arrays: ArrayRecord) -> dict[str, Any]:
         t0 = time.perf_counter()
@@ -149,15 +151,15 @@ class Federation:
         nodes = list(grid.get_node_ids())
         messages = [
             Message(
-                content=RecordDict({"config": ConfigRecord({"ask": "client-id"})}),
+                content=RecordDict({"config": ConfigRecord({"ask": CLIENT_ID})}),
                 message_type=MessageType.QUERY,
                 dst_node_id=n,
             )
             for n in nodes
         ]
         for msg in grid.send_and_receive(messages, timeout=min(self.cfg.federation.round_timeout_s, 600.0)):
-            if not msg.has_error() and "metrics" in msg.content and "client-id" in msg.content["metrics"]:
-                self.client_of[msg.metadata.src_node_id] = as_int(msg.content["metrics"]["client-id"], "client-id")
+            if not msg.has_error() and METRICS in msg.content and CLIENT_ID in msg.content[METRICS]:
+                self.client_of[msg.metadata.src_node_id] = as_int(msg.content[METRICS][CLIENT_ID], CLIENT_ID)
         unknown = len(nodes) - len(self.client_of)
         log.info(
             "%d nodes, client ids %s%s",
@@ -168,12 +170,8 @@ class Federation:
 
     def _restore(self, ck: Checkpoint) -> ArrayRecord:
         self.strategy.load_state_dict(ck.strategy)
-        self.rows = list(ck.state["rows"])
         self.exhausted = set(ck.state["exhausted"])
-        self.epsilon_by_client = {int(k): v for k, v in ck.state["epsilon_by_client"].items()}
-        self.privacy_by_client = {int(k): v for k, v in ck.state["privacy_by_client"].items()}
-        # rows of a round that had not checkpointed are dropped
-        atomic_write(self.out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.rows))
+        self.recorder.restore(ck.state["rows"], ck.state["epsilon_by_client"], ck.state["privacy_by_client"])
         log.info("resumed from %s: round %d done, continuing", ck.path, ck.round)
         return numpy_to_arrays(ck.adapter)
 
@@ -182,8 +180,8 @@ class Federation:
             "config_digest": checkpoint.config_digest(self.cfg.to_yaml()),
             "rows": self.rows,
             "exhausted": sorted(self.exhausted),
-            "epsilon_by_client": self.epsilon_by_client,
-            "privacy_by_client": self.privacy_by_client,
+            "epsilon_by_client": self.recorder.epsilon_by_client,
+            "privacy_by_client": self.recorder.privacy_by_client,
         }
         checkpoint.save(self.out, rnd, arrays_to_numpy(arrays), self.strategy.state_dict(), state)
 
@@ -229,7 +227,7 @@ class Federation:
             for node, reason in replies.failed:
                 log.warning("round %d: node %s failed: %s", rnd, node, reason)
             for msg in replies.declined:
-                reason = str(msg.content["decline"]["reason"]) if "decline" in msg.content else "no reason given"
+                reason = str(msg.content[DECLINE][REASON]) if DECLINE in msg.content else "no reason given"
                 log.warning("round %d: node %s declined to train: %s", rnd, msg.metadata.src_node_id, reason)
             self._note_epsilons(replies.ok + replies.declined)
             train_metrics: dict[str, Any] = {}
@@ -296,10 +294,8 @@ class Federation:
 
     def _evaluate_on_clients(self, rnd: int, arrays: ArrayRecord, grid: Grid) -> tuple[dict[str, Any], int]:
         """Every client evaluates the global adapter on its own validation split (never leaves it)."""
-        config = self._train_config()
-        config["server-round"] = rnd
-        for key, value in self.strategy.client_config(rnd).items():  # e.g. FedSA-LoRA: evaluate with own B
-            config[key] = value
+        # what the strategy asks of the clients holds for evaluation too (FedSA-LoRA: with its own B)
+        config = self._train_config(rnd, LoRAPlan.from_record(self.strategy.client_config(rnd)))
         on_wire = wire.encode(from_arrayrecord(arrays), self.cfg.communication.dtype)
         messages = [
             Message(
@@ -316,7 +312,7 @@ class Federation:
                 log.warning("round %d: node %s failed to evaluate: %s", rnd, msg.metadata.src_node_id, msg.error.reason)
                 continue
             m = metrics_of(msg.content)
-            out[str(as_int(m["client-id"], "client-id"))] = {
+            out[str(as_int(m[CLIENT_ID], CLIENT_ID))] = {
                 k: as_float(v, k) for k, v in m.items() if k.startswith("eval_")
             }
         accs = ", ".join(f"client {k}: {v.get('eval_accuracy', float('nan')):.3f}" for k, v in sorted(out.items()))
@@ -333,15 +329,12 @@ class Federation:
 
     def _note_epsilons(self, msgs: list[Message]) -> None:
         for msg in msgs:
-            m = metrics_of(msg.content)
-            if m.get("budget-exhausted", 0):
+            privacy = report_of(msg).privacy
+            if privacy is None:
+                continue
+            if privacy.budget_exhausted:
                 self.exhausted.add(client_id(msg, self.client_of))
-            if "epsilon" in m:
-                client = as_int(m.get("client-id", msg.metadata.src_node_id), "client-id")
-                self.epsilon_by_client[client] = as_float(m["epsilon"], "epsilon")
-                self.privacy_by_client[client] = {
-                    k: as_float(m[k], k) for k in ("epsilon", "noise-multiplier", "sample-rate", "delta") if k in m
-                }
+            self.recorder.note_privacy(client_id(msg, {}), privacy)  # the client-id it reports, else its node
 
     def _record(
         self,
@@ -355,51 +348,21 @@ class Federation:
         t0: float,
         skipped: bool,
     ) -> None:
-        eps = list(self.epsilon_by_client.values())
-        row: dict[str, Any] = {
-            "round": rnd,
-            "train_loss": train.get("train-loss"),
-            "eval_loss": ev.get("eval_loss"),
-            "perplexity": ev.get("perplexity"),
-            "eval_accuracy": ev.get("eval_accuracy"),
-            "bytes_up": up,
-            "bytes_down": down,
-            "wall_s": time.perf_counter() - t0,
-            "clients": len(replies.ok),
-            "failed": len(replies.failed),
-            # what the clients said when they failed or declined: a run that trained nothing ends on these
-            "errors": sorted({failure_line(reason) for _, reason in replies.failed}),
-            "no_reply": replies.no_reply,
-            "declined": len(replies.declined),
-            "rejected": len(replies.rejected),
-            "skipped": skipped,
-            "epsilon_max": max(eps) if eps else None,
-            "epsilon_mean": sum(eps) / len(eps) if eps else None,
-            "epsilon_central": train.get("epsilon-central"),
-            # seconds the clients spent in their optimizer steps, and on the whole message (model, data,
-            # privacy accounting, upload); the rest of wall_s is messaging, loading and evaluation
-            "train_s_sum": sum(
-                as_float(m.content["metrics"].get("train-seconds", 0.0), "train-seconds") for m in replies.ok
-            ),
-            "client_s_sum": sum(
-                as_float(m.content["metrics"].get("client-seconds", 0.0), "client-seconds") for m in replies.ok
-            ),
-            "model_loads_max": max(
-                (as_int(m.content["metrics"].get("model-loads", 0), "model-loads") for m in replies.ok), default=None
-            ),
-            # messages the process that trained had handled by then, fewest over the clients: 1 when
-            # every message gets a fresh process, growing when the base model stays resident
-            "process_messages_min": min(
-                (as_int(m.content["metrics"].get("process-messages", 0), "process-messages") for m in replies.ok),
-                default=None,
-            ),
-        }
-        row.update({k: ev[k] for k in ("eval_precision", "eval_recall", "eval_f1") if k in ev})  # classification
-        if "per_client" in ev:
-            row["per_client"] = ev["per_client"]  # client-id -> metrics on its own validation split
-        self.rows.append(row)
-        with (self.out / "metrics.jsonl").open("a") as fh:
-            fh.write(json.dumps(row) + "\n")
-        self.evaluator.save(arrays, self.out / "adapters" / f"round-{rnd:03d}")
-        if self.on_round is not None:
-            self.on_round(row)
+        record = RoundRecord(
+            rnd,
+            t0,
+            ev,
+            train_loss=train.get(TRAIN_LOSS),
+            epsilon_central=train.get(EPSILON_CENTRAL),
+            reports=[report_of(m) for m in replies.ok],
+            bytes_up=up,
+            bytes_down=down,
+            clients=len(replies.ok),
+            failed=len(replies.failed),
+            errors=[failure_line(reason) for _, reason in replies.failed],
+            no_reply=replies.no_reply,
+            declined=len(replies.declined),
+            rejected=len(replies.rejected),
+            skipped=skipped,
+        )
+        self.recorder.record(record, arrays)

@@ -16,15 +16,14 @@ Not on this path: checkpoints and resume, per-client evaluation, the server's pe
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
-from collections.abc import Iterable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from fedslm.strategies import registry
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Context
 from flwr.common import FitRes, Parameters, Scalar, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.server import LegacyContext, ServerConfig
 from flwr.server.client_proxy import ClientProxy
@@ -36,78 +35,20 @@ from fedslm import secagg
 from fedslm.adapters import from_arrayrecord, to_arrayrecord
 from fedslm.config import ConfigError, RunConfig
 from fedslm.logs import get_logger
+from fedslm.protocol import LoRAPlan, TrainInstructions, TrainReport
 
 from .evaluation import CentralEvaluator
-from .federation import RoundCallback
+from .recording import CountingGrid, Recorded, Recorder, RoundCallback, RoundRecord, failure_line, payload_nbytes
 from .report import write_results
 
 log = get_logger(__name__)
 
 
 # ------------------------------------------------------------------------------------------------
-# bytes that travel (all four SecAgg+ stages)
-
-
-def payload_nbytes(content: RecordDict) -> int:
-    """Payload bytes of a message: array bytes, string/bytes lengths, 8 per number (as protobuf)."""
-    total = 0
-    for record in content.values():
-        if isinstance(record, ArrayRecord):
-            total += record.count_bytes()
-        elif isinstance(record, (ConfigRecord, MetricRecord)):
-            for key, value in record.items():
-                total += len(key) + sum(_value_nbytes(v) for v in (value if isinstance(value, list) else [value]))
-    return total
-
-
-def _value_nbytes(value: Any) -> int:
-    if isinstance(value, bool):
-        return 1
-    if isinstance(value, (str, bytes)):
-        return len(value)
-    return 8
-
-
-class CountingGrid:
-    """A view of a Grid that counts the payload bytes of what it sends and receives."""
-
-    def __init__(self, grid: Grid) -> None:
-        self._grid = grid
-        self.down = 0
-        self.up = 0
-
-    def send_and_receive(self, messages: Iterable[Message], *args: Any, **kwargs: Any) -> Iterable[Message]:
-        messages = list(messages)
-        self.down += sum(payload_nbytes(m.content) for m in messages)
-        replies = list(self._grid.send_and_receive(messages, *args, **kwargs))
-        self.up += sum(payload_nbytes(m.content) for m in replies if m.has_content())
-        return replies
-
-    def take(self) -> tuple[int, int]:
-        """(bytes up, bytes down) since the last call."""
-        up, down = self.up, self.down
-        self.up = self.down = 0
-        return up, down
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._grid, name)
-
-
-# ------------------------------------------------------------------------------------------------
 # the legacy strategy
 
 
-@dataclass
-class _Round:
-    t0: float = field(default_factory=time.perf_counter)
-    aggregated: bool = False
-    clients: int = 0
-    failed: int = 0
-    train_loss: float | None = None
-    model_loads_max: int | None = None
-
-
-class SecAggFedAvg(FedAvg):
+class SecAggFedAvg(Recorded, FedAvg):
     """Legacy FedAvg over the SecAgg+ aggregate, writing fedslm's run directory."""
 
     def __init__(
@@ -121,14 +62,13 @@ class SecAggFedAvg(FedAvg):
     ) -> None:
         fed = cfg.federation
         self.cfg, self.out, self.run_name = cfg, Path(out_dir), run_name
-        self.evaluator, self.grid, self.on_round = evaluator, grid, on_round
+        self.evaluator, self.grid = evaluator, grid
         self.global_state = from_arrayrecord(evaluator.initial_arrays())
         self.keys = secagg.adapter_keys(self.global_state)
         self.strategy = registry.build(cfg)  # the registered strategy: only its client keys are used
-        self.rows: list[dict[str, Any]] = []
-        self.epsilon_by_client: dict[int, float] = {}
-        self.privacy_by_client: dict[int, dict[str, float]] = {}
-        self._round = _Round()
+        self.recorder = Recorder(self.out, evaluator.save, on_round, cfg.security.secure_aggregation)
+        self._round = RoundRecord(0, time.perf_counter())
+        self._aggregated = False
         super().__init__(
             fraction_fit=fed.fraction_train,
             fraction_evaluate=0.0,
@@ -144,26 +84,21 @@ class SecAggFedAvg(FedAvg):
         return f"SecAggFedAvg({self.cfg.strategy.name}, {self.cfg.security.secure_aggregation})"
 
     # -- what travels to clients ---------------------------------------------------------------
-    def strategy_keys(self, server_round: int) -> dict[str, Scalar]:
-        keys: dict[str, Scalar] = dict(self.strategy.client_config(server_round))
+    def plan(self, server_round: int) -> LoRAPlan:
+        plan = LoRAPlan.from_record(self.strategy.client_config(server_round))
         mu = getattr(self.strategy, "proximal_mu", None)  # FedProx sends it from its configure_train
-        if mu is not None:
-            keys["proximal-mu"] = float(mu)
-        return keys
+        return plan if mu is None else dataclasses.replace(plan, proximal_mu=float(mu))
 
     def upload_keys(self, server_round: int) -> list[str]:
-        return secagg.upload_keys(self.keys, self.strategy_keys(server_round))
+        return self.plan(server_round).uploads(self.keys)
 
     def fit_config(self, server_round: int) -> dict[str, Scalar]:
         """The train config of :meth:`client.runner.ClientRunner.from_config`, plus the key order."""
-        self._round = _Round()
-        return {
-            "run-config": self.cfg.to_yaml(),
-            "run-name": self.run_name,
-            "server-round": server_round,
-            "adapter-keys": json.dumps(self.keys),
-            **self.strategy_keys(server_round),
-        }
+        self._round, self._aggregated = RoundRecord(server_round, time.perf_counter()), False
+        instructions = TrainInstructions(
+            self.cfg.to_yaml(), self.run_name, server_round, self.plan(server_round), json.dumps(self.keys)
+        )
+        return instructions.to_record()
 
     # -- aggregate -----------------------------------------------------------------------------
     def aggregate_fit(
@@ -178,13 +113,16 @@ class SecAggFedAvg(FedAvg):
         r.clients, r.failed = len(results), len(failures)
         for failure in failures:
             log.warning("round %d: a client failed or dropped out: %s", server_round, failure)
-        metrics = [res.metrics for _, res in results]
-        self._note_epsilons(metrics)
+            if isinstance(failure, BaseException):
+                r.errors.append(failure_line(f"{type(failure).__name__}: {failure}"))
+        r.reports = [TrainReport.from_record(res.metrics) for _, res in results]
+        for m in r.reports:
+            if m.privacy is not None:
+                self.recorder.note_privacy(-1 if m.client_id is None else m.client_id, m.privacy)
         total = sum(res.num_examples for _, res in results)
-        if total > 0 and all("train-loss" in m for m in metrics):
-            losses = [float(m["train-loss"]) * res.num_examples for m, (_, res) in zip(metrics, results, strict=True)]
+        if total > 0 and all(m.train_loss is not None for m in r.reports):
+            losses = [(m.train_loss or 0.0) * res.num_examples for m, (_, res) in zip(r.reports, results, strict=True)]
             r.train_loss = sum(losses) / total
-        r.model_loads_max = max((int(m.get("model-loads", 0)) for m in metrics), default=None)
         if len(results) < self.cfg.federation.min_train_clients:
             log.warning(
                 "round %d skipped: %d clients in the secure sum < federation.min_train_clients=%d; global adapter kept",
@@ -197,17 +135,8 @@ class SecAggFedAvg(FedAvg):
             parameters_to_ndarrays(results[0][1].parameters), self.upload_keys(server_round), self.global_state
         )
         self.global_state = {**self.global_state, **mean}
-        r.aggregated = True
+        self._aggregated = True
         return ndarrays_to_parameters(secagg.pack(self.global_state, self.keys)), {}
-
-    def _note_epsilons(self, metrics: list[dict[str, Scalar]]) -> None:
-        for m in metrics:
-            if "epsilon" in m:
-                client = int(m.get("client-id", -1))
-                self.epsilon_by_client[client] = float(m["epsilon"])
-                self.privacy_by_client[client] = {
-                    k: float(m[k]) for k in ("epsilon", "noise-multiplier", "sample-rate", "delta") if k in m
-                }
 
     # -- evaluate and record (called for round 0 and after every round) -------------------------
     def evaluate(self, server_round: int, parameters: Parameters) -> tuple[float, dict[str, Scalar]] | None:
@@ -232,36 +161,12 @@ class SecAggFedAvg(FedAvg):
 
     def _record(self, rnd: int, arrays: ArrayRecord, ev: dict[str, float]) -> None:
         r = self._round
-        up, down = self.grid.take() if self.grid is not None else (0, 0)
-        eps = list(self.epsilon_by_client.values())
-        row: dict[str, Any] = {
-            "round": rnd,
-            "train_loss": r.train_loss,
-            "eval_loss": ev.get("eval_loss"),
-            "perplexity": ev.get("perplexity"),
-            "eval_accuracy": ev.get("eval_accuracy"),
-            "bytes_up": up,
-            "bytes_down": down,
-            "wall_s": time.perf_counter() - r.t0,
-            "clients": r.clients,
-            "failed": r.failed,
-            "declined": 0,  # a declining client is a dropout to SecAgg+ (counted in failed)
-            "rejected": 0,  # no individual update to check
-            "skipped": rnd > 0 and not r.aggregated,
-            "epsilon_max": max(eps) if eps else None,
-            "epsilon_mean": sum(eps) / len(eps) if eps else None,
-            "epsilon_central": None,
-            "model_loads_max": r.model_loads_max,
-            "secure_aggregation": self.cfg.security.secure_aggregation,
-        }
-        row.update({k: ev[k] for k in ("eval_precision", "eval_recall", "eval_f1") if k in ev})
-        self.rows.append(row)
-        with (self.out / "metrics.jsonl").open("a") as fh:
-            fh.write(json.dumps(row) + "\n")
-        self.evaluator.save(arrays, self.out / "adapters" / f"round-{rnd:03d}")
-        if self.on_round is not None:
-            self.on_round(row)
-        self._round = _Round()
+        r.round, r.ev = rnd, ev
+        r.bytes_up, r.bytes_down = self.grid.take() if self.grid is not None else (0, 0)
+        # a declining client is a dropout to SecAgg+ (counted in failed); no individual update to reject
+        r.skipped = rnd > 0 and not self._aggregated
+        self.recorder.record(r, arrays)
+        self._round = RoundRecord(rnd + 1, time.perf_counter())
 
 
 # ------------------------------------------------------------------------------------------------

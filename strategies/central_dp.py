@@ -23,6 +23,7 @@ from flwr.app import Array, ArrayRecord, Message, MetricRecord
 
 from fedslm.logs import get_logger
 from fedslm.privacy import CentralAccountant
+from fedslm.protocol import EPSILON_CENTRAL, NUM_EXAMPLES
 
 from .aggregation import add_noise
 from .wrapper import WrapperStrategy
@@ -75,7 +76,7 @@ class CentralDP(WrapperStrategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         # equal weights: one client moves the mean by at most C/m
-        clipped_replies, norms = self.clip_replies(replies, self.clipping_norm, {"num-examples": 1})
+        clipped_replies, norms = self.clip_replies(replies, self.clipping_norm, {NUM_EXAMPLES: 1})
         arrays, metrics = self.inner.aggregate_train(server_round, clipped_replies)
         if arrays is None:
             return None, metrics
@@ -92,7 +93,7 @@ class CentralDP(WrapperStrategy):
             eps,
             self.delta,
         )
-        out = MetricRecord({**(dict(metrics) if metrics else {}), "epsilon-central": eps})
+        out = MetricRecord({**(dict(metrics) if metrics else {}), EPSILON_CENTRAL: eps})
         return ArrayRecord({k: Array(v) for k, v in noisy.items()}), out
 
     def state_dict(self) -> dict[str, Any]:

@@ -51,19 +51,14 @@ def check_client_ranks(spec: StrategySpec, cfg: RunConfig) -> None:
         )
 
 
-def check_no_central_dp(name: str, cfg: RunConfig) -> None:
+def check_central_dp(spec: StrategySpec, cfg: RunConfig) -> None:
     """Central DP bounds the sensitivity of a weighted mean of clipped updates; products, stacks and
     norm weights are not that, so its noise would not give the accounted epsilon."""
-    if cfg.privacy.central:
+    if cfg.privacy.central and not spec.central_dp:
         raise StrategyConfigError(
-            f"{name!r} aggregates products B_i A_i (not a mean of clipped updates), so privacy.mode"
+            f"{spec.name!r} aggregates products B_i A_i (not a mean of clipped updates), so privacy.mode"
             f" {cfg.privacy.mode!r} would not give its accounted epsilon; use privacy.mode local or none"
         )
-
-
-# strategies whose aggregate is the example-weighted mean of what the clients upload, which is all
-# that SecAgg+ reveals (FedProx changes only the local loss; FFA-LoRA / FedSA-LoRA upload B / A only)
-SECAGG_STRATEGIES = ("fedavg", "fedprox", "ffa-lora", "fedsa-lora")
 
 
 def check_secure_aggregation(spec: StrategySpec, cfg: RunConfig) -> None:
@@ -73,15 +68,15 @@ def check_secure_aggregation(spec: StrategySpec, cfg: RunConfig) -> None:
     if not sec.secure:
         return
     why = f"security.secure_aggregation {sec.secure_aggregation!r} shows the server only the sum of the updates"
+    on_secagg = ", ".join(s.name for s in registered_specs() if s.secure_aggregation)
     if spec.needs_individual_updates:
         raise StrategyConfigError(
-            f"{why}, but {spec.name!r} needs every client's individual update;"
-            f" use one of {', '.join(SECAGG_STRATEGIES)}"
+            f"{why}, but {spec.name!r} needs every client's individual update; use one of {on_secagg}"
         )
-    if spec.name not in SECAGG_STRATEGIES:
+    if not spec.secure_aggregation:
         raise StrategyConfigError(
             f"{why}; {spec.name!r} is not implemented on it (server optimizers could step on the mean, but the"
-            f" SecAgg+ path runs plain example-weighted averaging); use one of {', '.join(SECAGG_STRATEGIES)}"
+            f" SecAgg+ path runs plain example-weighted averaging); use one of {on_secagg}"
         )
     if cfg.privacy.central:
         raise StrategyConfigError(

@@ -14,7 +14,9 @@ from .base import LoRAStrategyMixin
 from .spec import register
 
 
-@register("fedavg", description="example-weighted mean of adapter tensors (McMahan et al., 2017)")
+@register(
+    "fedavg", description="example-weighted mean of adapter tensors (McMahan et al., 2017)", secure_aggregation=True
+)
 class FedAvgLoRA(LoRAStrategyMixin, FedAvg):
     def __init__(self, **common: Any) -> None:
         super().__init__(**common)

@@ -32,6 +32,7 @@ from .spec import register
     "fedex-lora",
     description="exact aggregation: mean A, mean B + a frozen residual sum p_i B_i A_i - BA (Singhal et al. 2024)",
     needs_individual_updates=True,
+    central_dp=False,
 )
 class FedExLoRA(OwnAggregation, LoRAStrategyMixin, FedAvg):
     def combine(self, updates: list[Tensors], weights: list[float]) -> Tensors:

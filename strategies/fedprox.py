@@ -12,7 +12,11 @@ from .base import LoRAStrategyMixin
 from .spec import StrategyConfigError, register
 
 
-@register("fedprox", description="FedAvg + proximal term mu/2 |w - w_global|^2 on each client's LoRA (Li et al. 2020)")
+@register(  # only the local loss differs from FedAvg: its aggregate is SecAgg+'s weighted mean
+    "fedprox",
+    description="FedAvg + proximal term mu/2 |w - w_global|^2 on each client's LoRA (Li et al. 2020)",
+    secure_aggregation=True,
+)
 class FedProxLoRA(LoRAStrategyMixin, FedProx):
     def __init__(self, *, proximal_mu: float = 0.01, **common: Any) -> None:
         if proximal_mu < 0:

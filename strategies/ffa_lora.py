@@ -9,16 +9,20 @@ from typing import Any
 
 from flwr.serverapp.strategy import FedAvg
 
+from fedslm.protocol import LoRAPlan
+
 from .base import LoRAStrategyMixin
 from .spec import register
 
 
 @register(
-    "ffa-lora", description="A frozen at the shared init, only B trained and sent (Sun et al. 2024); best under DP"
+    "ffa-lora",
+    description="A frozen at the shared init, only B trained and sent (Sun et al. 2024); best under DP",
+    secure_aggregation=True,  # the weighted mean of the B uploads
 )
 class FFALoRA(LoRAStrategyMixin, FedAvg):
     def __init__(self, **common: Any) -> None:
         super().__init__(**common)
 
     def client_config(self, server_round: int) -> dict[str, Any]:
-        return {"train-lora-a": False}
+        return LoRAPlan(train_lora_a=False).to_record()

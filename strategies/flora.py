@@ -30,6 +30,7 @@ from .spec import register
     description="stacking: exact sum p_i B_i A_i for mixed ranks, merged into a frozen residual (Wang et al. 2024)",
     heterogeneous_ranks=True,
     needs_individual_updates=True,
+    central_dp=False,
 )
 class FLoRA(OwnAggregation, LoRAStrategyMixin, FedAvg):
     def combine(self, updates: list[Tensors], weights: list[float]) -> Tensors:

@@ -24,6 +24,7 @@ from .spec import register
     description="mixed ranks zero-padded, weighted by ||B_i A_i||_F, truncated per client (Cho et al. 2024)",
     heterogeneous_ranks=True,
     needs_individual_updates=True,
+    central_dp=False,
 )
 class HetLoRA(OwnAggregation, LoRAStrategyMixin, FedAvg):
     def combine(self, updates: list[Tensors], weights: list[float]) -> Tensors:

@@ -46,10 +46,11 @@ def check_strategy_config(cfg: RunConfig) -> None:
         spec = get(cfg.strategy.name)
         check_params(spec, cfg.strategy.params)
         check_param_types(spec, cfg.strategy.params)
-        from .checks import check_client_ranks, check_secure_aggregation
+        from .checks import check_central_dp, check_client_ranks, check_secure_aggregation
 
         check_client_ranks(spec, cfg)
         check_secure_aggregation(spec, cfg)
+        check_central_dp(spec, cfg)
         check = getattr(spec.cls, "check_run_config", None)
         if check is not None:
             check(cfg)

@@ -35,16 +35,11 @@ def as_numpy(arrays: ArrayRecord) -> Tensors:
 
 class OwnAggregation:
     """Mixin for strategies whose maths replaces FedAvg's (put before ``LoRAStrategyMixin``):
-    remembers the global adapter each round, refuses central DP (its sensitivity bound does not
-    cover products or norm weights) and turns valid replies into :meth:`combine`'s tensors."""
+    remembers the global adapter each round and turns valid replies into :meth:`combine`'s tensors.
+    Register such a strategy with ``central_dp=False``: central DP's sensitivity bound does not cover
+    products or norm weights."""
 
     _global: Tensors
-
-    @classmethod
-    def check_run_config(cls, cfg: Any) -> None:
-        from .checks import check_no_central_dp
-
-        check_no_central_dp(cls.registered_name, cfg)  # type: ignore[attr-defined]
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: Any, grid: Any) -> Any:
         self._global = as_numpy(arrays)

@@ -20,11 +20,20 @@ class StrategyConfigError(FedslmError, ValueError):
 
 @dataclass(frozen=True)
 class StrategySpec:
+    """A registered strategy and what it can run with (its capability flags, checked by
+    :mod:`strategies.checks` for every run)."""
+
     name: str
     cls: type
     description: str
-    heterogeneous_ranks: bool  # can aggregate adapters of different ranks
-    needs_individual_updates: bool  # robust aggregators: incompatible with secure aggregation
+    heterogeneous_ranks: bool = False  # mixed ranks: can aggregate adapters of different ranks
+    needs_individual_updates: bool = False  # robust aggregators: incompatible with secure aggregation
+    # secure aggregation: the aggregate is the example-weighted mean of the uploads, which is all that
+    # SecAgg+ reveals, and the SecAgg+ path (plain weighted averaging) implements it
+    secure_aggregation: bool = False
+    # central DP: the aggregate is a weighted mean of clipped updates, the sensitivity central DP's
+    # noise is calibrated for (products B_i A_i, stacks and norm weights are not)
+    central_dp: bool = True
 
     def params(self) -> dict[str, inspect.Parameter]:
         """The YAML-settable parameters: the keyword-only arguments of the registered class's own
@@ -44,15 +53,26 @@ def register(
     description: str,
     heterogeneous_ranks: bool = False,
     needs_individual_updates: bool = False,
+    secure_aggregation: bool = False,
+    central_dp: bool = True,
 ) -> Callable[[type], type]:
-    """Class decorator: make a strategy available in YAML as ``strategy: {name: <name>}``."""
+    """Class decorator: make a strategy available in YAML as ``strategy: {name: <name>}``, with its
+    capability flags (see :class:`StrategySpec`)."""
 
     def deco(cls: type) -> type:
         if name in _REGISTRY:
             raise StrategyConfigError(
                 f"strategy name {name!r} registered twice ({_REGISTRY[name].cls.__name__} and {cls.__name__})"
             )
-        _REGISTRY[name] = StrategySpec(name, cls, description, heterogeneous_ranks, needs_individual_updates)
+        _REGISTRY[name] = StrategySpec(
+            name,
+            cls,
+            description,
+            heterogeneous_ranks=heterogeneous_ranks,
+            needs_individual_updates=needs_individual_updates,
+            secure_aggregation=secure_aggregation,
+            central_dp=central_dp,
+        )
         cls.registered_name = name  # type: ignore[attr-defined]
         return cls
 

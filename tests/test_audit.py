@@ -45,12 +45,14 @@ def test_canaries_never_reach_evaluation_data(tiny_cfg, tmp_path) -> None:
     from fedslm.client.runner import ClientRunner
     from fedslm.client.state import ClientStore
 
+    from fedslm.protocol import LoRAPlan
+
     cfg = load_config(ROOT / "configs" / "tiny.yaml", AUDIT_ON)
     secrets = {c.question for c in audit.run_canaries(cfg)}
     assert not secrets & {r["question"] for r in data.test_records(cfg.data, cache_root(cfg.model))}
     held = 0
     for cid in range(4):
-        runner = ClientRunner(cfg, cid, 4, "", 1, {}, ClientStore(tmp_path / str(cid)))
+        runner = ClientRunner(cfg, cid, 4, "", 1, LoRAPlan(), ClientStore(tmp_path / str(cid)))
         train, val, val_recs = runner.examples(tiny_cfg_tok())
         assert not secrets & {r["question"] for r in val_recs}
         held += len(train) - len(runner._records()) + len(val_recs)

@@ -7,6 +7,10 @@ run time is still a cycle a newcomer has to untangle.
 from __future__ import annotations
 
 import ast
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -163,3 +167,34 @@ def test_the_distribution_installs_one_import_package() -> None:
     components = project["tool"]["flwr"]["app"]["components"]
     assert components == {"serverapp": "fedslm.server.app:app", "clientapp": "fedslm.client.app:app"}
     assert project["project"]["scripts"]["fedslm"] == "fedslm.simulation.cli:main"
+
+
+CLIENT_READS_ITS_CONFIG = """
+import json, sys
+from pathlib import Path
+from fedslm.client import app, runner, secagg  # the ClientApps and what they run
+from fedslm.config import load_config
+from fedslm.protocol import TrainInstructions
+cfg = load_config(Path(sys.argv[1]) / "configs" / "tiny.yaml")
+config = TrainInstructions(cfg.to_yaml(), "run", 3).to_record()
+client = runner.ClientRunner.from_config(config, {"partition-id": 1, "num-partitions": 4, "state-dir": sys.argv[2]})
+ours = sorted(m for m in sys.modules if m.startswith(("fedslm.strategies", "fedslm.server", "fedslm.simulation")))
+print(json.dumps({"client": client.client_id, "round": client.server_round, "imported": ours}))
+"""
+
+
+def test_a_client_reads_its_config_without_importing_server_strategies(tmp_path: Path) -> None:
+    """A client process builds its runner from the server's train config without importing any
+    strategy or server module (checked in a fresh interpreter, through ``sys.modules``)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-c", CLIENT_READS_ITS_CONFIG, str(ROOT), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out == {"client": 1, "round": 3, "imported": []}

@@ -314,13 +314,14 @@ def test_a_rank_2_client_trains_its_slice_with_the_residual(tiny_cfg, _tiny_resi
 
     from fedslm import wire
     from fedslm.adapters import to_arrayrecord
+    from fedslm.protocol import LoRAPlan
 
     initial = dict(_tiny_resident.initial)
     module = next(k for k in initial if k.endswith(".lora_A.weight"))[: -len(".lora_A.weight")]
     d_out, d_in = initial[module + ".lora_B.weight"].shape[0], initial[module + ".lora_A.weight"].shape[1]
     residual = torch.full((d_out, d_in), 1e-3)
     cfg = dataclasses.replace(tiny_cfg, train=dataclasses.replace(tiny_cfg.train, local_steps=1))
-    runner = ClientRunner(cfg, 0, 4, "", 1, {}, ClientStore(tmp_path), rank=2, profile="small")
+    runner = ClientRunner(cfg, 0, 4, "", 1, LoRAPlan(), ClientStore(tmp_path), rank=2, profile="small")
     arrays, metrics = runner.train(to_arrayrecord({**initial, module + RESIDUAL_SUFFIX: residual}))
     state = wire.decode(arrays)
     assert metrics["lora-rank"] == 2 and metrics["num-examples"] > 0
@@ -339,6 +340,7 @@ def test_fedsa_client_evaluates_with_its_own_b(tiny_cfg, tiny_peft, tmp_path):
 
     from fedslm import wire
     from fedslm.adapters import adapter_state
+    from fedslm.protocol import LoRAPlan
 
     initial = dict(tiny_peft.initial)
     own_b = {k: torch.full_like(v, 0.01 * (i + 1)) for i, (k, v) in enumerate(initial.items()) if "lora_B" in k}
@@ -346,7 +348,7 @@ def test_fedsa_client_evaluates_with_its_own_b(tiny_cfg, tiny_peft, tmp_path):
     store.save_tensors("local-lora-b", own_b)
     global_b = {k: initial[k] for k in own_b}  # never aggregated under FedSA: the zero init
     sent = wire.encode({k: v + 0.5 for k, v in initial.items() if "lora_A" in k} | global_b, "float32")
-    for keys, expect_b in (({"upload-lora-b": False}, own_b), ({}, global_b)):
+    for keys, expect_b in ((LoRAPlan(upload_lora_b=False), own_b), (LoRAPlan(), global_b)):
         runner = ClientRunner(tiny_cfg, 0, 4, "", 1, keys, store)
         metrics = runner.evaluate(sent)
         loaded = adapter_state(tiny_peft.model)

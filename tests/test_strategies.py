@@ -182,3 +182,27 @@ def test_bad_parameters_are_refused() -> None:
     ):
         with pytest.raises(registry.StrategyConfigError):
             _build(name, params)
+
+
+def test_capability_flags_say_what_each_strategy_can_run_with() -> None:
+    specs = registry.available()
+    assert {s.name for s in specs if s.secure_aggregation} == {"fedavg", "fedprox", "ffa-lora", "fedsa-lora"}
+    assert {s.name for s in specs if not s.central_dp} == {"fedex-lora", "flora", "hetlora"}
+    assert {s.name for s in specs if s.heterogeneous_ranks} == {"flora", "hetlora"}
+    assert not any(s.secure_aggregation and s.needs_individual_updates for s in specs)
+
+
+def test_the_flag_not_a_name_list_decides_secure_aggregation() -> None:
+    from fedslm.strategies.checks import check_central_dp, check_secure_aggregation
+    from fedslm.strategies.spec import StrategyConfigError, StrategySpec
+
+    fed = {"num_clients": 4, "fraction_train": 1.0, "min_train_clients": 2}
+    cfg = config_from_dict({"federation": fed, "security": {"secure_aggregation": "secagg+"}})
+    fedavg = registry.get("fedavg").cls
+    check_secure_aggregation(StrategySpec("newcomer", fedavg, "a new mean", secure_aggregation=True), cfg)
+    with pytest.raises(StrategyConfigError, match="'newcomer' is not implemented on it.*use one of fedavg, fedprox"):
+        check_secure_aggregation(StrategySpec("newcomer", fedavg, "a new mean"), cfg)
+    central = config_from_dict({"federation": fed, "privacy": {"mode": "central"}})
+    check_central_dp(StrategySpec("newcomer", fedavg, "a new mean"), central)
+    with pytest.raises(StrategyConfigError, match="'newcomer' aggregates products"):
+        check_central_dp(StrategySpec("newcomer", fedavg, "a new mean", central_dp=False), central)

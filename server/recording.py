@@ -1,0 +1,233 @@
+"""The one recorder of a run's rounds: what a ``metrics.jsonl`` row holds, the one writer of that file
+(and of ``adapters/round-NNN``), the clients' privacy ledger, and the bytes that travelled.
+
+Both round loops record through it: the main loop (:mod:`fedslm.server.federation`) and the SecAgg+
+workflow (:mod:`fedslm.server.secagg`), so their rows cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+
+from fedslm.fs import atomic_write
+from fedslm.protocol import PrivacyReport, TrainReport
+
+RoundCallback = Callable[[dict[str, Any]], None]
+
+CLASSIFICATION_KEYS = ("eval_precision", "eval_recall", "eval_f1")
+
+
+# ------------------------------------------------------------------------------------------------
+# bytes that travel
+
+
+def content_nbytes(content: RecordDict) -> int:
+    """Payload bytes of a message (the main loop's count): array bytes plus the JSON size of
+    config/metric records."""
+    total = 0
+    for value in content.values():
+        if isinstance(value, ArrayRecord):
+            total += value.count_bytes()
+        else:
+            total += len(json.dumps({k: v for k, v in value.items()}, default=str))
+    return total
+
+
+def payload_nbytes(content: RecordDict) -> int:
+    """Payload bytes of a message (the SecAgg+ count): array bytes, string/bytes lengths, 8 per
+    number (as protobuf)."""
+    total = 0
+    for record in content.values():
+        if isinstance(record, ArrayRecord):
+            total += record.count_bytes()
+        elif isinstance(record, (ConfigRecord, MetricRecord)):
+            for key, value in record.items():
+                total += len(key) + sum(_value_nbytes(v) for v in (value if isinstance(value, list) else [value]))
+    return total
+
+
+def _value_nbytes(value: Any) -> int:
+    if isinstance(value, bool):
+        return 1
+    if isinstance(value, (str, bytes)):
+        return len(value)
+    return 8
+
+
+class CountingGrid:
+    """A view of a Grid that counts the payload bytes of what it sends and receives."""
+
+    def __init__(self, grid: Grid) -> None:
+        self._grid = grid
+        self.down = 0
+        self.up = 0
+
+    def send_and_receive(self, messages: Iterable[Message], *args: Any, **kwargs: Any) -> Iterable[Message]:
+        messages = list(messages)
+        self.down += sum(payload_nbytes(m.content) for m in messages)
+        replies = list(self._grid.send_and_receive(messages, *args, **kwargs))
+        self.up += sum(payload_nbytes(m.content) for m in replies if m.has_content())
+        return replies
+
+    def take(self) -> tuple[int, int]:
+        """(bytes up, bytes down) since the last call."""
+        up, down = self.up, self.down
+        self.up = self.down = 0
+        return up, down
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
+
+
+# ------------------------------------------------------------------------------------------------
+# one round
+
+
+def failure_line(reason: object) -> str:
+    """The line that says what went wrong in a client's error: a traceback's last line, without Ray's
+    wrapper text or terminal colours, at most 300 characters."""
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(reason).splitlines()]
+    lines = [line for line in lines if line and not set(line) <= set("^~ ")]
+    return (lines[-1] if lines else "no reason given")[:300]
+
+
+@dataclass
+class RoundRecord:
+    """What one round did, as both loops know it; :meth:`row` is the ``metrics.jsonl`` row."""
+
+    round: int
+    t0: float  # perf_counter at the round's start
+    ev: Mapping[str, Any] = field(default_factory=dict)  # central (and per-client) evaluation, if run
+    train_loss: float | None = None
+    epsilon_central: float | None = None
+    reports: list[TrainReport] = field(default_factory=list)  # the replies aggregated (or screened in)
+    bytes_up: int = 0
+    bytes_down: int = 0
+    clients: int = 0
+    failed: int = 0
+    # what the clients said when they failed or declined: a run that trained nothing ends on these
+    errors: list[str] = field(default_factory=list)
+    no_reply: int = 0
+    declined: int = 0
+    rejected: int = 0
+    skipped: bool = False
+
+    def row(self, epsilons: list[float], secure_aggregation: str | None = None) -> dict[str, Any]:
+        ev, reports = self.ev, self.reports
+        row: dict[str, Any] = {
+            "round": self.round,
+            "train_loss": self.train_loss,
+            "eval_loss": ev.get("eval_loss"),
+            "perplexity": ev.get("perplexity"),
+            "eval_accuracy": ev.get("eval_accuracy"),
+            "bytes_up": self.bytes_up,
+            "bytes_down": self.bytes_down,
+            "wall_s": time.perf_counter() - self.t0,
+            "clients": self.clients,
+            "failed": self.failed,
+            "errors": sorted(set(self.errors)),
+            "no_reply": self.no_reply,
+            "declined": self.declined,
+            "rejected": self.rejected,
+            "skipped": self.skipped,
+            "epsilon_max": max(epsilons) if epsilons else None,
+            "epsilon_mean": sum(epsilons) / len(epsilons) if epsilons else None,
+            "epsilon_central": self.epsilon_central,
+            # seconds the clients spent in their optimizer steps, and on the whole message (model, data,
+            # privacy accounting, upload); the rest of wall_s is messaging, loading and evaluation
+            "train_s_sum": sum(r.train_seconds or 0.0 for r in reports),
+            "client_s_sum": sum(r.client_seconds or 0.0 for r in reports),
+            "model_loads_max": max((r.model_loads or 0 for r in reports), default=None),
+            # messages the process that trained had handled by then, fewest over the clients: 1 when
+            # every message gets a fresh process, growing when the base model stays resident
+            "process_messages_min": min((r.process_messages or 0 for r in reports), default=None),
+        }
+        if secure_aggregation is not None:
+            row["secure_aggregation"] = secure_aggregation
+        row.update({k: ev[k] for k in CLASSIFICATION_KEYS if k in ev})
+        if "per_client" in ev:
+            row["per_client"] = ev["per_client"]  # client-id -> metrics on its own validation split
+        return row
+
+
+# ------------------------------------------------------------------------------------------------
+# the run
+
+
+class Recorder:
+    """Writes ``metrics.jsonl`` (one row per round) and the round's adapter, keeps every client's
+    latest privacy report, and tells ``on_round``."""
+
+    def __init__(
+        self,
+        out: Path,
+        save_adapter: Callable[[ArrayRecord, Path], Any],
+        on_round: RoundCallback | None = None,
+        secure_aggregation: str | None = None,  # written in each row of the SecAgg+ path
+    ) -> None:
+        self.out = Path(out)
+        self.save_adapter = save_adapter
+        self.on_round = on_round
+        self.secure_aggregation = secure_aggregation
+        self.rows: list[dict[str, Any]] = []
+        self.epsilon_by_client: dict[int, float] = {}
+        self.privacy_by_client: dict[int, dict[str, float]] = {}
+
+    def note_privacy(self, client: int, privacy: PrivacyReport) -> None:
+        self.epsilon_by_client[client] = privacy.epsilon
+        self.privacy_by_client[client] = privacy.summary()
+
+    def record(self, rec: RoundRecord, arrays: ArrayRecord) -> dict[str, Any]:
+        row = rec.row(list(self.epsilon_by_client.values()), self.secure_aggregation)
+        self.rows.append(row)
+        with (self.out / "metrics.jsonl").open("a") as fh:
+            fh.write(json.dumps(row) + "\n")
+        self.save_adapter(arrays, self.out / "adapters" / f"round-{rec.round:03d}")
+        if self.on_round is not None:
+            self.on_round(row)
+        return row
+
+    def restore(self, rows: list[dict[str, Any]], epsilons: Mapping[Any, float], privacy: Mapping[Any, Any]) -> None:
+        """Continue a run from a checkpoint: its rows (those of a round that had not checkpointed are
+        dropped from ``metrics.jsonl``) and its clients' privacy."""
+        self.rows = list(rows)
+        self.epsilon_by_client = {int(k): v for k, v in epsilons.items()}
+        self.privacy_by_client = {int(k): v for k, v in privacy.items()}
+        atomic_write(self.out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.rows))
+
+
+class Recorded:
+    """For a round loop that records through ``self.recorder``: its rows and its clients' privacy."""
+
+    recorder: Recorder
+
+    @property
+    def rows(self) -> list[dict[str, Any]]:
+        """The ``metrics.jsonl`` rows so far."""
+        return self.recorder.rows
+
+    @property
+    def privacy_by_client(self) -> dict[int, dict[str, float]]:
+        """Each client's latest privacy report (what ``summary.json`` keeps)."""
+        return self.recorder.privacy_by_client
+
+
+__all__ = [
+    "Recorded",
+    "CountingGrid",
+    "Recorder",
+    "RoundCallback",
+    "RoundRecord",
+    "content_nbytes",
+    "failure_line",
+    "payload_nbytes",
+]
