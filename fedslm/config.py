@@ -126,7 +126,9 @@ class PrivacyConfig:
     target_epsilon: float = _f(8.0, "local DP budget for the WHOLE run, per client")
     delta: float = _f(1e-5, "local DP delta; must be below 1/records of the smallest client")
     max_grad_norm: float = _f(1.0, "per-sample gradient clipping norm (local DP)")
-    accountant: Literal["rdp", "prv"] = _f("rdp", "privacy accountant: rdp | prv")
+    accountant: Literal["pld", "rdp", "prv"] = _f(
+        "pld", "accountant for noise calibration and reporting: pld (tightest valid bound) | rdp | prv"
+    )
     secure_mode: bool = _f(False, "cryptographically secure noise (slower; for production)")
     central_noise_multiplier: float = _f(1.0, "central DP: noise std / clipping norm")
     central_clipping_norm: float = _f(1.0, "central DP: L2 bound of each client's adapter update")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -53,11 +54,71 @@ def test_prv_golden_value_is_for_2249_steps_and_deterministic() -> None:
     assert acc.epsilon(1e-5) == pytest.approx(6.7791320762541165, abs=1e-6)
 
 
+def _gaussian_delta(eps: float, sigma: float) -> float:
+    """Exact delta(eps) of the Gaussian mechanism, sensitivity 1 (Balle & Wang 2018, Theorem 8)."""
+    phi = lambda x: 0.5 * math.erfc(-x / math.sqrt(2))  # noqa: E731 - the standard normal CDF
+    return phi(-eps * sigma + 1 / (2 * sigma)) - math.exp(eps) * phi(-eps * sigma - 1 / (2 * sigma))
+
+
+def _gaussian_epsilon(sigma: float, delta: float) -> float:
+    lo, hi = 0.0, 100.0
+    for _ in range(200):  # delta(eps) decreases in eps
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if _gaussian_delta(mid, sigma) > delta else (lo, mid)
+    return hi
+
+
+def test_pld_is_an_upper_bound_within_its_discretization_of_the_exact_gaussian() -> None:
+    """Without subsampling, 100 steps at noise 10 are one Gaussian with noise 10/sqrt(100) = 1: eps is known exactly."""
+    exact = _gaussian_epsilon(1.0, 1e-5)
+    assert _gaussian_delta(0.0, 1.0) == pytest.approx(0.382925, abs=1e-6)  # Phi(1/2) - Phi(-1/2), by hand
+    assert exact == pytest.approx(4.3772, abs=1e-4)
+    pld = ClientAccountant("pld", [(10.0, 1.0, 100)]).epsilon(1e-5)
+    assert exact <= pld <= exact + 0.01, (exact, pld)
+    assert ClientAccountant("rdp", [(10.0, 1.0, 100)]).epsilon(1e-5) > pld + 0.3  # RDP's slack
+
+
+def test_pld_golden_value_agrees_with_dp_accounting_within_its_error() -> None:
+    """Opacus' golden setting (sigma 1.5, q 0.04, 2250 steps): fedslm's PLD (interval 1e-3) lies between
+    dp_accounting's optimistic and pessimistic estimates at its finer default interval 1e-4, and far below RDP.
+
+    The optimistic estimate is a lower bound on the true epsilon: the PLD bound is at most 0.12 loose."""
+    import dp_accounting
+    from dp_accounting.pld import PLDAccountant, privacy_loss_distribution
+
+    ours = ClientAccountant("pld", [(1.5, 0.04, 2250)]).epsilon(1e-5)
+    assert ours == pytest.approx(6.7695, abs=1e-3)
+    reference = PLDAccountant()  # value_discretization_interval 1e-4, pessimistic: an upper bound
+    reference.compose(dp_accounting.PoissonSampledDpEvent(0.04, dp_accounting.GaussianDpEvent(1.5)), 2250)
+    upper = reference.get_epsilon(1e-5)
+    lower = (
+        privacy_loss_distribution.from_gaussian_mechanism(1.5, sampling_prob=0.04, pessimistic_estimate=False)
+        .self_compose(2250)
+        .get_epsilon_for_delta(1e-5)
+    )
+    assert lower <= upper <= ours <= upper + 0.002, (lower, upper, ours)
+    assert upper - lower < 0.12  # the true epsilon lies in [6.656, 6.769]; RDP's 7.329 is 0.56 above it
+    assert ClientAccountant("rdp", [(1.5, 0.04, 2250)]).epsilon(1e-5) == pytest.approx(7.32911117143, abs=1e-6)
+
+
+def test_rdp_spends_more_than_pld_on_the_demo_run_so_pld_calibrates_less_noise() -> None:
+    """The demo: 30 steps at q = 8/243. RDP's noise for epsilon 8 is worth 6.57 under PLD; PLD's own is 7.5% smaller."""
+    q = 8 / 243
+    rdp_sigma = calibrate_noise(8.0, 1e-5, q, 30, accountant="rdp")
+    assert rdp_sigma == pytest.approx(0.5713, abs=1e-3)
+    assert ClientAccountant("rdp", [(rdp_sigma, q, 30)]).epsilon(1e-5) == pytest.approx(7.994, abs=2e-3)
+    assert ClientAccountant("pld", [(rdp_sigma, q, 30)]).epsilon(1e-5) == pytest.approx(6.567, abs=2e-3)
+    pld_sigma = calibrate_noise(8.0, 1e-5, q, 30, accountant="pld")
+    assert pld_sigma == pytest.approx(0.5284, abs=1e-3)
+    assert 7.84 <= ClientAccountant("pld", [(pld_sigma, q, 30)]).epsilon(1e-5) <= 8.0
+    assert ClientAccountant("rdp", [(pld_sigma, q, 30)]).epsilon(1e-5) > 9.5  # RDP cannot certify that noise
+
+
 # ------------------------------------------------------------------------------------------------
 # rounds compose like one run, across restarts
 
 
-@pytest.mark.parametrize("kind", ["rdp", "prv"])
+@pytest.mark.parametrize("kind", ["rdp", "prv", "pld"])
 def test_rounds_compose_to_one_run_even_across_a_restart(tmp_path: Path, kind: str) -> None:
     one = ClientAccountant(kind, [(0.9, 0.02, 150)])
     uninterrupted, restarted = ClientAccountant(kind), ClientAccountant(kind)
@@ -84,7 +145,8 @@ def test_changing_noise_starts_a_new_entry_and_costs_more() -> None:
     acc.record(1.0, 0.01, 10)
     acc.record(1.0, 0.01, 0)  # a round without steps records nothing
     assert acc.history == [(1.0, 0.01, 10), (2.0, 0.01, 5), (1.0, 0.01, 10)] and acc.steps == 25
-    assert ClientAccountant("rdp", [(1.0, 0.01, 20)]).epsilon(1e-5) < acc.epsilon(1e-5)
+    assert acc.accountant == "pld"  # the default
+    assert ClientAccountant("pld", [(1.0, 0.01, 20)]).epsilon(1e-5) < acc.epsilon(1e-5)
 
 
 def test_no_steps_is_zero_epsilon_and_no_noise_is_infinite() -> None:
@@ -108,7 +170,7 @@ def test_prv_refuses_a_grid_that_would_exhaust_memory() -> None:
 # calibration and the budget check
 
 
-@pytest.mark.parametrize("kind", ["rdp", "prv"])
+@pytest.mark.parametrize("kind", ["rdp", "prv", "pld"])
 def test_calibration_meets_the_target_within_two_percent(kind: str) -> None:
     sigma = calibrate_noise(8.0, 1e-5, 0.02, 300, accountant=kind)
     final = ClientAccountant(kind, [(sigma, 0.02, 300)]).epsilon(1e-5)
@@ -241,7 +303,7 @@ def test_unreadable_state_file_raises(tmp_path: Path) -> None:
 
 
 def test_central_accountant_composes_rounds_and_survives_a_checkpoint(tmp_path: Path) -> None:
-    central = CentralAccountant()
+    central = CentralAccountant("rdp")  # as CentralDP keeps it
     for rnd in range(1, 21):  # 10 of 100 clients per round: q = 0.1, one composition per round
         central.record_round(1.0, 10, 100)
         if rnd == 8:
