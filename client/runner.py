@@ -20,6 +20,7 @@ from fedslm.adapters import adapter_state, fit_rank, load_adapter_state
 from fedslm.config import RunConfig, apply_profile, client_profile, config_from_dict
 from fedslm.logs import get_logger
 from fedslm.model import RESIDENT, cache_root
+from fedslm.plan import validation_size
 from fedslm.protocol import node_client_id
 from fedslm.training import LocalTraining, train_local
 
@@ -28,7 +29,6 @@ from .state import ClientStore
 
 log = get_logger(__name__)
 
-VALIDATION_FRACTION = 0.1  # of each client's records, held back for its own evaluation
 
 
 _ENCODED: dict[
@@ -103,7 +103,7 @@ class ClientRunner:
         )
         if key not in _ENCODED:
             records = self._records()
-            n_val = int(len(records) * VALIDATION_FRACTION) if len(records) >= 10 else 0
+            n_val = validation_size(len(records))
             train_recs, val_recs = records[n_val:], records[:n_val]
             train_recs = audit.insert_canaries(self.cfg, self.client_id, train_recs)  # never in validation
             _ENCODED.clear()

@@ -129,6 +129,9 @@ class PrivacyConfig:
     accountant: Literal["pld", "rdp", "prv"] = _f(
         "pld", "accountant for noise calibration and reporting: pld (tightest valid bound) | rdp | prv"
     )
+    max_noise_multiplier: float = _f(
+        50.0, "the most noise calibration may choose; a budget that needs more is refused at check"
+    )
     secure_mode: bool = _f(False, "cryptographically secure noise (slower; for production)")
     central_noise_multiplier: float = _f(1.0, "central DP: noise std / clipping norm")
     central_clipping_norm: float = _f(1.0, "central DP: L2 bound of each client's adapter update")
@@ -138,6 +141,7 @@ class PrivacyConfig:
         _check(self.target_epsilon > 0, "privacy.target_epsilon", "must be > 0")
         _check(0 < self.delta < 1, "privacy.delta", f"{self.delta} not in (0, 1)")
         _check(self.max_grad_norm > 0, "privacy.max_grad_norm", "must be > 0")
+        _check(self.max_noise_multiplier > 0, "privacy.max_noise_multiplier", "must be > 0")
         _check(self.central_noise_multiplier >= 0, "privacy.central_noise_multiplier", "must be >= 0")
         _check(self.central_clipping_norm > 0, "privacy.central_clipping_norm", "must be > 0")
         _check(0 < self.central_delta < 1, "privacy.central_delta", "not in (0, 1)")

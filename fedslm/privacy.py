@@ -15,6 +15,7 @@ Opacus is imported lazily: it pulls in torch, which a server that only accounts 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import numbers
@@ -305,7 +306,7 @@ def calibrate_noise(
     final epsilon lies in ``[target - tolerance, target]``). For PRV and PLD the noise is first
     bracketed with RDP, which also refuses targets that no noise level below 1e6 reaches; the PRV
     grid the search would need is checked before any is allocated, and PLD bisects below RDP's noise
-    (:func:`fedslm.pld.pld_noise`).
+    (:func:`fedslm.pld.pld_noise`, which brackets on its own where RDP cannot reach the target).
     """
     if accountant not in ACCOUNTANTS:
         raise PrivacyError(f"unknown accountant {accountant!r}; choose one of {list(ACCOUNTANTS)}")
@@ -319,15 +320,18 @@ def calibrate_noise(
     if not 0 < epsilon_tolerance < target_epsilon:
         raise PrivacyBudgetError(f"epsilon tolerance {epsilon_tolerance} not in (0, target {target_epsilon})")
     try:
+        if accountant == "pld":
+            from .pld import pld_noise
+
+            rdp: float | None = None  # RDP cannot certify a tiny epsilon at any noise (its orders stop at 256)
+            with contextlib.suppress(ValueError):
+                rdp = _noise_for(target_epsilon, delta, sample_rate, total_steps, "rdp", epsilon_tolerance)
+            return pld_noise(target_epsilon, delta, sample_rate, total_steps, rdp, epsilon_tolerance)
         sigma = _noise_for(target_epsilon, delta, sample_rate, total_steps, "rdp", epsilon_tolerance)
         if accountant == "prv":
             # PRV is tighter than RDP, so its answer is below sigma; the bisection probes down to about half of it
             _check_prv_size([(sigma / 2, sample_rate, total_steps)], delta)
             sigma = _noise_for(target_epsilon, delta, sample_rate, total_steps, "prv", epsilon_tolerance)
-        elif accountant == "pld":
-            from .pld import pld_noise
-
-            sigma = pld_noise(target_epsilon, delta, sample_rate, total_steps, sigma, epsilon_tolerance)
     except PrivacyError:
         raise
     except ValueError as e:

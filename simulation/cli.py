@@ -11,8 +11,10 @@ from pathlib import Path
 
 from fedslm.server.preflight import load_run
 
+from fedslm.config import ConfigError, RunConfig
 from fedslm.errors import FedslmError
 from fedslm.logs import get_logger, setup_logging
+from fedslm.plan import ClientPlan, check_privacy_plan, plan_line
 
 Handler = Callable[[argparse.Namespace], int]
 log = get_logger(__name__)
@@ -37,6 +39,9 @@ def _simulate(args: argparse.Namespace) -> int:
         sets = list(args.set) + ([f"federation.ray_address={args.ray_address}"] if args.ray_address else [])
         cfg = load_run(args.config, sets)  # fails here, before anything heavy starts
         out = Path(args.out) if args.out else default_out_dir(Path(args.config).stem)
+    plans = _privacy_plan(cfg, str(args.resume or args.config))
+    if plans:
+        log.info("local DP: %s", plan_line(plans, cfg.privacy))
     rows = simulate(cfg, out, progress=not args.no_progress, resume=bool(args.resume))  # main() reports errors
     print()
     print(results_table(rows))
@@ -85,10 +90,23 @@ def _check(args: argparse.Namespace) -> int:
     from fedslm.model import resolve_hardware
 
     cfg = load_run(args.config, args.set)
+    plans = _privacy_plan(cfg, args.config)
     print(cfg.to_yaml())
     hw = resolve_hardware(cfg.model)
     print(f"# on this machine: model.device -> {hw.device}, model.compute_dtype -> {hw.compute_dtype}")
+    if plans:
+        print(f"# local DP: {plan_line(plans, cfg.privacy)}")
     return 0
+
+
+def _privacy_plan(cfg: RunConfig, source: str) -> list[ClientPlan]:
+    """Each client's DP plan (loads the data, no model); an infeasible budget or batch raises ConfigError."""
+    from fedslm.model import cache_root
+
+    try:
+        return check_privacy_plan(cfg, cache_root(cfg.model))
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
 
 
 def _export(args: argparse.Namespace) -> int:
