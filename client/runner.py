@@ -174,6 +174,7 @@ class ClientRunner:
             train_lora_a=bool(self.strategy_keys.get("train-lora-a", True)),
             dp=dp,
             length_bucketing=t.length_bucketing,
+            physical_batch_size=t.physical_batch_size,
         )
         result = train_local(model, train_ex, tokenizer.pad_token_id, spec)
         if accountant is not None:

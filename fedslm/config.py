@@ -111,11 +111,15 @@ class TrainConfig:
     weight_decay: float = _f(0.0, "AdamW weight decay")
     seed: int = _f(0, "seed of local shuffling and dropout (mixed with client id and round)")
     length_bucketing: bool = _f(False, "batch records of similar length (less padding); not with local DP")
+    physical_batch_size: int = _f(
+        0, "most sequences per forward/backward (memory); a larger logical batch is accumulated (0 = no split)"
+    )
 
     def __post_init__(self) -> None:
         _check(self.local_steps >= 1, "train.local_steps", "must be >= 1")
         _check(self.batch_size >= 1, "train.batch_size", "must be >= 1")
         _check(0 < self.learning_rate < 1, "train.learning_rate", f"{self.learning_rate} not in (0, 1)")
+        _check(self.physical_batch_size >= 0, "train.physical_batch_size", "must be >= 0 (0 = no split)")
 
 
 @dataclass

@@ -54,6 +54,7 @@ class LocalTraining:
     train_lora_a: bool = True
     dp: DPSettings | None = None
     length_bucketing: bool = False  # batches of similar lengths (less padding); never under DP
+    physical_batch_size: int = 0  # most sequences per forward/backward; a larger logical batch is accumulated
 
 
 @dataclass
@@ -67,6 +68,7 @@ class TrainResult:
     samples_seen: int
     empty_batches: int = 0
     losses: list[float] = field(default_factory=list)
+    micro_batches: int = 0  # forward/backward passes (= steps less empty batches without physical_batch_size)
 
 
 def sample_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -270,7 +272,7 @@ def train_local(
     model.train()
     keep_logits = _keeps_logits(model)
     losses: list[float] = []
-    seen = empty = 0
+    seen = empty = micro = 0
     t0 = time.perf_counter()
     with _session(model, cfg, len(examples)) as run:
         # FedProx anchors: the starting (= global) values of the trainable parameters
@@ -283,13 +285,10 @@ def train_local(
             if run.dp_opt is not None:
                 run.dp_opt.zero_grad(set_to_none=True)
             if idx:
-                batch = collate_on([examples[i] for i in idx], pad_id, device)
-                loss = batch_losses(run.forward_model, batch, keep_logits).mean()
-                if not torch.isfinite(loss):
-                    raise TrainingError(f"non-finite loss {loss.item()} at step {step}")
-                loss.backward()
-                losses.append(loss.item())
+                loss = _accumulate(run, [examples[i] for i in idx], pad_id, device, keep_logits, cfg, step)
+                losses.append(loss)
                 seen += len(idx)
+                micro += math.ceil(len(idx) / (cfg.physical_batch_size or len(idx)))
             else:  # an empty Poisson batch: a noise-only step
                 empty += 1
                 for p in run.params:  # Opacus' per-sample gradients: an attribute it adds to parameters at runtime
@@ -313,7 +312,43 @@ def train_local(
         samples_seen=seen,
         empty_batches=empty,
         losses=losses,
+        micro_batches=micro,
     )
+
+
+def _accumulate(
+    run: _Session,
+    batch: list[dict[str, Any]],
+    pad_id: int,
+    device: torch.device,
+    keep_logits: bool,
+    cfg: LocalTraining,
+    step: int,
+) -> float:
+    """Gradients of one logical batch, in physical micro-batches of at most ``cfg.physical_batch_size``.
+
+    Opacus' ``BatchMemoryManager`` semantics: under DP each micro-batch's per-sample gradients are
+    clipped and summed (``signal_skip_step`` + ``pre_step``: no noise, no step), and the step that
+    follows adds the noise of the logical batch once; the accountant sees one step. Without DP the
+    micro-batch losses are scaled to the logical batch's mean, so the summed gradients are its gradient.
+    Returns the logical batch's mean loss.
+    """
+    size = cfg.physical_batch_size or len(batch)
+    total = 0.0
+    for k in range(0, len(batch), size):
+        if k and run.dp_opt is not None:  # clip and keep the previous micro-batch's per-sample gradients
+            run.dp_opt.signal_skip_step(do_skip=True)
+            run.dp_opt.pre_step()
+            run.dp_opt.zero_grad(set_to_none=True)  # drops grad_sample; the clipped sum is kept
+        chunk = batch[k : k + size]
+        per_example = batch_losses(run.forward_model, collate_on(chunk, pad_id, device), keep_logits)
+        if not torch.isfinite(per_example).all():
+            raise TrainingError(f"non-finite loss at step {step}")
+        # Opacus' per-sample gradients of a mean loss are rescaled by the micro-batch size itself
+        loss = per_example.mean() if run.dp_opt is not None else per_example.sum() / len(batch)
+        loss.backward()
+        total += per_example.detach().sum().item()
+    return total / len(batch)
 
 
 def _grad_sample_module(model: Any) -> Any:
