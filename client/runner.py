@@ -22,7 +22,7 @@ from fedslm.logs import get_logger
 from fedslm.model import RESIDENT, cache_root
 from fedslm.plan import validation_size
 from fedslm.protocol import node_client_id
-from fedslm.training import LocalTraining, train_local
+from fedslm.training import LocalTraining, round_learning_rate, train_local
 
 from .privacy import DeclinedRound
 from .state import ClientStore
@@ -167,7 +167,10 @@ class ClientRunner:
         spec = LocalTraining(
             steps=t.local_steps,
             batch_size=t.batch_size,
-            learning_rate=t.learning_rate,
+            learning_rate=round_learning_rate(
+                t.learning_rate, t.lr_schedule, self.server_round, self.cfg.federation.num_rounds
+            )
+            * float(self.strategy_keys.get("lr-scale", 1.0)),  # lowered by the server's divergence guard
             weight_decay=t.weight_decay,
             seed=seed,
             proximal_mu=float(self.strategy_keys.get("proximal-mu", 0.0)),
@@ -175,6 +178,8 @@ class ClientRunner:
             dp=dp,
             length_bucketing=t.length_bucketing,
             physical_batch_size=t.physical_batch_size,
+            max_grad_norm=t.max_grad_norm,
+            warmup_steps=t.warmup_steps,
         )
         result = train_local(model, train_ex, tokenizer.pad_token_id, spec)
         if accountant is not None:

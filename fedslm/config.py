@@ -111,6 +111,13 @@ class TrainConfig:
     weight_decay: float = _f(0.0, "AdamW weight decay")
     seed: int = _f(0, "seed of local shuffling and dropout (mixed with client id and round)")
     length_bucketing: bool = _f(False, "batch records of similar length (less padding); not with local DP")
+    max_grad_norm: float = _f(
+        1.0, "non-private training: clip each step's gradient to this L2 norm (0 = off); DP uses privacy.max_grad_norm"
+    )
+    warmup_steps: int = _f(0, "linear learning-rate warm-up over the first local steps of every round (0 = none)")
+    lr_schedule: Literal["constant", "cosine"] = _f(
+        "constant", "learning rate across rounds: constant | cosine (down to a tenth in the last round)"
+    )
     physical_batch_size: int = _f(
         0, "most sequences per forward/backward (memory); a larger logical batch is accumulated (0 = no split)"
     )
@@ -119,6 +126,8 @@ class TrainConfig:
         _check(self.local_steps >= 1, "train.local_steps", "must be >= 1")
         _check(self.batch_size >= 1, "train.batch_size", "must be >= 1")
         _check(0 < self.learning_rate < 1, "train.learning_rate", f"{self.learning_rate} not in (0, 1)")
+        _check(self.max_grad_norm >= 0, "train.max_grad_norm", "must be >= 0 (0 = off)")
+        _check(self.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
         _check(self.physical_batch_size >= 0, "train.physical_batch_size", "must be >= 0 (0 = no split)")
 
 

@@ -55,6 +55,8 @@ class LocalTraining:
     dp: DPSettings | None = None
     length_bucketing: bool = False  # batches of similar lengths (less padding); never under DP
     physical_batch_size: int = 0  # most sequences per forward/backward; a larger logical batch is accumulated
+    max_grad_norm: float = 0.0  # without DP: clip the batch gradient's L2 norm (0 = off); DP clips per sample
+    warmup_steps: int = 0  # linear learning-rate warm-up over the first local steps (AdamW restarts each call)
 
 
 @dataclass
@@ -293,6 +295,10 @@ def train_local(
                 empty += 1
                 for p in run.params:  # Opacus' per-sample gradients: an attribute it adds to parameters at runtime
                     p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)  # type: ignore[attr-defined]
+            for group in run.optimizer.param_groups:
+                group["lr"] = cfg.learning_rate * warmup_factor(step, cfg.warmup_steps)
+            if run.dp_opt is None and cfg.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(run.params, cfg.max_grad_norm)
             _step(run.optimizer, run.dp_opt, anchors, cfg.proximal_mu)
             if step == 0:
                 _check_moved(run.params, before, run.names)
@@ -314,6 +320,20 @@ def train_local(
         losses=losses,
         micro_batches=micro,
     )
+
+
+def warmup_factor(step: int, warmup_steps: int) -> float:
+    """Share of the learning rate at local step ``step`` (0-based): ``(step + 1) / (warmup + 1)``, then 1."""
+    return min(1.0, (step + 1) / (warmup_steps + 1))
+
+
+def round_learning_rate(base: float, schedule: str, server_round: int, num_rounds: int) -> float:
+    """The learning rate of round ``server_round`` (1-based) of ``num_rounds``: constant, or cosine decay
+    from ``base`` in round 1 to ``base / 10`` in the last round."""
+    if schedule == "constant" or num_rounds <= 1:
+        return base
+    progress = min(max(server_round - 1, 0) / (num_rounds - 1), 1.0)
+    return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def _accumulate(
