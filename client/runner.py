@@ -21,7 +21,7 @@ from fedslm.config import RunConfig, apply_profile, client_profile, config_from_
 from fedslm.logs import get_logger
 from fedslm.model import RESIDENT, cache_root
 from fedslm.plan import validation_size
-from fedslm.protocol import node_client_id
+from fedslm.protocol import LR_SCALE_KEY, node_client_id
 from fedslm.training import LocalTraining, round_learning_rate, train_local
 
 from .privacy import DeclinedRound
@@ -170,7 +170,7 @@ class ClientRunner:
             learning_rate=round_learning_rate(
                 t.learning_rate, t.lr_schedule, self.server_round, self.cfg.federation.num_rounds
             )
-            * float(self.strategy_keys.get("lr-scale", 1.0)),  # lowered by the server's divergence guard
+            * float(self.strategy_keys.get(LR_SCALE_KEY, 1.0)),  # lowered by the server's divergence guard
             weight_decay=t.weight_decay,
             seed=seed,
             proximal_mu=float(self.strategy_keys.get("proximal-mu", 0.0)),

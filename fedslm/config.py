@@ -176,6 +176,11 @@ class FederationConfig:
     min_train_clients: int = _f(2, "a round needs at least this many replies, else it is skipped")
     round_timeout_s: float = _f(3600.0, "seconds to wait for replies in a round")
     seed: int = _f(0, "seed of client sampling")
+    divergence_factor: float = _f(
+        3.0,
+        "reject a round whose central eval loss exceeds this multiple of the best so far (or whose adapter is"
+        " not finite): the previous adapter is kept and the learning rate halved from then on (0 = loss test off)",
+    )
     client_cpus: float = _f(2.0, "CPUs reserved per simulated client (2 = one client at a time on 2 cores)")
     client_gpus: float = _f(0.0, "GPU share per simulated client (0.25 = four clients on one GPU); needs CUDA")
     ray_address: str = _f("", "attach the simulation to a running Ray cluster at host:port (empty = start one here)")
@@ -183,6 +188,7 @@ class FederationConfig:
     def __post_init__(self) -> None:
         _check(self.num_clients >= 1, "federation.num_clients", "must be >= 1")
         _check(self.num_rounds >= 1, "federation.num_rounds", "must be >= 1")
+        _check(self.divergence_factor >= 0, "federation.divergence_factor", "must be >= 0 (0 = off)")
         _check(0 < self.fraction_train <= 1, "federation.fraction_train", "not in (0, 1]")
         _check(
             1 <= self.min_train_clients <= self.num_clients,

@@ -9,6 +9,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+LR_SCALE_KEY = "lr-scale"  # train config: the factor the clients apply to their learning rate (divergence guard)
+
 
 def node_client_id(node_config: Mapping[str, Any]) -> int:
     """A node's client id: its simulation partition, or ``client-id`` in a deployed node's config."""

@@ -26,11 +26,13 @@ from fedslm.adapters import arrays_to_numpy, from_arrayrecord, numpy_to_arrays, 
 from fedslm.config import RunConfig
 from fedslm.fs import atomic_write
 from fedslm.logs import get_logger
+from fedslm.protocol import LR_SCALE_KEY
 from fedslm.records import arrays_of, as_float, as_int, metrics_of
 
 from . import checkpoint
 from .checkpoint import Checkpoint
 from .evaluation import CentralEvaluator
+from .guard import LR_BACKOFF, all_finite, divergence_reason
 from .validation import UpdateRejected, check_update
 
 log = get_logger(__name__)
@@ -127,9 +129,12 @@ class Federation:
         self.exhausted: set[int] = set()  # client ids whose privacy budget is spent
         self.client_of: dict[int, int] = {}  # node id -> client id, learnt at the start
         self.rows: list[dict[str, Any]] = []
+        self.lr_scale = 1.0  # halved by each round the divergence guard rejects
+        self.best: tuple[float, int] | None = None  # (central eval loss, round) of the best kept round
 
     def _train_config(self) -> ConfigRecord:
-        return ConfigRecord({"run-config": self.cfg.to_yaml(), "run-name": self.run_name})
+        config = {"run-config": self.cfg.to_yaml(), "run-name": self.run_name, LR_SCALE_KEY: self.lr_scale}
+        return ConfigRecord(config)
 
     def _evaluate(self, rnd: int, arrays: ArrayRecord) -> dict[str, Any]:
         t0 = time.perf_counter()
@@ -172,6 +177,8 @@ class Federation:
         self.exhausted = set(ck.state["exhausted"])
         self.epsilon_by_client = {int(k): v for k, v in ck.state["epsilon_by_client"].items()}
         self.privacy_by_client = {int(k): v for k, v in ck.state["privacy_by_client"].items()}
+        self.lr_scale = float(ck.state.get("lr_scale", 1.0))  # absent in checkpoints of older versions
+        self.best = tuple(ck.state["best"]) if ck.state.get("best") else None  # type: ignore[assignment]
         # rows of a round that had not checkpointed are dropped
         atomic_write(self.out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.rows))
         log.info("resumed from %s: round %d done, continuing", ck.path, ck.round)
@@ -184,6 +191,8 @@ class Federation:
             "exhausted": sorted(self.exhausted),
             "epsilon_by_client": self.epsilon_by_client,
             "privacy_by_client": self.privacy_by_client,
+            "lr_scale": self.lr_scale,
+            "best": list(self.best) if self.best else None,
         }
         checkpoint.save(self.out, rnd, arrays_to_numpy(arrays), self.strategy.state_dict(), state)
 
@@ -196,7 +205,9 @@ class Federation:
         t_start = time.perf_counter()
         if resume is None:
             arrays = self.evaluator.initial_arrays()
-            self._record(0, arrays, self._evaluate(0, arrays), {}, RoundReplies(), 0, 0, t_start, skipped=False)
+            ev0 = self._evaluate(0, arrays)
+            self.best = (float(ev0["eval_loss"]), 0)  # the base adapter: a later round must beat it
+            self._record(0, arrays, ev0, {}, RoundReplies(), 0, 0, t_start, skipped=False)
             self._checkpoint(0, arrays)
             first = 1
         else:
@@ -241,20 +252,38 @@ class Federation:
                     len(replies.ok),
                     fed.min_train_clients,
                 )
-            else:
+            kept = arrays
+            if not skipped:
                 new_arrays, agg = self.strategy.aggregate_train(rnd, replies.ok)
                 if new_arrays is not None:
                     arrays = self._merge(arrays, new_arrays)
                 train_metrics = dict(agg or {})
             # the last round run: the configured count, or every client has spent its budget
             last = rnd == fed.num_rounds or not AvailableGrid(grid, self.client_of, self.exhausted).get_node_ids()
+            finite = all_finite(arrays)
             ev: dict[str, Any] = {}
-            if rnd % self.cfg.eval.every == 0 or last:
+            if finite and (rnd % self.cfg.eval.every == 0 or last):
                 ev = self._evaluate(rnd, arrays)
-                if self.cfg.eval.per_client:
-                    per_client, sent = self._evaluate_on_clients(rnd, arrays, grid)
-                    ev["per_client"] = per_client
-                    down += sent
+            best = self.best[0] if self.best else None
+            diverged = divergence_reason(ev.get("eval_loss"), best, fed.divergence_factor, finite)
+            if diverged:
+                self.lr_scale *= LR_BACKOFF
+                log.warning(
+                    "round %d rejected: %s; the previous global adapter is kept, learning rate x%g from now on",
+                    rnd,
+                    diverged,
+                    self.lr_scale,
+                )
+                arrays = kept
+                evaluate = rnd % self.cfg.eval.every == 0 or last
+                ev = self._evaluate(rnd, arrays) if evaluate else {}  # the row describes the adapter kept
+            elif ev and (self.best is None or ev["eval_loss"] < self.best[0]):
+                self.best = (float(ev["eval_loss"]), rnd)
+            if ev and self.cfg.eval.per_client:
+                per_client, sent = self._evaluate_on_clients(rnd, arrays, grid)
+                ev["per_client"] = per_client
+                down += sent
+            train_metrics["diverged"] = diverged or None
             self._record(rnd, arrays, ev, train_metrics, replies, up, down, t0, skipped)
             self._checkpoint(rnd, arrays)
         log.info("Federation finished in %.1f s", time.perf_counter() - t_start)
@@ -376,6 +405,11 @@ class Federation:
             "epsilon_max": max(eps) if eps else None,
             "epsilon_mean": sum(eps) / len(eps) if eps else None,
             "epsilon_central": train.get("epsilon-central"),
+            # the divergence guard: why this round's aggregate was rejected (None: kept), the clients'
+            # learning-rate factor from now on, and the best kept round so far (lowest central eval loss)
+            "diverged": train.get("diverged"),
+            "lr_scale": self.lr_scale,
+            "best_round": self.best[1] if self.best else None,
             # seconds the clients spent in their optimizer steps, and on the whole message (model, data,
             # privacy accounting, upload); the rest of wall_s is messaging, loading and evaluation
             "train_s_sum": sum(

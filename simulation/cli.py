@@ -299,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.add_argument("--format", required=True, choices=["peft", "merged", "gguf"])
     p.add_argument("--out", required=True)
-    p.add_argument("--round", type=int, default=None, help="default: the last round")
+    p.add_argument("--round", type=int, default=None, help="default: the best round (lowest eval loss)")
     p.add_argument("--gguf-dtype", default="f16", choices=["f16", "f32"])
     p.add_argument("--force", action="store_true", help="replace an existing non-empty --out (never the run)")
     p.set_defaults(func=_export)
@@ -312,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("run_dir")
         if name == "generate":
             p.add_argument("prompt")
-        p.add_argument("--round", type=int, default=None, help="default: the last round")
+        p.add_argument("--round", type=int, default=None, help="default: the best round (lowest eval loss)")
         p.add_argument("--max-new-tokens", type=int, default=64)
         p.set_defaults(func=func)
 
