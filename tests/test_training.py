@@ -330,3 +330,21 @@ def test_plain_training_clips_the_step_gradient_and_warms_up(fresh) -> None:
 def test_round_learning_rate_schedule() -> None:
     assert [round_learning_rate(0.01, "cosine", r, 3) for r in (1, 2, 3)] == pytest.approx([0.01, 0.0055, 0.001])
     assert round_learning_rate(0.01, "constant", 3, 3) == 0.01 == round_learning_rate(0.01, "cosine", 1, 1)
+
+
+def test_ffa_lora_under_dp_trains_b_only_and_lowers_loss(fresh) -> None:
+    """FFA-LoRA (strategy ffa-lora sends train-lora-a false) under DP-SGD: every A stays bitwise at its
+    init, every B moves and stays finite, and the loss goes down (opacus#820's symptom is the opposite)."""
+    tok = fresh.base.tokenizer
+    cfg = LocalTraining(
+        steps=30, batch_size=16, learning_rate=0.05, train_lora_a=False, dp=DPSettings(0.5, 1.0, 16 / 64)
+    )
+    result = train_local(fresh.model, _examples(tok), tok.pad_token_id, cfg)
+    after = adapter_state(fresh.model)
+    a_keys = [k for k in after if "lora_A" in k]
+    b_keys = [k for k in after if "lora_B" in k]
+    assert a_keys and len(a_keys) == len(b_keys)
+    assert all(torch.equal(after[k], fresh.initial[k]) for k in a_keys)
+    assert all(not torch.equal(after[k], fresh.initial[k]) and torch.isfinite(after[k]).all() for k in b_keys)
+    assert sum(result.losses[-5:]) / 5 < sum(result.losses[:5]) / 5 - 0.1, result.losses
+    assert all(p.requires_grad for n, p in fresh.model.named_parameters() if "lora_A" in n)  # restored on exit
