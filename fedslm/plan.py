@@ -11,6 +11,7 @@ logical batch larger than a client's data and a budget that no noise multiplier 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -114,3 +115,24 @@ def plan_line(plans: list[ClientPlan], privacy: PrivacyConfig) -> str:
         f" q {span([p.sample_rate for p in plans], '.4f')}, steps {span([p.steps for p in plans], 'd')},"
         f" noise multiplier {span([p.noise_multiplier for p in plans], '.3f')}"
     )
+
+
+def plan_report(cfg: RunConfig, plans: list[ClientPlan]) -> list[str]:
+    """``fedslm privacy plan``: a row per client, then the epsilon each client has spent after every
+    round (taking part in every round it is expected to) under PLD and RDP, for the same noise."""
+    p = cfg.privacy
+    lines = [plan_line(plans, p), "", "client  records  logical batch  q        steps  noise multiplier"]
+    lines += [
+        f"{c.client_id:>6}  {c.records:>7}  {c.batch_size:>13}  {c.sample_rate:<7.4f}  {c.steps:>5}"
+        f"  {c.noise_multiplier:.4f}"
+        for c in plans
+    ]
+    per_round = cfg.train.local_steps
+    rounds = max(1, math.ceil(plans[0].steps / per_round)) if plans else 0
+    lines += ["", f"epsilon after each round (delta {p.delta:g}, {per_round} steps a round), largest over the clients:"]
+    lines.append("round  " + "  ".join(f"{kind:>7}" for kind in ("pld", "rdp")))
+    for r in range(1, rounds + 1):
+        eps = [max(_epsilon(kind, [(c.noise_multiplier, c.sample_rate, r * per_round)], p.delta) for c in plans)
+               for kind in ("pld", "rdp")]
+        lines.append(f"{r:>5}  " + "  ".join(f"{e:>7.3f}" for e in eps))
+    return lines

@@ -109,6 +109,17 @@ def _privacy_plan(cfg: RunConfig, source: str) -> list[ClientPlan]:
         raise ConfigError(f"{source}: {e}") from None
 
 
+def _privacy_plan_cli(args: argparse.Namespace) -> int:
+    from fedslm.plan import plan_report
+
+    cfg = load_run(args.config, args.set)
+    if not cfg.privacy.local:
+        print(f"{args.config}: privacy.mode is {cfg.privacy.mode!r}, no local DP: nothing to plan")
+        return 0
+    print("\n".join(plan_report(cfg, _privacy_plan(cfg, args.config))))
+    return 0
+
+
 def _export(args: argparse.Namespace) -> int:
     from fedslm.export import ExportError, export
 
@@ -294,6 +305,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.set_defaults(func=_check)
+
+    p = sub.add_parser("privacy", help="local DP before anything trains: `fedslm privacy plan CONFIG`")
+    psub = p.add_subparsers(dest="privacy_command", required=True)
+    p = psub.add_parser("plan", help="per client: records, q, steps, noise; epsilon after each round (PLD and RDP)")
+    p.add_argument("config")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.set_defaults(func=_privacy_plan_cli)
 
     p = sub.add_parser("export", help="export a run's adapter: peft | merged | gguf (checked vs the trained model)")
     p.add_argument("run_dir")

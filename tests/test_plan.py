@@ -55,3 +55,19 @@ def test_a_logical_batch_larger_than_a_client_is_refused_naming_the_key() -> Non
         check_privacy_plan(cfg, cache_root(cfg.model))
     fits = _cfg(f"train.batch_size={smallest}")
     assert max(p.sample_rate for p in check_privacy_plan(fits, cache_root(fits.model))) == 1.0
+
+
+def test_privacy_plan_prints_each_client_and_epsilon_per_round_under_both_accountants(capsys) -> None:
+    from fedslm.simulation.cli import main
+
+    assert main(["privacy", "plan", str(TINY), "--set", "privacy.mode=local"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    table = out[out.index("client  records  logical batch  q        steps  noise multiplier") + 1 :]
+    clients = [line.split() for line in table[: table.index("")]]
+    assert [int(c[0]) for c in clients] == [0, 1, 2, 3] and all(int(c[4]) == 6 for c in clients)  # 2 rounds x 3 steps
+    rounds = [line.split() for line in out[out.index("round      pld      rdp") + 1 :]]
+    assert [r[0] for r in rounds] == ["1", "2"]
+    pld, rdp = [float(r[1]) for r in rounds], [float(r[2]) for r in rounds]
+    assert pld[0] < pld[1] <= 8.0 < rdp[1] and rdp[0] > pld[0]  # calibrated on PLD; RDP says more for the same noise
+    assert main(["privacy", "plan", str(TINY)]) == 0
+    assert "nothing to plan" in capsys.readouterr().out
