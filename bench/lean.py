@@ -6,7 +6,7 @@ side in this one invocation: RSS once the model is loaded, and the peak RSS (the
 mark, reset before each phase) while loading, while training and while evaluating, the median step
 time, and the held-out eval loss of the base model and of the adapter after training.
 
-    .venv/bin/python bench/lean.py [--steps 10] [--batch 4] [--tokens 128] [--variants nf4 fp32 ...]
+    .venv/bin/python bench/lean.py [--steps 10] [--batch 4] [--tokens 128] [--no-eval] [--variants nf4 fp32 ...]
 """
 
 from __future__ import annotations
@@ -43,6 +43,13 @@ VARIANTS: dict[str, Variant] = {
     "nf4 + fp32 compute": Variant(["model.quantization=nf4", "model.compute_dtype=float32"], "NF4, fp32 compute, DP"),
     "int8 + fp32 compute": Variant(["model.quantization=int8", "model.compute_dtype=float32"], "int8, fp32, DP"),
     "nf4 + bf16 compute": Variant(["model.quantization=nf4", "model.compute_dtype=bfloat16"], "NF4, bf16 compute, DP"),
+    # glibc's mmap threshold fixed at 1 MB: per-layer fp32 temporaries (a dequantized 576x1536 weight is
+    # 3.5 MB) are mapped and unmapped instead of piling up in the heap once the dynamic threshold rose
+    "nf4 + fp32 compute + mmap 1MB": Variant(
+        ["model.quantization=nf4", "model.compute_dtype=float32"],
+        "NF4, fp32 compute, DP, MALLOC_MMAP_THRESHOLD_=1048576",
+        env={"MALLOC_MMAP_THRESHOLD_": "1048576"},
+    ),
     "nf4 + lean malloc": Variant(
         ["model.quantization=nf4"], "NF4, DP-SGD, with MALLOC_TRIM_THRESHOLD_=0 MALLOC_TOP_PAD_=0", env=LEAN_MALLOC
     ),
@@ -128,13 +135,15 @@ def worker(args: argparse.Namespace) -> None:
     train_peak = _vm_kb("VmHWM") / 1e6
     train_cuda = torch.cuda.max_memory_allocated() / 1e9 if cuda else None
     steps = [b - a for a, b in zip([t1, *stamps[:-1]], stamps, strict=True)][2:]  # drop 2 warm-up steps
-    test = data.test_records(cfg.data, cache)
-    test_ex = tasks.encode(cfg, tok, test)
-    _reset_peak_rss()
-    after = tasks.evaluate_records(cfg, model, tok, test, test_ex)
-    load_adapter_state(model, resident.initial)  # B = 0: the base model itself
-    before = tasks.evaluate_records(cfg, model, tok, test, test_ex)
-    eval_peak = _vm_kb("VmHWM") / 1e6
+    before, after, eval_peak = {"eval_loss": float("nan")}, {"eval_loss": float("nan")}, float("nan")
+    if not args.no_eval:
+        test = data.test_records(cfg.data, cache)
+        test_ex = tasks.encode(cfg, tok, test)
+        _reset_peak_rss()
+        after = tasks.evaluate_records(cfg, model, tok, test, test_ex)
+        load_adapter_state(model, resident.initial)  # B = 0: the base model itself
+        before = tasks.evaluate_records(cfg, model, tok, test, test_ex)
+        eval_peak = _vm_kb("VmHWM") / 1e6
     print(
         json.dumps(
             {
@@ -162,6 +171,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4, help="expected Poisson batch (the phone profile uses 2)")
     parser.add_argument("--tokens", type=int, default=128, help="attended tokens per sequence")
     parser.add_argument("--threads", type=int, default=2, help="torch threads per variant")
+    parser.add_argument("--no-eval", action="store_true", help="skip the evaluation phase (memory and steps only)")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--variant", choices=list(VARIANTS), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -172,7 +182,7 @@ def main() -> None:
     for variant in args.variants:
         cmd = [sys.executable, __file__, "--variant", variant, "--config", args.config]
         cmd += ["--steps", str(args.steps), "--batch", str(args.batch), "--tokens", str(args.tokens)]
-        cmd += ["--threads", str(args.threads)]
+        cmd += ["--threads", str(args.threads)] + (["--no-eval"] if args.no_eval else [])
         env = {**os.environ, **VARIANTS[variant].env}
         out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
         results[variant] = json.loads(out.strip().splitlines()[-1])
