@@ -12,14 +12,8 @@ from __future__ import annotations
 
 from fedslm.config import RunConfig
 from fedslm.logs import get_logger
-from fedslm.privacy import (
-    ClientAccountant,
-    PrivacyStateError,
-    calibrate_noise,
-    expected_total_steps,
-    load_state,
-    save_state,
-)
+from fedslm.plan import calibrate
+from fedslm.privacy import ClientAccountant, PrivacyStateError, load_state, save_state
 from fedslm.protocol import PrivacyReport, TrainReport
 from fedslm.training import DPSettings
 
@@ -39,7 +33,7 @@ log = get_logger(__name__)
 
 class ClientPrivacy:
     def __init__(self, cfg: RunConfig, store: ClientStore, num_records: int) -> None:
-        p, fed, t = cfg.privacy, cfg.federation, cfg.train
+        p = cfg.privacy
         if p.delta >= 1.0 / num_records:
             log.warning(
                 "privacy.delta=%s is not below 1/records=%s of this client: the guarantee is weak",
@@ -48,11 +42,8 @@ class ClientPrivacy:
             )
         self.cfg = cfg
         self.path = store.root / "privacy.json"
-        self.sample_rate = min(1.0, t.batch_size / num_records)
-        self.total_steps = expected_total_steps(fed.num_rounds, fed.clients_per_round, fed.num_clients, t.local_steps)
-        self.noise_multiplier = calibrate_noise(
-            p.target_epsilon, p.delta, self.sample_rate, self.total_steps, accountant=p.accountant
-        )
+        plan = calibrate(cfg, num_records, "this client")  # what `fedslm check` computed for it
+        self.sample_rate, self.total_steps, self.noise_multiplier = plan.sample_rate, plan.steps, plan.noise_multiplier
         self.accountant = load_state(self.path) or ClientAccountant(p.accountant)
         if self.accountant.accountant != p.accountant:
             raise PrivacyStateError(

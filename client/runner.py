@@ -20,15 +20,15 @@ from fedslm.adapters import adapter_state, fit_rank, load_adapter_state
 from fedslm.config import RunConfig, apply_profile, client_profile, config_from_dict
 from fedslm.logs import get_logger
 from fedslm.model import RESIDENT, cache_root
+from fedslm.plan import validation_size
 from fedslm.protocol import CLIENT_ID, CONFIG, NUM_EXAMPLES, LoRAPlan, NodeConfig, TrainInstructions, TrainReport
-from fedslm.training import LocalTraining, train_local
+from fedslm.training import LocalTraining, round_learning_rate, train_local
 
 from .privacy import DeclinedRound
 from .state import ClientStore
 
 log = get_logger(__name__)
 
-VALIDATION_FRACTION = 0.1  # of each client's records, held back for its own evaluation
 
 
 _ENCODED: dict[
@@ -45,6 +45,7 @@ class ClientRunner:
     server_round: int
     plan: LoRAPlan  # what the strategy asks of this client's LoRA (train A? upload B? proximal mu)
     store: ClientStore
+    lr_scale: float = 1.0  # the server's divergence guard lowers it after a rejected round
     rank: int = 0  # LoRA rank this client trains (its profile's; 0 = lora.r, the global adapter's rank)
     profile: str = ""  # its profile in clients.profiles ("" = none)
 
@@ -72,6 +73,7 @@ class ClientRunner:
             data_path=nc.data_path,
             server_round=instructions.server_round,
             plan=instructions.plan,
+            lr_scale=instructions.lr_scale,
             store=ClientStore(state_root / instructions.run_name / f"client-{client_id}"),
             rank=prof.rank,
             profile=profile,
@@ -102,7 +104,7 @@ class ClientRunner:
         )
         if key not in _ENCODED:
             records = self._records()
-            n_val = int(len(records) * VALIDATION_FRACTION) if len(records) >= 10 else 0
+            n_val = validation_size(len(records))
             train_recs, val_recs = records[n_val:], records[:n_val]
             train_recs = audit.insert_canaries(self.cfg, self.client_id, train_recs)  # never in validation
             _ENCODED.clear()
@@ -165,13 +167,19 @@ class ClientRunner:
         spec = LocalTraining(
             steps=t.local_steps,
             batch_size=t.batch_size,
-            learning_rate=t.learning_rate,
+            learning_rate=round_learning_rate(
+                t.learning_rate, t.lr_schedule, self.server_round, self.cfg.federation.num_rounds
+            )
+            * self.lr_scale,
             weight_decay=t.weight_decay,
             seed=seed,
             proximal_mu=self.plan.proximal_mu,
             train_lora_a=self.plan.train_lora_a,
             dp=dp,
             length_bucketing=t.length_bucketing,
+            physical_batch_size=t.physical_batch_size,
+            max_grad_norm=t.max_grad_norm,
+            warmup_steps=t.warmup_steps,
         )
         result = train_local(model, train_ex, tokenizer.pad_token_id, spec)
         privacy = accountant.record(t.local_steps) if accountant is not None else None

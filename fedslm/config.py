@@ -112,11 +112,24 @@ class TrainConfig:
     weight_decay: float = _f(0.0, "AdamW weight decay")
     seed: int = _f(0, "seed of local shuffling and dropout (mixed with client id and round)")
     length_bucketing: bool = _f(False, "batch records of similar length (less padding); not with local DP")
+    max_grad_norm: float = _f(
+        1.0, "non-private training: clip each step's gradient to this L2 norm (0 = off); DP uses privacy.max_grad_norm"
+    )
+    warmup_steps: int = _f(0, "linear learning-rate warm-up over the first local steps of every round (0 = none)")
+    lr_schedule: Literal["constant", "cosine"] = _f(
+        "constant", "learning rate across rounds: constant | cosine (down to a tenth in the last round)"
+    )
+    physical_batch_size: int = _f(
+        0, "most sequences per forward/backward (memory); a larger logical batch is accumulated (0 = no split)"
+    )
 
     def __post_init__(self) -> None:
         _check(self.local_steps >= 1, "train.local_steps", "must be >= 1")
         _check(self.batch_size >= 1, "train.batch_size", "must be >= 1")
         _check(0 < self.learning_rate < 1, "train.learning_rate", f"{self.learning_rate} not in (0, 1)")
+        _check(self.max_grad_norm >= 0, "train.max_grad_norm", "must be >= 0 (0 = off)")
+        _check(self.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
+        _check(self.physical_batch_size >= 0, "train.physical_batch_size", "must be >= 0 (0 = no split)")
 
 
 @dataclass
@@ -127,7 +140,12 @@ class PrivacyConfig:
     target_epsilon: float = _f(8.0, "local DP budget for the WHOLE run, per client")
     delta: float = _f(1e-5, "local DP delta; must be below 1/records of the smallest client")
     max_grad_norm: float = _f(1.0, "per-sample gradient clipping norm (local DP)")
-    accountant: Literal["rdp", "prv"] = _f("rdp", "privacy accountant: rdp | prv")
+    accountant: Literal["pld", "rdp", "prv"] = _f(
+        "pld", "accountant for noise calibration and reporting: pld (tightest valid bound) | rdp | prv"
+    )
+    max_noise_multiplier: float = _f(
+        50.0, "the most noise calibration may choose; a budget that needs more is refused at check"
+    )
     secure_mode: bool = _f(False, "cryptographically secure noise (slower; for production)")
     central_noise_multiplier: float = _f(1.0, "central DP: noise std / clipping norm")
     central_clipping_norm: float = _f(1.0, "central DP: L2 bound of each client's adapter update")
@@ -137,6 +155,7 @@ class PrivacyConfig:
         _check(self.target_epsilon > 0, "privacy.target_epsilon", "must be > 0")
         _check(0 < self.delta < 1, "privacy.delta", f"{self.delta} not in (0, 1)")
         _check(self.max_grad_norm > 0, "privacy.max_grad_norm", "must be > 0")
+        _check(self.max_noise_multiplier > 0, "privacy.max_noise_multiplier", "must be > 0")
         _check(self.central_noise_multiplier >= 0, "privacy.central_noise_multiplier", "must be >= 0")
         _check(self.central_clipping_norm > 0, "privacy.central_clipping_norm", "must be > 0")
         _check(0 < self.central_delta < 1, "privacy.central_delta", "not in (0, 1)")
@@ -158,6 +177,11 @@ class FederationConfig:
     min_train_clients: int = _f(2, "a round needs at least this many replies, else it is skipped")
     round_timeout_s: float = _f(3600.0, "seconds to wait for replies in a round")
     seed: int = _f(0, "seed of client sampling")
+    divergence_factor: float = _f(
+        3.0,
+        "reject a round whose central eval loss exceeds this multiple of the best so far (or whose adapter is"
+        " not finite): the previous adapter is kept and the learning rate halved from then on (0 = loss test off)",
+    )
     client_cpus: float = _f(2.0, "CPUs reserved per simulated client (2 = one client at a time on 2 cores)")
     client_gpus: float = _f(0.0, "GPU share per simulated client (0.25 = four clients on one GPU); needs CUDA")
     ray_address: str = _f("", "attach the simulation to a running Ray cluster at host:port (empty = start one here)")
@@ -165,6 +189,7 @@ class FederationConfig:
     def __post_init__(self) -> None:
         _check(self.num_clients >= 1, "federation.num_clients", "must be >= 1")
         _check(self.num_rounds >= 1, "federation.num_rounds", "must be >= 1")
+        _check(self.divergence_factor >= 0, "federation.divergence_factor", "must be >= 0 (0 = off)")
         _check(0 < self.fraction_train <= 1, "federation.fraction_train", "not in (0, 1]")
         _check(
             1 <= self.min_train_clients <= self.num_clients,

@@ -62,8 +62,22 @@ class ExportResult:
     replaced: tuple[str, ...] = ()  # entries of an existing --out replaced under force
 
 
+def best_round(run_dir: Path) -> int | None:
+    """The best kept round (lowest central eval loss) that the server recorded in the last row of
+    ``metrics.jsonl`` (``best_round``); None for a run written before the divergence guard."""
+    path = Path(run_dir) / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.is_file() else []
+    if not lines:
+        return None
+    try:
+        best = json.loads(lines[-1]).get("best_round")
+    except ValueError:
+        raise ExportError(f"{path}: the last line is not JSON") from None
+    return best if isinstance(best, int) else None
+
+
 def run_adapter(run_dir: Path, round_: int | None = None) -> tuple[RunConfig, Path]:
-    """The run's config and the adapter dir of ``round_`` (default: the last round)."""
+    """The run's config and the adapter dir of ``round_`` (default: the run's best round, see :func:`best_round`)."""
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise ExportError(f"{run_dir} is not a run directory (no config.yaml)")
@@ -72,7 +86,10 @@ def run_adapter(run_dir: Path, round_: int | None = None) -> tuple[RunConfig, Pa
     if not rounds:
         raise ExportError(f"{run_dir} holds no adapters/round-NNN")
     if round_ is None:
-        return cfg, rounds[-1]
+        best = best_round(run_dir)
+        if best is None or not (run_dir / "adapters" / f"round-{best:03d}").is_dir():
+            return cfg, rounds[-1]
+        round_ = best
     path = run_dir / "adapters" / f"round-{round_:03d}"
     if not path.is_dir():
         raise ExportError(f"{run_dir} has no round {round_}; rounds: {[p.name for p in rounds]}")

@@ -2,8 +2,9 @@
 
 An accountant is its *history*: ``(noise_multiplier, sample_rate, steps)`` triples, the structure
 Opacus' RDP and PRV accountants keep in ``.history``. fedslm persists that history as JSON (never
-pickle) and rebuilds a fresh Opacus accountant from it to compute the cumulative epsilon, so R rounds
-of k steps give exactly the epsilon of one accountant run over R*k steps, before or after a restart.
+pickle) and rebuilds a fresh accountant from it to compute the cumulative epsilon (Opacus' RDP or PRV,
+or dp_accounting's PLD: :mod:`fedslm.pld`), so R rounds of k steps give exactly the epsilon of one
+accountant run over R*k steps, before or after a restart.
 
 - :class:`ClientAccountant`: record-level DP-SGD steps of one client (local DP).
 - :class:`CentralAccountant`: client-level DP of the server's noisy aggregate, one composition per
@@ -14,6 +15,7 @@ Opacus is imported lazily: it pulls in torch, which a server that only accounts 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import numbers
@@ -28,7 +30,8 @@ from typing import Any, ClassVar, Self, TypeVar, overload
 from .errors import FedslmError
 from .fs import atomic_write
 
-ACCOUNTANTS = ("rdp", "prv")
+ACCOUNTANTS = ("pld", "rdp", "prv")  # pld: dp_accounting's PLD (fedslm.pld); rdp, prv: Opacus'
+DEFAULT_ACCOUNTANT = "pld"  # the tightest valid bound: less noise for the same budget (fedslm.pld)
 STATE_FORMAT = 1
 # The PRV accountant convolves densities on a grid whose size grows with sqrt(steps * log(1/delta))
 # and with the RDP epsilon; it takes ~65 bytes per point (10M points ~ 0.65 GB, ~7 s). Beyond this
@@ -77,7 +80,7 @@ def _check_delta(delta: float) -> None:
 class _Accountant:
     """History of sampled Gaussian mechanisms; epsilon comes from a fresh Opacus accountant."""
 
-    accountant: str = "rdp"
+    accountant: str = DEFAULT_ACCOUNTANT
     history: list[Entry] = field(default_factory=list)
     kind: ClassVar[str] = ""  # written to the JSON so a central state is never loaded as a client's
 
@@ -208,6 +211,10 @@ def _epsilon(accountant: str, history: list[Entry], delta: float) -> float:
         return 0.0
     if any(nm == 0 for nm, _, _ in history):
         return math.inf  # a step without noise has no (finite) guarantee; PRV would overflow on it
+    if accountant == "pld":
+        from .pld import pld_epsilon
+
+        return pld_epsilon(history, delta)
     from opacus.accountants import create_accountant
 
     if accountant == "prv":
@@ -290,15 +297,16 @@ def calibrate_noise(
     delta: float,
     sample_rate: float,
     total_steps: int,
-    accountant: str = "rdp",
+    accountant: str = DEFAULT_ACCOUNTANT,
     epsilon_tolerance: float = 0.01,
 ) -> float:
     """The noise multiplier whose ``total_steps`` steps end at or just below ``target_epsilon``.
 
     Wraps Opacus' ``get_noise_multiplier`` (a bisection; ``epsilon_tolerance`` is *absolute*: the
-    final epsilon lies in ``[target - tolerance, target]``). For PRV the noise is first bracketed with
-    RDP, which also refuses targets that no noise level below 1e6 reaches, and the PRV grid the
-    search would need is checked before any is allocated.
+    final epsilon lies in ``[target - tolerance, target]``). For PRV and PLD the noise is first
+    bracketed with RDP, which also refuses targets that no noise level below 1e6 reaches; the PRV
+    grid the search would need is checked before any is allocated, and PLD bisects below RDP's noise
+    (:func:`fedslm.pld.pld_noise`, which brackets on its own where RDP cannot reach the target).
     """
     if accountant not in ACCOUNTANTS:
         raise PrivacyError(f"unknown accountant {accountant!r}; choose one of {list(ACCOUNTANTS)}")
@@ -312,6 +320,13 @@ def calibrate_noise(
     if not 0 < epsilon_tolerance < target_epsilon:
         raise PrivacyBudgetError(f"epsilon tolerance {epsilon_tolerance} not in (0, target {target_epsilon})")
     try:
+        if accountant == "pld":
+            from .pld import pld_noise
+
+            rdp: float | None = None  # RDP cannot certify a tiny epsilon at any noise (its orders stop at 256)
+            with contextlib.suppress(ValueError):
+                rdp = _noise_for(target_epsilon, delta, sample_rate, total_steps, "rdp", epsilon_tolerance)
+            return pld_noise(target_epsilon, delta, sample_rate, total_steps, rdp, epsilon_tolerance)
         sigma = _noise_for(target_epsilon, delta, sample_rate, total_steps, "rdp", epsilon_tolerance)
         if accountant == "prv":
             # PRV is tighter than RDP, so its answer is below sigma; the bisection probes down to about half of it

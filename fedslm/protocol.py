@@ -35,6 +35,7 @@ PROXIMAL_MU = "proximal-mu"  # Flower's FedProx writes this key itself
 TRAIN_LORA_A = "train-lora-a"  # false: A stays frozen at the shared init (FFA-LoRA)
 UPLOAD_LORA_B = "upload-lora-b"  # false: B stays on the client (FedSA-LoRA)
 ADAPTER_KEYS = "adapter-keys"  # SecAgg+: the agreed tensor order, a JSON list
+LR_SCALE = "lr-scale"  # the factor the clients apply to their learning rate (the divergence guard's)
 
 # -- a train report, client -> server (``metrics``); Flower weights its means by NUM_EXAMPLES
 CLIENT_ID = "client-id"
@@ -144,6 +145,7 @@ class TrainInstructions:
     server_round: int = 0
     plan: LoRAPlan = field(default_factory=LoRAPlan)
     adapter_keys: str | None = None  # SecAgg+ only: the agreed tensor order, a JSON list
+    lr_scale: float = 1.0  # lowered by the server's divergence guard after a rejected round
 
     def to_record(self) -> dict[str, Any]:
         """As a config mapping (a ``ConfigRecord``'s values; the legacy SecAgg+ path takes the dict).
@@ -153,6 +155,8 @@ class TrainInstructions:
             out[SERVER_ROUND] = self.server_round
         if self.adapter_keys is not None:
             out[ADAPTER_KEYS] = self.adapter_keys
+        if self.lr_scale != 1.0:
+            out[LR_SCALE] = self.lr_scale
         return {**out, **self.plan.to_record()}
 
     @classmethod
@@ -165,6 +169,7 @@ class TrainInstructions:
             server_round=int(_number(record.get(SERVER_ROUND, 0), SERVER_ROUND, what)),
             plan=LoRAPlan.from_record(record),
             adapter_keys=None if keys is None else str(keys),
+            lr_scale=float(_number(record.get(LR_SCALE, 1.0), LR_SCALE, what)),
         )
 
 

@@ -54,6 +54,9 @@ class LocalTraining:
     train_lora_a: bool = True
     dp: DPSettings | None = None
     length_bucketing: bool = False  # batches of similar lengths (less padding); never under DP
+    physical_batch_size: int = 0  # most sequences per forward/backward; a larger logical batch is accumulated
+    max_grad_norm: float = 0.0  # without DP: clip the batch gradient's L2 norm (0 = off); DP clips per sample
+    warmup_steps: int = 0  # linear learning-rate warm-up over the first local steps (AdamW restarts each call)
 
 
 @dataclass
@@ -67,6 +70,7 @@ class TrainResult:
     samples_seen: int
     empty_batches: int = 0
     losses: list[float] = field(default_factory=list)
+    micro_batches: int = 0  # forward/backward passes (= steps less empty batches without physical_batch_size)
 
 
 def sample_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -270,7 +274,7 @@ def train_local(
     model.train()
     keep_logits = _keeps_logits(model)
     losses: list[float] = []
-    seen = empty = 0
+    seen = empty = micro = 0
     t0 = time.perf_counter()
     with _session(model, cfg, len(examples)) as run:
         # FedProx anchors: the starting (= global) values of the trainable parameters
@@ -283,17 +287,18 @@ def train_local(
             if run.dp_opt is not None:
                 run.dp_opt.zero_grad(set_to_none=True)
             if idx:
-                batch = collate_on([examples[i] for i in idx], pad_id, device)
-                loss = batch_losses(run.forward_model, batch, keep_logits).mean()
-                if not torch.isfinite(loss):
-                    raise TrainingError(f"non-finite loss {loss.item()} at step {step}")
-                loss.backward()
-                losses.append(loss.item())
+                loss = _accumulate(run, [examples[i] for i in idx], pad_id, device, keep_logits, cfg, step)
+                losses.append(loss)
                 seen += len(idx)
+                micro += math.ceil(len(idx) / (cfg.physical_batch_size or len(idx)))
             else:  # an empty Poisson batch: a noise-only step
                 empty += 1
                 for p in run.params:  # Opacus' per-sample gradients: an attribute it adds to parameters at runtime
                     p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)  # type: ignore[attr-defined]
+            for group in run.optimizer.param_groups:
+                group["lr"] = cfg.learning_rate * warmup_factor(step, cfg.warmup_steps)
+            if run.dp_opt is None and cfg.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(run.params, cfg.max_grad_norm)
             _step(run.optimizer, run.dp_opt, anchors, cfg.proximal_mu)
             if step == 0:
                 _check_moved(run.params, before, run.names)
@@ -313,7 +318,57 @@ def train_local(
         samples_seen=seen,
         empty_batches=empty,
         losses=losses,
+        micro_batches=micro,
     )
+
+
+def warmup_factor(step: int, warmup_steps: int) -> float:
+    """Share of the learning rate at local step ``step`` (0-based): ``(step + 1) / (warmup + 1)``, then 1."""
+    return min(1.0, (step + 1) / (warmup_steps + 1))
+
+
+def round_learning_rate(base: float, schedule: str, server_round: int, num_rounds: int) -> float:
+    """The learning rate of round ``server_round`` (1-based) of ``num_rounds``: constant, or cosine decay
+    from ``base`` in round 1 to ``base / 10`` in the last round."""
+    if schedule == "constant" or num_rounds <= 1:
+        return base
+    progress = min(max(server_round - 1, 0) / (num_rounds - 1), 1.0)
+    return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def _accumulate(
+    run: _Session,
+    batch: list[dict[str, Any]],
+    pad_id: int,
+    device: torch.device,
+    keep_logits: bool,
+    cfg: LocalTraining,
+    step: int,
+) -> float:
+    """Gradients of one logical batch, in physical micro-batches of at most ``cfg.physical_batch_size``.
+
+    Opacus' ``BatchMemoryManager`` semantics: under DP each micro-batch's per-sample gradients are
+    clipped and summed (``signal_skip_step`` + ``pre_step``: no noise, no step), and the step that
+    follows adds the noise of the logical batch once; the accountant sees one step. Without DP the
+    micro-batch losses are scaled to the logical batch's mean, so the summed gradients are its gradient.
+    Returns the logical batch's mean loss.
+    """
+    size = cfg.physical_batch_size or len(batch)
+    total = 0.0
+    for k in range(0, len(batch), size):
+        if k and run.dp_opt is not None:  # clip and keep the previous micro-batch's per-sample gradients
+            run.dp_opt.signal_skip_step(do_skip=True)
+            run.dp_opt.pre_step()
+            run.dp_opt.zero_grad(set_to_none=True)  # drops grad_sample; the clipped sum is kept
+        chunk = batch[k : k + size]
+        per_example = batch_losses(run.forward_model, collate_on(chunk, pad_id, device), keep_logits)
+        if not torch.isfinite(per_example).all():
+            raise TrainingError(f"non-finite loss at step {step}")
+        # Opacus' per-sample gradients of a mean loss are rescaled by the micro-batch size itself
+        loss = per_example.mean() if run.dp_opt is not None else per_example.sum() / len(batch)
+        loss.backward()
+        total += per_example.detach().sum().item()
+    return total / len(batch)
 
 
 def _grad_sample_module(model: Any) -> Any:

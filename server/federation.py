@@ -40,6 +40,7 @@ from fedslm.records import arrays_of, as_float, as_int, metrics_of
 from . import checkpoint
 from .checkpoint import Checkpoint
 from .evaluation import CentralEvaluator
+from .guard import LR_BACKOFF, all_finite, divergence_reason
 from .recording import Recorded, Recorder, RoundCallback, RoundRecord, content_nbytes, failure_line
 from .validation import UpdateRejected, check_update
 
@@ -128,9 +129,13 @@ class Federation(Recorded):
         self.recorder = Recorder(self.out, self.evaluator.save, on_round)
         self.exhausted: set[int] = set()  # client ids whose privacy budget is spent
         self.client_of: dict[int, int] = {}  # node id -> client id, learnt at the start
+        self.lr_scale = 1.0  # halved by each round the divergence guard rejects
+        self.best: tuple[float, int] | None = None  # (central eval loss, round) of the best kept round
 
     def _train_config(self, server_round: int = 0, plan: LoRAPlan | None = None) -> ConfigRecord:
-        instructions = TrainInstructions(self.cfg.to_yaml(), self.run_name, server_round, plan or LoRAPlan())
+        instructions = TrainInstructions(
+            self.cfg.to_yaml(), self.run_name, server_round, plan or LoRAPlan(), lr_scale=self.lr_scale
+        )
         return ConfigRecord(instructions.to_record())
 
     def _evaluate(self, rnd: int, arrays: ArrayRecord) -> dict[str, Any]:
@@ -172,6 +177,8 @@ class Federation(Recorded):
         self.strategy.load_state_dict(ck.strategy)
         self.exhausted = set(ck.state["exhausted"])
         self.recorder.restore(ck.state["rows"], ck.state["epsilon_by_client"], ck.state["privacy_by_client"])
+        self.lr_scale = float(ck.state.get("lr_scale", 1.0))  # absent in checkpoints of older versions
+        self.best = tuple(ck.state["best"]) if ck.state.get("best") else None  # type: ignore[assignment]
         log.info("resumed from %s: round %d done, continuing", ck.path, ck.round)
         return numpy_to_arrays(ck.adapter)
 
@@ -182,6 +189,8 @@ class Federation(Recorded):
             "exhausted": sorted(self.exhausted),
             "epsilon_by_client": self.recorder.epsilon_by_client,
             "privacy_by_client": self.recorder.privacy_by_client,
+            "lr_scale": self.lr_scale,
+            "best": list(self.best) if self.best else None,
         }
         checkpoint.save(self.out, rnd, arrays_to_numpy(arrays), self.strategy.state_dict(), state)
 
@@ -194,7 +203,9 @@ class Federation(Recorded):
         t_start = time.perf_counter()
         if resume is None:
             arrays = self.evaluator.initial_arrays()
-            self._record(0, arrays, self._evaluate(0, arrays), {}, RoundReplies(), 0, 0, t_start, skipped=False)
+            ev0 = self._evaluate(0, arrays)
+            self.best = (float(ev0["eval_loss"]), 0)  # the base adapter: a later round must beat it
+            self._record(0, arrays, ev0, {}, RoundReplies(), 0, 0, t_start, skipped=False)
             self._checkpoint(0, arrays)
             first = 1
         else:
@@ -239,20 +250,38 @@ class Federation(Recorded):
                     len(replies.ok),
                     fed.min_train_clients,
                 )
-            else:
+            kept = arrays
+            if not skipped:
                 new_arrays, agg = self.strategy.aggregate_train(rnd, replies.ok)
                 if new_arrays is not None:
                     arrays = self._merge(arrays, new_arrays)
                 train_metrics = dict(agg or {})
             # the last round run: the configured count, or every client has spent its budget
             last = rnd == fed.num_rounds or not AvailableGrid(grid, self.client_of, self.exhausted).get_node_ids()
+            finite = all_finite(arrays)
             ev: dict[str, Any] = {}
-            if rnd % self.cfg.eval.every == 0 or last:
+            if finite and (rnd % self.cfg.eval.every == 0 or last):
                 ev = self._evaluate(rnd, arrays)
-                if self.cfg.eval.per_client:
-                    per_client, sent = self._evaluate_on_clients(rnd, arrays, grid)
-                    ev["per_client"] = per_client
-                    down += sent
+            best = self.best[0] if self.best else None
+            diverged = divergence_reason(ev.get("eval_loss"), best, fed.divergence_factor, finite)
+            if diverged:
+                self.lr_scale *= LR_BACKOFF
+                log.warning(
+                    "round %d rejected: %s; the previous global adapter is kept, learning rate x%g from now on",
+                    rnd,
+                    diverged,
+                    self.lr_scale,
+                )
+                arrays = kept
+                evaluate = rnd % self.cfg.eval.every == 0 or last
+                ev = self._evaluate(rnd, arrays) if evaluate else {}  # the row describes the adapter kept
+            elif ev and (self.best is None or ev["eval_loss"] < self.best[0]):
+                self.best = (float(ev["eval_loss"]), rnd)
+            if ev and self.cfg.eval.per_client:
+                per_client, sent = self._evaluate_on_clients(rnd, arrays, grid)
+                ev["per_client"] = per_client
+                down += sent
+            train_metrics["diverged"] = diverged or None
             self._record(rnd, arrays, ev, train_metrics, replies, up, down, t0, skipped)
             self._checkpoint(rnd, arrays)
         log.info("Federation finished in %.1f s", time.perf_counter() - t_start)
@@ -364,5 +393,8 @@ class Federation(Recorded):
             declined=len(replies.declined),
             rejected=len(replies.rejected),
             skipped=skipped,
+            diverged=train.get("diverged"),
+            lr_scale=self.lr_scale,
+            best_round=self.best[1] if self.best else None,
         )
         self.recorder.record(record, arrays)

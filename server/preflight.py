@@ -33,6 +33,7 @@ from fedslm import data as data_mod
 from fedslm.config import ConfigError, RunConfig, client_profile, config_from_dict, load_config
 from fedslm.data import DataError
 from fedslm.modelinfo import ModelInfo, ModelLoadError, cache_root, check_lora_targets, model_info
+from fedslm.plan import ClientPlan, check_privacy_plan, plan_line
 
 Scope = Literal["config", "server", "simulation"]
 
@@ -46,6 +47,7 @@ class Preflight:
     lora_targets: tuple[str, ...] = ()
     client_records: tuple[int, ...] = ()  # training records of each simulated client, by id
     test_records: int = 0  # the server's held-out split
+    privacy_plans: tuple[ClientPlan, ...] = ()  # local DP: each simulated client's calibration
 
     def summary(self) -> list[str]:
         lines = []
@@ -54,6 +56,8 @@ class Preflight:
         if self.client_records:
             counts = ", ".join(str(n) for n in self.client_records)
             lines.append(f"training records per client: {counts}; held-out test records: {self.test_records}")
+        if self.privacy_plans:
+            lines.append(f"local DP: {plan_line(list(self.privacy_plans), self.cfg.privacy)}")
         return lines
 
 
@@ -67,6 +71,8 @@ def preflight(cfg: RunConfig, source: str = "<config>", scope: Scope = "simulati
             info = model_info(cfg.model)
             targets = check_lora_targets(info, cfg.lora, cfg.task)
             report = dataclasses.replace(report, model=info, lora_targets=tuple(targets))
+        if scope == "simulation":  # an infeasible budget or batch, per client (the data, no model)
+            report = dataclasses.replace(report, privacy_plans=tuple(check_privacy_plan(cfg, cache_root(cfg.model))))
         from fedslm.model import check_run_hardware  # torch
 
         check_run_hardware(cfg)

@@ -120,6 +120,11 @@ class RoundRecord:
     declined: int = 0
     rejected: int = 0
     skipped: bool = False
+    # the divergence guard: why this round's aggregate was rejected (None: kept), the clients'
+    # learning-rate factor from now on, and the best kept round so far (lowest central eval loss)
+    diverged: str | None = None
+    lr_scale: float = 1.0
+    best_round: int | None = None
 
     def row(self, epsilons: list[float], secure_aggregation: str | None = None) -> dict[str, Any]:
         ev, reports = self.ev, self.reports
@@ -142,6 +147,9 @@ class RoundRecord:
             "epsilon_max": max(epsilons) if epsilons else None,
             "epsilon_mean": sum(epsilons) / len(epsilons) if epsilons else None,
             "epsilon_central": self.epsilon_central,
+            "diverged": self.diverged,
+            "lr_scale": self.lr_scale,
+            "best_round": self.best_round,
             # seconds the clients spent in their optimizer steps, and on the whole message (model, data,
             # privacy accounting, upload); the rest of wall_s is messaging, loading and evaluation
             "train_s_sum": sum(r.train_seconds or 0.0 for r in reports),

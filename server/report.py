@@ -25,6 +25,12 @@ KEYS = (
 )
 
 
+def _best(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    best = rows[-1].get("best_round") if rows else None
+    row = next((r for r in rows if r["round"] == best), None)
+    return None if row is None else {"round": best, **{k: row.get(k) for k in KEYS}}
+
+
 def summarize(
     cfg: RunConfig, rows: list[dict[str, Any]], clients: dict[int, dict[str, float]] | None = None
 ) -> dict[str, Any]:
@@ -37,6 +43,9 @@ def summarize(
         "rounds": len(rows) - 1,
         "first": {"round": first["round"], **{k: first.get(k) for k in KEYS}},
         "last": {"round": last["round"], **{k: last.get(k) for k in KEYS}},
+        # the best kept round (lowest central eval loss): what export, generate and chat use by default
+        "best": _best(rows),
+        "diverged_rounds": [r["round"] for r in rows if r.get("diverged")],
         "totals": {
             "bytes_up": sum(r["bytes_up"] for r in rows),
             "bytes_down": sum(r["bytes_down"] for r in rows),

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from fedslm.server.preflight import load_run
+from fedslm.server.preflight import load_run, preflight
 
 from fedslm.config import load_config
 from fedslm.errors import FedslmError, Interrupted
@@ -31,14 +31,17 @@ def _simulate(args: argparse.Namespace) -> int:
             )
             return 2
         out = Path(args.resume)
-        cfg = load_run(out / "config.yaml")
+        checked = preflight(load_config(out / "config.yaml"), str(out / "config.yaml"))
     else:
         if not args.config:
             print("fedslm simulate: give a CONFIG (e.g. configs/demo.yaml) or --resume RUN_DIR", file=sys.stderr)
             return 2
         sets = list(args.set) + ([f"federation.ray_address={args.ray_address}"] if args.ray_address else [])
-        cfg = load_run(args.config, sets)  # fails here, before anything heavy starts
+        checked = preflight(load_config(args.config, sets), args.config)  # fails here, before anything heavy
         out = Path(args.out) if args.out else default_out_dir(Path(args.config).stem)
+    cfg = checked.cfg
+    for line in checked.summary():
+        log.info("%s", line)
     rows = simulate(cfg, out, progress=not args.no_progress, resume=bool(args.resume))  # main() reports errors
     print()
     print(results_table(rows))
@@ -84,8 +87,6 @@ def _strategies(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
-    from fedslm.server.preflight import preflight
-
     checked = preflight(load_config(args.config, args.set), args.config)  # what `simulate` checks
     cfg = checked.cfg
     print(cfg.to_yaml())
@@ -95,6 +96,17 @@ def _check(args: argparse.Namespace) -> int:
 
     hw = resolve_hardware(cfg.model)
     print(f"# on this machine: model.device -> {hw.device}, model.compute_dtype -> {hw.compute_dtype}")
+    return 0
+
+
+def _privacy_plan_cli(args: argparse.Namespace) -> int:
+    from fedslm.plan import plan_report
+
+    checked = preflight(load_config(args.config, args.set), args.config)  # the plans are part of it
+    if not checked.cfg.privacy.local:
+        print(f"{args.config}: privacy.mode is {checked.cfg.privacy.mode!r}, no local DP: nothing to plan")
+        return 0
+    print("\n".join(plan_report(checked.cfg, list(checked.privacy_plans))))
     return 0
 
 
@@ -295,11 +307,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.set_defaults(func=_check)
 
+    p = sub.add_parser("privacy", help="local DP before anything trains: `fedslm privacy plan CONFIG`")
+    psub = p.add_subparsers(dest="privacy_command", required=True)
+    p = psub.add_parser("plan", help="per client: records, q, steps, noise; epsilon after each round (PLD and RDP)")
+    p.add_argument("config")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.set_defaults(func=_privacy_plan_cli)
+
     p = sub.add_parser("export", help="export a run's adapter: peft | merged | gguf (checked vs the trained model)")
     p.add_argument("run_dir")
     p.add_argument("--format", required=True, choices=["peft", "merged", "gguf"])
     p.add_argument("--out", required=True)
-    p.add_argument("--round", type=int, default=None, help="default: the last round")
+    p.add_argument("--round", type=int, default=None, help="default: the best round (lowest eval loss)")
     p.add_argument("--gguf-dtype", default="f16", choices=["f16", "f32"])
     p.add_argument("--force", action="store_true", help="replace an existing non-empty --out (never the run)")
     p.set_defaults(func=_export)
@@ -312,7 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("run_dir")
         if name == "generate":
             p.add_argument("prompt")
-        p.add_argument("--round", type=int, default=None, help="default: the last round")
+        p.add_argument("--round", type=int, default=None, help="default: the best round (lowest eval loss)")
         p.add_argument("--max-new-tokens", type=int, default=64)
         p.set_defaults(func=func)
 

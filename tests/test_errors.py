@@ -76,6 +76,9 @@ def test_every_error_class_has_the_one_root() -> None:
         (["check", "missing.yaml"], "missing.yaml: no such config file"),
         (["check", TINY, "--set", "strategy.name=fedavgx"], "fedavgx"),
         (["check", TINY, "--set", "lora.r=0"], "lora.r"),
+        # local DP: a budget no noise up to privacy.max_noise_multiplier meets, a batch above a client's data
+        (["check", TINY, "--set", "privacy.mode=local", "--set", "privacy.target_epsilon=0.01"], ">= 0.0106"),
+        (["check", TINY, "--set", "privacy.mode=local", "--set", "train.batch_size=300"], "the logical batch 300"),
         (["simulate", "--resume", "no-run"], "no such config file"),
         (["generate", "no-run", "hello"], "no-run is not a run directory"),
         (["chat", "no-run"], "no-run is not a run directory"),

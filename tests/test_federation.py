@@ -98,7 +98,7 @@ def test_dp_federation_reports_cumulative_epsilon_and_a_spent_client_declines(tm
     run_name = f"dp-{uuid.uuid4().hex[:8]}"
     overrides = ["privacy.mode=local", "privacy.target_epsilon=4.0", "federation.num_rounds=2"]
     cfg = load_config(ROOT / "configs" / "tiny.yaml", overrides)
-    spent = ClientAccountant("rdp", [(0.5, 0.5, 1000)])  # client 0 has already spent its budget
+    spent = ClientAccountant("pld", [(0.5, 0.5, 1000)])  # client 0 has already spent its budget
     save_state(cache_root(cfg.model) / "client-state" / run_name / "client-0" / "privacy.json", spent)
     rows, out = _run(tmp_path, overrides, run_name=run_name)
     # client 0 declines once and says its budget is spent; the server then stops sampling it
@@ -111,7 +111,7 @@ def test_dp_federation_reports_cumulative_epsilon_and_a_spent_client_declines(tm
     n_train = n - int(n * 0.1)
     q = 4 / n_train
     sigma = calibrate_noise(4.0, 1e-5, q, 2 * 3)  # 2 rounds x 3 local steps
-    expected = ClientAccountant("rdp", [(sigma, q, 6)]).epsilon(1e-5)
+    expected = ClientAccountant("pld", [(sigma, q, 6)]).epsilon(1e-5)  # privacy.accountant defaults to pld
     state = json.loads((cache_root(cfg.model) / "client-state" / run_name / "client-3" / "privacy.json").read_text())
     assert state["history"] == [[sigma, q, 6]]
     assert 0.98 * 4.0 <= expected <= 4.0

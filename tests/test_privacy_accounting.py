@@ -53,11 +53,68 @@ def test_prv_golden_value_is_for_2249_steps_and_deterministic() -> None:
     assert acc.epsilon(1e-5) == pytest.approx(6.7791320762541165, abs=1e-6)
 
 
+def test_pld_is_an_upper_bound_within_its_discretization_of_the_exact_gaussian() -> None:
+    """Without subsampling, 100 steps at noise 10 are one Gaussian with noise 10/sqrt(100) = 1, whose
+    delta(epsilon) is known in closed form: PLD's epsilon is above the exact one by less than 0.01."""
+    from fedslm.pld import _gaussian_delta
+
+    assert _gaussian_delta(0.0, 1.0) == pytest.approx(0.382925, abs=1e-6)  # Phi(1/2) - Phi(-1/2), by hand
+    pld = ClientAccountant("pld", [(10.0, 1.0, 100)]).epsilon(1e-5)
+    assert pld == pytest.approx(4.3772, abs=5e-3)
+    assert _gaussian_delta(pld, 1.0) <= 1e-5 < _gaussian_delta(pld - 0.01, 1.0)  # an upper bound, 0.01 tight
+    assert ClientAccountant("rdp", [(10.0, 1.0, 100)]).epsilon(1e-5) > pld + 0.3  # RDP's slack
+
+
+def test_pld_calibrates_an_epsilon_too_small_for_rdp() -> None:
+    """RDP's orders stop at 256, so it certifies no epsilon below ~log(1/delta)/255 at any noise; PLD does."""
+    with pytest.raises(PrivacyBudgetError, match="out of reach"):
+        calibrate_noise(0.02, 1e-5, 0.085, 6, accountant="rdp", epsilon_tolerance=0.001)
+    sigma = calibrate_noise(0.02, 1e-5, 0.085, 6, accountant="pld", epsilon_tolerance=0.001)
+    assert 0.995 * 0.02 - 1e-9 <= ClientAccountant("pld", [(sigma, 0.085, 6)]).epsilon(1e-5) <= 0.02
+    assert 10 < sigma < 50
+
+
+def test_pld_golden_value_agrees_with_dp_accounting_within_its_error() -> None:
+    """Opacus' golden setting (sigma 1.5, q 0.04, 2250 steps): fedslm's PLD (interval 1e-3) lies between
+    dp_accounting's optimistic and pessimistic estimates at its finer default interval 1e-4, and far below RDP.
+
+    The optimistic estimate is a lower bound on the true epsilon: the PLD bound is at most 0.12 loose."""
+    import dp_accounting
+    from dp_accounting.pld import PLDAccountant, privacy_loss_distribution
+
+    ours = ClientAccountant("pld", [(1.5, 0.04, 2250)]).epsilon(1e-5)
+    assert ours == pytest.approx(6.7695, abs=1e-3)
+    reference = PLDAccountant()  # value_discretization_interval 1e-4, pessimistic: an upper bound
+    reference.compose(dp_accounting.PoissonSampledDpEvent(0.04, dp_accounting.GaussianDpEvent(1.5)), 2250)
+    upper = reference.get_epsilon(1e-5)
+    lower = (
+        privacy_loss_distribution.from_gaussian_mechanism(1.5, sampling_prob=0.04, pessimistic_estimate=False)
+        .self_compose(2250)
+        .get_epsilon_for_delta(1e-5)
+    )
+    assert lower <= upper <= ours <= upper + 0.002, (lower, upper, ours)
+    assert upper - lower < 0.12  # the true epsilon lies in [6.656, 6.769]; RDP's 7.329 is 0.56 above it
+    assert ClientAccountant("rdp", [(1.5, 0.04, 2250)]).epsilon(1e-5) == pytest.approx(7.32911117143, abs=1e-6)
+
+
+def test_rdp_spends_more_than_pld_on_the_demo_run_so_pld_calibrates_less_noise() -> None:
+    """The demo: 30 steps at q = 8/243. RDP's noise for epsilon 8 is worth 6.57 under PLD; PLD's own is 7.5% smaller."""
+    q = 8 / 243
+    rdp_sigma = calibrate_noise(8.0, 1e-5, q, 30, accountant="rdp")
+    assert rdp_sigma == pytest.approx(0.5713, abs=1e-3)
+    assert ClientAccountant("rdp", [(rdp_sigma, q, 30)]).epsilon(1e-5) == pytest.approx(7.994, abs=2e-3)
+    assert ClientAccountant("pld", [(rdp_sigma, q, 30)]).epsilon(1e-5) == pytest.approx(6.567, abs=2e-3)
+    pld_sigma = calibrate_noise(8.0, 1e-5, q, 30, accountant="pld")
+    assert pld_sigma == pytest.approx(0.5284, abs=1e-3)
+    assert 7.84 <= ClientAccountant("pld", [(pld_sigma, q, 30)]).epsilon(1e-5) <= 8.0
+    assert ClientAccountant("rdp", [(pld_sigma, q, 30)]).epsilon(1e-5) > 9.5  # RDP cannot certify that noise
+
+
 # ------------------------------------------------------------------------------------------------
 # rounds compose like one run, across restarts
 
 
-@pytest.mark.parametrize("kind", ["rdp", "prv"])
+@pytest.mark.parametrize("kind", ["rdp", "prv", "pld"])
 def test_rounds_compose_to_one_run_even_across_a_restart(tmp_path: Path, kind: str) -> None:
     one = ClientAccountant(kind, [(0.9, 0.02, 150)])
     uninterrupted, restarted = ClientAccountant(kind), ClientAccountant(kind)
@@ -84,7 +141,8 @@ def test_changing_noise_starts_a_new_entry_and_costs_more() -> None:
     acc.record(1.0, 0.01, 10)
     acc.record(1.0, 0.01, 0)  # a round without steps records nothing
     assert acc.history == [(1.0, 0.01, 10), (2.0, 0.01, 5), (1.0, 0.01, 10)] and acc.steps == 25
-    assert ClientAccountant("rdp", [(1.0, 0.01, 20)]).epsilon(1e-5) < acc.epsilon(1e-5)
+    assert acc.accountant == "pld"  # the default
+    assert ClientAccountant("pld", [(1.0, 0.01, 20)]).epsilon(1e-5) < acc.epsilon(1e-5)
 
 
 def test_no_steps_is_zero_epsilon_and_no_noise_is_infinite() -> None:
@@ -108,7 +166,7 @@ def test_prv_refuses_a_grid_that_would_exhaust_memory() -> None:
 # calibration and the budget check
 
 
-@pytest.mark.parametrize("kind", ["rdp", "prv"])
+@pytest.mark.parametrize("kind", ["rdp", "prv", "pld"])
 def test_calibration_meets_the_target_within_two_percent(kind: str) -> None:
     sigma = calibrate_noise(8.0, 1e-5, 0.02, 300, accountant=kind)
     final = ClientAccountant(kind, [(sigma, 0.02, 300)]).epsilon(1e-5)
@@ -241,7 +299,7 @@ def test_unreadable_state_file_raises(tmp_path: Path) -> None:
 
 
 def test_central_accountant_composes_rounds_and_survives_a_checkpoint(tmp_path: Path) -> None:
-    central = CentralAccountant()
+    central = CentralAccountant("rdp")  # as CentralDP keeps it
     for rnd in range(1, 21):  # 10 of 100 clients per round: q = 0.1, one composition per round
         central.record_round(1.0, 10, 100)
         if rnd == 8:

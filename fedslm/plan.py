@@ -1,0 +1,138 @@
+"""A run's local-DP plan, worked out before anything trains: per client, its records, sampling rate,
+logical batch, steps and calibrated noise multiplier.
+
+The client (:mod:`fedslm.client.privacy`) and ``fedslm check`` / ``fedslm simulate`` compute the
+sampling rate and the steps with the same two functions here, so what the check accepts is what the
+client runs. :func:`check_privacy_plan` refuses, with the key to change and the feasible range, a
+logical batch larger than a client's data and a budget that no noise multiplier up to
+``privacy.max_noise_multiplier`` meets.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import ConfigError, PrivacyConfig, RunConfig, apply_profile, client_profile
+from .privacy import _epsilon, calibrate_noise, expected_total_steps
+
+VALIDATION_FRACTION = 0.1  # of each client's records, held back for its own evaluation (never trained on)
+
+
+def validation_size(num_records: int) -> int:
+    """Records a client holds back for validation (none below 10 records)."""
+    return int(num_records * VALIDATION_FRACTION) if num_records >= 10 else 0
+
+
+def sample_rate(batch_size: int, num_records: int) -> float:
+    """Poisson sampling rate of a client: its expected logical batch over its training records."""
+    return min(1.0, batch_size / num_records)
+
+
+def total_steps(cfg: RunConfig) -> int:
+    """DP-SGD steps a client is calibrated for over the whole run (:func:`fedslm.privacy.expected_total_steps`)."""
+    fed = cfg.federation
+    return expected_total_steps(fed.num_rounds, fed.clients_per_round, fed.num_clients, cfg.train.local_steps)
+
+
+@dataclass(frozen=True)
+class ClientPlan:
+    client_id: int  # -1 until it is given to a client
+    records: int  # training records (after the validation split)
+    batch_size: int  # expected logical batch
+    sample_rate: float
+    steps: int  # over the whole run
+    noise_multiplier: float
+
+
+def train_sizes(cfg: RunConfig, cache: Path) -> list[int]:
+    """Training records of each simulated client (its partition less its validation split)."""
+    from . import data
+
+    records = data.load_records(cfg.data, cache)
+    train_idx, _ = data.split(records, cfg.data)
+    parts = data.partition(records, train_idx, cfg.federation.num_clients, cfg.data)
+    return [len(p) - validation_size(len(p)) for p in parts]
+
+
+def calibrate(run: RunConfig, records: int, who: str, batch_key: str = "train.batch_size") -> ClientPlan:
+    """The plan of ``who`` (a client with ``records`` training records) under ``run`` (its profile applied).
+
+    An infeasible plan raises :class:`ConfigError` naming the key and the feasible range.
+    """
+    p, b = run.privacy, run.train.batch_size
+    if b > records:
+        raise ConfigError(
+            f"{batch_key}: the logical batch {b} exceeds {who}'s {records} training records; DP-SGD samples"
+            f" each record with rate batch/records, so choose a batch in [1, {records}] or give it more data"
+        )
+    q, steps = sample_rate(b, records), total_steps(run)
+    floor = _epsilon(p.accountant, [(p.max_noise_multiplier, q, steps)], p.delta)  # the most noise allowed
+    if p.target_epsilon < floor:
+        raise ConfigError(
+            f"privacy.target_epsilon: {p.target_epsilon} is out of reach for {who} ({records} records,"
+            f" q={q:.4g}, {steps} steps): it needs a noise multiplier above privacy.max_noise_multiplier="
+            f"{p.max_noise_multiplier:g}; feasible: target_epsilon >= {floor:.3g} at these settings, or lower"
+            f" {batch_key}, train.local_steps or federation.num_rounds"
+        )
+    # the cap itself meets the target, so a search that overshoots it (its tolerance) may stop there
+    tol = min(0.01, p.target_epsilon / 100)  # Opacus' absolute 0.01, relative for small targets
+    sigma = calibrate_noise(p.target_epsilon, p.delta, q, steps, accountant=p.accountant, epsilon_tolerance=tol)
+    sigma = min(sigma, p.max_noise_multiplier)
+    return ClientPlan(-1, records, b, q, steps, sigma)
+
+
+def check_privacy_plan(cfg: RunConfig, cache: Path) -> list[ClientPlan]:
+    """Every client's plan under local DP (empty without it); the first infeasible client raises ConfigError.
+
+    Clients with the same profile and record count share one calibration.
+    """
+    if not cfg.privacy.local:
+        return []
+    batch_key = "clients.profiles.<name>.batch_size" if cfg.clients.mix else "train.batch_size"
+    plans: dict[tuple[str, int], ClientPlan] = {}
+    out = []
+    for cid, n in enumerate(train_sizes(cfg, cache)):
+        name, profile = client_profile(cfg, cid)
+        if (name, n) not in plans:
+            plans[name, n] = calibrate(apply_profile(cfg, profile), n, f"client {cid}", batch_key)
+        out.append(dataclasses.replace(plans[name, n], client_id=cid))
+    return out
+
+
+def plan_line(plans: list[ClientPlan], privacy: PrivacyConfig) -> str:
+    """One line: the budget, and the range of sampling rates, steps and noise multipliers over the clients."""
+
+    def span(values: list[float], fmt: str) -> str:
+        lo, hi = min(values), max(values)
+        return format(lo, fmt) if lo == hi else f"{lo:{fmt}}-{hi:{fmt}}"
+
+    return (
+        f"epsilon {privacy.target_epsilon:g} at delta {privacy.delta:g} ({privacy.accountant}) per client over the run;"
+        f" {len(plans)} clients, records {span([p.records for p in plans], 'd')},"
+        f" q {span([p.sample_rate for p in plans], '.4f')}, steps {span([p.steps for p in plans], 'd')},"
+        f" noise multiplier {span([p.noise_multiplier for p in plans], '.3f')}"
+    )
+
+
+def plan_report(cfg: RunConfig, plans: list[ClientPlan]) -> list[str]:
+    """``fedslm privacy plan``: a row per client, then the epsilon each client has spent after every
+    round (taking part in every round it is expected to) under PLD and RDP, for the same noise."""
+    p = cfg.privacy
+    lines = [plan_line(plans, p), "", "client  records  logical batch  q        steps  noise multiplier"]
+    lines += [
+        f"{c.client_id:>6}  {c.records:>7}  {c.batch_size:>13}  {c.sample_rate:<7.4f}  {c.steps:>5}"
+        f"  {c.noise_multiplier:.4f}"
+        for c in plans
+    ]
+    per_round = cfg.train.local_steps
+    rounds = max(1, math.ceil(plans[0].steps / per_round)) if plans else 0
+    lines += ["", f"epsilon after each round (delta {p.delta:g}, {per_round} steps a round), largest over the clients:"]
+    lines.append("round  " + "  ".join(f"{kind:>7}" for kind in ("pld", "rdp")))
+    for r in range(1, rounds + 1):
+        eps = [max(_epsilon(kind, [(c.noise_multiplier, c.sample_rate, r * per_round)], p.delta) for c in plans)
+               for kind in ("pld", "rdp")]
+        lines.append(f"{r:>5}  " + "  ".join(f"{e:>7.3f}" for e in eps))
+    return lines
