@@ -7,7 +7,8 @@
   Evaluation data never gets any: they are added after the client's validation split.
 - Statistics on per-canary scores (higher = "looks like a member"): :func:`roc_auc`,
   :func:`tpr_at_fpr`, :func:`exposure` (Carlini et al., The Secret Sharer, 2019) and
-  :func:`epsilon_lower_bound` (Steinke, Nasr & Jagielski, NeurIPS 2023, one-run audit).
+  :func:`epsilon_lower_bound` (Steinke, Nasr & Jagielski, NeurIPS 2023, one-run audit, for
+  (eps, delta)-DP and canaries repeated ``repeats`` times).
 """
 
 from __future__ import annotations
@@ -162,30 +163,70 @@ def guesses(scores: list[float], members: list[bool], k_plus: int, k_minus: int)
     return k_plus + k_minus, correct
 
 
-def epsilon_lower_bound(r: int, v: int, confidence: float = 0.95) -> float:
-    """Empirical epsilon lower bound of a one-run audit (Steinke, Nasr & Jagielski 2023, pure-DP case,
-    delta = 0): under epsilon-DP with each canary a member independently with probability 1/2, the
-    number of correct guesses among ``r`` is stochastically dominated by Binomial(r, e^eps/(1+e^eps)).
-    The bound is the largest eps whose tail P[Binomial(r, p(eps)) >= v] is at most 1 - confidence:
-    every smaller eps is rejected at that confidence. 0 when even eps = 0 is not rejected."""
+def one_run_p_value(m: int, r: int, v: int, eps: float, delta: float = 0.0) -> float:
+    """P-value of the claim "the training run is (eps, delta)-DP" after ``v`` correct of ``r`` guesses
+    about ``m`` canaries, each a member independently with probability 1/2.
+
+    Steinke, Nasr & Jagielski, "Privacy Auditing with One (1) Training Run" (NeurIPS 2023,
+    arXiv:2305.08846), main theorem for (eps, delta)-DP: with W the number of correct guesses,
+    B ~ Binomial(r, q), q = e^eps / (1 + e^eps) (the accuracy of eps-DP randomized response) and
+    f(u) = P[B >= u],
+
+        P[W >= v] <= f(v) + 2 m delta max_{i = 1..v} (f(v - i) - f(v)) / i,
+
+    where f(v - i) - f(v) = P[v - i <= B < v]. This is what the paper's own p-value routine computes;
+    delta = 0 leaves f(v), the pure-DP case. Capped at 1."""
+    if not 0 <= v <= r <= m:
+        raise AuditError(f"one-run audit needs 0 <= correct ({v}) <= guesses ({r}) <= canaries ({m})")
+    if eps < 0 or not 0 <= delta <= 1:
+        raise AuditError(f"one-run audit: eps {eps} must be >= 0 and delta {delta} in [0, 1]")
+    q = 1.0 / (1.0 + math.exp(-eps))
+    tail = float(binom.sf(v - 1, r, q))  # f(v) = P[B >= v]
+    if delta == 0 or v == 0:
+        return min(tail, 1.0)
+    below, alpha = 0.0, 0.0
+    for i in range(1, v + 1):
+        below += float(binom.pmf(v - i, r, q))  # P[v - i <= B < v]
+        alpha = max(alpha, below / i)
+    return min(tail + 2 * m * delta * alpha, 1.0)
+
+
+def group_claim(eps: float, delta: float, group: int) -> tuple[float, float]:
+    """(eps, delta)-DP per record gives (k eps, k e^((k-1) eps) delta)-DP for a group of k records
+    (group privacy): a canary inserted ``group`` times is protected only that much."""
+    return group * eps, min(1.0, group * math.exp((group - 1) * eps) * delta)
+
+
+def epsilon_lower_bound(
+    r: int, v: int, confidence: float = 0.95, *, m: int | None = None, delta: float = 0.0, group: int = 1
+) -> float:
+    """Empirical per-record epsilon lower bound of a one-run audit (Steinke, Nasr & Jagielski 2023):
+    the largest eps whose claim "(eps, delta)-DP per record" is rejected at ``confidence`` by
+    :func:`one_run_p_value` on ``m`` canaries (each inserted ``group`` times, so the canary-level claim
+    tested is :func:`group_claim`). A rejected eps rejects every smaller one ((eps, delta)-DP implies
+    (eps', delta)-DP for eps' > eps), so the bisection keeps a rejected ``lo``: the answer is always a
+    rejected claim. 0 when even eps = 0 is not rejected. ``delta = 0`` is the pure-DP bound; for
+    delta > 0 the bound is lower (``m`` is then required)."""
     if not 0 <= v <= r:
         raise AuditError(f"correct guesses {v} not in [0, {r}]")
+    if delta > 0 and m is None:
+        raise AuditError("the (eps, delta) one-run bound needs m, the number of canaries")
+    m = r if m is None else m
     beta = 1.0 - confidence
 
-    def tail(eps: float) -> float:
-        p = 1.0 / (1.0 + math.exp(-eps))
-        return float(binom.sf(v - 1, r, p))  # P[X >= v]
+    def rejected(eps: float) -> bool:
+        return one_run_p_value(m, r, v, *group_claim(eps, delta, group)) <= beta
 
-    if r == 0 or tail(0.0) > beta:
+    if r == 0 or not rejected(0.0):
         return 0.0
     lo, hi = 0.0, 1.0
-    while tail(hi) <= beta:  # the tail grows with eps; find where it passes beta
-        hi *= 2.0
+    while rejected(hi):
+        lo, hi = hi, hi * 2.0
         if hi > 1e3:
             return math.inf
-    for _ in range(100):
+    for _ in range(60):
         mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if tail(mid) <= beta else (lo, mid)
+        lo, hi = (mid, hi) if rejected(mid) else (lo, mid)
     return lo
 
 

@@ -110,6 +110,38 @@ def test_epsilon_lower_bound_by_hand() -> None:
     assert audit.epsilon_lower_bound(2, 2, 0.95) == 0.0
 
 
+def test_one_run_p_value_for_eps_delta_by_hand() -> None:
+    # m = 10 canaries, r = 4 guesses, all v = 4 right, eps = ln 3 so q = 3/4; Binomial(4, 3/4) has
+    # pmf (1, 12, 54, 108, 81) / 256. f(4) = 81/256. max_i P[4 - i <= B < 4] / i: i = 1: 108/256,
+    # i = 2: 162/512, i = 3: 174/768, i = 4: 175/1024 -> 108/256. p = 81/256 + 2 * 10 * 0.01 * 108/256
+    assert audit.one_run_p_value(10, 4, 4, math.log(3), 0.01) == pytest.approx(81 / 256 + 0.2 * 108 / 256)
+    assert audit.one_run_p_value(10, 4, 4, math.log(3), 0.0) == pytest.approx(81 / 256)  # pure DP: f(v)
+    assert audit.one_run_p_value(10, 4, 4, math.log(3), 0.9) == 1.0  # capped
+    with pytest.raises(audit.AuditError, match="guesses"):
+        audit.one_run_p_value(3, 4, 4, 1.0, 0.0)  # more guesses than canaries
+    # group privacy: (eps, delta) per record -> (2 eps, 2 e^eps delta) for a canary inserted twice
+    assert audit.group_claim(0.5, 1e-5, 2) == pytest.approx((1.0, 2 * math.exp(0.5) * 1e-5))
+
+
+def test_eps_delta_lower_bound_by_hand_and_never_above_the_pure_dp_bound() -> None:
+    # m = r = v = 10, delta = 1e-3, 95%. At eps = 1: q = 0.731059, q^10 = 0.043604; pmf of
+    # Binomial(10, q) at 9, 8, 7, 6: 0.160383, 0.265510, 0.260467, 0.167689; running sums / i:
+    # 0.160383, 0.212947, 0.228787 (max), 0.213512; p = 0.043604 + 2 * 10 * 1e-3 * 0.228787 = 0.048180
+    # < 0.05: rejected. At the pure-DP bound 1.05187 (q^10 = 0.05): max_i term 0.23494, so
+    # p = 0.05 + 0.02 * 0.23494 = 0.05470 > 0.05: not rejected. The (eps, delta) bound lies in between.
+    assert audit.one_run_p_value(10, 10, 10, 1.0, 1e-3) == pytest.approx(0.048180, abs=2e-6)
+    assert audit.one_run_p_value(10, 10, 10, 1.05187, 1e-3) == pytest.approx(0.05470, abs=2e-5)
+    assert 1.0 < audit.epsilon_lower_bound(10, 10, 0.95, m=10, delta=1e-3) < 1.05187
+    for r, v, m in [(10, 10, 10), (10, 9, 50), (40, 36, 100), (200, 150, 1000), (20, 20, 20)]:
+        for delta in (1e-6, 1e-3, 1e-2):
+            pure = audit.epsilon_lower_bound(r, v, 0.95)
+            assert audit.epsilon_lower_bound(r, v, 0.95, m=m, delta=delta) <= pure
+    # a canary repeated twice: the per-record bound is about half the canary-level one
+    assert audit.epsilon_lower_bound(10, 10, 0.95, m=10, group=2) == pytest.approx(1.05187 / 2, abs=1e-4)
+    with pytest.raises(audit.AuditError, match="needs m"):
+        audit.epsilon_lower_bound(10, 10, 0.95, delta=1e-5)
+
+
 def test_simulate_with_audit_writes_canaries_and_scores_and_fedslm_audit_rescores(tmp_path, capsys) -> None:
     import json
 
