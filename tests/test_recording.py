@@ -16,7 +16,8 @@ from fedslm.protocol import PrivacyReport, TrainReport
 MAIN_KEYS = [
     "round", "train_loss", "eval_loss", "perplexity", "eval_accuracy", "bytes_up", "bytes_down", "wall_s",
     "clients", "failed", "errors", "no_reply", "declined", "rejected", "skipped", "epsilon_max", "epsilon_mean",
-    "epsilon_central", "train_s_sum", "client_s_sum", "model_loads_max", "process_messages_min",
+    "epsilon_central", "diverged", "lr_scale", "best_round", "train_s_sum", "client_s_sum", "model_loads_max",
+    "process_messages_min",
 ]  # fmt: skip
 
 
@@ -40,6 +41,7 @@ def test_a_row_derives_its_figures_from_the_reports() -> None:
     assert list(RoundRecord(0, 0.0).row([], "secagg+")) == [*MAIN_KEYS, "secure_aggregation"]
     empty = RoundRecord(0, 0.0).row([])
     assert (empty["model_loads_max"], empty["epsilon_max"], empty["errors"]) == (None, None, [])
+    assert (empty["diverged"], empty["lr_scale"], empty["best_round"]) == (None, 1.0, None)  # the guard's
 
 
 def test_the_recorder_writes_tells_and_resumes(tmp_path: Path) -> None:
