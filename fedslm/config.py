@@ -183,7 +183,11 @@ class FederationConfig:
         " not finite): the previous adapter is kept and the learning rate halved from then on (0 = loss test off)",
     )
     client_cpus: float = _f(2.0, "CPUs reserved per simulated client (2 = one client at a time on 2 cores)")
-    client_gpus: float = _f(0.0, "GPU share per simulated client (0.25 = four clients on one GPU); needs CUDA")
+    client_gpus: float | Literal["auto"] = _f(
+        "auto",
+        "GPU share per simulated client (0.25 = four clients on one GPU); auto = 0 on a CPU, else the GPUs"
+        " split among the clients that train at once",
+    )
     ray_address: str = _f("", "attach the simulation to a running Ray cluster at host:port (empty = start one here)")
 
     def __post_init__(self) -> None:
@@ -197,7 +201,8 @@ class FederationConfig:
             f"{self.min_train_clients} not in [1, num_clients={self.num_clients}]",
         )
         _check(self.client_cpus > 0, "federation.client_cpus", f"{self.client_cpus} must be > 0")
-        _check(0 <= self.client_gpus <= 1, "federation.client_gpus", f"{self.client_gpus} not in [0, 1]")
+        if self.client_gpus != "auto":
+            _check(0 <= self.client_gpus <= 1, "federation.client_gpus", f"{self.client_gpus} not in [0, 1] (or auto)")
         if self.ray_address:
             host, _, port = self.ray_address.rpartition(":")
             _check(
@@ -209,6 +214,10 @@ class FederationConfig:
     @property
     def clients_per_round(self) -> int:
         return max(self.min_train_clients, int(self.num_clients * self.fraction_train))
+
+    def clients_at_once(self, cpus: float) -> int:
+        """How many simulated clients train at the same time on ``cpus`` CPUs (Ray packs by ``client_cpus``)."""
+        return max(1, min(self.clients_per_round, int(cpus // self.client_cpus)))
 
 
 @dataclass

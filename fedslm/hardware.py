@@ -121,6 +121,43 @@ def resolve_compute_dtype(
     return "bfloat16" if cpu.native_bf16 else "float32"
 
 
+def resolve_client_gpus(
+    requested: float | str,
+    device: str,
+    concurrent: int,
+    cuda: CudaInfo | None = None,
+    key: str = "federation.client_gpus",
+) -> float:
+    """Each simulated client's GPU share (Ray's ``num_gpus``) for clients whose ``model.device`` resolved
+    to ``device`` on the driver, with ``concurrent`` clients training at once.
+
+    Ray hides every GPU from a worker that reserved none, so a client told ``model.device: cuda``
+    with a share of 0 would find no CUDA device. ``auto``: 0 on a CPU, else the GPUs split evenly
+    among the clients that run at once (FlowerTune's ``num-gpus``), at most one GPU each. A number
+    is used as given; above 0 it needs CUDA, and 0 with an explicit CUDA device is refused.
+    """
+    on_cuda = device.startswith("cuda")
+    if requested == "auto":
+        if not on_cuda:
+            return 0.0
+        cuda = cuda if cuda is not None else probe_cuda(_index(device))
+        return min(1.0, max(cuda.count, 1) / max(concurrent, 1))
+    share = float(requested)
+    if share > 0:
+        cuda = cuda if cuda is not None else probe_cuda()
+        if not cuda.available:
+            raise HardwareError(
+                f"{key}: {share:g} needs a CUDA device, and torch {torch.__version__} finds none; set it to 0 or auto"
+            )
+    elif on_cuda:
+        raise HardwareError(
+            f"{key}: 0 hides the GPU from the simulated clients (Ray gives a worker only the GPU share it"
+            f" reserves), so model.device {device!r} cannot be met there; leave it auto or give a share such"
+            " as 0.25 (four clients per GPU)"
+        )
+    return share
+
+
 def _index(device: str) -> int:
     return int(device.split(":", 1)[1]) if ":" in device else 0
 

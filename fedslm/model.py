@@ -22,7 +22,15 @@ import torch
 
 from .config import ModelConfig, RunConfig
 from .fs import atomic_dir
-from .hardware import DTYPES, HardwareError, describe, probe_cuda, resolve_compute_dtype, resolve_device
+from .hardware import (
+    DTYPES,
+    HardwareError,
+    describe,
+    probe_cpu,
+    resolve_client_gpus,
+    resolve_compute_dtype,
+    resolve_device,
+)
 from .logs import get_logger
 from .modeldir import is_complete
 from .modelinfo import BUNDLED, TINY_PREFIX, ModelLoadError, cache_root, locate_bundled_gguf
@@ -135,18 +143,26 @@ def resolve_hardware(cfg: ModelConfig) -> ModelConfig:
     return dataclasses.replace(cfg, device=device, compute_dtype=dtype)
 
 
-def check_run_hardware(cfg: RunConfig) -> None:
-    """Refuse, before anything starts, a device or dtype this machine cannot give (``fedslm check``)."""
+def check_run_hardware(cfg: RunConfig, scope: str = "simulation") -> None:
+    """Refuse, before anything starts, a device or dtype this machine cannot give (``fedslm check``).
+
+    ``scope`` is the preflight's: a simulation trains here, so the device, dtype and the clients' GPU
+    share are checked against this machine; a ServerApp evaluates here (device and dtype); ``config``
+    (``fedslm run`` from a workstation) only submits, and each node resolves its own device, so only
+    what no machine could give is refused (float16 on a CPU).
+    """
     from .config import ConfigError
 
     try:
+        if scope == "config":
+            if cfg.model.device == "cpu":
+                resolve_compute_dtype(cfg.model.compute_dtype, "cpu", cpu=probe_cpu())
+            return
         device = resolve_device(cfg.model.device)
         resolve_compute_dtype(cfg.model.compute_dtype, device)
-        if cfg.federation.client_gpus > 0 and not probe_cuda().available:
-            raise HardwareError(
-                f"federation.client_gpus: {cfg.federation.client_gpus} needs a CUDA device, and torch"
-                f" {torch.__version__} finds none; set it to 0"
-            )
+        if scope == "simulation":
+            fed = cfg.federation
+            resolve_client_gpus(fed.client_gpus, device, fed.clients_at_once(os.cpu_count() or 1))
     except HardwareError as e:
         raise ConfigError(str(e)) from None
 

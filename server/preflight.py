@@ -75,7 +75,7 @@ def preflight(cfg: RunConfig, source: str = "<config>", scope: Scope = "simulati
             report = dataclasses.replace(report, privacy_plans=tuple(check_privacy_plan(cfg, cache_root(cfg.model))))
         from fedslm.model import check_run_hardware  # torch
 
-        check_run_hardware(cfg)
+        check_run_hardware(cfg, scope)
     except (ConfigError, DataError, ModelLoadError) as e:
         raise type(e)(f"{source}: {e}") from None
     return report

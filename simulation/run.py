@@ -219,13 +219,19 @@ def ray_backend_config(cfg: RunConfig) -> dict[str, dict[str, ConfigRecordValues
     address is checked first, so an unreachable one fails in seconds instead of Ray's long retry.
     """
     fed = cfg.federation
-    resources: dict[str, ConfigRecordValues] = {"num_cpus": fed.client_cpus, "num_gpus": fed.client_gpus}
+    cpus = os.cpu_count() or 2
+    gpus = fed.client_gpus
+    if gpus == "auto":  # the preflight refused an explicit share this machine cannot give
+        from fedslm.hardware import resolve_client_gpus, resolve_device  # torch
+
+        at_once = fed.clients_per_round if fed.ray_address else fed.clients_at_once(cpus)
+        gpus = resolve_client_gpus("auto", resolve_device(cfg.model.device), at_once)
+    resources: dict[str, ConfigRecordValues] = {"num_cpus": fed.client_cpus, "num_gpus": gpus}
     init: dict[str, ConfigRecordValues] = {"include_dashboard": False, "logging_level": "warning"}
     if fed.ray_address:
         check_reachable(fed.ray_address, "federation.ray_address")
         init = {"address": fed.ray_address, "logging_level": "warning"}
     else:
-        cpus = os.cpu_count() or 2
         resources["num_cpus"] = min(fed.client_cpus, cpus)
         init["num_cpus"] = cpus
     return {"client_resources": resources, "init_args": init}

@@ -130,3 +130,63 @@ def test_client_resources_follow_the_config() -> None:
     backend = ray_backend_config(cfg)
     assert backend["client_resources"] == {"num_cpus": 1.0, "num_gpus": 0.25}
     assert "address" not in backend["init_args"]
+
+
+@pytest.mark.parametrize(
+    ("requested", "device", "at_once", "cuda", "expected"),
+    [
+        ("auto", "cpu", 4, NO_CUDA, 0.0),  # nothing to share
+        ("auto", "cuda", 4, A100, 0.25),  # four clients at once on one GPU
+        ("auto", "cuda", 1, A100, 1.0),
+        ("auto", "cuda", 4, H200, 0.5),  # two GPUs: Ray packs two clients on each
+        ("auto", "cuda", 1, H200, 1.0),  # never more than one GPU per client
+        (0.125, "cuda", 4, A100, 0.125),  # an explicit share is used as given
+        (0.0, "cpu", 4, A100, 0.0),
+    ],
+)
+def test_client_gpu_share_resolution(
+    requested: float | str, device: str, at_once: int, cuda: CudaInfo, expected: float
+) -> None:
+    from fedslm.hardware import resolve_client_gpus
+
+    assert resolve_client_gpus(requested, device, at_once, cuda=cuda) == expected
+
+
+def test_zero_gpu_share_with_a_cuda_device_is_refused() -> None:
+    """Ray hides the GPU from a worker that reserved none: the clients would find no CUDA device."""
+    from fedslm.hardware import resolve_client_gpus
+
+    with pytest.raises(HardwareError, match=r"federation.client_gpus: 0 hides the GPU .* model.device 'cuda'"):
+        resolve_client_gpus(0.0, "cuda", 4, cuda=A100)
+    with pytest.raises(HardwareError, match=r"federation.client_gpus: 0.5 needs a CUDA device"):
+        resolve_client_gpus(0.5, "cpu", 4, cuda=NO_CUDA)
+
+
+def test_clients_at_once_follow_cpus_and_sampling() -> None:
+    fed = load_config("configs/tiny.yaml", ["federation.client_cpus=1"]).federation
+    assert fed.clients_per_round == 4
+    assert fed.clients_at_once(2) == 2  # two 1-CPU clients on 2 cores
+    assert fed.clients_at_once(16) == 4  # never more than a round samples
+    assert fed.clients_at_once(0.5) == 1
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the scopes on a machine without CUDA")
+def test_a_submitting_workstation_does_not_need_the_nodes_gpu() -> None:
+    """``fedslm run`` (scope config) only submits: the nodes and the ServerApp resolve their own device."""
+    cfg = load_config("configs/tiny.yaml", ["model.device=cuda"])
+    check_run_hardware(cfg, "config")  # no CUDA here, and that is fine
+    for scope in ("server", "simulation"):  # these evaluate or train here
+        with pytest.raises(ConfigError, match="model.device: 'cuda' asked for"):
+            check_run_hardware(cfg, scope)
+    fp16_cpu = load_config("configs/tiny.yaml", ["model.device=cpu", "model.compute_dtype=float16"])
+    with pytest.raises(ConfigError, match="float16 on a CPU is refused"):  # on no machine
+        check_run_hardware(fp16_cpu, "config")
+
+
+def test_auto_gpu_share_is_zero_on_this_cpu_machine() -> None:
+    from fedslm.simulation.run import ray_backend_config
+
+    cfg = load_config("configs/tiny.yaml", ["federation.client_cpus=1"])
+    assert cfg.federation.client_gpus == "auto"
+    expected = 0.0 if not torch.cuda.is_available() else min(1.0, torch.cuda.device_count() / 2)
+    assert ray_backend_config(cfg)["client_resources"]["num_gpus"] == expected
