@@ -33,6 +33,9 @@ class Variant:
     env: dict[str, str] = field(default_factory=dict)  # environment of its subprocess
 
 
+# What an AVX2-only CPU (the EPYCs CI runs on) computes with, on a newer one: torch's vectorised
+# kernels, oneDNN (bf16 matmul) and MKL (fp32 GEMM) each capped at AVX2. bf16 is then emulated as there.
+AVX2_ONLY = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
 # glibc keeps freed heap memory for reuse; with these, it returns it at once (less RSS, more page faults)
 LEAN_MALLOC = {"MALLOC_TRIM_THRESHOLD_": "0", "MALLOC_TOP_PAD_": "0"}
 VARIANTS: dict[str, Variant] = {
@@ -173,6 +176,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch threads per variant")
     parser.add_argument("--no-eval", action="store_true", help="skip the evaluation phase (memory and steps only)")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument(
+        "--isa",
+        choices=["native", "avx2"],
+        default="native",
+        help="avx2: cap torch, oneDNN and MKL at AVX2, to measure an AVX2-only CPU's paths on a newer one",
+    )
     parser.add_argument("--variant", choices=list(VARIANTS), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.variant:
@@ -183,7 +192,7 @@ def main() -> None:
         cmd = [sys.executable, __file__, "--variant", variant, "--config", args.config]
         cmd += ["--steps", str(args.steps), "--batch", str(args.batch), "--tokens", str(args.tokens)]
         cmd += ["--threads", str(args.threads)] + (["--no-eval"] if args.no_eval else [])
-        env = {**os.environ, **VARIANTS[variant].env}
+        env = {**os.environ, **VARIANTS[variant].env, **(AVX2_ONLY if args.isa == "avx2" else {})}
         out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
         results[variant] = json.loads(out.strip().splitlines()[-1])
         print(f"{variant}: {results[variant]}", flush=True)
@@ -225,7 +234,10 @@ def main() -> None:
             lines,
         )
     )
-    print(f"({args.tokens} attended tokens per sequence, {args.steps} steps, median step after 2 warm-up)")
+    isa = "native"
+    if args.isa == "avx2":
+        isa = "capped at AVX2 (" + " ".join(f"{k}={v}" for k, v in AVX2_ONLY.items()) + ")"
+    print(f"({args.tokens} attended tokens per sequence, {args.steps} steps, median step after 2 warm-up; ISA {isa})")
     for name in results:
         print(f"- {name}: {VARIANTS[name].what}")
 
