@@ -3,15 +3,16 @@
 # PYTHON=python3.12 (or 3.13) gets its own venv, .venv-python3.12, so the default .venv is kept.
 # A pyenv shim that is not active here ("command not found") is resolved to its installed version.
 PYTHON ?= python3.11
-# torch's CPU build: this machine's pip finds the cp311 one locally; on PyPI, Linux torch is the CUDA
-# build (GBs of nvidia-* wheels), so other Pythons take the CPU build from PyTorch's own index.
+# torch 2.13.0 exactly, first: this machine's pip finds the cp311 CPU build locally. PyPI has no CPU
+# build for Linux: there torch is the CUDA one (0.5 GB + 3-4 GB of nvidia-* wheels, about 90 s here),
+# which also runs on a CPU; that is what the other Pythons' venvs get unless TORCH_INDEX names an index
+# with CPU builds (TORCH_INDEX=https://download.pytorch.org/whl/cpu where it is reachable).
 ifeq ($(origin PYTHON),file)
 VENV   ?= .venv
-TORCH_INDEX ?=
 else
 VENV   ?= .venv-$(notdir $(PYTHON))
-TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 endif
+TORCH_INDEX ?=
 PYTHON_BIN := $(shell $(PYTHON) -c 'import sys; print(sys.executable)' 2>/dev/null || \
   ls -d $$HOME/.pyenv/versions/$(patsubst python%,%,$(notdir $(PYTHON)))*/bin/python 2>/dev/null | sort -V | tail -1)
 PIP    := $(VENV)/bin/python -m pip
@@ -52,14 +53,17 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q
 
-# Manual (not CI): the full suite on the default Python, then an install plus a tiny federation on the
-# other two; needs TORCH_INDEX reachable.
-OTHER_PYTHONS ?= python3.12 python3.13
-ci: test
-	for py in $(OTHER_PYTHONS); do $(MAKE) install-check PYTHON=$$py || exit 1; done
+# What CI runs (.ci/run): an install plus a tiny federation on the two other supported Pythons, each in
+# its own venv, then the full suite on this one (last, so that pytest's summary closes the output).
+OTHER_PYTHONS ?= $(filter-out $(notdir $(PYTHON)),python3.11 python3.12 python3.13)
+ci:
+	for py in $(OTHER_PYTHONS); do $(MAKE) --no-print-directory install-check PYTHON=$$py || exit 1; done
+	$(MAKE) --no-print-directory test
 
 # Install into this Python's venv and run a 4-client, 1-round federation of the tiny model.
 install-check: $(STAMP)
+	$(VENV)/bin/python -c "import sys, torch, flwr, fedslm; print('install-check: Python', sys.version.split()[0], \
+	  '| torch', torch.__version__, '| flwr', flwr.__version__, '| fedslm from', fedslm.__path__[0])"
 	out=$$(mktemp -d) && $(VENV)/bin/fedslm simulate configs/tiny.yaml --set federation.num_rounds=1 \
 	  --no-progress --out $$out/run && rm -rf $$out
 
