@@ -236,13 +236,36 @@ def _matches(target: str, names: frozenset[str]) -> bool:
     return any(n == target or n.endswith("." + target) for n in names)
 
 
+def lora_parameter_count(
+    info: ModelInfo, r: int, targets: list[str], task: str = "causal-lm", train_a: bool = True
+) -> int:
+    """Trainable LoRA parameters of rank ``r`` on ``targets``: r x (in + out) per adapted Linear, or
+    r x out when A stays frozen (FFA-LoRA). From the architecture built on the meta device (no weights).
+    A classification head, trained beside the adapter, is not counted."""
+    import torch
+
+    count = 0
+    for name, module in _meta_model(info, task).named_modules():
+        if isinstance(module, torch.nn.Linear) and any(_matches(t, frozenset([name])) for t in targets):
+            count += r * (module.out_features + (module.in_features if train_a else 0))
+    return count
+
+
 def _meta_module_names(info: ModelInfo, task: str) -> set[str]:
     """Full names of the Linear / Embedding / Conv1D modules, from the architecture built on the meta
     device (no memory, no weights). Imports transformers: the slow path, for unlisted architectures."""
     import torch
+    from transformers.pytorch_utils import Conv1D
+
+    layers = (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d, Conv1D)
+    return {n for n, m in _meta_model(info, task).named_modules() if isinstance(m, layers)}
+
+
+def _meta_model(info: ModelInfo, task: str) -> Any:
+    """The architecture of ``info`` built on the meta device: modules and shapes, no memory, no weights."""
+    import torch
     import transformers
     from transformers import AutoConfig
-    from transformers.pytorch_utils import Conv1D
 
     if info.config:
         config = transformers.CONFIG_MAPPING[info.model_type].from_dict(info.config)
@@ -252,6 +275,4 @@ def _meta_module_names(info: ModelInfo, task: str) -> set[str]:
         raise ModelLoadError(f"model.name {info.name!r}: no config to check lora.target_modules against")
     auto = transformers.AutoModelForCausalLM if task == "causal-lm" else transformers.AutoModelForSequenceClassification
     with torch.device("meta"):
-        model = auto.from_config(config)
-    layers = (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d, Conv1D)
-    return {n for n, m in model.named_modules() if isinstance(m, layers)}
+        return auto.from_config(config)

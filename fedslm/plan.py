@@ -117,7 +117,56 @@ def plan_line(plans: list[ClientPlan], privacy: PrivacyConfig) -> str:
     )
 
 
-def plan_report(cfg: RunConfig, plans: list[ClientPlan]) -> list[str]:
+@dataclass(frozen=True)
+class NoiseToSignal:
+    """Expected norm of DP-SGD's noise over the norm of the clipped signal, in the best case for the
+    signal (every clipped per-sample gradient pointing the same way, norm ``C``).
+
+    One step adds N(0, sigma^2 C^2 I_d) to a sum of at most B gradients of norm C, then divides by B:
+    noise norm sigma C sqrt(d) / B against a signal of at most C. Over T local steps and a mean over K
+    clients the signal adds up coherently and the independent noise as a square root, so the averaged
+    round update's ratio is the step's divided by sqrt(T K).
+    """
+
+    step: float
+    round_update: float
+
+
+RATIO_WARN = 1.0  # the averaged update is more noise than signal even in the best case
+
+
+def noise_to_signal(plan: ClientPlan, trainable: int, steps_per_round: int, clients_per_round: int) -> NoiseToSignal:
+    step = plan.noise_multiplier * math.sqrt(trainable) / max(plan.batch_size, 1)
+    return NoiseToSignal(step, step / math.sqrt(max(steps_per_round, 1) * max(clients_per_round, 1)))
+
+
+def plan_warnings(cfg: RunConfig, plans: list[ClientPlan], trainable: int, train_a: bool) -> list[str]:
+    """Lines for a plan whose noise swamps the signal, naming the knobs that would lower the ratio."""
+    if not plans:
+        return []
+    fed = cfg.federation
+    worst = max(noise_to_signal(c, trainable, cfg.train.local_steps, fed.clients_per_round).round_update for c in plans)
+    if worst <= RATIO_WARN:
+        return []
+    fewest = min(c.records for c in plans)
+    knobs = [
+        f"a larger logical batch (train.batch_size {cfg.train.batch_size}, with train.physical_batch_size to bound"
+        " memory): noise/signal falls about as 1/batch",
+        f"more records per client (the smallest has {fewest}): a larger batch at the same sampling rate",
+        f"fewer trainable parameters ({trainable:,}): lora.r {cfg.lora.r} -> {max(1, cfg.lora.r // 2)}, fewer"
+        " lora.target_modules" + (", or strategy.name: ffa-lora (B only)" if train_a else ""),
+        "fewer steps (train.local_steps x federation.num_rounds): less noise per step at the same epsilon",
+    ]
+    return [
+        f"WARNING: noise/signal of the averaged round update is {worst:.1f} even in the best case (> {RATIO_WARN:g}):"
+        " DP noise is likely to wipe out learning. What lowers it:",
+        *(f"  - {k}" for k in knobs),
+    ]
+
+
+def plan_report(
+    cfg: RunConfig, plans: list[ClientPlan], trainable: int | None = None, train_a: bool = True
+) -> list[str]:
     """``fedslm privacy plan``: a row per client, then the epsilon each client has spent after every
     round (taking part in every round it is expected to) under PLD and RDP, for the same noise."""
     p = cfg.privacy
@@ -135,4 +184,17 @@ def plan_report(cfg: RunConfig, plans: list[ClientPlan]) -> list[str]:
         eps = [max(_epsilon(kind, [(c.noise_multiplier, c.sample_rate, r * per_round)], p.delta) for c in plans)
                for kind in ("pld", "rdp")]
         lines.append(f"{r:>5}  " + "  ".join(f"{e:>7.3f}" for e in eps))
+    if trainable:
+        fed = cfg.federation
+        ratios = [noise_to_signal(c, trainable, per_round, fed.clients_per_round) for c in plans]
+        lines += [
+            "",
+            f"expected noise/signal norm ({trainable:,} trainable parameters; best case for the signal,"
+            f" sigma x sqrt(d) / batch per step, / sqrt({per_round} steps x {fed.clients_per_round} clients)"
+            " for the averaged round update):",
+            f"  one DP-SGD step: {min(r.step for r in ratios):.1f}-{max(r.step for r in ratios):.1f};"
+            f" averaged round update: {min(r.round_update for r in ratios):.2f}"
+            f"-{max(r.round_update for r in ratios):.2f}",
+        ]
+        lines += plan_warnings(cfg, plans, trainable, train_a)
     return lines

@@ -106,7 +106,16 @@ def _privacy_plan_cli(args: argparse.Namespace) -> int:
     if not checked.cfg.privacy.local:
         print(f"{args.config}: privacy.mode is {checked.cfg.privacy.mode!r}, no local DP: nothing to plan")
         return 0
-    print("\n".join(plan_report(checked.cfg, list(checked.privacy_plans))))
+    from fedslm.strategies.registry import build
+
+    from fedslm.modelinfo import lora_parameter_count, model_info
+    from fedslm.protocol import LoRAPlan
+
+    cfg = checked.cfg
+    train_a = LoRAPlan.from_record(build(cfg).client_config(1)).train_lora_a  # FFA-LoRA trains B only
+    info = checked.model if checked.model is not None else model_info(cfg.model)
+    trainable = lora_parameter_count(info, cfg.lora.r, list(checked.lora_targets), cfg.task, train_a)
+    print("\n".join(plan_report(cfg, list(checked.privacy_plans), trainable, train_a)))
     return 0
 
 

@@ -65,9 +65,49 @@ def test_privacy_plan_prints_each_client_and_epsilon_per_round_under_both_accoun
     table = out[out.index("client  records  logical batch  q        steps  noise multiplier") + 1 :]
     clients = [line.split() for line in table[: table.index("")]]
     assert [int(c[0]) for c in clients] == [0, 1, 2, 3] and all(int(c[4]) == 6 for c in clients)  # 2 rounds x 3 steps
-    rounds = [line.split() for line in out[out.index("round      pld      rdp") + 1 :]]
+    after = out[out.index("round      pld      rdp") + 1 :]
+    rounds = [line.split() for line in after[: after.index("")]]
     assert [r[0] for r in rounds] == ["1", "2"]
     pld, rdp = [float(r[1]) for r in rounds], [float(r[2]) for r in rounds]
     assert pld[0] < pld[1] <= 8.0 < rdp[1] and rdp[0] > pld[0]  # calibrated on PLD; RDP says more for the same noise
     assert main(["privacy", "plan", str(TINY)]) == 0
     assert "nothing to plan" in capsys.readouterr().out
+
+
+def test_noise_to_signal_is_sigma_sqrt_d_over_batch_then_over_sqrt_steps_and_clients() -> None:
+    from fedslm.plan import ClientPlan, noise_to_signal
+
+    plan = ClientPlan(0, records=243, batch_size=8, sample_rate=8 / 243, steps=30, noise_multiplier=0.5)
+    ratio = noise_to_signal(plan, trainable=460_800, steps_per_round=10, clients_per_round=4)
+    assert ratio.step == pytest.approx(0.5 * 678.8225 / 8, rel=1e-6)  # sqrt(460,800) = 678.8225: 42.43
+    assert ratio.round_update == pytest.approx(42.4264 / 40**0.5, rel=1e-5)  # 6.708
+
+
+def test_lora_parameters_are_counted_from_the_architecture() -> None:
+    from fedslm.modelinfo import lora_parameter_count, model_info
+
+    info = model_info(_cfg().model)  # tiny llama: hidden 64, 4 heads of 16, 2 KV heads, 2 layers
+    assert lora_parameter_count(info, 4, ["q_proj", "v_proj"]) == 2 * (4 * (64 + 64) + 4 * (64 + 32))  # 1,792
+    assert lora_parameter_count(info, 4, ["q_proj", "v_proj"], train_a=False) == 2 * (4 * 64 + 4 * 32)  # B only: 768
+
+
+def test_privacy_plan_warns_where_noise_swamps_the_signal_and_names_the_knobs(capsys) -> None:
+    from fedslm.simulation.cli import main
+
+    # tiny: 1,792 parameters, batch 4, noise ~1: per step ~1 x 42 / 4 ~ 10, / sqrt(3 x 4) ~ 3 -> warned
+    assert main(["privacy", "plan", str(TINY), "--set", "privacy.mode=local"]) == 0
+    out = capsys.readouterr().out
+    assert "expected noise/signal norm (1,792 trainable parameters" in out
+    assert "WARNING: noise/signal of the averaged round update is" in out
+    for knob in ("train.batch_size 4", "more records per client", "lora.r 4 -> 2", "strategy.name: ffa-lora",
+                 "train.local_steps x federation.num_rounds"):  # fmt: skip
+        assert knob in out, knob
+    # FFA-LoRA: B alone is counted, and it is no longer offered as a knob
+    assert main(["privacy", "plan", str(TINY), "--set", "privacy.mode=local", "--set", "strategy.name=ffa-lora"]) == 0
+    out = capsys.readouterr().out
+    assert "(768 trainable parameters" in out and "strategy.name: ffa-lora" not in out
+    # a logical batch as large as the data and a generous budget: little noise, no warning
+    calm = ["privacy.mode=local", "train.batch_size=40", "privacy.target_epsilon=50", "train.local_steps=1"]
+    assert main(["privacy", "plan", str(TINY), *(a for kv in calm for a in ("--set", kv))]) == 0
+    out = capsys.readouterr().out
+    assert "expected noise/signal norm" in out and "WARNING" not in out, out
