@@ -286,11 +286,15 @@ def run_argv(
     out_dir: str | None = None,
     overrides: Sequence[str] = (),
     stream: bool = True,
+    resume: str | None = None,
 ) -> list[str]:
-    """``flwr run APP CONNECTION`` with ``config``, ``out-dir`` and ``set`` of ``[tool.flwr.app.config]``."""
+    """``flwr run APP CONNECTION`` with ``config``, ``out-dir``, ``set`` and ``resume`` of
+    ``[tool.flwr.app.config]`` (``config`` "" with ``resume``: the run's own ``config.yaml``)."""
     run_config = [f"config={json.dumps(config)}"]
     if out_dir:
         run_config.append(f"out-dir={json.dumps(out_dir)}")
+    if resume:
+        run_config.append(f"resume={json.dumps(resume)}")
     if overrides:
         bad = [o for o in overrides if "," in o or "=" not in o]
         if bad:
@@ -382,12 +386,14 @@ def register_nodes(public_keys: Path, connection: str, env: Mapping[str, str], t
             key_file.write_text(line + "\n")
             argv = [*register_argv(key_file, connection, name=comment), "--format", "json"]
             proc = subprocess.run(argv, env=dict(env), capture_output=True, text=True, timeout=timeout)
-        if proc.returncode != 0 and "already in use" in proc.stdout + proc.stderr:
+        # flwr exits 0 with {"success": false, ...} for a key a SuperLink with --database already knows
+        if "already in use" in proc.stdout + proc.stderr:
             log.info("%s is already registered (the SuperLink's --database keeps registrations)", comment)
             continue
-        if proc.returncode != 0:
+        reply = _last_json(proc.stdout) if proc.returncode == 0 and "{" in proc.stdout else {}
+        if proc.returncode != 0 or reply.get("success") is False or "node-id" not in reply:
             raise DeployError(f"registering {comment} failed: {(proc.stdout + proc.stderr).strip()[-800:]}")
-        ids.append(int(_last_json(proc.stdout).get("node-id", 0)))
+        ids.append(int(reply["node-id"]))
         log.info("registered %s as SuperNode %s", comment, ids[-1])
     return ids
 
