@@ -406,6 +406,29 @@ def list_nodes(connection: str, env: Mapping[str, str], timeout: float = 60.0) -
     return list(_last_json(proc.stdout).get("nodes", []))
 
 
+def stop_stale_run(run_id: int, connection: str, env: Mapping[str, str], timeout: float = 60.0) -> bool:
+    """``flwr stop run_id`` if the SuperLink still has that run pending or running: a run whose ServerApp
+    died (with a ``--database`` it survives a SuperLink restart) would otherwise have its queued round
+    messages trained, and counted in the clients' privacy ledgers, next to the resumed run's."""
+    flwr = tool("flwr")
+    argv = [flwr, "ls", connection, "--run-id", str(run_id), "--format", "json"]
+    proc = subprocess.run(argv, env=dict(env), capture_output=True, text=True, timeout=timeout)
+    runs = _last_json(proc.stdout).get("runs", []) if proc.returncode == 0 and "{" in proc.stdout else []
+    status = str(runs[0].get("status", "")) if runs else "unknown to the SuperLink"
+    if not status.startswith(("pending", "starting", "running")):
+        log.info("Flower run %s, which last worked on this run, is %s: nothing to stop", run_id, status)
+        return False
+    argv = [flwr, "stop", str(run_id), connection, "--format", "json"]
+    proc = subprocess.run(argv, env=dict(env), capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0 or '"success": false' in proc.stdout:
+        raise DeployError(
+            f"flwr stop {run_id} failed: {(proc.stdout + proc.stderr).strip()[-400:]}; stop that run"
+            " (`flwr stop RUN_ID CONNECTION`) before resuming, or its queued messages are trained too"
+        )
+    log.info("stopped Flower run %s (left %s by the crash): its queued messages will not be trained", run_id, status)
+    return True
+
+
 def _key_lines(path: Path) -> list[str]:
     if not path.is_file():
         raise DeployError(f"{path}: no such file; `fedslm certs` writes it")

@@ -27,7 +27,7 @@ from .federation import Federation
 from .preflight import load_run
 from .recording import RoundCallback
 from .report import write_results
-from .resume import resume_point, start_run
+from .resume import note_flower_run, resume_point, start_run
 
 log = get_logger(__name__)
 
@@ -130,11 +130,12 @@ def deployed_run(context: Context) -> tuple[RunConfig, Path, str, Checkpoint | N
     resume = str(rc.get("resume", "")).strip()
     if not resume:
         cfg, out, run_name = config_from_context(context)
-        start_run(out, run_name, cfg.federation.num_clients)
+        start_run(out, run_name, cfg.federation.num_clients, context.run_id)
         return cfg, out, run_name, None
     out = _run_dir(resume)
     given = config_from_context(context)[0] if str(rc.get("config", "")).strip() else None
     point = resume_point(out, given, source=f"run config {rc.get('config')!r}")
+    note_flower_run(out, context.run_id)  # `fedslm run --resume` stops this one if it dies in turn
     return point.cfg, out, point.run_name, point.checkpoint
 
 

@@ -38,22 +38,43 @@ class ResumePoint:
     run_name: str  # from ``run.json``: the clients' state is kept under it
 
 
-def start_run(out: Path, run_name: str, num_clients: int) -> None:
-    """Claim ``out`` for a new run: refuse one that already holds a run, write ``run.json`` once."""
+def start_run(out: Path, run_name: str, num_clients: int, flower_run: int | None = None) -> None:
+    """Claim ``out`` for a new run: refuse one that already holds a run, write ``run.json`` once
+    (``flower_runs``: the Flower run ids that have worked on it, this one first)."""
     if (out / "metrics.jsonl").exists() or (out / RUN_JSON).exists():
         raise ResumeError(f"{out} already holds a run; pass another --out, or continue it with --resume {out}")
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write(out / RUN_JSON, json.dumps({"run_name": run_name, "num_clients": num_clients}))
+    body = {"run_name": run_name, "num_clients": num_clients, "flower_runs": [] if flower_run is None else [flower_run]}
+    atomic_write(out / RUN_JSON, json.dumps(body))
 
 
-def run_name_of(out: Path) -> str:
+def _run_json(out: Path) -> dict[str, Any]:
     path = out / RUN_JSON
     try:
-        return str(json.loads(path.read_text())["run_name"])
+        body = json.loads(path.read_text())
+        str(body["run_name"])
+        return dict(body)
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ResumeError(
             f"{path}: unreadable or no run_name ({e}); it names the clients' privacy ledgers, restore it"
         ) from None
+
+
+def run_name_of(out: Path) -> str:
+    return str(_run_json(out)["run_name"])
+
+
+def last_flower_run(out: Path) -> int | None:
+    """The Flower run id that worked on ``out`` last (a deployed run's; None for a simulation's)."""
+    runs = _run_json(out).get("flower_runs") or []
+    return int(runs[-1]) if runs else None
+
+
+def note_flower_run(out: Path, flower_run: int) -> None:
+    """Record that Flower run ``flower_run`` now continues the run in ``out`` (its name unchanged)."""
+    body = _run_json(out)
+    body["flower_runs"] = [*body.get("flower_runs", []), flower_run]
+    atomic_write(out / RUN_JSON, json.dumps(body))
 
 
 def config_differences(run_yaml: str, given_yaml: str) -> list[tuple[str, Any, Any]]:

@@ -256,7 +256,7 @@ def _preflight_node(args: argparse.Namespace, spec: Any) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     from fedslm.config import ConfigError
-    from fedslm.deploy import CertPaths, deploy_env, flwr_home, run_argv, write_connection
+    from fedslm.deploy import CertPaths, deploy_env, flwr_home, run_argv, stop_stale_run, write_connection
 
     if args.resume and args.out:
         raise ConfigError("fedslm run: --resume RUN_DIR continues the run in RUN_DIR; drop --out")
@@ -264,7 +264,7 @@ def _run(args: argparse.Namespace) -> int:
         raise ConfigError("fedslm run: give a CONFIG (e.g. configs/demo.yaml), or --resume RUN_DIR alone")
     # fails here, before anything is submitted; the data and the model are checked on the SuperLink machine
     given = load_run(args.config, args.set, scope="config") if args.config else None
-    resume = _check_resume(Path(args.resume), given, args.config) if args.resume else None
+    resume, stale = _check_resume(Path(args.resume), given, args.config) if args.resume else (None, None)
     app = Path(args.app).resolve()
     rel = ""  # with --resume and no CONFIG: the run's own config.yaml, read by the ServerApp
     if args.config:
@@ -277,21 +277,28 @@ def _run(args: argparse.Namespace) -> int:
     if args.address:
         ca = CertPaths(Path(args.certs).resolve()).ca_cert if args.certs else None
         write_connection(Path(env["FLWR_HOME"]), args.connection, args.address, ca, args.insecure)
+    if stale is not None:
+        stop_stale_run(stale, args.connection, env)
     argv = run_argv(app, args.connection, rel, args.out, args.set, stream=not args.no_stream, resume=resume)
     return subprocess.run(argv, env=env, cwd=app).returncode
 
 
-def _check_resume(run_dir: Path, given: Any, config: str | None) -> str:
-    """The run directory to pass to the ServerApp; where it is on this machine too, checked first (its
-    config against CONFIG, its run.json and checkpoint), else left to the ServerApp."""
-    from fedslm.server.resume import resume_point
+def _check_resume(run_dir: Path, given: Any, config: str | None) -> tuple[str, int | None]:
+    """(the run directory for the ServerApp, the Flower run that last worked on it). Where RUN_DIR is on
+    this machine too it is checked first (its config against CONFIG, run.json, a checkpoint); else the
+    ServerApp checks it, and a dead Flower run of it is for the operator to stop (README)."""
+    from fedslm.server.resume import last_flower_run, resume_point
 
     if not (run_dir / "config.yaml").is_file():
-        log.info("%s is not on this machine: the ServerApp checks it on the SuperLink machine", run_dir)
-        return str(run_dir)
+        log.warning(
+            "%s is not on this machine: the ServerApp checks it on the SuperLink machine; stop the interrupted"
+            " Flower run first if the SuperLink still lists it as running (`flwr ls`, `flwr stop RUN_ID`)",
+            run_dir,
+        )
+        return str(run_dir), None
     point = resume_point(run_dir.resolve(), given, source=config or "CONFIG", scope="config")
     log.info("resuming %s after round %d (run %s)", run_dir, point.checkpoint.round, point.run_name)
-    return str(run_dir.resolve())
+    return str(run_dir.resolve()), last_flower_run(run_dir)
 
 
 def run_foreground_cli(

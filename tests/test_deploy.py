@@ -224,7 +224,7 @@ def _stopped_run(run: Path, overrides: list[str]) -> str:
     from fedslm.strategies import registry
 
     cfg = load_run(ROOT / "configs" / "tiny.yaml", overrides, scope="server")
-    start_run(run, "stopped-123", cfg.federation.num_clients)
+    start_run(run, "stopped-123", cfg.federation.num_clients, flower_run=7)
     (run / "config.yaml").write_text(cfg.to_yaml())
     state = {"config_digest": checkpoint.config_digest(cfg.to_yaml()), "rows": [{"round": 0}, {"round": 1}]}
     checkpoint.save(run, 1, {"w": np.zeros(3, dtype=np.float32)}, registry.build(cfg).state_dict(), state)
@@ -237,7 +237,7 @@ def test_run_resume_is_checked_before_anything_is_submitted(
     from types import SimpleNamespace
 
     from fedslm.server.app import deployed_run
-    from fedslm.server.resume import ResumeError, resume_point
+    from fedslm.server.resume import ResumeError, last_flower_run, resume_point
     from fedslm.simulation.cli import main
 
     run = tmp_path / "run"
@@ -256,15 +256,17 @@ def test_run_resume_is_checked_before_anything_is_submitted(
     argv = run_argv(ROOT, "t", "", resume=str(run))
     assert parse_config_args([_flag(argv, "--run-config")]) == {"config": "", "resume": str(run)}
     # the ServerApp: the run's config, name and last complete round; without CONFIG the run's config.yaml
-    cfg, out, name, ck = deployed_run(SimpleNamespace(run_config={"config": "", "resume": str(run)}))
+    cfg, out, name, ck = deployed_run(SimpleNamespace(run_id=8, run_config={"config": "", "resume": str(run)}))
     assert (out, name, cfg.train.local_steps, cfg.federation.num_clients) == (run, "stopped-123", 1, 3)
     assert ck is not None and ck.round == 1
     given = {"config": tiny, "set": "federation.num_clients=3,train.local_steps=1", "resume": str(run)}
-    assert deployed_run(SimpleNamespace(run_config=given))[2] == "stopped-123"
+    assert deployed_run(SimpleNamespace(run_id=9, run_config=given))[2] == "stopped-123"
+    # each Flower run that worked on it is noted: the next `fedslm run --resume` stops the last if it is left
+    assert json.loads((run / "run.json").read_text())["flower_runs"] == [7, 8, 9] and last_flower_run(run) == 9
     # a new run never starts into a directory that holds one (its run.json names the clients' ledgers)
     with pytest.raises(ResumeError, match="already holds a run"):
-        deployed_run(SimpleNamespace(run_config={"config": tiny, "out-dir": str(run)}))
-    new = SimpleNamespace(run_config={"config": tiny, "out-dir": str(tmp_path / "new")})
+        deployed_run(SimpleNamespace(run_id=10, run_config={"config": tiny, "out-dir": str(run)}))
+    new = SimpleNamespace(run_id=11, run_config={"config": tiny, "out-dir": str(tmp_path / "new")})
     _, _, fresh, none = deployed_run(new)
     assert none is None and json.loads((tmp_path / "new" / "run.json").read_text())["run_name"] == fresh
     with pytest.raises(ResumeError, match="no config.yaml there"):
@@ -551,17 +553,21 @@ def test_superlink_and_serverapp_killed_in_round_two_resume_to_the_same_adapter(
     assert not (killed / "summary.json").exists() and [r["round"] for r in _rows(killed)][:2] == [0, 1]
     assert all(n.poll() is None for n in nodes)  # the SuperNodes stay up, retrying the SuperLink
 
-    # restart on the same port, certificates and database: the nodes' registrations are kept; the dead
-    # run is stopped so that its round-2 messages, if any reached the SuperLink, are never trained
+    # restart on the same port, certificates and database: the nodes' registrations are kept
     t_kill = time.monotonic()
     start_server("server-2")
     assert "already registered" in processes.log("server-2")
-    for stale in _running_runs(env):
-        subprocess.run([str(Path(FEDSLM).with_name("flwr")), "stop", str(stale), "t"], env=env, timeout=60)
+    stale = json.loads((killed / "run.json").read_text())["flower_runs"]
+    assert len(stale) == 1
     _wait("3 nodes back online", lambda: sum(n["status"] == "online" for n in _nodes_or_empty(env)) == 3, 120)
     resumed = processes.start("run-resumed", [FEDSLM, "run", "--resume", str(killed), "--connection", "t"], env)
     _wait("the resumed run", lambda: resumed.poll() is not None, timeout=300)
     assert resumed.returncode == 0, processes.log("run-resumed")[-4000:]
+    # the dead run survives in the database as running until Flower expires it (its ServerApp's
+    # heartbeat lapses, ~30-60 s): `fedslm run --resume` stopped it first, unless Flower already had
+    log = processes.log("run-resumed")
+    assert f"stopped Flower run {stale[0]}" in log or f"Flower run {stale[0]}, which last worked" in log, log[-3000:]
+    assert _running_runs(env) == [] and len(json.loads((killed / "run.json").read_text())["flower_runs"]) == 2
     assert (killed / "summary.json").is_file(), processes.log("run-resumed")[-4000:]
     t_resume = time.monotonic() - t_kill
 
@@ -579,7 +585,8 @@ def test_superlink_and_serverapp_killed_in_round_two_resume_to_the_same_adapter(
     assert [processes.log(f"node-{k}").count(f"client {k} round 2:") for k in range(3)] == [2, 2, 2]
     print(
         f"deploy resume: ready {t_ready:.1f} s, uninterrupted run {t_whole:.1f} s,"
-        f" restart + resume {t_resume:.1f} s, epsilon per round {eps[1:]}"
+        f" restart + resume {t_resume:.1f} s, epsilon per round {eps[1:]},"
+        f" dead run stopped by --resume: {'stopped Flower run' in log}"
     )
 
 
