@@ -5,7 +5,8 @@ its privacy ledger, its local tensors). A resumed run reads the same name back, 
 their ledgers and their epsilon continues instead of starting again at 0. :func:`resume_point`
 checks, before anything is started, that the directory holds a run, that a config given for the
 resume is the run's own (a difference is refused, naming the first key) and that a complete
-checkpoint exists.
+checkpoint exists. ``run.json`` also lists the Flower run ids that worked on the run (a deployed
+run's ServerApp adds its own), so that a resume can stop the one a crash left behind.
 """
 
 from __future__ import annotations
