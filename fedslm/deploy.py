@@ -286,11 +286,15 @@ def run_argv(
     out_dir: str | None = None,
     overrides: Sequence[str] = (),
     stream: bool = True,
+    resume: str | None = None,
 ) -> list[str]:
-    """``flwr run APP CONNECTION`` with ``config``, ``out-dir`` and ``set`` of ``[tool.flwr.app.config]``."""
+    """``flwr run APP CONNECTION`` with ``config``, ``out-dir``, ``set`` and ``resume`` of
+    ``[tool.flwr.app.config]`` (``config`` "" with ``resume``: the run's own ``config.yaml``)."""
     run_config = [f"config={json.dumps(config)}"]
     if out_dir:
         run_config.append(f"out-dir={json.dumps(out_dir)}")
+    if resume:
+        run_config.append(f"resume={json.dumps(resume)}")
     if overrides:
         bad = [o for o in overrides if "," in o or "=" not in o]
         if bad:
@@ -382,12 +386,14 @@ def register_nodes(public_keys: Path, connection: str, env: Mapping[str, str], t
             key_file.write_text(line + "\n")
             argv = [*register_argv(key_file, connection, name=comment), "--format", "json"]
             proc = subprocess.run(argv, env=dict(env), capture_output=True, text=True, timeout=timeout)
-        if proc.returncode != 0 and "already in use" in proc.stdout + proc.stderr:
+        # flwr exits 0 with {"success": false, ...} for a key a SuperLink with --database already knows
+        if "already in use" in proc.stdout + proc.stderr:
             log.info("%s is already registered (the SuperLink's --database keeps registrations)", comment)
             continue
-        if proc.returncode != 0:
+        reply = _last_json(proc.stdout) if proc.returncode == 0 and "{" in proc.stdout else {}
+        if proc.returncode != 0 or reply.get("success") is False or "node-id" not in reply:
             raise DeployError(f"registering {comment} failed: {(proc.stdout + proc.stderr).strip()[-800:]}")
-        ids.append(int(_last_json(proc.stdout).get("node-id", 0)))
+        ids.append(int(reply["node-id"]))
         log.info("registered %s as SuperNode %s", comment, ids[-1])
     return ids
 
@@ -398,6 +404,29 @@ def list_nodes(connection: str, env: Mapping[str, str], timeout: float = 60.0) -
     if proc.returncode != 0:
         raise DeployError(f"flwr supernode list failed: {(proc.stdout + proc.stderr).strip()[-800:]}")
     return list(_last_json(proc.stdout).get("nodes", []))
+
+
+def stop_stale_run(run_id: int, connection: str, env: Mapping[str, str], timeout: float = 60.0) -> bool:
+    """``flwr stop run_id`` if the SuperLink still has that run pending or running: a run whose ServerApp
+    died (with a ``--database`` it survives a SuperLink restart) would otherwise have its queued round
+    messages trained, and counted in the clients' privacy ledgers, next to the resumed run's."""
+    flwr = tool("flwr")
+    argv = [flwr, "ls", connection, "--run-id", str(run_id), "--format", "json"]
+    proc = subprocess.run(argv, env=dict(env), capture_output=True, text=True, timeout=timeout)
+    runs = _last_json(proc.stdout).get("runs", []) if proc.returncode == 0 and "{" in proc.stdout else []
+    status = str(runs[0].get("status", "")) if runs else "unknown to the SuperLink"
+    if not status.startswith(("pending", "starting", "running")):
+        log.info("Flower run %s, which last worked on this run, is %s: nothing to stop", run_id, status)
+        return False
+    argv = [flwr, "stop", str(run_id), connection, "--format", "json"]
+    proc = subprocess.run(argv, env=dict(env), capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0 or '"success": false' in proc.stdout:
+        raise DeployError(
+            f"flwr stop {run_id} failed: {(proc.stdout + proc.stderr).strip()[-400:]}; stop that run"
+            " (`flwr stop RUN_ID CONNECTION`) before resuming, or its queued messages are trained too"
+        )
+    log.info("stopped Flower run %s (left %s by the crash): its queued messages will not be trained", run_id, status)
+    return True
 
 
 def _key_lines(path: Path) -> list[str]:

@@ -2,6 +2,8 @@
 
 ``[tool.flwr.app.config]`` in pyproject.toml names the run's YAML (``config``) and the run
 directory (``out-dir``); ``flwr run . --run-config 'config="configs/tiny.yaml"'`` picks another.
+``resume`` (``fedslm run --resume RUN_DIR``) continues the run in that directory from its last
+complete checkpoint, under the run name of its ``run.json``.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from .federation import Federation
 from .preflight import load_run
 from .recording import RoundCallback
 from .report import write_results
+from .resume import note_flower_run, resume_point, start_run
 
 log = get_logger(__name__)
 
@@ -112,12 +115,32 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    cfg, out, run_name = config_from_context(context)
-    run_federation(grid, cfg, out, run_name)
+    cfg, out, run_name, resume = deployed_run(context)
+    run_federation(grid, cfg, out, run_name, resume=resume)
+
+
+def deployed_run(context: Context) -> tuple[RunConfig, Path, str, Checkpoint | None]:
+    """(config, run directory, run name, checkpoint to continue from) of a ``flwr run``.
+
+    A new run claims its directory (one that holds a run is refused) and writes ``run.json`` once;
+    with ``resume`` the run's own config, name and last complete checkpoint are used, and a
+    ``config`` given with it must be the run's (:func:`fedslm.server.resume.resume_point`).
+    """
+    rc = context.run_config
+    resume = str(rc.get("resume", "")).strip()
+    if not resume:
+        cfg, out, run_name = config_from_context(context)
+        start_run(out, run_name, cfg.federation.num_clients, context.run_id)
+        return cfg, out, run_name, None
+    out = _run_dir(resume)
+    given = config_from_context(context)[0] if str(rc.get("config", "")).strip() else None
+    point = resume_point(out, given, source=f"run config {rc.get('config')!r}")
+    note_flower_run(out, context.run_id)  # `fedslm run --resume` stops this one if it dies in turn
+    return point.cfg, out, point.run_name, point.checkpoint
 
 
 def config_from_context(context: Context) -> tuple[RunConfig, Path, str]:
-    """(config, run directory, run name) from ``[tool.flwr.app.config]`` / ``--run-config``."""
+    """(config, run directory, a new run name) from ``[tool.flwr.app.config]`` / ``--run-config``."""
     rc = context.run_config
     here = Path(__file__).resolve().parent.parent
     path = Path(str(rc.get("config", "configs/demo.yaml")))
@@ -125,7 +148,10 @@ def config_from_context(context: Context) -> tuple[RunConfig, Path, str]:
         path = here / path
     overrides = [s for s in str(rc.get("set", "")).split(",") if s.strip()]
     cfg = load_run(path, overrides, scope="server")  # the nodes bring their own data files
-    out = Path(str(rc.get("out-dir", "runs/flwr-run"))).expanduser()
-    if not out.is_absolute():
-        out = Path.cwd() / out
+    out = _run_dir(str(rc.get("out-dir", "runs/flwr-run")))
     return cfg, out, f"{out.name}-{int(time.time())}"
+
+
+def _run_dir(value: str) -> Path:
+    out = Path(value).expanduser()
+    return out if out.is_absolute() else Path.cwd() / out

@@ -264,22 +264,50 @@ def _preflight_node(args: argparse.Namespace, spec: Any) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from fedslm.deploy import CertPaths, deploy_env, flwr_home, run_argv, write_connection
+    from fedslm.config import ConfigError
+    from fedslm.deploy import CertPaths, deploy_env, flwr_home, run_argv, stop_stale_run, write_connection
 
+    if args.resume and args.out:
+        raise ConfigError("fedslm run: --resume RUN_DIR continues the run in RUN_DIR; drop --out")
+    if not args.config and (args.set or not args.resume):
+        raise ConfigError("fedslm run: give a CONFIG (e.g. configs/demo.yaml), or --resume RUN_DIR alone")
     # fails here, before anything is submitted; the data and the model are checked on the SuperLink machine
-    load_run(args.config, args.set, scope="config")
+    given = load_run(args.config, args.set, scope="config") if args.config else None
+    resume, stale = _check_resume(Path(args.resume), given, args.config) if args.resume else (None, None)
     app = Path(args.app).resolve()
-    config = Path(args.config).resolve()
-    if not config.is_relative_to(app):
-        log.warning("%s is outside the app (%s): the SuperLink machine must have it at this path", config, app)
+    rel = ""  # with --resume and no CONFIG: the run's own config.yaml, read by the ServerApp
+    if args.config:
+        config = Path(args.config).resolve()
+        if not config.is_relative_to(app):
+            log.warning("%s is outside the app (%s): the SuperLink machine must have it at this path", config, app)
+        rel = str(config.relative_to(app)) if config.is_relative_to(app) else str(config)
     env = deploy_env()
     env["FLWR_HOME"] = str(flwr_home(env))
     if args.address:
         ca = CertPaths(Path(args.certs).resolve()).ca_cert if args.certs else None
         write_connection(Path(env["FLWR_HOME"]), args.connection, args.address, ca, args.insecure)
-    rel = str(config.relative_to(app)) if config.is_relative_to(app) else str(config)
-    argv = run_argv(app, args.connection, rel, args.out, args.set, stream=not args.no_stream)
+    if stale is not None:
+        stop_stale_run(stale, args.connection, env)
+    argv = run_argv(app, args.connection, rel, args.out, args.set, stream=not args.no_stream, resume=resume)
     return subprocess.run(argv, env=env, cwd=app).returncode
+
+
+def _check_resume(run_dir: Path, given: Any, config: str | None) -> tuple[str, int | None]:
+    """(the run directory for the ServerApp, the Flower run that last worked on it). Where RUN_DIR is on
+    this machine too it is checked first (its config against CONFIG, run.json, a checkpoint); else the
+    ServerApp checks it, and a dead Flower run of it is for the operator to stop (README)."""
+    from fedslm.server.resume import last_flower_run, resume_point
+
+    if not (run_dir / "config.yaml").is_file():
+        log.warning(
+            "%s is not on this machine: the ServerApp checks it on the SuperLink machine; stop the interrupted"
+            " Flower run first if the SuperLink still lists it as running (`flwr ls`, `flwr stop RUN_ID`)",
+            run_dir,
+        )
+        return str(run_dir), None
+    point = resume_point(run_dir.resolve(), given, source=config or "CONFIG", scope="config")
+    log.info("resuming %s after round %d (run %s)", run_dir, point.checkpoint.round, point.run_name)
+    return str(run_dir.resolve()), last_flower_run(run_dir)
 
 
 def run_foreground_cli(
@@ -400,8 +428,8 @@ def _add_deploy_parsers(sub: argparse._SubParsersAction) -> None:
     )
     p.set_defaults(func=_node)
 
-    p = sub.add_parser("run", help="deploy: submit a run to a SuperLink (flwr run)")
-    p.add_argument("config", help="YAML run config inside the app, e.g. configs/demo.yaml")
+    p = sub.add_parser("run", help="deploy: submit a run to a SuperLink (flwr run), or resume one")
+    p.add_argument("config", nargs="?", help="YAML run config inside the app, e.g. configs/demo.yaml")
     p.add_argument("--connection", default="fedslm", help="the $FLWR_HOME/config.toml entry to use")
     p.add_argument("--address", help="write the connection first: the SuperLink's host:port")
     p.add_argument("--certs", help="with --address: directory holding ca.crt")
@@ -410,6 +438,12 @@ def _add_deploy_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", help="run directory on the SuperLink machine (absolute path recommended)")
     p.add_argument("--app", default=".", help="the app directory (holds pyproject.toml)")
     p.add_argument("--no-stream", action="store_true", help="submit and return without streaming the logs")
+    p.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue the run in RUN_DIR (on the SuperLink machine) from its last complete round; CONFIG, if"
+        " given, must be the run's",
+    )
     p.set_defaults(func=_run)
 
 

@@ -7,6 +7,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -16,6 +17,7 @@ import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -214,6 +216,67 @@ def test_cli_subcommands_fail_early(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert main(["run", "configs/tiny.yaml", "--set", "model.quantization=fp4", "--app", str(ROOT)]) == 2
 
 
+def _stopped_run(run: Path, overrides: list[str]) -> str:
+    """A run directory as a run killed in round 2 leaves it: config.yaml, run.json, checkpoint round 1."""
+    from fedslm.server import checkpoint
+    from fedslm.server.preflight import load_run
+    from fedslm.server.resume import start_run
+    from fedslm.strategies import registry
+
+    cfg = load_run(ROOT / "configs" / "tiny.yaml", overrides, scope="server")
+    start_run(run, "stopped-123", cfg.federation.num_clients, flower_run=7)
+    (run / "config.yaml").write_text(cfg.to_yaml())
+    state = {"config_digest": checkpoint.config_digest(cfg.to_yaml()), "rows": [{"round": 0}, {"round": 1}]}
+    checkpoint.save(run, 1, {"w": np.zeros(3, dtype=np.float32)}, registry.build(cfg).state_dict(), state)
+    return cfg.to_yaml()
+
+
+def test_run_resume_is_checked_before_anything_is_submitted(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], cli_logging: None
+) -> None:
+    from types import SimpleNamespace
+
+    from fedslm.server.app import deployed_run
+    from fedslm.server.resume import ResumeError, last_flower_run, resume_point
+    from fedslm.simulation.cli import main
+
+    run = tmp_path / "run"
+    sets = ["federation.num_clients=3", "train.local_steps=1"]
+    _stopped_run(run, sets)
+    tiny = str(ROOT / "configs" / "tiny.yaml")
+    resume = ["run", tiny, "--app", str(ROOT), "--connection", "nowhere", "--resume", str(run)]
+    # a config that is not the run's is refused, naming the key and both values
+    assert main([*resume, "--set", "federation.num_clients=3", "--set", "train.local_steps=2"]) == 2
+    err = capsys.readouterr().err
+    assert "train.local_steps is 2, the run in" in err and "has 1" in err and "Traceback" not in err
+    assert main([*resume, "--out", str(tmp_path / "x")]) == 2 and "drop --out" in capsys.readouterr().err
+    assert main(["run", "--set", "train.local_steps=1", "--resume", str(run)]) == 2  # --set needs its CONFIG
+    from flwr.common.config import parse_config_args
+
+    argv = run_argv(ROOT, "t", "", resume=str(run))
+    assert parse_config_args([_flag(argv, "--run-config")]) == {"config": "", "resume": str(run)}
+    # the ServerApp: the run's config, name and last complete round; without CONFIG the run's config.yaml
+    cfg, out, name, ck = deployed_run(SimpleNamespace(run_id=8, run_config={"config": "", "resume": str(run)}))
+    assert (out, name, cfg.train.local_steps, cfg.federation.num_clients) == (run, "stopped-123", 1, 3)
+    assert ck is not None and ck.round == 1
+    given = {"config": tiny, "set": "federation.num_clients=3,train.local_steps=1", "resume": str(run)}
+    assert deployed_run(SimpleNamespace(run_id=9, run_config=given))[2] == "stopped-123"
+    # each Flower run that worked on it is noted: the next `fedslm run --resume` stops the last if it is left
+    assert json.loads((run / "run.json").read_text())["flower_runs"] == [7, 8, 9] and last_flower_run(run) == 9
+    # a new run never starts into a directory that holds one (its run.json names the clients' ledgers)
+    with pytest.raises(ResumeError, match="already holds a run"):
+        deployed_run(SimpleNamespace(run_id=10, run_config={"config": tiny, "out-dir": str(run)}))
+    new = SimpleNamespace(run_id=11, run_config={"config": tiny, "out-dir": str(tmp_path / "new")})
+    _, _, fresh, none = deployed_run(new)
+    assert none is None and json.loads((tmp_path / "new" / "run.json").read_text())["run_name"] == fresh
+    with pytest.raises(ResumeError, match="no config.yaml there"):
+        resume_point(tmp_path / "new")  # started, never got to write its config
+    for f in (run / "checkpoints").glob("round-*"):
+        shutil.rmtree(f)
+    with pytest.raises(ResumeError, match="no complete checkpoint"):
+        resume_point(run)
+
+
 # -- a federation on 127.0.0.1 -----------------------------------------------------------------
 
 
@@ -410,3 +473,125 @@ def _nodes_or_empty(env: dict[str, str]) -> list[dict[str, object]]:
         return list_nodes("t", env, timeout=30)
     except (DeployError, subprocess.TimeoutExpired):
         return []
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _rows(run: Path) -> list[dict[str, object]]:
+    metrics = run / "metrics.jsonl"
+    return [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
+
+
+def _running_runs(env: dict[str, str]) -> list[int]:
+    proc = subprocess.run(
+        [str(Path(FEDSLM).with_name("flwr")), "ls", "t", "--format", "json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    runs = json.loads(proc.stdout[proc.stdout.find("{") :]).get("runs", []) if "{" in proc.stdout else []
+    return [int(r["run-id"]) for r in runs if str(r.get("status", "")).startswith("running")]
+
+
+@pytest.mark.timeout(900)
+def test_superlink_and_serverapp_killed_in_round_two_resume_to_the_same_adapter(
+    tmp_path: Path, processes: Processes
+) -> None:
+    """TLS, node authentication, 3 SuperNodes, local DP: one run goes through uninterrupted; a second,
+    with the same seed, loses its SuperLink and ServerApp to SIGKILL as round 2 starts. The SuperLink
+    is restarted on the same port, certificates and --database (the SuperNodes keep running and
+    reconnect), and `fedslm run --resume` ends it with the same adapter, bit for bit, and the clients'
+    epsilon continued from their ledgers (a reset one would be lower: 2 rounds' worth instead of 3)."""
+    t0 = time.monotonic()
+    certs = write_certificates(tmp_path / "certs", 3)
+    data = _node_data(tmp_path, 3)
+    link_port, *node_ports = _free_ports(4)
+    link = f"127.0.0.1:{link_port}"
+    env = deploy_env(FLWR_HOME=str(tmp_path / "flwr-home"), FEDSLM_LOG="INFO")
+    server_argv = [FEDSLM, "server", "--certs", str(certs.root), "--address", link, "--connection", "t"]
+    server_argv += ["--database", str(tmp_path / "superlink.db")]
+
+    def start_server(name: str) -> subprocess.Popen[bytes]:
+        proc = processes.start(name, server_argv, env)
+        _wait("the SuperLink", lambda: proc.poll() is not None or "SuperLink up on" in processes.log(name), 90, 0.2)
+        assert proc.poll() is None, processes.log(name)[-3000:]
+        return proc
+
+    server = start_server("server")
+    nodes = []
+    for k in range(3):
+        argv = [FEDSLM, "node", "--certs", str(certs.root), "--key", str(certs.node_key(k)), "--data", str(data[k])]
+        argv += ["--superlink", link, "--runtime-port", str(node_ports[k]), "--state-dir", str(tmp_path / "state")]
+        nodes.append(processes.start(f"node-{k}", argv, env))
+    _wait("3 nodes online", lambda: sum(n["status"] == "online" for n in _nodes_or_empty(env)) == 3, timeout=90)
+    t_ready = time.monotonic() - t0
+
+    sets = ["federation.num_clients=3", "federation.num_rounds=3", "train.local_steps=1", "privacy.mode=local"]
+    submit = [FEDSLM, "run", "configs/tiny.yaml", "--connection", "t", "--app", str(ROOT)]
+    submit += [a for s in sets for a in ("--set", s)]
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    run = processes.start("run-whole", [*submit, "--out", str(whole)], env)
+    _wait("the uninterrupted run", lambda: run.poll() is not None, timeout=300)
+    assert run.returncode == 0 and (whole / "summary.json").is_file(), processes.log("run-whole")[-4000:]
+    t_whole = time.monotonic() - t0 - t_ready
+
+    # the second run: SuperLink, SuperExec and ServerApp (all below `fedslm server`) and the submitting
+    # `flwr run` are killed as soon as round 1's checkpoint is on disk: the ServerApp is in round 2
+    run = processes.start("run-killed", [*submit, "--out", str(killed)], env)
+    done = killed / "checkpoints" / "round-001"
+    _wait("round 1 of the second run", lambda: run.poll() is not None or done.is_dir(), timeout=300, interval=0.02)
+    victims = {pid: _cmdline(pid) for pid in {server.pid, *_descendants(server.pid)}}
+    processes.kill(server)
+    processes.kill(run)
+    assert any("flwr-serverapp" in c for c in victims.values()), victims  # the ServerApp was among them
+    assert any("flower-superlink" in c for c in victims.values()), victims
+    assert not (killed / "summary.json").exists() and [r["round"] for r in _rows(killed)][:2] == [0, 1]
+    assert all(n.poll() is None for n in nodes)  # the SuperNodes stay up, retrying the SuperLink
+
+    # restart on the same port, certificates and database: the nodes' registrations are kept
+    t_kill = time.monotonic()
+    start_server("server-2")
+    assert "already registered" in processes.log("server-2")
+    stale = json.loads((killed / "run.json").read_text())["flower_runs"]
+    assert len(stale) == 1
+    _wait("3 nodes back online", lambda: sum(n["status"] == "online" for n in _nodes_or_empty(env)) == 3, 120)
+    resumed = processes.start("run-resumed", [FEDSLM, "run", "--resume", str(killed), "--connection", "t"], env)
+    _wait("the resumed run", lambda: resumed.poll() is not None, timeout=300)
+    assert resumed.returncode == 0, processes.log("run-resumed")[-4000:]
+    # the dead run survives in the database as running until Flower expires it (its ServerApp's
+    # heartbeat lapses, ~30-60 s): `fedslm run --resume` stopped it first, unless Flower already had
+    log = processes.log("run-resumed")
+    assert f"stopped Flower run {stale[0]}" in log or f"Flower run {stale[0]}, which last worked" in log, log[-3000:]
+    assert _running_runs(env) == [] and len(json.loads((killed / "run.json").read_text())["flower_runs"]) == 2
+    assert (killed / "summary.json").is_file(), processes.log("run-resumed")[-4000:]
+    t_resume = time.monotonic() - t_kill
+
+    got, want = _rows(killed), _rows(whole)
+    assert [r["round"] for r in got] == [0, 1, 2, 3] and [r["clients"] for r in got[1:]] == [3, 3, 3]
+    final = Path("adapters") / "round-003" / "adapter_model.safetensors"
+    assert _sha256(killed / final) == _sha256(whole / final)  # bit for bit
+    eps = [r["epsilon_max"] for r in got]
+    assert eps[1:] == [r["epsilon_max"] for r in want[1:]] and eps[1] < eps[2] < eps[3], (eps, want)
+    clients = json.loads((killed / "summary.json").read_text())["privacy"]["clients"]
+    assert clients == json.loads((whole / "summary.json").read_text())["privacy"]["clients"]
+    assert sorted(clients) == ["0", "1", "2"]
+    # round 2 was trained twice on every node (the uninterrupted run, the resumed one), never by the
+    # killed run: the kill came before its round-2 messages reached a node
+    assert [processes.log(f"node-{k}").count(f"client {k} round 2:") for k in range(3)] == [2, 2, 2]
+    print(
+        f"deploy resume: ready {t_ready:.1f} s, uninterrupted run {t_whole:.1f} s,"
+        f" restart + resume {t_resume:.1f} s, epsilon per round {eps[1:]},"
+        f" dead run stopped by --resume: {'stopped Flower run' in log}"
+    )
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
