@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from fedslm.fs import atomic_dir, atomic_file, atomic_write
+from fedslm.fs import OutDirError, atomic_dir, atomic_file, atomic_write, check_out_dir, clear_dir
 
 
 def test_atomic_write_replaces_and_sets_mode(tmp_path: Path) -> None:
@@ -58,3 +58,57 @@ def test_keep_existing_keeps_the_first_writer(tmp_path: Path) -> None:
         (tmp / "w").write_text("second")
     assert (target / "w").read_text() == "first"
     assert [x.name for x in tmp_path.iterdir()] == ["model"]
+
+
+def test_check_out_dir_refuses_a_non_empty_folder_or_a_file(tmp_path: Path) -> None:
+    assert check_out_dir(tmp_path / "new") == ()  # new: nothing to replace
+    (tmp_path / "empty").mkdir()
+    assert check_out_dir(tmp_path / "empty") == ()
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    for name in ("a", "b", "c", "d", "e", "f"):
+        (mine / name).write_text(name)
+    with pytest.raises(OutDirError) as err:
+        check_out_dir(mine, hint="resume it")
+    assert str(err.value) == (
+        f"--out {mine} exists and is not empty (6 entries: a, b, c, d, e, ...);"
+        " resume it, or pass --force to replace it"
+    )
+    assert check_out_dir(mine, force=True) == ("a", "b", "c", "d", "e", "f")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(OutDirError, match="is a file, not a folder"):
+        check_out_dir(tmp_path / "file", force=True)
+    assert len(list(mine.iterdir())) == 6  # checking never touches anything
+
+
+def test_force_never_replaces_what_the_command_reads_or_the_current_or_home_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    project = tmp_path / "project"
+    (project / "data").mkdir(parents=True)
+    (project / "data" / "train.jsonl").write_text("{}\n")
+    with pytest.raises(OutDirError, match=r"holds .*train.jsonl, which --force would delete"):
+        check_out_dir(project, force=True, reads=[project / "data" / "train.jsonl"])
+    monkeypatch.chdir(project / "data")
+    with pytest.raises(OutDirError, match="which --force would delete"):
+        check_out_dir(project, force=True)  # an ancestor of the current directory
+    with pytest.raises(OutDirError, match="which --force would delete"):
+        check_out_dir(".", force=True)
+    monkeypatch.setenv("HOME", str(project))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(OutDirError, match="which --force would delete"):
+        check_out_dir(project, force=True)
+    assert (project / "data" / "train.jsonl").read_text() == "{}\n"
+
+
+def test_clear_dir_removes_files_folders_and_links_not_their_targets(tmp_path: Path) -> None:
+    keep = tmp_path / "elsewhere"
+    keep.mkdir()
+    (keep / "x").write_text("x")
+    out = tmp_path / "out"
+    (out / "sub").mkdir(parents=True)
+    (out / "sub" / "f").write_text("f")
+    (out / "g").write_text("g")
+    (out / "link").symlink_to(keep, target_is_directory=True)
+    clear_dir(out)
+    assert list(out.iterdir()) == [] and (keep / "x").read_text() == "x"
