@@ -163,6 +163,25 @@ def test_simulate_that_trains_nothing_exits_1_naming_the_cause(tmp_path: Path) -
 def _mistake(case: str, tmp: Path) -> tuple[list[str], str]:
     """Set up one user mistake in ``tmp``: (the fedslm argv, what its one error line must say)."""
     victim = tmp / "victim"
+    data = ["check", TINY, "--set"]
+    if case == "bad key":
+        return ["check", TINY, "--set", "train.no_such_key=3"], "no_such_key"
+    if case == "missing file":
+        return ["check", "missing.yaml"], "missing.yaml: no such config file"
+    if case == "bad data line":
+        victim = victim.with_suffix(".jsonl")
+        victim.write_text('{"question": "q", "answer": "a"}\n{"question": "q", "answer": \n')
+        return [*data, f"data.source={victim}"], f"{victim}:2: not a JSON object"
+    if case in ("bad encoding (jsonl)", "bad encoding (csv)"):
+        victim = victim.with_suffix(".jsonl" if "jsonl" in case else ".csv")
+        text = '{"question": "caf\u00e9", "answer": "a"}\n' if "jsonl" in case else "question,answer\ncaf\u00e9,a\n"
+        victim.write_bytes(text.encode("latin-1"))
+        where = "1: byte 0xe9 at column 18" if "jsonl" in case else "2: byte 0xe9 at column 4"
+        return [*data, f"data.source={victim}"], f"{victim}:{where} is not UTF-8"
+    if case == "corrupt parquet":
+        victim = victim.with_suffix(".parquet")
+        victim.write_bytes(b"PAR1" + b"\0" * 64)
+        return [*data, f"data.source={victim}"], f"{victim}: not a readable Parquet file"
     if case == "non-empty --out":
         victim.mkdir()
         (victim / "notes.txt").write_text("mine\n")
@@ -193,6 +212,12 @@ def _mistake(case: str, tmp: Path) -> tuple[list[str], str]:
 
 
 USER_MISTAKES = [
+    "bad key",
+    "missing file",
+    "bad data line",
+    "bad encoding (jsonl)",
+    "bad encoding (csv)",
+    "corrupt parquet",
     "non-empty --out",
     "--out is a file",
     "--out holds a run",
