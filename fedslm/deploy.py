@@ -24,7 +24,6 @@ import ipaddress
 import json
 import os
 import socket
-import stat
 import subprocess
 import sys
 import tempfile
@@ -333,8 +332,7 @@ def write_connection(
         raise DeployError(f"connection {name!r} needs the CA certificate (--certs DIR) or --insecure")
     superlink[name] = entry
     superlink.setdefault("default", name)
-    mode = stat.S_IMODE(path.stat().st_mode) if path.is_file() else 0o644  # the user's file keeps its mode
-    return atomic_write(path, tomli_w.dumps(data), mode)
+    return atomic_write(path, tomli_w.dumps(data))  # the user's file keeps its mode
 
 
 # -- processes ---------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -30,21 +31,38 @@ def _fsync_path(path: Path) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    """The process umask, read without changing it (``os.umask`` would, for every thread at once)."""
+    try:
+        with Path("/proc/self/status").open(encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    return 0o022
+
+
 @contextmanager
 def atomic_file(path: str | os.PathLike[str], mode: int | None = None) -> Iterator[Path]:
     """Yield a temp path beside ``path``; once the block succeeds it replaces ``path`` (fsynced).
 
-    ``mode`` (e.g. ``0o600``) is set on the temp file before anything is written into it.
+    ``mode`` (e.g. ``0o600``) is set on the temp file before anything is written into it; by default
+    the file keeps the mode of the one it replaces, and a new one gets what ``open(path, "w")`` gives.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if mode is None:
+        mode = stat.S_IMODE(path.stat().st_mode) if path.is_file() else 0o666 & ~_umask()
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(name)
     try:
-        if mode is not None:
-            tmp.chmod(mode)
+        if mode != 0o600:  # mkstemp's own; the owner may write it until the block ends
+            tmp.chmod(mode | stat.S_IWUSR)
         yield tmp
+        if not mode & stat.S_IWUSR:
+            tmp.chmod(mode)
         _fsync_path(tmp)
         os.replace(tmp, path)
         _fsync_path(path.parent)

@@ -210,7 +210,6 @@ def test_write_connection_replaces_config_toml_atomically_keeping_its_mode(tmp_p
 
     home = tmp_path / "home"
     path = write_connection(home, "a", "127.0.0.1:9555", None, insecure=True)
-    assert stat.S_IMODE(path.stat().st_mode) == 0o644  # a new file: readable, as Flower's own
     path.chmod(0o600)
     write_connection(home, "b", "127.0.0.1:9556", None, insecure=True)
     assert stat.S_IMODE(path.stat().st_mode) == 0o600  # the user's choice is kept
@@ -234,7 +233,8 @@ def test_cli_subcommands_fail_early(tmp_path: Path, capsys: pytest.CaptureFixtur
 
     assert main(["certs", "--out", str(tmp_path / "c"), "--nodes", "2"]) == 0
     assert CertPaths(tmp_path / "c").node_pub(1).is_file() and not CertPaths(tmp_path / "c").node_key(2).exists()
-    assert main(["certs", "--out", str(tmp_path / "c"), "--nodes", "2"]) == 1  # an existing CA is kept
+    # an existing CA is kept: the non-empty --out is refused as a user mistake (exit 2; it was 1, a DeployError)
+    assert main(["certs", "--out", str(tmp_path / "c"), "--nodes", "2"]) == 2
     assert main(["server", "--certs", str(tmp_path / "missing")]) == 1
     assert "fedslm certs --out" in capsys.readouterr().err
     key = str(tmp_path / "c" / "nodes" / "node-1.key")

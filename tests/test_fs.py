@@ -112,3 +112,22 @@ def test_clear_dir_removes_files_folders_and_links_not_their_targets(tmp_path: P
     (out / "link").symlink_to(keep, target_is_directory=True)
     clear_dir(out)
     assert list(out.iterdir()) == [] and (keep / "x").read_text() == "x"
+
+
+def test_atomic_write_gives_the_mode_open_would_and_keeps_an_existing_one(tmp_path: Path) -> None:
+    import os
+
+    old = os.umask(0o027)
+    try:
+        new = atomic_write(tmp_path / "new.json", "{}")
+        assert stat.S_IMODE(new.stat().st_mode) == 0o640  # 0o666 less the umask, as open(path, "w")
+    finally:
+        os.umask(old)
+    (tmp_path / "mine.toml").write_text("a = 1\n")
+    (tmp_path / "mine.toml").chmod(0o604)
+    atomic_write(tmp_path / "mine.toml", "a = 2\n")
+    assert stat.S_IMODE((tmp_path / "mine.toml").stat().st_mode) == 0o604  # the user's choice stays
+    atomic_write(tmp_path / "ro.txt", "x", mode=0o444)  # read-only: written first, then locked
+    assert stat.S_IMODE((tmp_path / "ro.txt").stat().st_mode) == 0o444 and (tmp_path / "ro.txt").read_text() == "x"
+    atomic_write(tmp_path / "ro.txt", "y")  # replacing it keeps it read-only
+    assert stat.S_IMODE((tmp_path / "ro.txt").stat().st_mode) == 0o444 and (tmp_path / "ro.txt").read_text() == "y"
