@@ -265,3 +265,16 @@ def test_debug_is_accepted_before_or_after_the_subcommand(where: str, tmp_path: 
     r = _fedslm(*(["--debug", *argv] if where == "before" else [*argv, "--debug"]), cwd=tmp_path)
     assert r.returncode != 0
     assert "Traceback" in r.stderr and "ConfigError: missing.yaml: no such config file" in r.stderr
+
+
+def test_resume_reads_the_run_name_or_says_why_it_cannot(tmp_path: Path) -> None:
+    from fedslm.simulation.run import RunDirError, read_run_name
+
+    with pytest.raises(RunDirError, match=r"no run.json, so it is not a run of `fedslm simulate`"):
+        read_run_name(tmp_path)
+    for damaged in ("{", "[]", '{"run_name": ""}', '{"name": "x"}'):
+        (tmp_path / "run.json").write_text(damaged)
+        with pytest.raises(RunDirError, match="no run_name in it; it is damaged"):
+            read_run_name(tmp_path)
+    (tmp_path / "run.json").write_text('{"run_name": "run-20261206000822-28633", "num_clients": 4}')
+    assert read_run_name(tmp_path) == "run-20261206000822-28633"
