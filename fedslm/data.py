@@ -86,10 +86,7 @@ def read_records(source: str) -> tuple[list[dict[str, Any]], list[int]]:
             return _read_jsonl(path, source)
         if suffix == ".csv":
             return _read_csv(path, source)
-        import pandas as pd
-
-        records = pd.read_parquet(path).to_dict("records")
-        return records, list(range(1, len(records) + 1))
+        return _read_parquet(path, source)
     if path.exists():
         raise DataError(f"data.source {source!r}: unsupported file type; use .jsonl, .csv or .parquet")
     try:
@@ -104,9 +101,36 @@ def read_records(source: str) -> tuple[list[dict[str, Any]], list[int]]:
     return records, list(range(1, len(records) + 1))
 
 
+def read_text(path: Path, source: str) -> str:
+    """The file as UTF-8 text (a leading byte-order mark is dropped); a byte that is not UTF-8 is a
+    :class:`DataError` naming the file, the line and the encoding expected."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        raise DataError(
+            f"{source}:{line}: byte 0x{data[e.start]:02x} at column {column} is not UTF-8; the file must be"
+            " UTF-8 encoded (re-save it as UTF-8, e.g. `iconv -f latin1 -t utf-8`)"
+        ) from None
+
+
+def _read_parquet(path: Path, source: str) -> tuple[list[dict[str, Any]], list[int]]:
+    import pandas as pd
+    import pyarrow as pa
+
+    try:
+        records = pd.read_parquet(path).to_dict("records")
+    except (pa.ArrowException, OSError) as e:
+        raise DataError(f"{source}: not a readable Parquet file ({type(e).__name__}: {e})") from None
+    return records, list(range(1, len(records) + 1))
+
+
 def _read_jsonl(path: Path, source: str) -> tuple[list[dict[str, Any]], list[int]]:
     records, lines = [], []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    # split on "\n" only: str.splitlines also splits inside a JSON string holding U+2028 or \x1c
+    for number, line in enumerate(read_text(path, source).split("\n"), start=1):
         if not line.strip():
             continue
         try:
@@ -122,16 +146,19 @@ def _read_jsonl(path: Path, source: str) -> tuple[list[dict[str, Any]], list[int
 
 def _read_csv(path: Path, source: str) -> tuple[list[dict[str, Any]], list[int]]:
     import csv
+    import io
 
-    with path.open(newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        records, lines = [], []
+    reader = csv.DictReader(io.StringIO(read_text(path, source), newline=""))
+    records, lines = [], []
+    try:
         for rec in reader:
             if None in rec:  # more fields than the header names
                 header = len(reader.fieldnames or [])
                 raise DataError(f"{source}:{reader.line_num}: more fields than the header's {header}")
             records.append(rec)
             lines.append(reader.line_num)
+    except csv.Error as e:  # e.g. a field over the csv module's size limit (128 Ki characters)
+        raise DataError(f"{source}:{reader.reader.line_num}: not valid CSV ({e})") from None
     return records, lines
 
 

@@ -40,7 +40,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fedslm.errors import RunFailedError
-from fedslm.fs import atomic_write
+from fedslm.fs import atomic_dir, atomic_write, check_out_dir
 from fedslm.logs import get_logger
 
 log = get_logger(__name__)
@@ -114,10 +114,15 @@ def write_certificates(
     """A CA, a SuperLink certificate for ``localhost``/``127.0.0.1`` + ``hosts``, and ``nodes`` node keys."""
     if nodes < 1:
         raise DeployError(f"--nodes {nodes}: need at least one node")
-    paths = CertPaths(Path(out))
-    if paths.ca_key.exists() and not force:
-        raise DeployError(f"{paths.ca_key} exists; pass --force to replace the CA and every key in {out}")
-    (paths.root / "nodes").mkdir(parents=True, exist_ok=True)
+    replaced = check_out_dir(out, force, hint="choose a new folder (a CA is made once: keep ca.key)")
+    if replaced:
+        log.warning("--force: replacing %d entries of %s: %s", len(replaced), out, ", ".join(replaced))
+    with atomic_dir(out) as tmp:  # all of it or nothing: never a new CA beside old node keys
+        _write_certificates(CertPaths(tmp), nodes, hosts, days)
+    return CertPaths(Path(out))
+
+
+def _write_certificates(paths: CertPaths, nodes: int, hosts: Sequence[str], days: int) -> None:
     now = datetime.datetime.now(datetime.UTC)
     valid_from, valid_to = now - datetime.timedelta(minutes=5), now + datetime.timedelta(days=days)
 
@@ -167,8 +172,7 @@ def write_certificates(
     for k in range(nodes):
         public_lines.append(write_node_key(paths.node_key(k), paths.node_pub(k), comment=f"fedslm-node-{k}"))
     _write(paths.public_keys, ("\n".join(public_lines) + "\n").encode())
-    log.info("wrote CA, server certificate (SANs %s) and %d node keys to %s", ", ".join(names), nodes, out)
-    return paths
+    log.info("wrote CA, server certificate (SANs %s) and %d node keys", ", ".join(names), nodes)
 
 
 def write_node_key(key_path: Path, pub_path: Path, comment: str = "") -> str:
@@ -332,9 +336,7 @@ def write_connection(
         raise DeployError(f"connection {name!r} needs the CA certificate (--certs DIR) or --insecure")
     superlink[name] = entry
     superlink.setdefault("default", name)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(tomli_w.dumps(data))
-    return path
+    return atomic_write(path, tomli_w.dumps(data))  # the user's file keeps its mode
 
 
 # -- processes ---------------------------------------------------------------------------------

@@ -24,3 +24,7 @@ class Interrupted(FedslmError):
     """The user stopped a run (Ctrl-C); the message says what was kept and how to continue."""
 
     exit_code = 130
+
+
+class UsageError(FedslmError):
+    """Command-line options that contradict each other; the message names them and what to drop."""

@@ -23,9 +23,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -35,6 +32,7 @@ import torch
 
 from .config import RunConfig, load_config
 from .errors import FedslmError
+from .fs import atomic_dir, atomic_write, check_out_dir
 from .logs import get_logger
 from .model import BUNDLED, load_base_model, locate_bundled_gguf, resolve_model_dir
 
@@ -174,32 +172,7 @@ def check_out(out: Path, run_dir: Path, force: bool = False) -> tuple[str, ...]:
         raise ExportError(f"--out {out} is inside the run directory {run}; export somewhere outside the run")
     if out in run.parents:
         raise ExportError(f"--out {out} holds the run directory {run}; export somewhere outside the run")
-    if out.exists() and not out.is_dir():
-        raise ExportError(f"--out {out} is a file, not a folder; choose a new folder")
-    entries = tuple(sorted(p.name for p in out.iterdir())) if out.is_dir() else ()
-    if entries and not force:
-        shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
-        raise ExportError(
-            f"--out {out} exists and is not empty ({len(entries)} entries: {shown});"
-            " choose a new folder, or pass --force to replace it"
-        )
-    return entries
-
-
-@contextmanager
-def _staging(out: Path) -> Iterator[Path]:
-    """A temporary folder beside ``out`` that becomes ``out`` when the block succeeds."""
-    out = Path(out).resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.export-", dir=out.parent))
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out.exists():
-        shutil.rmtree(out)  # checked by check_out: empty, or replaced under --force
-    tmp.rename(out)
+    return check_out_dir(out, force, error=ExportError)
 
 
 def export(
@@ -221,7 +194,7 @@ def export(
     if replaced:
         log.warning("--force: replacing %d entries of %s: %s", len(replaced), out, ", ".join(replaced))
     final = Path(out).resolve()
-    with _staging(final) as tmp:
+    with atomic_dir(final) as tmp:  # checked by check_out: new, empty, or replaced under --force
         result = _export(cfg, adapter, tmp, fmt, gguf_dtype)
     path = final / result.path.relative_to(tmp)
     return replace(result, path=path, replaced=replaced)
@@ -344,4 +317,4 @@ def _write_modelfile(out: Path, tok: Any, system_prompt: str) -> None:
         lines.append(f"SYSTEM {json.dumps(system_prompt)}")
     lines += [f"PARAMETER stop {json.dumps(s)}" for s in dict.fromkeys([eos, "<|im_end|>", "<|im_start|>"])]
     lines.append("PARAMETER temperature 0")
-    (out / "Modelfile").write_text("\n".join(lines) + "\n")
+    atomic_write(out / "Modelfile", "\n".join(lines) + "\n")

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from fedslm.config import RunConfig
+from fedslm.fs import atomic_file, atomic_write
 from fedslm.logs import get_logger
 
 log = get_logger(__name__)
@@ -108,8 +109,11 @@ def plot(rows: list[dict[str, Any]], out: Path) -> Path:
         ax_eps.legend(loc="lower right")
     ax_acc.legend(loc="upper left")
     fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
+    try:
+        with atomic_file(out) as tmp:
+            fig.savefig(tmp, dpi=100, format="png")
+    finally:
+        plt.close(fig)
     return out
 
 
@@ -117,7 +121,7 @@ def write_results(
     out_dir: Path, cfg: RunConfig, rows: list[dict[str, Any]], clients: dict[int, dict[str, float]] | None = None
 ) -> dict[str, Any]:
     summary = summarize(cfg, rows, clients)
-    (Path(out_dir) / "summary.json").write_text(json.dumps(summary, indent=2))
+    atomic_write(Path(out_dir) / "summary.json", json.dumps(summary, indent=2))
     plot(rows, Path(out_dir) / "metrics.png")
     log.info("Results written to %s", out_dir)
     return summary

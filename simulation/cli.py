@@ -13,7 +13,7 @@ from typing import Any
 from fedslm.server.preflight import load_run, preflight
 
 from fedslm.config import load_config
-from fedslm.errors import FedslmError, Interrupted
+from fedslm.errors import FedslmError, Interrupted, UsageError
 from fedslm.logs import get_logger, setup_logging
 
 Handler = Callable[[argparse.Namespace], int]
@@ -21,28 +21,29 @@ log = get_logger(__name__)
 
 
 def _simulate(args: argparse.Namespace) -> int:
-    from .run import default_out_dir, results_table, simulate
+    from .run import check_new_run_dir, default_out_dir, read_run_name, results_table, simulate
 
+    # every check below fails before anything heavy starts
     if args.resume:  # the run's own config; --set is not allowed to change a run halfway
-        if args.config or args.set or args.out or args.ray_address:
-            print(
-                "fedslm simulate: --resume RUN_DIR takes the run's config.yaml; drop CONFIG/--set/--out/--ray-address",
-                file=sys.stderr,
-            )
-            return 2
+        if args.config or args.set or args.out or args.ray_address or args.force:
+            drop = "CONFIG/--set/--out/--ray-address/--force"
+            raise UsageError(f"--resume RUN_DIR takes the run's config.yaml; drop {drop}")
         out = Path(args.resume)
-        checked = preflight(load_config(out / "config.yaml"), str(out / "config.yaml"))
+        cfg = load_config(out / "config.yaml")
+        read_run_name(out)
+        checked = preflight(cfg, str(out / "config.yaml"))
     else:
         if not args.config:
-            print("fedslm simulate: give a CONFIG (e.g. configs/demo.yaml) or --resume RUN_DIR", file=sys.stderr)
-            return 2
+            raise UsageError("give a CONFIG (e.g. configs/demo.yaml) or --resume RUN_DIR")
         sets = list(args.set) + ([f"federation.ray_address={args.ray_address}"] if args.ray_address else [])
-        checked = preflight(load_config(args.config, sets), args.config)  # fails here, before anything heavy
+        cfg = load_config(args.config, sets)
         out = Path(args.out) if args.out else default_out_dir(Path(args.config).stem)
+        check_new_run_dir(out, cfg, args.force, args.config)
+        checked = preflight(cfg, args.config)
     cfg = checked.cfg
     for line in checked.summary():
         log.info("%s", line)
-    rows = simulate(cfg, out, progress=not args.no_progress, resume=bool(args.resume))  # main() reports errors
+    rows = simulate(cfg, out, progress=not args.no_progress, resume=bool(args.resume), force=args.force)
     print()
     print(results_table(rows))
     first, last = rows[0], rows[-1]
@@ -120,13 +121,9 @@ def _privacy_plan_cli(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from fedslm.export import ExportError, export
+    from fedslm.export import export
 
-    try:
-        result = export(Path(args.run_dir), Path(args.out), args.format, args.round, args.gguf_dtype, args.force)
-    except ExportError as e:
-        print(f"fedslm export: {e}", file=sys.stderr)
-        return 2
+    result = export(Path(args.run_dir), Path(args.out), args.format, args.round, args.gguf_dtype, args.force)
     if result.replaced:
         print(f"--force: replaced {len(result.replaced)} entries of {args.out}: {', '.join(result.replaced)}")
     print(f"{result.format} export written to {result.path}")
@@ -329,6 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. train.local_steps=5")
     p.add_argument("--out", help="run directory (default runs/<config>-<time>)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from its last complete round")
+    p.add_argument("--force", action="store_true", help="empty a non-empty --out first (its entries are named)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument(
         "--ray-address", metavar="HOST:PORT", help="attach to a running Ray cluster (sets federation.ray_address)"
@@ -375,7 +373,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("strategies", help="list the aggregation strategies and their parameters")
     p.set_defaults(func=_strategies)
     _add_deploy_parsers(sub)
+    _accept_debug_anywhere(sub)
     return parser
+
+
+def _accept_debug_anywhere(sub: argparse._SubParsersAction) -> None:
+    """``--debug`` after the subcommand too (``fedslm simulate CONFIG --debug``); not given there, the
+    value given before the subcommand (or False) stands."""
+    for p in sub.choices.values():
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the traceback of an error")
+        for action in p._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                _accept_debug_anywhere(action)
 
 
 def _add_deploy_parsers(sub: argparse._SubParsersAction) -> None:
@@ -386,7 +395,7 @@ def _add_deploy_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--nodes", type=int, required=True, help="node key pairs to create (nodes/node-K.key)")
     p.add_argument("--host", action="append", default=[], help="extra SAN of the SuperLink (DNS name or IP)")
     p.add_argument("--days", type=int, default=365, help="validity of the certificates")
-    p.add_argument("--force", action="store_true", help="replace an existing CA and keys")
+    p.add_argument("--force", action="store_true", help="replace a non-empty --out (its CA, keys and every entry)")
     p.set_defaults(func=_certs)
 
     p = sub.add_parser("server", help="deploy: start a SuperLink (TLS, SuperNode authentication) and register nodes")

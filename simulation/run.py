@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fedslm.config import RunConfig
-from fedslm.errors import Interrupted, RunFailedError
+from fedslm.errors import FedslmError, Interrupted, RunFailedError
+from fedslm.fs import atomic_write, check_out_dir, clear_dir
 from fedslm.logs import get_logger
 
 if TYPE_CHECKING:
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
 
 log = get_logger(__name__)
 
+RUN_JSON = "run.json"  # the run's name (keys the clients' state) and size: written at start, read by --resume
 QUIET_ENV = {
     "FLWR_TELEMETRY_ENABLED": "0",
     "FLWR_DISABLE_UPDATE_CHECK": "1",
@@ -34,6 +36,45 @@ QUIET_ENV = {
 
 class SimulationError(RunFailedError, RuntimeError):
     """The simulated federation failed; the message carries the server's error."""
+
+
+class RunDirError(FedslmError, ValueError):
+    """A run directory that cannot be used as asked (names it and what to do instead)."""
+
+
+def check_new_run_dir(
+    out_dir: Path, cfg: RunConfig, force: bool = False, config_path: str | Path | None = None
+) -> tuple[str, ...]:
+    """Refuse an ``--out`` for a new run that is a file or not empty (unless ``force``); returns what
+    ``force`` replaces. Never one that holds the config, the data or the model cache the run reads.
+
+    Every run, simulated or deployed, writes ``metrics.jsonl``, ``summary.json`` and ``adapters/``
+    into its own folder: a second run there would append to the first one's metrics.
+    """
+    out_dir = Path(out_dir)
+    if (out_dir / RUN_JSON).is_file():
+        hint = f"it holds a run: `fedslm simulate --resume {out_dir}` continues it; or choose a new folder"
+    else:
+        hint = "choose a new folder"
+    reads = [p for p in (config_path, cfg.data.source, cfg.model.cache_dir, cfg.model.name) if p]
+    return check_out_dir(out_dir, force, hint=hint, reads=[p for p in map(Path, reads) if p.exists()])
+
+
+def read_run_name(run_dir: Path) -> str:
+    """The run name recorded in ``run_dir/run.json``: what ``--resume`` continues under."""
+    path = Path(run_dir) / RUN_JSON
+    if not path.is_file():
+        raise RunDirError(
+            f"--resume {run_dir}: no {RUN_JSON}, so it is not a run of `fedslm simulate`;"
+            " start a new run with --out NEW_FOLDER"
+        )
+    try:
+        name = json.loads(path.read_text(encoding="utf-8"))["run_name"]
+    except (ValueError, KeyError, TypeError):
+        name = None
+    if not isinstance(name, str) or not name:
+        raise RunDirError(f"{path}: no run_name in it; it is damaged, so this run cannot be resumed")
+    return name
 
 
 def quiet_environment() -> None:
@@ -54,12 +95,14 @@ def simulate(
     backend: str = "ray",
     progress: bool = True,
     resume: bool = False,
+    force: bool = False,
 ) -> list[dict[str, Any]]:
     """Run the federation described by ``cfg``; returns the per-round metrics rows.
 
     ``run_name`` keys the clients' persisted state (privacy history, local tensors); it defaults to
     the run directory's name plus a timestamp and is recorded in ``run.json``. ``resume`` continues
-    the run in ``out_dir`` from its newest usable checkpoint (same config, same run name).
+    the run in ``out_dir`` from its newest usable checkpoint (same config, same run name). A new run
+    needs a new or empty ``out_dir`` (:func:`check_new_run_dir`); ``force`` empties one first.
     """
     quiet_environment()
     from fedslm.client.app import app as client_app
@@ -78,15 +121,18 @@ def simulate(
     if resume:
         from fedslm.server.checkpoint import CheckpointError, latest
 
+        run_name = read_run_name(out_dir)
         try:
             ck = latest(out_dir, cfg.to_yaml())
         except CheckpointError as e:
             raise SimulationError(str(e)) from None
         if ck is None:
             raise SimulationError(f"{out_dir} holds no usable checkpoint to resume from")
-        run_name = json.loads((out_dir / "run.json").read_text())["run_name"]
-    elif (out_dir / "metrics.jsonl").exists():
-        raise SimulationError(f"{out_dir} already holds a run; pass another --out, or resume it")
+    else:
+        replaced = check_new_run_dir(out_dir, cfg, force)
+        if replaced:
+            log.warning("--force: replacing %d entries of %s: %s", len(replaced), out_dir, ", ".join(replaced))
+            clear_dir(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     fed = cfg.federation
     rows: queue.Queue[dict[str, Any]] = queue.Queue()
@@ -100,7 +146,7 @@ def simulate(
             bar.update(1)
 
     run_name = run_name or f"{out_dir.name}-{time.strftime('%Y%m%d%H%M%S')}-{os.getpid()}"
-    (out_dir / "run.json").write_text(json.dumps({"run_name": run_name, "num_clients": fed.num_clients}))
+    atomic_write(out_dir / RUN_JSON, json.dumps({"run_name": run_name, "num_clients": fed.num_clients}))
     stop = threading.Event()  # Ctrl-C: the ServerApp stops at its next wait for replies
     if secure:
         server_app = make_secure_server_app(cfg, out_dir, run_name, _guard(on_round, errors))

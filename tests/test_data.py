@@ -106,6 +106,44 @@ def test_broken_jsonl_line_is_named(tmp_path: Path) -> None:
         data.load_records(DataConfig(source=str(path), prompt_column="q", response_column="a"), tmp_path)
 
 
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv"])
+def test_a_file_not_in_utf8_names_the_line_and_the_encoding(tmp_path: Path, suffix: str) -> None:
+    path = tmp_path / f"latin1{suffix}"
+    if suffix == ".jsonl":
+        text = '{"q": "a", "a": "b"}\n{"q": "c", "a": "d"}\n{"q": "caf\u00e9?", "a": "oui"}\n'
+    else:
+        text = "q,a\na,b\nc,d\ncaf\u00e9?,oui\n"
+    path.write_bytes(text.encode("latin-1"))  # "é" is the one byte 0xe9, not UTF-8
+    line = 3 if suffix == ".jsonl" else 4
+    cfg = DataConfig(source=str(path), prompt_column="q", response_column="a")
+    with pytest.raises(data.DataError) as err:
+        data.load_records(cfg, tmp_path)
+    assert str(err.value).startswith(f"{path}:{line}: byte 0xe9 at column ")
+    assert "must be UTF-8 encoded" in str(err.value)
+    path.write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8"))  # UTF-8 with a byte-order mark (Excel's CSV)
+    assert [r["q"] for r in data.load_records(cfg, tmp_path)] == ["a", "c", "caf\u00e9?"]
+
+
+def test_jsonl_text_with_unicode_line_separators_arrives_as_written(tmp_path: Path) -> None:
+    path = tmp_path / "seps.jsonl"
+    answers = ["one\u2028two", "x\x1cy", "p\u0085q"]  # str.splitlines would cut each of these in two
+    path.write_text("".join(json.dumps({"q": "?", "a": a}, ensure_ascii=False) + "\n" for a in answers), "utf-8")
+    cfg = DataConfig(source=str(path), prompt_column="q", response_column="a")
+    assert [r["a"] for r in data.load_records(cfg, tmp_path)] == answers
+
+
+def test_corrupt_parquet_and_bad_csv_are_data_errors(tmp_path: Path) -> None:
+    path = tmp_path / "broken.parquet"
+    pd.DataFrame({"q": ["a"] * 10, "a": ["b"] * 10}).to_parquet(path)
+    path.write_bytes(path.read_bytes()[:40] + b"\0" * 40)  # a truncated, overwritten file
+    with pytest.raises(data.DataError, match=rf"^{path}: not a readable Parquet file \(Arrow"):
+        data.load_records(DataConfig(source=str(path), prompt_column="q", response_column="a"), tmp_path)
+    path = tmp_path / "huge.csv"
+    path.write_text("q,a\na,b\nc," + "d" * 200_000 + "\n")  # over the csv module's 131072-character field limit
+    with pytest.raises(data.DataError, match=rf"^{path}:3: not valid CSV \(field larger than field limit"):
+        data.load_records(DataConfig(source=str(path), prompt_column="q", response_column="a"), tmp_path)
+
+
 def test_bad_source_errors(tmp_path: Path) -> None:
     (tmp_path / "x.txt").write_text("hi")
     with pytest.raises(data.DataError, match="unsupported file type"):

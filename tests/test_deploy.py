@@ -36,6 +36,7 @@ from fedslm.deploy import (
     write_connection,
     write_node_key,
 )
+from fedslm.fs import OutDirError
 
 ROOT = Path(__file__).resolve().parent.parent
 FEDSLM = str(Path(sys.executable).with_name("fedslm"))
@@ -94,8 +95,24 @@ def test_node_keys_are_what_flower_reads(certs: CertPaths) -> None:
 
 
 def test_certs_refuse_to_overwrite_a_ca(certs: CertPaths) -> None:
-    with pytest.raises(DeployError, match="--force"):
+    # OutDirError, not DeployError: a non-empty --out is the user's mistake (exit 2), not a failed deployment
+    with pytest.raises(OutDirError, match="--force"):
         write_certificates(certs.root, 1)
+
+
+def test_certs_refuse_any_non_empty_folder_and_force_replaces_all_of_it(tmp_path: Path) -> None:
+    out = tmp_path / "certs"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(OutDirError, match=r"not empty \(1 entries: notes.txt\).*--force"):
+        write_certificates(out, 1)
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]  # nothing written beside the user's file
+    first = write_certificates(tmp_path / "fresh", 3)
+    old_ca = first.ca_key.read_bytes()
+    again = write_certificates(first.root, 1, force=True)
+    assert again.ca_key.read_bytes() != old_ca  # a new CA ...
+    assert sorted(p.name for p in (again.root / "nodes").iterdir()) == ["node-0.key", "node-0.pub"]  # no stale keys
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["certs", "fresh"]  # no temp left beside it
 
 
 # -- command lines -----------------------------------------------------------------------------
@@ -190,6 +207,18 @@ def test_run_argv_and_connection(certs: CertPaths, tmp_path: Path) -> None:
     assert env["PATH"].split(os.pathsep)[0] == str(Path(sys.executable).parent)
 
 
+def test_write_connection_replaces_config_toml_atomically_keeping_its_mode(tmp_path: Path) -> None:
+    import stat
+
+    home = tmp_path / "home"
+    path = write_connection(home, "a", "127.0.0.1:9555", None, insecure=True)
+    path.chmod(0o600)
+    write_connection(home, "b", "127.0.0.1:9556", None, insecure=True)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600  # the user's choice is kept
+    assert sorted(tomllib.loads(path.read_text())["superlink"]) == ["a", "b", "default"]
+    assert [p.name for p in home.iterdir()] == ["config.toml"]  # no temp left
+
+
 @pytest.fixture
 def cli_logging() -> Iterator[None]:
     """``fedslm``'s main() sets up console logging (no propagation): undo it for the tests that follow."""
@@ -206,7 +235,8 @@ def test_cli_subcommands_fail_early(tmp_path: Path, capsys: pytest.CaptureFixtur
 
     assert main(["certs", "--out", str(tmp_path / "c"), "--nodes", "2"]) == 0
     assert CertPaths(tmp_path / "c").node_pub(1).is_file() and not CertPaths(tmp_path / "c").node_key(2).exists()
-    assert main(["certs", "--out", str(tmp_path / "c"), "--nodes", "2"]) == 1  # an existing CA is kept
+    # an existing CA is kept: the non-empty --out is refused as a user mistake (exit 2; it was 1, a DeployError)
+    assert main(["certs", "--out", str(tmp_path / "c"), "--nodes", "2"]) == 2
     assert main(["server", "--certs", str(tmp_path / "missing")]) == 1
     assert "fedslm certs --out" in capsys.readouterr().err
     key = str(tmp_path / "c" / "nodes" / "node-1.key")

@@ -28,7 +28,7 @@ def test_every_error_class_has_the_one_root() -> None:
     from fedslm.client.secagg import SecAggWeightError
     from fedslm.client.state import ClientStateError
     from fedslm.server.checkpoint import CheckpointError
-    from fedslm.simulation.run import SimulationError
+    from fedslm.simulation.run import RunDirError, SimulationError
     from fedslm.strategies.registry import StrategyConfigError
 
     from fedslm.adapters import AdapterError
@@ -36,6 +36,8 @@ def test_every_error_class_has_the_one_root() -> None:
     from fedslm.config import ConfigError
     from fedslm.data import DataError
     from fedslm.deploy import DeployError
+    from fedslm.errors import UsageError
+    from fedslm.fs import OutDirError
     from fedslm.hardware import HardwareError
     from fedslm.model import ModelLoadError
     from fedslm.privacy import PrivacyBudgetError, PrivacyError, PrivacyStateError
@@ -61,6 +63,9 @@ def test_every_error_class_has_the_one_root() -> None:
         ClientStateError,
         CheckpointError,
         StrategyConfigError,
+        OutDirError,
+        RunDirError,
+        UsageError,
     ]
     for cls in user:
         assert issubclass(cls, FedslmError) and cls.exit_code == 2, cls
@@ -153,3 +158,123 @@ def test_simulate_that_trains_nothing_exits_1_naming_the_cause(tmp_path: Path) -
     assert last.startswith("fedslm: error: no round trained: 1 of 1 rounds skipped"), last
     assert "client-state" in last and "round  train_loss" not in proc.stdout
     assert (cache / "client-state").read_text() == "not a directory\n"  # nothing of the user's was replaced
+
+
+def _mistake(case: str, tmp: Path) -> tuple[list[str], str]:
+    """Set up one user mistake in ``tmp``: (the fedslm argv, what its one error line must say)."""
+    victim = tmp / "victim"
+    data = ["check", TINY, "--set"]
+    if case == "bad key":
+        return ["check", TINY, "--set", "train.no_such_key=3"], "no_such_key"
+    if case == "missing file":
+        return ["check", "missing.yaml"], "missing.yaml: no such config file"
+    if case == "bad data line":
+        victim = victim.with_suffix(".jsonl")
+        victim.write_text('{"question": "q", "answer": "a"}\n{"question": "q", "answer": \n')
+        return [*data, f"data.source={victim}"], f"{victim}:2: not a JSON object"
+    if case in ("bad encoding (jsonl)", "bad encoding (csv)"):
+        victim = victim.with_suffix(".jsonl" if "jsonl" in case else ".csv")
+        text = '{"question": "caf\u00e9", "answer": "a"}\n' if "jsonl" in case else "question,answer\ncaf\u00e9,a\n"
+        victim.write_bytes(text.encode("latin-1"))
+        where = "1: byte 0xe9 at column 18" if "jsonl" in case else "2: byte 0xe9 at column 4"
+        return [*data, f"data.source={victim}"], f"{victim}:{where} is not UTF-8"
+    if case == "corrupt parquet":
+        victim = victim.with_suffix(".parquet")
+        victim.write_bytes(b"PAR1" + b"\0" * 64)
+        return [*data, f"data.source={victim}"], f"{victim}: not a readable Parquet file"
+    if case == "non-empty --out":
+        victim.mkdir()
+        (victim / "notes.txt").write_text("mine\n")
+        needle = f"--out {victim} exists and is not empty (1 entries: notes.txt)"
+        return ["simulate", TINY, "--out", str(victim)], needle
+    if case == "--out is a file":
+        victim.write_text("mine\n")
+        return ["simulate", TINY, "--out", str(victim)], "is a file, not a folder"
+    if case == "--out holds a run":
+        victim.mkdir()
+        (victim / "run.json").write_text('{"run_name": "r"}')
+        return ["simulate", TINY, "--out", str(victim)], f"`fedslm simulate --resume {victim}` continues it"
+    if case == "missing run dir":
+        return ["simulate", "--resume", "no-run"], "no-run/config.yaml: no such config file"
+    if case == "resume without run.json":
+        victim.mkdir()
+        (victim / "config.yaml").write_text(Path(TINY).read_text())
+        return ["simulate", "--resume", str(victim)], f"--resume {victim}: no run.json"
+    if case == "resume with --force":
+        return ["simulate", "--resume", str(victim), "--force"], "drop CONFIG/--set/--out/--ray-address/--force"
+    if case == "export of no run":
+        return ["export", "no-run", "--format", "peft", "--out", str(victim)], "no-run is not a run directory"
+    if case == "certs into a non-empty folder":
+        victim.mkdir()
+        (victim / "notes.txt").write_text("mine\n")
+        return ["certs", "--out", str(victim), "--nodes", "1"], "not empty (1 entries: notes.txt)"
+    raise AssertionError(case)
+
+
+USER_MISTAKES = [
+    "bad key",
+    "missing file",
+    "bad data line",
+    "bad encoding (jsonl)",
+    "bad encoding (csv)",
+    "corrupt parquet",
+    "non-empty --out",
+    "--out is a file",
+    "--out holds a run",
+    "missing run dir",
+    "resume without run.json",
+    "resume with --force",
+    "export of no run",
+    "certs into a non-empty folder",
+]
+
+
+@pytest.mark.parametrize("case", USER_MISTAKES)
+def test_each_user_error_class_is_one_line_and_exit_2(case: str, tmp_path: Path) -> None:
+    argv, needle = _mistake(case, tmp_path)
+    before = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+    r = _fedslm(*argv, cwd=tmp_path)
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr
+    errors = [line for line in r.stderr.splitlines() if line.startswith("fedslm: error:")]
+    assert len(errors) == 1 and not [x for x in r.stderr.splitlines() if x.startswith("fedslm") and x not in errors]
+    assert needle in errors[0], errors[0]
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == before  # nothing written
+
+
+def test_simulate_force_replaces_the_folder_and_says_what(tmp_path: Path) -> None:
+    """--force: the old entries are named in one line and removed, then the run writes its own files.
+    (An unreachable federation.ray_address stops it right after, before Ray or any model starts.)"""
+    victim = tmp_path / "victim"
+    (victim / "adapters" / "round-001").mkdir(parents=True)
+    (victim / "metrics.jsonl").write_text('{"round": 0}\n')
+    r = _fedslm(
+        "simulate", TINY, "--out", str(victim), "--force", "--no-progress",
+        "--set", "federation.ray_address=127.0.0.1:1", cwd=tmp_path,
+    )  # fmt: skip
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    forced = [line for line in r.stderr.splitlines() if "--force: replacing" in line]
+    assert len(forced) == 1 and forced[0].endswith(f"--force: replacing 2 entries of {victim}: adapters, metrics.jsonl")
+    assert sorted(p.name for p in victim.iterdir()) == ["run.json"]  # the old metrics are gone, not appended to
+    assert r.stderr.strip().splitlines()[-1].startswith("fedslm: error: federation.ray_address: nothing answers")
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_debug_is_accepted_before_or_after_the_subcommand(where: str, tmp_path: Path) -> None:
+    argv = ["check", "missing.yaml"]
+    r = _fedslm(*(["--debug", *argv] if where == "before" else [*argv, "--debug"]), cwd=tmp_path)
+    assert r.returncode != 0
+    assert "Traceback" in r.stderr and "ConfigError: missing.yaml: no such config file" in r.stderr
+
+
+def test_resume_reads_the_run_name_or_says_why_it_cannot(tmp_path: Path) -> None:
+    from fedslm.simulation.run import RunDirError, read_run_name
+
+    with pytest.raises(RunDirError, match=r"no run.json, so it is not a run of `fedslm simulate`"):
+        read_run_name(tmp_path)
+    for damaged in ("{", "[]", '{"run_name": ""}', '{"name": "x"}'):
+        (tmp_path / "run.json").write_text(damaged)
+        with pytest.raises(RunDirError, match="no run_name in it; it is damaged"):
+            read_run_name(tmp_path)
+    (tmp_path / "run.json").write_text('{"run_name": "run-20261206000822-28633", "num_clients": 4}')
+    assert read_run_name(tmp_path) == "run-20261206000822-28633"
