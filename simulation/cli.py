@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Callable
@@ -14,14 +15,14 @@ from fedslm.server.preflight import load_run, preflight
 
 from fedslm.config import load_config
 from fedslm.errors import FedslmError, Interrupted
-from fedslm.logs import get_logger, setup_logging
+from fedslm.logs import VERBOSE_ENV, get_logger, setup_logging
 
 Handler = Callable[[argparse.Namespace], int]
 log = get_logger(__name__)
 
 
 def _simulate(args: argparse.Namespace) -> int:
-    from .run import default_out_dir, results_table, simulate
+    from .run import default_out_dir, plan_block, results_table, simulate
 
     if args.resume:  # the run's own config; --set is not allowed to change a run halfway
         if args.config or args.set or args.out or args.ray_address:
@@ -40,8 +41,7 @@ def _simulate(args: argparse.Namespace) -> int:
         checked = preflight(load_config(args.config, sets), args.config)  # fails here, before anything heavy
         out = Path(args.out) if args.out else default_out_dir(Path(args.config).stem)
     cfg = checked.cfg
-    for line in checked.summary():
-        log.info("%s", line)
+    print(plan_block(checked, out.resolve()), flush=True)
     rows = simulate(cfg, out, progress=not args.no_progress, resume=bool(args.resume))  # main() reports errors
     print()
     print(results_table(rows))
@@ -285,6 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedslm", description=__doc__)
     parser.add_argument("--log-level", default=None, help="DEBUG, INFO (default), WARNING")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    verbose_help = "the libraries' lines too: Flower's INFO, deprecation warnings, loading bars (run.log has them)"
+    parser.add_argument("--verbose", action="store_true", help=verbose_help)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("simulate", help="run a simulated federation from a YAML config")
@@ -293,10 +295,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="run directory (default runs/<config>-<time>)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from its last complete round")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS, help=verbose_help)
     p.add_argument(
         "--ray-address", metavar="HOST:PORT", help="attach to a running Ray cluster (sets federation.ray_address)"
     )
-    p.set_defaults(func=_simulate)
+    p.set_defaults(func=_simulate, quiet=True)  # the plan, the progress bar and the table; warnings
 
     p = sub.add_parser("audit", help="score a finished run's canaries: exposure, ROC, empirical epsilon bound")
     p.add_argument("run_dir")
@@ -407,7 +410,10 @@ def _add_deploy_parsers(sub: argparse._SubParsersAction) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Run one subcommand; a :class:`FedslmError` is one line on stderr and exit 2 (1: a failed run)."""
     args = build_parser().parse_args(argv)
-    setup_logging(args.log_level)
+    if args.verbose:
+        os.environ[VERBOSE_ENV] = "1"  # the simulation's Ray workers inherit it
+    quiet = getattr(args, "quiet", False) and not args.verbose
+    setup_logging(args.log_level or os.environ.get("FEDSLM_LOG") or ("WARNING" if quiet else "INFO"))
     try:
         return int(args.func(args))
     except FedslmError as e:
