@@ -98,3 +98,11 @@ def test_simulate_verbose_shows_flower_and_the_libraries(tmp_path: Path) -> None
     assert "FutureWarning" in proc.stderr
     assert "round  train_loss  eval_loss" in proc.stdout
     assert " INFO flwr: configure_train" in (out / "run.log").read_text()
+
+
+def test_verbose_goes_before_or_after_simulate_and_defaults_off() -> None:
+    from fedslm.simulation.cli import build_parser
+
+    parse = build_parser().parse_args
+    assert parse(["--verbose", "simulate", "c.yaml"]).verbose and parse(["simulate", "c.yaml", "--verbose"]).verbose
+    assert not parse(["simulate", "c.yaml"]).verbose and not parse(["check", "c.yaml"]).verbose
