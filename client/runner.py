@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 import yaml
-from flwr.app import ArrayRecord, Context, Message
+from flwr.app import ArrayRecord
 
 from fedslm import audit, tasks, wire
 from fedslm import data as data_mod
@@ -21,7 +21,7 @@ from fedslm.config import RunConfig, apply_profile, client_profile, config_from_
 from fedslm.logs import get_logger
 from fedslm.model import RESIDENT, cache_root
 from fedslm.plan import validation_size
-from fedslm.protocol import CLIENT_ID, CONFIG, NUM_EXAMPLES, LoRAPlan, NodeConfig, TrainInstructions, TrainReport
+from fedslm.protocol import CLIENT_ID, NUM_EXAMPLES, LoRAPlan, NodeConfig, TrainInstructions, TrainReport
 from fedslm.training import LocalTraining, round_learning_rate, train_local
 
 from .privacy import DeclinedRound
@@ -48,10 +48,6 @@ class ClientRunner:
     lr_scale: float = 1.0  # the server's divergence guard lowers it after a rejected round
     rank: int = 0  # LoRA rank this client trains (its profile's; 0 = lora.r, the global adapter's rank)
     profile: str = ""  # its profile in clients.profiles ("" = none)
-
-    @classmethod
-    def from_message(cls, msg: Message, context: Context) -> ClientRunner:
-        return cls.from_config(msg.content[CONFIG], context.node_config)
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any], node: Mapping[str, Any]) -> ClientRunner:

@@ -1,12 +1,12 @@
 """Per-client state that must outlive a round and a process: privacy history, local LoRA tensors.
 
 Simulation actors are recycled and real nodes restart, so this lives in files (one directory per
-client and run), written atomically; tensors as safetensors, the rest as JSON. Never pickle.
+client and run), written atomically: tensors as safetensors here, the privacy history as JSON
+(:mod:`fedslm.privacy`). Never pickle.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ class ClientStateError(FedslmError, RuntimeError):
 
 
 class ClientStore:
-    """Files of one client in one run: ``<root>/<name>.json`` and ``<root>/<name>.safetensors``."""
+    """Tensor files of one client in one run: ``<root>/<name>.safetensors``."""
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
@@ -30,18 +30,6 @@ class ClientStore:
     def _atomic(self, path: Path, write: Any) -> None:
         with atomic_file(path) as tmp:
             write(str(tmp))
-
-    def save_json(self, name: str, value: Any) -> None:
-        self._atomic(self.root / f"{name}.json", lambda t: Path(t).write_text(json.dumps(value)))
-
-    def load_json(self, name: str) -> Any | None:
-        path = self.root / f"{name}.json"
-        if not path.is_file():
-            return None
-        try:
-            return json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ClientStateError(f"{path} is corrupt ({e}); restore it or start a new run") from None
 
     def save_tensors(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
         data = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}

@@ -141,11 +141,6 @@ RESIDUAL_FILE = "frozen_residuals.safetensors"  # next to adapter_model.safetens
 _HOOK_ATTR = "_fedslm_residual_hook"
 
 
-def lora_modules(state: dict[str, Any]) -> list[str]:
-    """The LoRA module prefixes of an adapter state (``<module>.lora_A.weight`` -> ``<module>``)."""
-    return sorted(k[: -len(".lora_A.weight")] for k in state if k.endswith(".lora_A.weight"))
-
-
 def split_residuals(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """(adapter tensors, module -> frozen residual) of a global adapter state."""
     adapter = {k: v for k, v in state.items() if not k.endswith(RESIDUAL_SUFFIX)}

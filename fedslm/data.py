@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -277,10 +276,6 @@ def test_records(cfg: DataConfig, cache: Path) -> list[dict[str, Any]]:
     _, test_idx = split(records, cfg)
     test = [records[i] for i in test_idx]
     return test[: cfg.eval_size] if cfg.eval_size else test
-
-
-def fingerprint(records: list[dict[str, Any]]) -> str:
-    return hashlib.sha256(json.dumps(records, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 # -- tokenization ------------------------------------------------------------------------------

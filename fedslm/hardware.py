@@ -170,10 +170,3 @@ def describe(device: str, dtype: str) -> str:
     cpu = probe_cpu()
     native = "native bf16" if cpu.native_bf16 else "no native bf16"
     return f"cpu ({cpu.capability}, {native}), compute {dtype}"
-
-
-def max_cuda_memory_gb(device: str) -> float | None:
-    """``torch.cuda.max_memory_allocated`` in GB on a CUDA device, else None."""
-    if not device.startswith("cuda") or not torch.cuda.is_available():
-        return None
-    return torch.cuda.max_memory_allocated(torch.device(device)) / 1e9

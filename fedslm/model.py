@@ -31,7 +31,7 @@ from .hardware import (
     resolve_compute_dtype,
     resolve_device,
 )
-from .logs import get_logger
+from .logs import get_logger, quiet_loading
 from .modeldir import is_complete
 from .modelinfo import BUNDLED, TINY_PREFIX, ModelLoadError, cache_root, locate_bundled_gguf
 
@@ -210,7 +210,7 @@ def load_base_model(cfg: ModelConfig, task: str = "causal-lm", num_labels: int =
         if num_labels < 2:
             raise ModelLoadError(f"classification needs at least 2 labels, got {num_labels}")
         kwargs.update(num_labels=num_labels, pad_token_id=tokenizer.pad_token_id)
-    with torch.random.fork_rng():
+    with torch.random.fork_rng(), quiet_loading():  # no bar from every Ray worker's load (run.log says "Loaded")
         torch.manual_seed(0)  # a new classification head is initialised identically everywhere
         model = auto.from_pretrained(str(path), **kwargs)
     if qc is None and cfg.device != "cpu":

@@ -1,11 +1,13 @@
 """Local training (plain or DP-SGD) and evaluation of a LoRA model.
 
-DP-SGD uses Opacus' ``GradSampleModule`` and ``DPOptimizer`` directly, with our own Poisson sampling:
-each step draws every record independently with probability ``q``, so the batch size varies and
-may be empty (an empty batch still takes a noise-only step, as the analysis assumes). The loss is
-per sequence (token mean within a sequence, mean over the batch), not HF's token mean over the
-batch, so each record's contribution is one clipped per-sample gradient. The privacy accounting
-lives in :mod:`fedslm.privacy`; this module only reports the steps and sampling rate it used.
+DP-SGD uses Opacus' ``GradSampleModule`` and ``DPOptimizer`` directly, and its batches come from
+Opacus' Poisson sampler (``UniformWithReplacementSampler``): each step draws every record
+independently with probability ``q``, so the batch size varies and may be empty (an empty batch
+still takes a noise-only step, as the analysis assumes). The loss is per sequence (token mean
+within a sequence, mean over the batch), not HF's token mean over the batch, so each record's
+contribution is one clipped per-sample gradient. Training and evaluation read their losses from one
+forward pass, :func:`forward_losses`. The privacy accounting lives in :mod:`fedslm.privacy`; this
+module only reports the steps and sampling rate it used.
 """
 
 from __future__ import annotations
@@ -73,13 +75,6 @@ class TrainResult:
     micro_batches: int = 0  # forward/backward passes (= steps less empty batches without physical_batch_size)
 
 
-def sample_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """One loss per example: class cross-entropy (labels ``(batch,)``) or :func:`sequence_losses`."""
-    if labels.dim() == 1:
-        return F.cross_entropy(logits.float(), labels, reduction="none")
-    return sequence_losses(logits, labels)
-
-
 def sequence_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Per-sequence mean NLL over answer tokens (shape ``(batch,)``)."""
     return _per_sequence(logits[:, :-1], labels[:, 1:])
@@ -91,8 +86,11 @@ def _token_nll(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def _per_sequence(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    mask = (target != IGNORE).float()
-    return (_token_nll(logits, target) * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+    return _masked_mean(_token_nll(logits, target), (target != IGNORE).float())
+
+
+def _masked_mean(nll: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (nll * mask).sum(1) / mask.sum(1).clamp(min=1.0)
 
 
 def answer_positions(labels: torch.Tensor) -> torch.Tensor:
@@ -121,13 +119,43 @@ def answer_logits(model: Any, batch: dict[str, torch.Tensor], keep_logits: bool)
     return model(**inputs).logits[:, :-1], labels[:, 1:]
 
 
-def batch_losses(model: Any, batch: dict[str, torch.Tensor], keep_logits: bool) -> torch.Tensor:
-    """One loss per example of a collated batch (training and evaluation share it): class
-    cross-entropy for a classifier (labels ``(batch,)``), per-sequence answer NLL for a causal LM."""
-    if batch["labels"].dim() == 1:
+@dataclass(frozen=True)
+class BatchLoss:
+    """One forward pass over a collated batch, and the loss terms training and evaluation read.
+
+    A causal LM: the logits at the answer positions, their token NLL ``(batch, positions)`` (0 where
+    the target is ignored) and the mask of counted tokens. A classifier: its logits, and its class
+    cross-entropy as one counted "token" per example.
+    """
+
+    logits: torch.Tensor
+    nll: torch.Tensor
+    mask: torch.Tensor
+
+    def per_example(self) -> torch.Tensor:
+        """Training's loss terms: the token mean within each sequence (a classifier: its cross-entropy)."""
+        return _masked_mean(self.nll, self.mask)
+
+    def total(self) -> tuple[float, float]:
+        """Evaluation's: the summed NLL and the number of tokens (examples) it is summed over."""
+        return (self.nll * self.mask).sum().item(), self.mask.sum().item()
+
+
+def forward_losses(model: Any, batch: dict[str, torch.Tensor], keep_logits: bool) -> BatchLoss:
+    """The model on a collated batch: class labels ``(batch,)`` for a classifier, token labels for a
+    causal LM (only the answer positions projected onto the vocabulary with ``keep_logits``)."""
+    labels = batch["labels"]
+    if labels.dim() == 1:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        return sample_losses(logits, batch["labels"])
-    return _per_sequence(*answer_logits(model, batch, keep_logits))
+        nll = F.cross_entropy(logits.float(), labels, reduction="none")[:, None]
+        return BatchLoss(logits, nll, torch.ones_like(nll))
+    logits, target = answer_logits(model, batch, keep_logits)
+    return BatchLoss(logits, _token_nll(logits, target), (target != IGNORE).float())
+
+
+def batch_losses(model: Any, batch: dict[str, torch.Tensor], keep_logits: bool) -> torch.Tensor:
+    """One loss per example of a collated batch: :meth:`BatchLoss.per_example` of :func:`forward_losses`."""
+    return forward_losses(model, batch, keep_logits).per_example()
 
 
 def _keeps_logits(model: Any) -> bool:
@@ -446,9 +474,9 @@ def evaluate(
     device = model_device(model)
     for i in range(0, len(examples), batch_size):
         batch = collate_on(examples[i : i + batch_size], pad, device)
-        logits, target = answer_logits(model, batch, keep_logits)
-        nll += _token_nll(logits, target).sum().item()
-        tokens += (target != IGNORE).sum().item()
+        summed, counted = forward_losses(model, batch, keep_logits).total()
+        nll += summed
+        tokens += counted
     correct = 0
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
@@ -498,9 +526,9 @@ def evaluate_classification(
     device = model_device(model)
     for i in range(0, len(examples), batch_size):
         batch = collate_on(examples[i : i + batch_size], pad_id, device)
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        losses.extend(sample_losses(logits, batch["labels"]).tolist())  # batch_losses, keeping the logits
-        preds.extend(logits.argmax(-1).tolist())
+        out = forward_losses(model, batch, keep_logits=False)  # a classifier projects no vocabulary
+        losses.extend(out.per_example().tolist())
+        preds.extend(out.logits.argmax(-1).tolist())
         truth.extend(batch["labels"].tolist())
     loss = float(np.mean(losses)) if losses else float("nan")
     return {

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Callable
@@ -14,14 +15,14 @@ from fedslm.server.preflight import load_run, preflight
 
 from fedslm.config import load_config
 from fedslm.errors import FedslmError, Interrupted, UsageError
-from fedslm.logs import get_logger, setup_logging
+from fedslm.logs import VERBOSE_ENV, get_logger, setup_logging
 
 Handler = Callable[[argparse.Namespace], int]
 log = get_logger(__name__)
 
 
 def _simulate(args: argparse.Namespace) -> int:
-    from .run import check_new_run_dir, default_out_dir, read_run_name, results_table, simulate
+    from .run import check_new_run_dir, default_out_dir, plan_block, read_run_name, results_table, simulate
 
     # every check below fails before anything heavy starts
     if args.resume:  # the run's own config; --set is not allowed to change a run halfway
@@ -41,8 +42,7 @@ def _simulate(args: argparse.Namespace) -> int:
         check_new_run_dir(out, cfg, args.force, args.config)
         checked = preflight(cfg, args.config)
     cfg = checked.cfg
-    for line in checked.summary():
-        log.info("%s", line)
+    print(plan_block(checked, out.resolve()), flush=True)
     rows = simulate(cfg, out, progress=not args.no_progress, resume=bool(args.resume), force=args.force)
     print()
     print(results_table(rows))
@@ -319,6 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedslm", description=__doc__)
     parser.add_argument("--log-level", default=None, help="DEBUG, INFO (default), WARNING")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    verbose_help = "the libraries' lines too: Flower's INFO, deprecation warnings, loading bars (run.log has them)"
+    parser.add_argument("--verbose", action="store_true", help=verbose_help)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("simulate", help="run a simulated federation from a YAML config")
@@ -328,10 +330,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from its last complete round")
     p.add_argument("--force", action="store_true", help="empty a non-empty --out first (its entries are named)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS, help=verbose_help)
     p.add_argument(
         "--ray-address", metavar="HOST:PORT", help="attach to a running Ray cluster (sets federation.ray_address)"
     )
-    p.set_defaults(func=_simulate)
+    p.set_defaults(func=_simulate, quiet=True)  # the plan, the progress bar and the table; warnings
 
     p = sub.add_parser("audit", help="score a finished run's canaries: exposure, ROC, empirical epsilon bound")
     p.add_argument("run_dir")
@@ -459,7 +462,10 @@ def _add_deploy_parsers(sub: argparse._SubParsersAction) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Run one subcommand; a :class:`FedslmError` is one line on stderr and exit 2 (1: a failed run)."""
     args = build_parser().parse_args(argv)
-    setup_logging(args.log_level)
+    if args.verbose:
+        os.environ[VERBOSE_ENV] = "1"  # the simulation's Ray workers inherit it
+    quiet = getattr(args, "quiet", False) and not args.verbose
+    setup_logging(args.log_level or os.environ.get("FEDSLM_LOG") or ("WARNING" if quiet else "INFO"))
     try:
         return int(args.func(args))
     except FedslmError as e:

@@ -17,9 +17,11 @@ from typing import TYPE_CHECKING, Any
 from fedslm.config import RunConfig
 from fedslm.errors import FedslmError, Interrupted, RunFailedError
 from fedslm.fs import atomic_write, check_out_dir, clear_dir
-from fedslm.logs import get_logger
+from fedslm.logs import get_logger, run_log
 
 if TYPE_CHECKING:
+    from fedslm.server.checkpoint import Checkpoint
+    from fedslm.server.preflight import Preflight
     from flwr.app import ConfigRecordValues
 
 log = get_logger(__name__)
@@ -105,18 +107,9 @@ def simulate(
     needs a new or empty ``out_dir`` (:func:`check_new_run_dir`); ``force`` empties one first.
     """
     quiet_environment()
-    from fedslm.client.app import app as client_app
-    from fedslm.server.app import make_server_app
-    from flwr.simulation import run_simulation
-
-    secure = cfg.security.secure
-    if secure:  # Flower's SecAgg+ runs in its legacy API: its own server and client apps
-        from fedslm.client.secagg import app as client_app
-        from fedslm.server.secagg import make_server_app as make_secure_server_app
-
     out_dir = Path(out_dir).resolve()
     ck = None
-    if resume and secure:
+    if resume and cfg.security.secure:
         raise SimulationError("security.secure_aggregation runs keep no checkpoints, so they cannot be resumed")
     if resume:
         from fedslm.server.checkpoint import CheckpointError, latest
@@ -134,6 +127,31 @@ def simulate(
             log.warning("--force: replacing %d entries of %s: %s", len(replaced), out_dir, ", ".join(replaced))
             clear_dir(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    with run_log(out_dir / "run.log"):  # every line of this process and of its Ray workers, at DEBUG
+        result = _federate(cfg, out_dir, run_name, backend, progress, ck)
+    fed = cfg.federation
+    if not (out_dir / "summary.json").is_file():
+        raise SimulationError(
+            f"the federation stopped after {max(len(result) - 1, 0)} of {fed.num_rounds} rounds;"
+            f" see {out_dir / 'run.log'} for the server's error; `fedslm simulate --resume {out_dir}` continues it"
+        )
+    check_trained(result, out_dir)
+    return result
+
+
+def _federate(
+    cfg: RunConfig, out_dir: Path, run_name: str | None, backend: str, progress: bool, ck: Checkpoint | None
+) -> list[dict[str, Any]]:
+    """Flower's simulation engine on the run directory; the rows of every round (``ck``'s first)."""
+    from fedslm.client.app import app as client_app
+    from fedslm.server.app import make_server_app
+    from flwr.simulation import run_simulation
+
+    secure = cfg.security.secure
+    if secure:  # Flower's SecAgg+ runs in its legacy API: its own server and client apps
+        from fedslm.client.secagg import app as client_app
+        from fedslm.server.secagg import make_server_app as make_secure_server_app
+
     fed = cfg.federation
     rows: queue.Queue[dict[str, Any]] = queue.Queue()
     bar = _progress(fed.num_rounds + 1, progress, initial=0 if ck is None else ck.round + 1)
@@ -170,16 +188,9 @@ def simulate(
     finally:
         if bar is not None:
             bar.close()
-    result = ([] if ck is None else list(ck.state["rows"])) + list(rows.queue)
     if errors:
         raise SimulationError(f"progress callback failed: {errors[0]}") from errors[0]
-    if not (out_dir / "summary.json").is_file():
-        raise SimulationError(
-            f"the federation stopped after {max(len(result) - 1, 0)} of {fed.num_rounds} rounds;"
-            f" see the log above for the server's error; `fedslm simulate --resume {out_dir}` continues it"
-        )
-    check_trained(result, out_dir)
-    return result
+    return ([] if ck is None else list(ck.state["rows"])) + list(rows.queue)
 
 
 @contextlib.contextmanager
@@ -309,22 +320,63 @@ def _guard(fn: Any, errors: list[BaseException]) -> Any:
 
 
 def _progress(total: int, enabled: bool, initial: int = 0) -> Any:
+    """The one progress display: rounds done (round 0 is the initial evaluation), time left, and the
+    last round's loss, accuracy and epsilon."""
     if not enabled:
         return None
     from tqdm import tqdm
 
-    return tqdm(total=total, initial=initial, desc="rounds (incl. round 0 eval)", unit="round")
+    fmt = "{desc} {bar:20} {n_fmt}/{total_fmt} [{elapsed}, {remaining} left]{postfix}"
+    return tqdm(total=total, initial=initial, desc=f"rounds 0-{total - 1}", unit="round", bar_format=fmt)
 
 
 def _postfix(row: dict[str, Any]) -> str:
-    parts = [f"r{row['round']}"]
-    if row.get("eval_accuracy") is not None:
-        parts.append(f"acc={row['eval_accuracy']:.3f}")
+    parts = [f"round {row['round']}:"]
     if row.get("eval_loss") is not None:
-        parts.append(f"loss={row['eval_loss']:.3f}")
+        parts.append(f"loss {row['eval_loss']:.3f}")
+    if row.get("eval_accuracy") is not None:
+        parts.append(f"accuracy {row['eval_accuracy']:.3f}")
     if row.get("epsilon_max") is not None:
-        parts.append(f"eps={row['epsilon_max']:.2f}")
+        parts.append(f"epsilon {row['epsilon_max']:.2f}")
     return " ".join(parts)
+
+
+def plan_block(checked: Preflight, out_dir: Path) -> str:
+    """The plan at start, in one block: model, device and compute dtype, clients, rounds and strategy,
+    privacy (the budget and noise), and where the run directory and its ``run.log`` are."""
+    from fedslm.hardware import describe
+    from fedslm.model import resolve_hardware  # torch
+
+    cfg, info = checked.cfg, checked.model
+    hw = resolve_hardware(cfg.model)
+    fed, lora = cfg.federation, cfg.lora
+    model = f"{info.name} ({info.model_type})" if info is not None else cfg.model.name
+    targets = ", ".join(checked.lora_targets) or "-"
+    records = ", ".join(str(n) for n in checked.client_records) or "-"
+    rows = [
+        ("model", f"{model}, quantization {cfg.model.quantization}, LoRA r={lora.r} on {targets}"),
+        ("device", describe(hw.device, hw.compute_dtype)),
+        ("clients", f"{fed.num_clients} (training records {records}; {checked.test_records} held out for evaluation)"),
+        ("rounds", f"{fed.num_rounds}, strategy {cfg.strategy.name}, at least {fed.min_train_clients} clients a round"),
+        ("privacy", _privacy_line(checked)),
+        ("run dir", f"{out_dir} (every log line: run.log)"),
+    ]
+    return "\n".join(f"{key:<8} {value}" for key, value in rows)
+
+
+def _privacy_line(checked: Preflight) -> str:
+    from fedslm.plan import plan_line
+
+    p = checked.cfg.privacy
+    parts = []
+    if p.local and checked.privacy_plans:
+        parts.append(f"local DP, {plan_line(list(checked.privacy_plans), p)}")
+    if p.central:
+        parts.append(
+            f"central DP, noise multiplier {p.central_noise_multiplier:g}, clipping norm"
+            f" {p.central_clipping_norm:g}, delta {p.central_delta:g}"
+        )
+    return "; ".join(parts) or "none (no differential privacy)"
 
 
 def results_table(rows: list[dict[str, Any]]) -> str:
@@ -347,7 +399,3 @@ def results_table(rows: list[dict[str, Any]]) -> str:
     lines = ["  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)) for row in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
-
-
-def load_rows(run_dir: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]

@@ -348,3 +348,25 @@ def test_ffa_lora_under_dp_trains_b_only_and_lowers_loss(fresh) -> None:
     assert all(not torch.equal(after[k], fresh.initial[k]) and torch.isfinite(after[k]).all() for k in b_keys)
     assert sum(result.losses[-5:]) / 5 < sum(result.losses[:5]) / 5 - 0.1, result.losses
     assert all(p.requires_grad for n, p in fresh.model.named_parameters() if "lora_A" in n)  # restored on exit
+
+
+def _hooks(model) -> dict[str, tuple[tuple[int, ...], ...]]:
+    """Every submodule's hook ids: forward, forward-pre, backward and backward-pre."""
+    kinds = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+    return {name: tuple(tuple(getattr(m, k)) for k in kinds) for name, m in model.named_modules()}
+
+
+def test_dp_training_leaves_no_opacus_hooks_on_the_resident_model(fresh) -> None:
+    """The resident model is reused by the next call (plain, or another client's DP): Opacus'
+    per-sample hooks and gradients are gone after train_local, its own hooks (the frozen head's) kept."""
+    tok = fresh.base.tokenizer
+    before = _hooks(fresh.model)
+    hooked = lambda: sum(any(h) for h in _hooks(fresh.model).values())  # noqa: E731
+    during: list[int] = []
+    cfg = LocalTraining(steps=2, batch_size=8, learning_rate=0.01, dp=DPSettings(1.0, 1.0, 8 / 32))
+    train_local(fresh.model, _examples(tok, 32), tok.pad_token_id, cfg, on_step=lambda _: during.append(hooked()))
+    # while training, Opacus hooked every LoRA A and B of the 2 layers x (q, v) (plus the head's own hook)
+    assert min(during) - sum(any(h) for h in before.values()) >= 8
+    assert _hooks(fresh.model) == before
+    assert all(getattr(p, "grad_sample", None) is None for p in fresh.model.parameters())
+    assert all(p.requires_grad for n, p in fresh.model.named_parameters() if "lora_" in n)
