@@ -255,7 +255,7 @@ def test_simulate_force_replaces_the_folder_and_says_what(tmp_path: Path) -> Non
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
     forced = [line for line in r.stderr.splitlines() if "--force: replacing" in line]
     assert len(forced) == 1 and forced[0].endswith(f"--force: replacing 2 entries of {victim}: adapters, metrics.jsonl")
-    assert sorted(p.name for p in victim.iterdir()) == ["run.json"]  # the old metrics are gone, not appended to
+    assert sorted(p.name for p in victim.iterdir()) == ["run.json", "run.log"]  # the old metrics are gone; the run logs
     assert r.stderr.strip().splitlines()[-1].startswith("fedslm: error: federation.ray_address: nothing answers")
 
 
