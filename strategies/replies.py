@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message, MetricRecord
 
-Tensors = dict[str, np.ndarray]
+from .aggregation import Tensors
 
 
 def unpack(strategy: Any, replies: Iterable[Message]) -> tuple[list[Message], list[Tensors], list[float]]:
