@@ -25,6 +25,7 @@ from fedslm.logs import get_logger
 from fedslm.protocol import (
     ARRAYS,
     CLIENT_ID,
+    CONFIG,
     DECLINE,
     EPSILON_CENTRAL,
     METRICS,
@@ -156,7 +157,7 @@ class Federation(Recorded):
         nodes = list(grid.get_node_ids())
         messages = [
             Message(
-                content=RecordDict({"config": ConfigRecord({"ask": CLIENT_ID})}),
+                content=RecordDict(),  # the query handler needs no content
                 message_type=MessageType.QUERY,
                 dst_node_id=n,
             )
@@ -292,13 +293,13 @@ class Federation(Recorded):
         dtype = self.cfg.communication.dtype
         encoded: dict[int, ArrayRecord] = {}
         for msg in messages:
-            if "arrays" in msg.content:
+            if ARRAYS in msg.content:
                 record = arrays_of(msg.content)
                 if any(record is e for e in encoded.values()):
                     continue  # messages of one round may share their content
                 if id(record) not in encoded:
                     encoded[id(record)] = wire.encode(from_arrayrecord(record), dtype)
-                msg.content["arrays"] = encoded[id(record)]
+                msg.content[ARRAYS] = encoded[id(record)]
 
     def _screen(self, rnd: int, replies: RoundReplies, arrays: ArrayRecord) -> None:
         """Decode and check every update; a bad one is rejected (logged, counted), the round goes on.
@@ -317,7 +318,7 @@ class Federation(Recorded):
                 replies.rejected.append((node, str(e)))
                 replies.invalid.append(msg)
                 continue
-            msg.content["arrays"] = to_arrayrecord(update)
+            msg.content[ARRAYS] = to_arrayrecord(update)
             ok.append(msg)
         replies.ok = ok
 
@@ -328,7 +329,7 @@ class Federation(Recorded):
         on_wire = wire.encode(from_arrayrecord(arrays), self.cfg.communication.dtype)
         messages = [
             Message(
-                content=RecordDict({"arrays": on_wire, "config": config}),
+                content=RecordDict({ARRAYS: on_wire, CONFIG: config}),
                 message_type=MessageType.EVALUATE,
                 dst_node_id=node,
             )
