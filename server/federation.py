@@ -21,6 +21,7 @@ from flwr.serverapp import Grid
 from fedslm import wire
 from fedslm.adapters import arrays_to_numpy, from_arrayrecord, numpy_to_arrays, to_arrayrecord
 from fedslm.config import RunConfig
+from fedslm.grid import GridView
 from fedslm.logs import get_logger
 from fedslm.protocol import (
     ARRAYS,
@@ -42,7 +43,7 @@ from . import checkpoint
 from .checkpoint import Checkpoint
 from .evaluation import CentralEvaluator
 from .guard import LR_BACKOFF, all_finite, divergence_reason
-from .recording import Recorded, Recorder, RoundCallback, RoundRecord, content_nbytes, failure_line
+from .recording import Recorded, Recorder, RoundCallback, RoundRecord, failure_line
 from .validation import UpdateRejected, check_update
 
 log = get_logger(__name__)
@@ -89,27 +90,6 @@ def sort_replies(replies: list[Message]) -> RoundReplies:
     return out
 
 
-class AvailableGrid:
-    """A view of a Grid: nodes in the order of their client ids (Flower's node ids are random per
-    run, client ids are not: sampling is then the same in every run with the same seed, and after a
-    resume), without the clients that said their privacy budget is spent."""
-
-    def __init__(self, grid: Grid, client_of: dict[int, int], exclude: set[int]) -> None:
-        self._grid = grid
-        self._client_of = client_of
-        self._exclude = exclude
-
-    def all_node_ids(self) -> list[int]:
-        nodes = list(self._grid.get_node_ids())
-        return sorted(nodes, key=lambda n: (n not in self._client_of, self._client_of.get(n, 0), n))
-
-    def get_node_ids(self) -> list[int]:
-        return [n for n in self.all_node_ids() if self._client_of.get(n, -1 - n) not in self._exclude]
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._grid, name)
-
-
 def client_id(msg: Message, client_of: dict[int, int]) -> int:
     """The client id a reply speaks for (its ``client-id`` metric, else the node's known id)."""
     node = msg.metadata.src_node_id
@@ -152,7 +132,7 @@ class Federation(Recorded):
         )
         return m
 
-    def _identify(self, grid: Grid) -> None:
+    def _identify(self, grid: GridView) -> None:
         """Ask every node once for its client id (a tiny QUERY message, no model involved)."""
         nodes = list(grid.get_node_ids())
         messages = [
@@ -195,7 +175,8 @@ class Federation(Recorded):
         }
         checkpoint.save(self.out, rnd, arrays_to_numpy(arrays), self.strategy.state_dict(), state)
 
-    def run(self, grid: Grid, resume: Checkpoint | None = None) -> list[dict[str, Any]]:
+    def run(self, plain: Grid, resume: Checkpoint | None = None) -> list[dict[str, Any]]:
+        grid = GridView.of(plain)  # counts the bytes that travel (a ServerApp's view also stops on Ctrl-C)
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "config.yaml").write_text(self.cfg.to_yaml())
         fed = self.cfg.federation
@@ -206,7 +187,7 @@ class Federation(Recorded):
             arrays = self.evaluator.initial_arrays()
             ev0 = self._evaluate(0, arrays)
             self.best = (float(ev0["eval_loss"]), 0)  # the base adapter: a later round must beat it
-            self._record(0, arrays, ev0, {}, RoundReplies(), 0, 0, t_start, skipped=False)
+            self._record(0, arrays, ev0, {}, RoundReplies(), grid.take(), t_start, skipped=False)
             self._checkpoint(0, arrays)
             first = 1
         else:
@@ -214,14 +195,13 @@ class Federation(Recorded):
         for rnd in range(first, fed.num_rounds + 1):
             log.info("---- round %d/%d ----", rnd, fed.num_rounds)
             t0 = time.perf_counter()
-            available = AvailableGrid(grid, self.client_of, self.exhausted)
+            available = grid.available(self.client_of, self.exhausted)
             if not available.get_node_ids():
                 log.warning("every client has spent its privacy budget: stopping before round %d", rnd)
                 break
             # a Grid view: its own node list, everything else delegated to the grid
             messages = list(self.strategy.configure_train(rnd, arrays, self._train_config(), cast(Grid, available)))
             self._to_wire(messages)
-            down = sum(content_nbytes(m.content) for m in messages)
             received = list(grid.send_and_receive(messages, timeout=fed.round_timeout_s))
             # arrival order varies; aggregate in client order so that a run is reproducible bit for bit
             replies = sort_replies(sorted(received, key=lambda m: client_id(m, self.client_of)))
@@ -234,7 +214,6 @@ class Federation(Recorded):
                     len(messages),
                     fed.round_timeout_s,
                 )
-            up = sum(content_nbytes(m.content) for m in replies.ok + replies.declined + replies.invalid)
             self._screen(rnd, replies, arrays)
             for node, reason in replies.failed:
                 log.warning("round %d: node %s failed: %s", rnd, node, reason)
@@ -258,7 +237,7 @@ class Federation(Recorded):
                     arrays = self._merge(arrays, new_arrays)
                 train_metrics = dict(agg or {})
             # the last round run: the configured count, or every client has spent its budget
-            last = rnd == fed.num_rounds or not AvailableGrid(grid, self.client_of, self.exhausted).get_node_ids()
+            last = rnd == fed.num_rounds or not grid.available(self.client_of, self.exhausted).get_node_ids()
             finite = all_finite(arrays)
             ev: dict[str, Any] = {}
             if finite and (rnd % self.cfg.eval.every == 0 or last):
@@ -279,11 +258,9 @@ class Federation(Recorded):
             elif ev and (self.best is None or ev["eval_loss"] < self.best[0]):
                 self.best = (float(ev["eval_loss"]), rnd)
             if ev and self.cfg.eval.per_client:
-                per_client, sent = self._evaluate_on_clients(rnd, arrays, grid)
-                ev["per_client"] = per_client
-                down += sent
+                ev["per_client"] = self._evaluate_on_clients(rnd, arrays, grid)
             train_metrics["diverged"] = diverged or None
-            self._record(rnd, arrays, ev, train_metrics, replies, up, down, t0, skipped)
+            self._record(rnd, arrays, ev, train_metrics, replies, grid.take(), t0, skipped)
             self._checkpoint(rnd, arrays)
         log.info("Federation finished in %.1f s", time.perf_counter() - t_start)
         return self.rows
@@ -322,7 +299,7 @@ class Federation(Recorded):
             ok.append(msg)
         replies.ok = ok
 
-    def _evaluate_on_clients(self, rnd: int, arrays: ArrayRecord, grid: Grid) -> tuple[dict[str, Any], int]:
+    def _evaluate_on_clients(self, rnd: int, arrays: ArrayRecord, grid: GridView) -> dict[str, Any]:
         """Every client evaluates the global adapter on its own validation split (never leaves it)."""
         # what the strategy asks of the clients holds for evaluation too (FedSA-LoRA: with its own B)
         config = self._train_config(rnd, LoRAPlan.from_record(self.strategy.client_config(rnd)))
@@ -333,9 +310,8 @@ class Federation(Recorded):
                 message_type=MessageType.EVALUATE,
                 dst_node_id=node,
             )
-            for node in AvailableGrid(grid, self.client_of, set()).all_node_ids()
+            for node in grid.available(self.client_of).all_node_ids()
         ]
-        sent = sum(content_nbytes(m.content) for m in messages)
         out: dict[str, Any] = {}
         for msg in grid.send_and_receive(messages, timeout=self.cfg.federation.round_timeout_s):
             if msg.has_error():
@@ -347,7 +323,7 @@ class Federation(Recorded):
             }
         accs = ", ".join(f"client {k}: {v.get('eval_accuracy', float('nan')):.3f}" for k, v in sorted(out.items()))
         log.info("round %d per-client accuracy on own validation data: %s", rnd, accs)
-        return out, sent
+        return out
 
     @staticmethod
     def _merge(old: ArrayRecord, new: ArrayRecord) -> ArrayRecord:
@@ -373,8 +349,7 @@ class Federation(Recorded):
         ev: dict[str, float],
         train: dict[str, Any],
         replies: RoundReplies,
-        up: int,
-        down: int,
+        traffic: tuple[int, int],
         t0: float,
         skipped: bool,
     ) -> None:
@@ -385,8 +360,8 @@ class Federation(Recorded):
             train_loss=train.get(TRAIN_LOSS),
             epsilon_central=train.get(EPSILON_CENTRAL),
             reports=[report_of(m) for m in replies.ok],
-            bytes_up=up,
-            bytes_down=down,
+            bytes_up=traffic[0],
+            bytes_down=traffic[1],
             clients=len(replies.ok),
             failed=len(replies.failed),
             errors=[failure_line(reason) for _, reason in replies.failed],
