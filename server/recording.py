@@ -19,7 +19,10 @@ from typing import Any
 from flwr.app import ArrayRecord
 
 from fedslm.fs import atomic_write
+from fedslm.logs import get_logger
 from fedslm.protocol import PrivacyReport, TrainReport
+
+log = get_logger(__name__)
 
 RoundCallback = Callable[[dict[str, Any]], None]
 
@@ -28,6 +31,23 @@ CLASSIFICATION_KEYS = ("eval_precision", "eval_recall", "eval_f1")
 
 # ------------------------------------------------------------------------------------------------
 # one round
+
+
+def evaluate_centrally(
+    evaluate: Callable[[ArrayRecord], dict[str, Any]], rnd: int, arrays: ArrayRecord
+) -> dict[str, Any]:
+    """``evaluate(arrays)`` (the central evaluator on the held-out split), logged in one line."""
+    t0 = time.perf_counter()
+    m = evaluate(arrays)
+    log.info(
+        "round %d central eval: loss %.4f, perplexity %.2f, accuracy %.3f (%.1f s)",
+        rnd,
+        m["eval_loss"],
+        m["perplexity"],
+        m["eval_accuracy"],
+        time.perf_counter() - t0,
+    )
+    return m
 
 
 def failure_line(reason: object) -> str:
@@ -172,5 +192,6 @@ __all__ = [
     "Recorder",
     "RoundCallback",
     "RoundRecord",
+    "evaluate_centrally",
     "failure_line",
 ]

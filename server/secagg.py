@@ -39,7 +39,7 @@ from fedslm.logs import get_logger
 from fedslm.protocol import LoRAPlan, TrainInstructions, TrainReport
 
 from .evaluation import CentralEvaluator
-from .recording import Recorded, Recorder, RoundCallback, RoundRecord, failure_line
+from .recording import Recorded, Recorder, RoundCallback, RoundRecord, evaluate_centrally, failure_line
 from .report import write_results
 
 log = get_logger(__name__)
@@ -146,15 +146,7 @@ class SecAggFedAvg(Recorded, FedAvg):
         last = server_round == self.cfg.federation.num_rounds
         ev: dict[str, float] = {}
         if server_round == 0 or server_round % self.cfg.eval.every == 0 or last:
-            t0 = time.perf_counter()
-            ev = self.evaluator(arrays)
-            log.info(
-                "round %d central eval: loss %.4f, accuracy %.3f (%.1f s)",
-                server_round,
-                ev["eval_loss"],
-                ev["eval_accuracy"],
-                time.perf_counter() - t0,
-            )
+            ev = evaluate_centrally(self.evaluator, server_round, arrays)
         self._record(server_round, arrays, ev)
         if not ev:
             return None

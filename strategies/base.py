@@ -50,7 +50,7 @@ class LoRAStrategyMixin:
         """Strategy-specific keys added to each train message's config."""
         return {}
 
-    def sample(self, grid: Grid) -> list[int]:
+    def sample(self, grid: Grid | GridView) -> list[int]:
         # the federation's grid view lists nodes in client-id order and hides clients whose privacy
         # budget is spent; the round's size stays a fraction of ALL nodes (what DP was calibrated for)
         view = GridView.of(grid)  # a plain grid: its nodes in node-id order
