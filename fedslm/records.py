@@ -12,6 +12,8 @@ from typing import TypeVar
 
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, MetricRecordValues, RecordDict
 
+from .protocol import ARRAYS, METRICS
+
 R = TypeVar("R", ArrayRecord, MetricRecord, ConfigRecord)
 
 
@@ -22,12 +24,12 @@ def _record(content: RecordDict, key: str, kind: type[R]) -> R:
     return record
 
 
-def arrays_of(content: RecordDict, key: str = "arrays") -> ArrayRecord:
+def arrays_of(content: RecordDict, key: str = ARRAYS) -> ArrayRecord:
     """The ``ArrayRecord`` under ``key`` (``KeyError`` if absent, ``TypeError`` if of another kind)."""
     return _record(content, key, ArrayRecord)
 
 
-def metrics_of(content: RecordDict, key: str = "metrics") -> MetricRecord:
+def metrics_of(content: RecordDict, key: str = METRICS) -> MetricRecord:
     """The ``MetricRecord`` under ``key`` (``KeyError`` if absent, ``TypeError`` if of another kind)."""
     return _record(content, key, MetricRecord)
 

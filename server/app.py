@@ -10,15 +10,14 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, cast
+from typing import cast
 
-from flwr.app import Context, Message
+from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedslm.config import ConfigError, RunConfig
-from fedslm.errors import Interrupted
+from fedslm.grid import GridView
 from fedslm.logs import get_logger
 
 from . import audit
@@ -55,41 +54,6 @@ def run_federation(
         audit.score(out_dir)
 
 
-class StoppableGrid:
-    """A Grid whose waits end when ``stop`` is set (Ctrl-C on ``fedslm simulate``).
-
-    Flower's ``send_and_receive`` polls for replies until ``federation.round_timeout_s``; after an
-    interrupt no reply will come, and the ServerApp thread (not a daemon) would keep the process
-    alive that long. Here the same polling loop raises :class:`Interrupted` as soon as ``stop`` is
-    set, so the thread ends, and with it the federation, before the next round's work.
-    """
-
-    def __init__(self, grid: Grid, stop: threading.Event, poll_s: float = 0.1) -> None:
-        self._grid = grid
-        self._stop = stop
-        self._poll_s = poll_s
-
-    def _check(self) -> None:
-        if self._stop.is_set():
-            raise Interrupted("the federation was stopped (Ctrl-C)")
-
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
-        self._check()
-        waiting = set(self._grid.push_messages(messages))
-        end = None if timeout is None else time.monotonic() + timeout
-        replies: list[Message] = []
-        while waiting and (end is None or time.monotonic() < end):
-            got = list(self._grid.pull_messages(list(waiting)))
-            replies.extend(got)
-            waiting.difference_update(m.metadata.reply_to_message_id for m in got)
-            if waiting and self._stop.wait(self._poll_s):
-                self._check()
-        return replies
-
-    def __getattr__(self, name: str) -> Any:  # node ids, run, push/pull: the grid's own
-        return getattr(self._grid, name)
-
-
 def make_server_app(
     cfg: RunConfig,
     out_dir: Path,
@@ -99,12 +63,12 @@ def make_server_app(
     stop: threading.Event | None = None,
 ) -> ServerApp:
     """A ServerApp bound to an already validated config (the simulation engine passes no run config);
-    setting ``stop`` ends it at its next wait for replies (:class:`StoppableGrid`)."""
+    setting ``stop`` ends it at its next wait for replies (:class:`fedslm.grid.GridView`)."""
     server = ServerApp()
 
     @server.main()
     def _main(grid: Grid, context: Context) -> None:
-        view = grid if stop is None else cast(Grid, StoppableGrid(grid, stop))
+        view = grid if stop is None else cast(Grid, GridView(grid, stop=stop))
         run_federation(view, cfg, out_dir, run_name, on_round, resume)
 
     return server

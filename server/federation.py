@@ -21,10 +21,12 @@ from flwr.serverapp import Grid
 from fedslm import wire
 from fedslm.adapters import arrays_to_numpy, from_arrayrecord, numpy_to_arrays, to_arrayrecord
 from fedslm.config import RunConfig
+from fedslm.grid import GridView
 from fedslm.logs import get_logger
 from fedslm.protocol import (
     ARRAYS,
     CLIENT_ID,
+    CONFIG,
     DECLINE,
     EPSILON_CENTRAL,
     METRICS,
@@ -41,7 +43,7 @@ from . import checkpoint
 from .checkpoint import Checkpoint
 from .evaluation import CentralEvaluator
 from .guard import LR_BACKOFF, all_finite, divergence_reason
-from .recording import Recorded, Recorder, RoundCallback, RoundRecord, content_nbytes, failure_line
+from .recording import Recorded, Recorder, RoundCallback, RoundRecord, evaluate_centrally, failure_line
 from .validation import UpdateRejected, check_update
 
 log = get_logger(__name__)
@@ -88,27 +90,6 @@ def sort_replies(replies: list[Message]) -> RoundReplies:
     return out
 
 
-class AvailableGrid:
-    """A view of a Grid: nodes in the order of their client ids (Flower's node ids are random per
-    run, client ids are not: sampling is then the same in every run with the same seed, and after a
-    resume), without the clients that said their privacy budget is spent."""
-
-    def __init__(self, grid: Grid, client_of: dict[int, int], exclude: set[int]) -> None:
-        self._grid = grid
-        self._client_of = client_of
-        self._exclude = exclude
-
-    def all_node_ids(self) -> list[int]:
-        nodes = list(self._grid.get_node_ids())
-        return sorted(nodes, key=lambda n: (n not in self._client_of, self._client_of.get(n, 0), n))
-
-    def get_node_ids(self) -> list[int]:
-        return [n for n in self.all_node_ids() if self._client_of.get(n, -1 - n) not in self._exclude]
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._grid, name)
-
-
 def client_id(msg: Message, client_of: dict[int, int]) -> int:
     """The client id a reply speaks for (its ``client-id`` metric, else the node's known id)."""
     node = msg.metadata.src_node_id
@@ -119,6 +100,8 @@ def client_id(msg: Message, client_of: dict[int, int]) -> int:
 
 class Federation(Recorded):
     """Runs ``cfg.federation.num_rounds`` rounds of the configured strategy and writes ``out_dir``."""
+
+    grid: GridView  # the grid of the run (set by :meth:`run`)
 
     def __init__(self, cfg: RunConfig, out_dir: Path, run_name: str, on_round: RoundCallback | None = None) -> None:
         self.cfg = cfg
@@ -139,30 +122,20 @@ class Federation(Recorded):
         return ConfigRecord(instructions.to_record())
 
     def _evaluate(self, rnd: int, arrays: ArrayRecord) -> dict[str, Any]:
-        t0 = time.perf_counter()
-        m = self.evaluator(arrays)
-        log.info(
-            "round %d central eval: loss %.4f, perplexity %.2f, accuracy %.3f (%.1f s)",
-            rnd,
-            m["eval_loss"],
-            m["perplexity"],
-            m["eval_accuracy"],
-            time.perf_counter() - t0,
-        )
-        return m
+        return evaluate_centrally(self.evaluator, rnd, arrays)
 
-    def _identify(self, grid: Grid) -> None:
+    def _identify(self) -> None:
         """Ask every node once for its client id (a tiny QUERY message, no model involved)."""
-        nodes = list(grid.get_node_ids())
+        nodes = self.grid.all_node_ids()
         messages = [
             Message(
-                content=RecordDict({"config": ConfigRecord({"ask": CLIENT_ID})}),
+                content=RecordDict(),  # the query handler needs no content
                 message_type=MessageType.QUERY,
                 dst_node_id=n,
             )
             for n in nodes
         ]
-        for msg in grid.send_and_receive(messages, timeout=min(self.cfg.federation.round_timeout_s, 600.0)):
+        for msg in self.grid.send_and_receive(messages, timeout=min(self.cfg.federation.round_timeout_s, 600.0)):
             if not msg.has_error() and METRICS in msg.content and CLIENT_ID in msg.content[METRICS]:
                 self.client_of[msg.metadata.src_node_id] = as_int(msg.content[METRICS][CLIENT_ID], CLIENT_ID)
         unknown = len(nodes) - len(self.client_of)
@@ -194,115 +167,133 @@ class Federation(Recorded):
         }
         checkpoint.save(self.out, rnd, arrays_to_numpy(arrays), self.strategy.state_dict(), state)
 
+    # -- the run: round 0, then one round at a time (as Flower's ``Strategy.start``) ----------------
     def run(self, grid: Grid, resume: Checkpoint | None = None) -> list[dict[str, Any]]:
+        self.grid = GridView.of(grid)  # counts the bytes that travel (a ServerApp's view also stops on Ctrl-C)
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "config.yaml").write_text(self.cfg.to_yaml())
-        fed = self.cfg.federation
         self.strategy.summary()
-        self._identify(grid)
+        self._identify()
         t_start = time.perf_counter()
-        if resume is None:
-            arrays = self.evaluator.initial_arrays()
-            ev0 = self._evaluate(0, arrays)
-            self.best = (float(ev0["eval_loss"]), 0)  # the base adapter: a later round must beat it
-            self._record(0, arrays, ev0, {}, RoundReplies(), 0, 0, t_start, skipped=False)
-            self._checkpoint(0, arrays)
-            first = 1
-        else:
-            arrays, first = self._restore(resume), resume.round + 1
-        for rnd in range(first, fed.num_rounds + 1):
-            log.info("---- round %d/%d ----", rnd, fed.num_rounds)
-            t0 = time.perf_counter()
-            available = AvailableGrid(grid, self.client_of, self.exhausted)
-            if not available.get_node_ids():
+        arrays, first = (self._round_zero(), 1) if resume is None else (self._restore(resume), resume.round + 1)
+        for rnd in range(first, self.cfg.federation.num_rounds + 1):
+            log.info("---- round %d/%d ----", rnd, self.cfg.federation.num_rounds)
+            if not self._available().get_node_ids():
                 log.warning("every client has spent its privacy budget: stopping before round %d", rnd)
                 break
-            # a Grid view: its own node list, everything else delegated to the grid
-            messages = list(self.strategy.configure_train(rnd, arrays, self._train_config(), cast(Grid, available)))
-            self._to_wire(messages)
-            down = sum(content_nbytes(m.content) for m in messages)
-            received = list(grid.send_and_receive(messages, timeout=fed.round_timeout_s))
-            # arrival order varies; aggregate in client order so that a run is reproducible bit for bit
-            replies = sort_replies(sorted(received, key=lambda m: client_id(m, self.client_of)))
-            replies.no_reply = len(messages) - len(received)
-            if replies.no_reply:
-                log.warning(
-                    "round %d: %d of %d nodes sent no reply within federation.round_timeout_s=%s",
-                    rnd,
-                    replies.no_reply,
-                    len(messages),
-                    fed.round_timeout_s,
-                )
-            up = sum(content_nbytes(m.content) for m in replies.ok + replies.declined + replies.invalid)
-            self._screen(rnd, replies, arrays)
-            for node, reason in replies.failed:
-                log.warning("round %d: node %s failed: %s", rnd, node, reason)
-            for msg in replies.declined:
-                reason = str(msg.content[DECLINE][REASON]) if DECLINE in msg.content else "no reason given"
-                log.warning("round %d: node %s declined to train: %s", rnd, msg.metadata.src_node_id, reason)
-            self._note_epsilons(replies.ok + replies.declined)
-            train_metrics: dict[str, Any] = {}
-            skipped = len(replies.ok) < fed.min_train_clients
-            if skipped:
-                log.warning(
-                    "round %d skipped: %d usable replies < federation.min_train_clients=%d; global adapter kept",
-                    rnd,
-                    len(replies.ok),
-                    fed.min_train_clients,
-                )
-            kept = arrays
-            if not skipped:
-                new_arrays, agg = self.strategy.aggregate_train(rnd, replies.ok)
-                if new_arrays is not None:
-                    arrays = self._merge(arrays, new_arrays)
-                train_metrics = dict(agg or {})
-            # the last round run: the configured count, or every client has spent its budget
-            last = rnd == fed.num_rounds or not AvailableGrid(grid, self.client_of, self.exhausted).get_node_ids()
-            finite = all_finite(arrays)
-            ev: dict[str, Any] = {}
-            if finite and (rnd % self.cfg.eval.every == 0 or last):
-                ev = self._evaluate(rnd, arrays)
-            best = self.best[0] if self.best else None
-            diverged = divergence_reason(ev.get("eval_loss"), best, fed.divergence_factor, finite)
-            if diverged:
-                self.lr_scale *= LR_BACKOFF
-                log.warning(
-                    "round %d rejected: %s; the previous global adapter is kept, learning rate x%g from now on",
-                    rnd,
-                    diverged,
-                    self.lr_scale,
-                )
-                arrays = kept
-                evaluate = rnd % self.cfg.eval.every == 0 or last
-                ev = self._evaluate(rnd, arrays) if evaluate else {}  # the row describes the adapter kept
-            elif ev and (self.best is None or ev["eval_loss"] < self.best[0]):
-                self.best = (float(ev["eval_loss"]), rnd)
-            if ev and self.cfg.eval.per_client:
-                per_client, sent = self._evaluate_on_clients(rnd, arrays, grid)
-                ev["per_client"] = per_client
-                down += sent
-            train_metrics["diverged"] = diverged or None
-            self._record(rnd, arrays, ev, train_metrics, replies, up, down, t0, skipped)
-            self._checkpoint(rnd, arrays)
+            arrays = self.run_round(rnd, arrays)
         log.info("Federation finished in %.1f s", time.perf_counter() - t_start)
         return self.rows
+
+    def _round_zero(self) -> ArrayRecord:
+        """The initial adapter, evaluated, recorded and checkpointed: a later round must beat it."""
+        t0 = time.perf_counter()
+        arrays = self.evaluator.initial_arrays()
+        ev = self._evaluate(0, arrays)
+        self.best = (float(ev["eval_loss"]), 0)
+        self._record(0, arrays, ev, {}, RoundReplies(), t0, skipped=False)
+        self._checkpoint(0, arrays)
+        return arrays
+
+    def run_round(self, rnd: int, arrays: ArrayRecord) -> ArrayRecord:
+        """One round: sample and send, screen, aggregate, guard and evaluate, record, checkpoint.
+        Returns the global adapter the next round starts from."""
+        t0 = time.perf_counter()
+        replies = self._send_train(rnd, arrays)
+        self._screen(rnd, replies, arrays)
+        candidate, train, skipped = self._aggregate(rnd, arrays, replies)
+        arrays, ev, diverged = self._guard(rnd, arrays, candidate)
+        if ev and self.cfg.eval.per_client:
+            ev["per_client"] = self._evaluate_on_clients(rnd, arrays)
+        train["diverged"] = diverged or None
+        self._record(rnd, arrays, ev, train, replies, t0, skipped)
+        self._checkpoint(rnd, arrays)
+        return arrays
+
+    # -- the steps of a round ------------------------------------------------------------------------
+    def _available(self) -> GridView:
+        return self.grid.available(self.client_of, self.exhausted)
+
+    def _send_train(self, rnd: int, arrays: ArrayRecord) -> RoundReplies:
+        """The strategy samples from the available clients and writes their train messages; the
+        adapter goes on the wire; the replies come back sorted (ok, failed, declined, rejected)."""
+        fed = self.cfg.federation
+        # a Grid view: its own node list, everything else delegated to the grid
+        messages = list(self.strategy.configure_train(rnd, arrays, self._train_config(), cast(Grid, self._available())))
+        self._to_wire(messages)
+        received = list(self.grid.send_and_receive(messages, timeout=fed.round_timeout_s))
+        # arrival order varies; aggregate in client order so that a run is reproducible bit for bit
+        replies = sort_replies(sorted(received, key=lambda m: client_id(m, self.client_of)))
+        replies.no_reply = len(messages) - len(received)
+        if replies.no_reply:
+            log.warning(
+                "round %d: %d of %d nodes sent no reply within federation.round_timeout_s=%s",
+                rnd,
+                replies.no_reply,
+                len(messages),
+                fed.round_timeout_s,
+            )
+        return replies
+
+    def _aggregate(
+        self, rnd: int, arrays: ArrayRecord, replies: RoundReplies
+    ) -> tuple[ArrayRecord, dict[str, Any], bool]:
+        """(the candidate adapter, the strategy's train metrics, skipped): a round with fewer usable
+        replies than ``federation.min_train_clients`` is skipped and keeps the global adapter."""
+        if len(replies.ok) < self.cfg.federation.min_train_clients:
+            log.warning(
+                "round %d skipped: %d usable replies < federation.min_train_clients=%d; global adapter kept",
+                rnd,
+                len(replies.ok),
+                self.cfg.federation.min_train_clients,
+            )
+            return arrays, {}, True
+        new_arrays, metrics = self.strategy.aggregate_train(rnd, replies.ok)
+        candidate = arrays if new_arrays is None else self._merge(arrays, new_arrays)
+        return candidate, dict(metrics or {}), False
+
+    def _guard(self, rnd: int, kept: ArrayRecord, candidate: ArrayRecord) -> tuple[ArrayRecord, dict[str, Any], str]:
+        """(the adapter kept, its central evaluation if due, why the candidate was rejected or "").
+        The divergence guard rejects a non-finite candidate, or one whose loss blew up; the previous
+        adapter is then kept and the clients' learning rate lowered from now on."""
+        # the last round run: the configured count, or every client has spent its budget
+        last = rnd == self.cfg.federation.num_rounds or not self._available().get_node_ids()
+        due = rnd % self.cfg.eval.every == 0 or last
+        finite = all_finite(candidate)
+        ev = self._evaluate(rnd, candidate) if finite and due else {}
+        best = self.best[0] if self.best else None
+        diverged = divergence_reason(ev.get("eval_loss"), best, self.cfg.federation.divergence_factor, finite)
+        if diverged:
+            self.lr_scale *= LR_BACKOFF
+            log.warning(
+                "round %d rejected: %s; the previous global adapter is kept, learning rate x%g from now on",
+                rnd,
+                diverged,
+                self.lr_scale,
+            )
+            return kept, self._evaluate(rnd, kept) if due else {}, diverged  # the row describes the adapter kept
+        if ev and (self.best is None or ev["eval_loss"] < self.best[0]):
+            self.best = (float(ev["eval_loss"]), rnd)
+        return candidate, ev, diverged
 
     def _to_wire(self, messages: list[Message]) -> None:
         """Adapters travel in ``communication.dtype``: encode each distinct record once."""
         dtype = self.cfg.communication.dtype
         encoded: dict[int, ArrayRecord] = {}
         for msg in messages:
-            if "arrays" in msg.content:
+            if ARRAYS in msg.content:
                 record = arrays_of(msg.content)
                 if any(record is e for e in encoded.values()):
                     continue  # messages of one round may share their content
                 if id(record) not in encoded:
                     encoded[id(record)] = wire.encode(from_arrayrecord(record), dtype)
-                msg.content["arrays"] = encoded[id(record)]
+                msg.content[ARRAYS] = encoded[id(record)]
 
     def _screen(self, rnd: int, replies: RoundReplies, arrays: ArrayRecord) -> None:
         """Decode and check every update; a bad one is rejected (logged, counted), the round goes on.
-        What remains in ``replies.ok`` carries plain float32 arrays for the strategy."""
+        What remains in ``replies.ok`` carries plain float32 arrays for the strategy. Failures and
+        declines are logged, and the clients' privacy reports noted (a spent client is left out from
+        now on)."""
         for node, reason in replies.rejected:
             log.warning("round %d: reply of node %s rejected: %s", rnd, node, reason)
         reference = from_arrayrecord(arrays)
@@ -317,26 +308,31 @@ class Federation(Recorded):
                 replies.rejected.append((node, str(e)))
                 replies.invalid.append(msg)
                 continue
-            msg.content["arrays"] = to_arrayrecord(update)
+            msg.content[ARRAYS] = to_arrayrecord(update)
             ok.append(msg)
         replies.ok = ok
+        for node, error in replies.failed:
+            log.warning("round %d: node %s failed: %s", rnd, node, error)
+        for msg in replies.declined:
+            reason = str(msg.content[DECLINE][REASON]) if DECLINE in msg.content else "no reason given"
+            log.warning("round %d: node %s declined to train: %s", rnd, msg.metadata.src_node_id, reason)
+        self._note_epsilons(replies.ok + replies.declined)
 
-    def _evaluate_on_clients(self, rnd: int, arrays: ArrayRecord, grid: Grid) -> tuple[dict[str, Any], int]:
+    def _evaluate_on_clients(self, rnd: int, arrays: ArrayRecord) -> dict[str, Any]:
         """Every client evaluates the global adapter on its own validation split (never leaves it)."""
         # what the strategy asks of the clients holds for evaluation too (FedSA-LoRA: with its own B)
         config = self._train_config(rnd, LoRAPlan.from_record(self.strategy.client_config(rnd)))
         on_wire = wire.encode(from_arrayrecord(arrays), self.cfg.communication.dtype)
         messages = [
             Message(
-                content=RecordDict({"arrays": on_wire, "config": config}),
+                content=RecordDict({ARRAYS: on_wire, CONFIG: config}),
                 message_type=MessageType.EVALUATE,
                 dst_node_id=node,
             )
-            for node in AvailableGrid(grid, self.client_of, set()).all_node_ids()
+            for node in self.grid.available(self.client_of).all_node_ids()
         ]
-        sent = sum(content_nbytes(m.content) for m in messages)
         out: dict[str, Any] = {}
-        for msg in grid.send_and_receive(messages, timeout=self.cfg.federation.round_timeout_s):
+        for msg in self.grid.send_and_receive(messages, timeout=self.cfg.federation.round_timeout_s):
             if msg.has_error():
                 log.warning("round %d: node %s failed to evaluate: %s", rnd, msg.metadata.src_node_id, msg.error.reason)
                 continue
@@ -346,7 +342,7 @@ class Federation(Recorded):
             }
         accs = ", ".join(f"client {k}: {v.get('eval_accuracy', float('nan')):.3f}" for k, v in sorted(out.items()))
         log.info("round %d per-client accuracy on own validation data: %s", rnd, accs)
-        return out, sent
+        return out
 
     @staticmethod
     def _merge(old: ArrayRecord, new: ArrayRecord) -> ArrayRecord:
@@ -372,11 +368,10 @@ class Federation(Recorded):
         ev: dict[str, float],
         train: dict[str, Any],
         replies: RoundReplies,
-        up: int,
-        down: int,
         t0: float,
         skipped: bool,
     ) -> None:
+        up, down = self.grid.take()  # everything sent and received since the last round's record
         record = RoundRecord(
             rnd,
             t0,

@@ -1,5 +1,6 @@
 """The one recorder of a run's rounds: what a ``metrics.jsonl`` row holds, the one writer of that file
-(and of ``adapters/round-NNN``), the clients' privacy ledger, and the bytes that travelled.
+(and of ``adapters/round-NNN``) and the clients' privacy ledger. The bytes a row reports are counted
+by the one grid view (:class:`fedslm.grid.GridView`) both loops send through.
 
 Both round loops record through it: the main loop (:mod:`fedslm.server.federation`) and the SecAgg+
 workflow (:mod:`fedslm.server.secagg`), so their rows cannot drift apart.
@@ -10,16 +11,18 @@ from __future__ import annotations
 import json
 import re
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.serverapp import Grid
+from flwr.app import ArrayRecord
 
 from fedslm.fs import atomic_write
+from fedslm.logs import get_logger
 from fedslm.protocol import PrivacyReport, TrainReport
+
+log = get_logger(__name__)
 
 RoundCallback = Callable[[dict[str, Any]], None]
 
@@ -27,69 +30,24 @@ CLASSIFICATION_KEYS = ("eval_precision", "eval_recall", "eval_f1")
 
 
 # ------------------------------------------------------------------------------------------------
-# bytes that travel
-
-
-def content_nbytes(content: RecordDict) -> int:
-    """Payload bytes of a message (the main loop's count): array bytes plus the JSON size of
-    config/metric records."""
-    total = 0
-    for value in content.values():
-        if isinstance(value, ArrayRecord):
-            total += value.count_bytes()
-        else:
-            total += len(json.dumps({k: v for k, v in value.items()}, default=str))
-    return total
-
-
-def payload_nbytes(content: RecordDict) -> int:
-    """Payload bytes of a message (the SecAgg+ count): array bytes, string/bytes lengths, 8 per
-    number (as protobuf)."""
-    total = 0
-    for record in content.values():
-        if isinstance(record, ArrayRecord):
-            total += record.count_bytes()
-        elif isinstance(record, (ConfigRecord, MetricRecord)):
-            for key, value in record.items():
-                total += len(key) + sum(_value_nbytes(v) for v in (value if isinstance(value, list) else [value]))
-    return total
-
-
-def _value_nbytes(value: Any) -> int:
-    if isinstance(value, bool):
-        return 1
-    if isinstance(value, (str, bytes)):
-        return len(value)
-    return 8
-
-
-class CountingGrid:
-    """A view of a Grid that counts the payload bytes of what it sends and receives."""
-
-    def __init__(self, grid: Grid) -> None:
-        self._grid = grid
-        self.down = 0
-        self.up = 0
-
-    def send_and_receive(self, messages: Iterable[Message], *args: Any, **kwargs: Any) -> Iterable[Message]:
-        messages = list(messages)
-        self.down += sum(payload_nbytes(m.content) for m in messages)
-        replies = list(self._grid.send_and_receive(messages, *args, **kwargs))
-        self.up += sum(payload_nbytes(m.content) for m in replies if m.has_content())
-        return replies
-
-    def take(self) -> tuple[int, int]:
-        """(bytes up, bytes down) since the last call."""
-        up, down = self.up, self.down
-        self.up = self.down = 0
-        return up, down
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._grid, name)
-
-
-# ------------------------------------------------------------------------------------------------
 # one round
+
+
+def evaluate_centrally(
+    evaluate: Callable[[ArrayRecord], dict[str, Any]], rnd: int, arrays: ArrayRecord
+) -> dict[str, Any]:
+    """``evaluate(arrays)`` (the central evaluator on the held-out split), logged in one line."""
+    t0 = time.perf_counter()
+    m = evaluate(arrays)
+    log.info(
+        "round %d central eval: loss %.4f, perplexity %.2f, accuracy %.3f (%.1f s)",
+        rnd,
+        m["eval_loss"],
+        m["perplexity"],
+        m["eval_accuracy"],
+        time.perf_counter() - t0,
+    )
+    return m
 
 
 def failure_line(reason: object) -> str:
@@ -231,11 +189,9 @@ class Recorded:
 
 __all__ = [
     "Recorded",
-    "CountingGrid",
     "Recorder",
     "RoundCallback",
     "RoundRecord",
-    "content_nbytes",
+    "evaluate_centrally",
     "failure_line",
-    "payload_nbytes",
 ]

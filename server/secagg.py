@@ -34,11 +34,12 @@ from flwr.serverapp import Grid, ServerApp
 from fedslm import secagg
 from fedslm.adapters import from_arrayrecord, to_arrayrecord
 from fedslm.config import ConfigError, RunConfig
+from fedslm.grid import GridView
 from fedslm.logs import get_logger
 from fedslm.protocol import LoRAPlan, TrainInstructions, TrainReport
 
 from .evaluation import CentralEvaluator
-from .recording import CountingGrid, Recorded, Recorder, RoundCallback, RoundRecord, failure_line, payload_nbytes
+from .recording import Recorded, Recorder, RoundCallback, RoundRecord, evaluate_centrally, failure_line
 from .report import write_results
 
 log = get_logger(__name__)
@@ -57,7 +58,7 @@ class SecAggFedAvg(Recorded, FedAvg):
         out_dir: Path,
         run_name: str,
         evaluator: CentralEvaluator,
-        grid: CountingGrid | None = None,
+        grid: GridView | None = None,
         on_round: RoundCallback | None = None,
     ) -> None:
         fed = cfg.federation
@@ -145,15 +146,7 @@ class SecAggFedAvg(Recorded, FedAvg):
         last = server_round == self.cfg.federation.num_rounds
         ev: dict[str, float] = {}
         if server_round == 0 or server_round % self.cfg.eval.every == 0 or last:
-            t0 = time.perf_counter()
-            ev = self.evaluator(arrays)
-            log.info(
-                "round %d central eval: loss %.4f, accuracy %.3f (%.1f s)",
-                server_round,
-                ev["eval_loss"],
-                ev["eval_accuracy"],
-                time.perf_counter() - t0,
-            )
+            ev = evaluate_centrally(self.evaluator, server_round, arrays)
         self._record(server_round, arrays, ev)
         if not ev:
             return None
@@ -192,8 +185,8 @@ def run_secure_federation(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(cfg.to_yaml())
-    counting = CountingGrid(grid)
-    strategy = SecAggFedAvg(cfg, out, run_name, CentralEvaluator(cfg), counting, on_round)
+    view = GridView.of(grid)  # counts the bytes of every SecAgg+ stage
+    strategy = SecAggFedAvg(cfg, out, run_name, CentralEvaluator(cfg), view, on_round)
     sec = cfg.security
     log.info(
         "Secure aggregation %s: %s shares, threshold %s, clipping range %g, quantization range %d, max weight %g",
@@ -206,7 +199,7 @@ def run_secure_federation(
     )
     legacy = LegacyContext(context, config=ServerConfig(num_rounds=cfg.federation.num_rounds), strategy=strategy)
     t0 = time.perf_counter()
-    DefaultWorkflow(fit_workflow=secaggplus_workflow(cfg))(counting, legacy)  # type: ignore[arg-type]
+    DefaultWorkflow(fit_workflow=secaggplus_workflow(cfg))(view, legacy)  # type: ignore[arg-type]
     log.info("Secure federation finished in %.1f s", time.perf_counter() - t0)
     write_results(out, cfg, strategy.rows, clients=strategy.privacy_by_client)
     return strategy.rows
@@ -241,4 +234,4 @@ def main(grid: Grid, context: Context) -> None:
     run_secure_federation(grid, context, cfg, out, run_name)
 
 
-__all__ = ["CountingGrid", "SecAggFedAvg", "app", "make_server_app", "payload_nbytes", "run_secure_federation"]
+__all__ = ["SecAggFedAvg", "app", "make_server_app", "run_secure_federation"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-Tensors = dict[str, np.ndarray]
+Tensors = dict[str, np.ndarray]  # an adapter (or an update), tensor name -> array: the one definition
 
 
 def update_norm(update: Tensors, reference: Tensors) -> float:

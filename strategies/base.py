@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 
+from fedslm.grid import GridView
 from fedslm.logs import get_logger
 
 if TYPE_CHECKING:
@@ -49,13 +50,12 @@ class LoRAStrategyMixin:
         """Strategy-specific keys added to each train message's config."""
         return {}
 
-    def sample(self, grid: Grid) -> list[int]:
+    def sample(self, grid: Grid | GridView) -> list[int]:
         # the federation's grid view lists nodes in client-id order and hides clients whose privacy
         # budget is spent; the round's size stays a fraction of ALL nodes (what DP was calibrated for)
-        all_node_ids = getattr(grid, "all_node_ids", None)  # the federation's AvailableGrid has it
-        ordered = all_node_ids is not None
-        nodes = list(grid.get_node_ids()) if ordered else sorted(grid.get_node_ids())
-        population = len(all_node_ids()) if all_node_ids is not None else len(nodes)
+        view = GridView.of(grid)  # a plain grid: its nodes in node-id order
+        nodes = view.get_node_ids()
+        population = len(view.all_node_ids())
         n = max(int(population * self.fraction_train), self.min_train_nodes)
         n = min(n, len(nodes))
         picked = set(self._rng.sample(range(len(nodes)), n))
@@ -66,14 +66,15 @@ class LoRAStrategyMixin:
     ) -> Iterable[Message]:
         """The Flower class's own ``configure_train`` (FedOpt records the current arrays, FedProx sends
         ``proximal-mu`` ...), on exactly the seeded sample of nodes, in node order."""
-        node_ids = self.sample(grid)
-        log.info("configure_train: sampled %d of %d nodes", len(node_ids), len(list(grid.get_node_ids())))
+        view = GridView.of(grid)
+        node_ids = self.sample(view)
+        log.info("configure_train: sampled %d of %d nodes", len(node_ids), len(view.get_node_ids()))
         for key, value in self.client_config(server_round).items():
             config[key] = value
         saved = (self.fraction_train, self.min_train_nodes, self.min_available_nodes)
         self.fraction_train, self.min_train_nodes, self.min_available_nodes = 1.0, len(node_ids), len(node_ids)
         try:
-            messages = super().configure_train(server_round, arrays, config, _SampledGrid(grid, node_ids))  # type: ignore[misc]
+            messages = super().configure_train(server_round, arrays, config, view.only(node_ids))  # type: ignore[misc]
         finally:
             self.fraction_train, self.min_train_nodes, self.min_available_nodes = saved
         return sorted(messages, key=lambda m: m.metadata.dst_node_id)
@@ -108,20 +109,6 @@ class LoRAStrategyMixin:
     def summary(self) -> None:
         log.log(INFO, "Strategy %s (seeded sampling, seed=%d)", type(self).__name__, self.run_cfg.federation.seed)
         super().summary()  # type: ignore[misc]
-
-
-class _SampledGrid:
-    """A view of a Grid that shows only the sampled nodes (Flower's sampler then takes them all)."""
-
-    def __init__(self, grid: Grid, node_ids: list[int]) -> None:
-        self._grid = grid
-        self._node_ids = node_ids
-
-    def get_node_ids(self) -> list[int]:
-        return list(self._node_ids)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._grid, name)
 
 
 def _rng_state_to_json(state: tuple[Any, ...]) -> list[Any]:

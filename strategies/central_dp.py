@@ -30,8 +30,6 @@ from .wrapper import WrapperStrategy
 
 log = get_logger(__name__)
 
-Tensors = dict[str, np.ndarray]
-
 
 class CentralDP(WrapperStrategy):
     """Wraps a fedslm strategy; not registered by name: ``privacy.mode: central|both`` applies it."""

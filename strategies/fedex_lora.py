@@ -22,8 +22,9 @@ from __future__ import annotations
 
 from flwr.serverapp.strategy import FedAvg
 
+from .aggregation import Tensors
 from .base import LoRAStrategyMixin
-from .lora_maths import Tensors, accumulate, fedex_aggregate
+from .lora_maths import accumulate, fedex_aggregate
 from .replies import OwnAggregation
 from .spec import register
 

@@ -19,8 +19,9 @@ from __future__ import annotations
 import numpy as np
 from flwr.serverapp.strategy import FedAvg
 
+from .aggregation import Tensors
 from .base import LoRAStrategyMixin
-from .lora_maths import A_SUFFIX, B_SUFFIX, Tensors, accumulate, flora_aggregate, modules
+from .lora_maths import A_SUFFIX, B_SUFFIX, accumulate, flora_aggregate, modules
 from .replies import OwnAggregation
 from .spec import register
 

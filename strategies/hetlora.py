@@ -13,9 +13,10 @@ from __future__ import annotations
 
 from flwr.serverapp.strategy import FedAvg
 
+from .aggregation import Tensors
 from .base import LoRAStrategyMixin
 from .lora_maths import hetlora_aggregate
-from .replies import OwnAggregation, Tensors
+from .replies import OwnAggregation
 from .spec import register
 
 

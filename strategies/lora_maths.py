@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-Tensors = dict[str, np.ndarray]
+from .aggregation import Tensors
 
 A_SUFFIX, B_SUFFIX = ".lora_A.weight", ".lora_B.weight"
 RESIDUAL_SUFFIX = ".frozen_residual"  # fedslm.adapters.RESIDUAL_SUFFIX (not imported: that pulls in torch)

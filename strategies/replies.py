@@ -9,7 +9,9 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message, MetricRecord
 
-Tensors = dict[str, np.ndarray]
+from fedslm.protocol import METRICS
+
+from .aggregation import Tensors
 
 
 def unpack(strategy: Any, replies: Iterable[Message]) -> tuple[list[Message], list[Tensors], list[float]]:
@@ -19,7 +21,7 @@ def unpack(strategy: Any, replies: Iterable[Message]) -> tuple[list[Message], li
     record with the same keys (shapes may differ: heterogeneous ranks)."""
     valid, _ = strategy._check_and_log_replies(replies, is_train=True)
     updates = [{k: v.numpy() for k, v in msg.content[strategy.arrayrecord_key].items()} for msg in valid]
-    weights = [float(msg.content["metrics"][strategy.weighted_by_key]) for msg in valid]
+    weights = [float(msg.content[METRICS][strategy.weighted_by_key]) for msg in valid]
     return valid, updates, weights
 
 

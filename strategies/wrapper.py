@@ -12,6 +12,7 @@ from flwr.app.message.message import make_message
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from fedslm.protocol import ARRAYS, METRICS
 from fedslm.records import arrays_of, metrics_of
 
 from .aggregation import clip_update
@@ -46,8 +47,8 @@ class WrapperStrategy(Strategy):
             norms.append(norm)
             content = RecordDict(
                 {
-                    "arrays": ArrayRecord({k: Array(v) for k, v in clipped.items()}),
-                    "metrics": MetricRecord({**dict(metrics_of(msg.content)), **(metrics or {})}),
+                    ARRAYS: ArrayRecord({k: Array(v) for k, v in clipped.items()}),
+                    METRICS: MetricRecord({**dict(metrics_of(msg.content)), **(metrics or {})}),
                 }
             )
             out.append(make_message(msg.metadata, content=content))

@@ -7,7 +7,7 @@ import pytest
 from fedslm.strategies import registry
 from fedslm.strategies.aggregation import add_noise
 from fedslm.strategies.central_dp import CentralDP
-from flower_fakes import train_reply
+from flower_fakes import FakeGrid, train_reply
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 
 from fedslm.config import config_from_dict
@@ -18,11 +18,6 @@ def test_noise_std_is_as_asked() -> None:
     rng = np.random.default_rng(0)
     noisy = add_noise({"x": np.zeros(200_000, dtype=np.float32)}, 0.25, rng)
     assert float(np.std(noisy["x"])) == pytest.approx(0.25, rel=0.01)
-
-
-class _Grid:
-    def get_node_ids(self) -> list[int]:
-        return [11, 12, 13, 14]
 
 
 def test_wrapper_clips_weights_equally_and_accounts_per_round() -> None:
@@ -41,7 +36,9 @@ def test_wrapper_clips_weights_equally_and_accounts_per_round() -> None:
     assert isinstance(strategy, CentralDP) and strategy.clients_per_round == 2
     glob = {"k.lora_B.weight": np.zeros(4, dtype=np.float32)}
     msgs = list(
-        strategy.configure_train(1, ArrayRecord({k: Array(v) for k, v in glob.items()}), ConfigRecord(), _Grid())
+        strategy.configure_train(
+            1, ArrayRecord({k: Array(v) for k, v in glob.items()}), ConfigRecord(), FakeGrid([11, 12, 13, 14])
+        )
     )
     assert len(msgs) == 2
     # client updates of norm 10 and 0.5, very unequal example counts: clipped to 1 and averaged equally

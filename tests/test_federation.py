@@ -9,11 +9,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fedslm.server.federation import content_nbytes, sort_replies
+from fedslm.server.federation import sort_replies
 from flower_fakes import reply
 from flwr.app import Array, ArrayRecord, Error, MetricRecord, RecordDict
 
 from fedslm.config import load_config
+from fedslm.grid import payload_nbytes
 from fedslm.model import cache_root
 from fedslm.privacy import ClientAccountant, calibrate_noise, save_state
 
@@ -21,14 +22,15 @@ ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.integration
 
 
-def test_content_bytes_are_counted_from_the_serialized_arrays() -> None:
+def test_content_bytes_are_counted_from_the_serialized_arrays_and_protobuf_numbers() -> None:
     arr = np.arange(12, dtype=np.float32).reshape(3, 4)
     record = ArrayRecord({"a.lora_A.weight": Array(arr)})
     npy = len(record["a.lora_A.weight"].data)
     assert npy == 128 + 48  # numpy .npy header (128 bytes) + 12 float32
     metrics = MetricRecord({"num-examples": 5})
     content = RecordDict({"arrays": record, "metrics": metrics})
-    assert content_nbytes(content) == npy + len("a.lora_A.weight") + len(json.dumps({"num-examples": 5}))
+    # the one byte counter (also SecAgg+'s): a metric is its key and 8 bytes, as protobuf carries it
+    assert payload_nbytes(content) == npy + len("a.lora_A.weight") + len("num-examples") + 8
 
 
 def test_replies_are_sorted_into_ok_failed_declined_rejected() -> None:

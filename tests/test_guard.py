@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from fedslm.server.guard import all_finite, divergence_reason
-from flower_fakes import reply
-from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
+from flower_fakes import FakeGrid, reply
+from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 
 from fedslm import wire
 from fedslm.config import load_config
@@ -32,34 +32,15 @@ def test_divergence_reason() -> None:
     assert all_finite(ok) and not all_finite(bad)
 
 
-class _Grid:
-    """Two clients. Round 2 they both add 5 to every LoRA entry (the adapter blows up); the other
-    rounds they move it by 1e-3. Records the learning-rate factor each round's config carries."""
-
-    def __init__(self) -> None:
-        self.lr_scales: list[float] = []
-        self.round = 0
-
-    def get_node_ids(self) -> list[int]:
-        return [1, 2]
-
-    def send_and_receive(self, messages, timeout=None):  # noqa: ANN001, ANN201 - Grid's signature
-        out = []
-        train = [m for m in messages if m.metadata.message_type != "query"]
-        if train:
-            self.round += 1
-            self.lr_scales.append(float(train[0].content["config"].get(LR_SCALE, 1.0)))  # absent: 1.0
-        for msg in messages:
-            node = msg.metadata.dst_node_id
-            if msg.metadata.message_type == "query":
-                out.append(reply(node, RecordDict({"metrics": MetricRecord({"client-id": node - 1})})))
-                continue
-            glob = wire.decode(msg.content["arrays"])
-            step = 5.0 if self.round == 2 else 1e-3
-            update = {k: v + step for k, v in glob.items()}
-            metrics = MetricRecord({"num-examples": 10, "train-loss": 1.0, "client-id": node - 1})
-            out.append(reply(node, RecordDict({"arrays": wire.encode(update, "float32"), "metrics": metrics})))
-        return out
+def _blow_up_in_round_2(msg: Message, rnd: int) -> Message:
+    """Round 2 both clients add 5 to every LoRA entry (the adapter blows up); the other rounds they
+    move it by 1e-3."""
+    node = msg.metadata.dst_node_id
+    glob = wire.decode(msg.content["arrays"])
+    step = 5.0 if rnd == 2 else 1e-3
+    update = {k: v + step for k, v in glob.items()}
+    metrics = MetricRecord({"num-examples": 10, "train-loss": 1.0, "client-id": node - 1})
+    return reply(node, RecordDict({"arrays": wire.encode(update, "float32"), "metrics": metrics}))
 
 
 def test_a_blown_up_round_is_rejected_and_the_best_round_is_exported_by_default(tmp_path: Path) -> None:
@@ -71,11 +52,13 @@ def test_a_blown_up_round_is_rejected_and_the_best_round_is_exported_by_default(
     overrides = ["federation.num_clients=2", "federation.num_rounds=3", "communication.dtype=float32"]
     overrides.append("federation.divergence_factor=1.002")
     cfg = load_config(ROOT / "configs" / "tiny.yaml", overrides)
-    grid = _Grid()
+    grid = FakeGrid([1, 2], _blow_up_in_round_2)
     rows = Federation(cfg, tmp_path / "run", "guard").run(grid)
+    # the learning-rate factor each round's config carried (absent: 1.0)
+    lr_scales = [float(sent[1].content["config"].get(LR_SCALE, 1.0)) for sent in grid.sent]
     assert [r["diverged"] is not None for r in rows[1:]] == [False, True, False]
     assert "federation.divergence_factor" in rows[2]["diverged"]
-    assert grid.lr_scales == [1.0, 1.0, 0.5]  # halved for the rounds after the rejected one
+    assert lr_scales == [1.0, 1.0, 0.5]  # halved for the rounds after the rejected one
     assert [r["lr_scale"] for r in rows[1:]] == [1.0, 0.5, 0.5]
     adapters = tmp_path / "run" / "adapters"
     r1, r2 = (load_file(str(adapters / f"round-00{r}" / "adapter_model.safetensors")) for r in (1, 2))

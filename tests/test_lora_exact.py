@@ -17,7 +17,7 @@ from fedslm.strategies.lora_maths import (
     hetlora_aggregate,
     hetlora_weights,
 )
-from flower_fakes import train_reply
+from flower_fakes import FakeGrid, train_reply
 from flwr.app import Array, ArrayRecord, ConfigRecord
 
 from fedslm.adapters import RESIDUAL_SUFFIX, fit_rank, load_adapter_state, peft_config, residuals_of
@@ -101,14 +101,6 @@ def test_bad_weights_are_refused() -> None:
 # -- exactness through the Flower shells ------------------------------------------------------------
 
 
-class _Grid:
-    def __init__(self, n: int) -> None:
-        self.n = n
-
-    def get_node_ids(self) -> list[int]:
-        return list(range(100, 100 + self.n))
-
-
 def _build(name: str, n: int, extra: dict | None = None):
     raw = {
         "lora": {"r": 4, "alpha": 8},
@@ -121,7 +113,7 @@ def _build(name: str, n: int, extra: dict | None = None):
 
 def _round(strategy, rnd: int, global_: dict, updates: list[dict], weights: list[int]) -> dict[str, np.ndarray]:
     arrays = ArrayRecord({k: Array(np.asarray(v, dtype=np.float32)) for k, v in global_.items()})
-    msgs = list(strategy.configure_train(rnd, arrays, ConfigRecord(), _Grid(len(updates))))
+    msgs = list(strategy.configure_train(rnd, arrays, ConfigRecord(), FakeGrid(len(updates))))
     replies = [train_reply(m.metadata.dst_node_id, u, w) for m, u, w in zip(msgs, updates, weights, strict=True)]
     out, metrics = strategy.aggregate_train(rnd, replies)
     assert metrics is not None and metrics["train-loss"] == pytest.approx(1.0)

@@ -3,6 +3,9 @@ record it travels in, a missing key is named, and the one upload rule picks the 
 
 from __future__ import annotations
 
+import ast
+from pathlib import Path
+
 import pytest
 from flwr.app import ConfigRecord, MetricRecord
 
@@ -113,3 +116,96 @@ def test_node_configs_round_trip_and_name_their_client() -> None:
 def test_the_one_upload_rule(plan: LoRAPlan, expected: list[str]) -> None:
     assert plan.uploads(NAMES) == expected
     assert secagg.upload_keys(NAMES, plan.to_record()) == expected  # the SecAgg+ path applies the same rule
+
+
+# -- every message key is spelled once: in fedslm/protocol.py ---------------------------------------
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGE_FOLDERS = ("fedslm", "server", "client", "strategies", "simulation")
+RECORDS = {"RecordDict", "ConfigRecord", "MetricRecord", "ArrayRecord"}
+
+
+def protocol_keys(root: Path = ROOT) -> dict[str, str]:
+    """The message keys ``fedslm/protocol.py`` defines: string value -> constant name."""
+    keys = {}
+    for node in ast.parse((root / "fedslm" / "protocol.py").read_text()).body:
+        if isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str):
+            for target in node.targets:
+                if isinstance(target, ast.Name) and target.id.isupper():
+                    keys[node.value.value] = target.id
+    return keys
+
+
+def _names_content(node: ast.expr) -> bool:
+    """``content``, ``msg.content`` or ``msg.content[...]``: a message's records."""
+    while isinstance(node, ast.Subscript):
+        node = node.value
+    return (isinstance(node, ast.Name) and node.id == "content") or (
+        isinstance(node, ast.Attribute) and node.attr == "content"
+    )
+
+
+def _key_positions(tree: ast.AST) -> list[ast.Constant]:
+    """String literals where a message key goes: keys of a dict handed to a Flower record, the key
+    of ``content[...]``, ``... in content`` and ``content.get(...)``, and parameter defaults."""
+    found: list[ast.expr | None] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            name = node.func.id if isinstance(node.func, ast.Name) else getattr(node.func, "attr", "")
+            if name in RECORDS:
+                found += [k for arg in node.args if isinstance(arg, ast.Dict) for k in arg.keys]
+            elif name == "get" and isinstance(node.func, ast.Attribute) and _names_content(node.func.value):
+                found += node.args[:1]
+        elif isinstance(node, ast.Subscript) and _names_content(node.value):
+            found.append(node.slice)
+        elif isinstance(node, ast.Compare) and any(isinstance(op, ast.In | ast.NotIn) for op in node.ops):
+            if any(_names_content(c) for c in node.comparators):
+                found.append(node.left)
+        elif isinstance(node, ast.arguments):
+            found += [*node.defaults, *node.kw_defaults]
+    return [n for n in found if isinstance(n, ast.Constant) and isinstance(n.value, str)]
+
+
+def spelled_out_keys(root: Path = ROOT) -> list[str]:
+    """``file:line: 'key' (use protocol.NAME)`` for each message key written as a literal outside
+    ``fedslm/protocol.py``. A hyphenated key (``client-id``) counts anywhere; a plain word
+    (``arrays``, ``device``) only where a message key goes (a row's ``declined`` column is no key)."""
+    keys = protocol_keys(root)
+    out = []
+    for folder in PACKAGE_FOLDERS:
+        for path in sorted((root / folder).glob("*.py")):
+            if path == root / "fedslm" / "protocol.py":
+                continue
+            tree = ast.parse(path.read_text(), str(path))
+            hyphenated = [n for n in ast.walk(tree) if isinstance(n, ast.Constant) and "-" in str(n.value)]
+            for node in {*hyphenated, *_key_positions(tree)}:
+                if node.value in keys:
+                    rel = path.relative_to(root)
+                    out.append(f"{rel}:{node.lineno}: {node.value!r} (use protocol.{keys[node.value]})")
+    return sorted(out)
+
+
+def test_message_keys_are_spelled_only_in_the_protocol_module() -> None:
+    assert spelled_out_keys() == []
+
+
+def test_the_key_checker_finds_planted_literals(tmp_path: Path) -> None:
+    for folder in PACKAGE_FOLDERS:
+        (tmp_path / folder).mkdir()
+    (tmp_path / "fedslm" / "protocol.py").write_text((ROOT / "fedslm" / "protocol.py").read_text())
+    (tmp_path / "server" / "planted.py").write_text(
+        "from flwr.app import ConfigRecord, RecordDict\n"
+        "def send(msg, key='metrics'):\n"
+        "    msg.content['arrays'] = RecordDict({'config': ConfigRecord({'ask': 1})})\n"
+        "    return 'decline' in msg.content, msg.content.get('reason')\n"
+        "row = {'declined': 0, 'device': 'cpu'}  # a metrics.jsonl row, a summary: not message keys\n"
+    )
+    (tmp_path / "client" / "planted.py").write_text("WHO = {'client-id': 3}\n")
+    assert spelled_out_keys(tmp_path) == [
+        "client/planted.py:1: 'client-id' (use protocol.CLIENT_ID)",
+        "server/planted.py:2: 'metrics' (use protocol.METRICS)",
+        "server/planted.py:3: 'arrays' (use protocol.ARRAYS)",
+        "server/planted.py:3: 'config' (use protocol.CONFIG)",
+        "server/planted.py:4: 'decline' (use protocol.DECLINE)",
+        "server/planted.py:4: 'reason' (use protocol.REASON)",
+    ]

@@ -219,7 +219,7 @@ def test_error_bound_by_hand_and_clipping_refused() -> None:
 
 
 def test_payload_bytes_count_arrays_strings_bytes_and_numbers() -> None:
-    from fedslm.server.secagg import payload_nbytes
+    from fedslm.grid import payload_nbytes
 
     arr = np.zeros(4, dtype=np.float32)
     content = RecordDict(

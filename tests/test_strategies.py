@@ -7,7 +7,7 @@ import pytest
 from fedslm.server.preflight import run_from_dict
 from fedslm.strategies import registry
 from fedslm.strategies.aggregation import clip_update
-from flower_fakes import train_reply
+from flower_fakes import FakeGrid, train_reply
 from flwr.app import Array, ArrayRecord, ConfigRecord
 
 from fedslm.config import ConfigError, config_from_dict
@@ -15,14 +15,6 @@ from fedslm.config import ConfigError, config_from_dict
 A, B = "m.q_proj.lora_A.weight", "m.q_proj.lora_B.weight"
 GLOBAL = {A: np.full((2, 3), 0.5, dtype=np.float32), B: np.zeros((4, 2), dtype=np.float32)}
 ALL = [s.name for s in registry.available()]
-
-
-class _Grid:
-    def __init__(self, n: int) -> None:
-        self.n = n
-
-    def get_node_ids(self) -> list[int]:
-        return list(range(100, 100 + self.n))
 
 
 def _arrays(tensors: dict[str, np.ndarray]) -> ArrayRecord:
@@ -40,7 +32,7 @@ def _build(name: str, params: dict | None = None, n: int = 5):
 
 
 def _round(strategy, updates: list[dict[str, np.ndarray]], weights: list[int]):
-    msgs = list(strategy.configure_train(1, _arrays(GLOBAL), ConfigRecord(), _Grid(len(updates))))
+    msgs = list(strategy.configure_train(1, _arrays(GLOBAL), ConfigRecord(), FakeGrid(len(updates))))
     replies = [train_reply(m.metadata.dst_node_id, u, w) for m, u, w in zip(msgs, updates, weights, strict=True)]
     arrays, _ = strategy.aggregate_train(1, replies)
     return msgs, {k: v.numpy() for k, v in arrays.items()}

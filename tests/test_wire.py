@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 from fedslm.server.validation import UpdateRejected, check_update
-from flower_fakes import reply
-from flwr.app import Array, ArrayRecord, Error, MetricRecord, RecordDict
+from flower_fakes import FakeGrid, reply
+from flwr.app import Array, ArrayRecord, Error, Message, MetricRecord, RecordDict
 
 from fedslm import wire
 from fedslm.config import SecurityConfig, load_config
@@ -134,47 +134,32 @@ def test_bad_updates_are_rejected_with_the_reason() -> None:
         check_update(rec({"m.q_proj.lora_A.weight": torch.zeros(8, 65)}), ref, SecurityConfig(), flexible_rank=True)
 
 
-class _FakeGrid:
+def _honest_bad_lost_silent(msg: Message, rnd: int) -> Message | None:
     """Eight nodes: 1 and 2 honest; 3-6 send a NaN, a wrong shape, an unknown key, an oversized
     update; 7 dies mid-round (an error reply); 8 never answers (the round's timeout)."""
+    node = msg.metadata.dst_node_id
+    glob = wire.decode(msg.content["arrays"])
+    if node == 7:
+        return reply(node, error=Error(code=0, reason="node lost its connection"))
+    if node == 8:
+        return None
+    update = {k: v + 0.01 * node for k, v in glob.items()}
+    key = next(iter(glob))
+    if node == 3:
+        update[key] = torch.full_like(update[key], float("nan"))
+    elif node == 4:
+        update[key] = torch.zeros(3, 3)
+    elif node == 5:
+        update["base_model.model.lm_head.weight"] = torch.zeros(2, 2)
+    elif node == 6:
+        update[key] = torch.zeros(1, 40_000)
+    n = {1: 10, 2: 30}.get(node, 20)
+    metrics = MetricRecord({"num-examples": n, "train-loss": 1.0, "client-id": node - 1})
+    return reply(node, RecordDict({"arrays": wire.encode(update, "float32"), "metrics": metrics}))
 
-    def __init__(self) -> None:
-        self.rounds: list[dict[int, dict[str, torch.Tensor]]] = []
 
-    def get_node_ids(self) -> list[int]:
-        return [1, 2, 3, 4, 5, 6, 7, 8]
-
-    def send_and_receive(self, messages, timeout=None):  # noqa: ANN001, ANN201 - Grid's signature
-        out = []
-        got: dict[int, dict[str, torch.Tensor]] = {}
-        for msg in messages:
-            node = msg.metadata.dst_node_id
-            if msg.metadata.message_type == "query":  # the server asks who is who, once
-                out.append(reply(node, RecordDict({"metrics": MetricRecord({"client-id": node - 1})})))
-                continue
-            glob = wire.decode(msg.content["arrays"])
-            got[node] = glob
-            if node == 7:
-                out.append(reply(node, error=Error(code=0, reason="node lost its connection")))
-                continue
-            if node == 8:
-                continue
-            update = {k: v + 0.01 * node for k, v in glob.items()}
-            key = next(iter(glob))
-            if node == 3:
-                update[key] = torch.full_like(update[key], float("nan"))
-            elif node == 4:
-                update[key] = torch.zeros(3, 3)
-            elif node == 5:
-                update["base_model.model.lm_head.weight"] = torch.zeros(2, 2)
-            elif node == 6:
-                update[key] = torch.zeros(1, 40_000)
-            n = {1: 10, 2: 30}.get(node, 20)
-            metrics = MetricRecord({"num-examples": n, "train-loss": 1.0, "client-id": node - 1})
-            out.append(reply(node, RecordDict({"arrays": wire.encode(update, "float32"), "metrics": metrics})))
-        if got:
-            self.rounds.append(got)
-        return out
+def _grid() -> FakeGrid:
+    return FakeGrid(range(1, 9), _honest_bad_lost_silent)
 
 
 def test_federation_rejects_bad_updates_and_aggregates_the_honest_ones(tmp_path: Path) -> None:
@@ -190,11 +175,11 @@ def test_federation_rejects_bad_updates_and_aggregates_the_honest_ones(tmp_path:
         ],
     )
     fed = Federation(cfg, tmp_path / "run", "reject")
-    grid = _FakeGrid()
+    grid = _grid()
     rows = fed.run(grid)
     row = rows[1]
     assert (row["clients"], row["rejected"], row["failed"], row["no_reply"], row["skipped"]) == (2, 4, 1, 1, False)
-    sent = grid.rounds[0][1]
+    sent = wire.decode(grid.sent[0][1].content["arrays"])  # what node 1 got in round 1
     from safetensors.torch import load_file
 
     final = load_file(str(tmp_path / "run" / "adapters" / "round-001" / "adapter_model.safetensors"))
@@ -210,7 +195,7 @@ def test_too_few_usable_replies_skip_the_round_and_keep_the_global_adapter(tmp_p
 
     overrides = ["federation.num_clients=8", "federation.num_rounds=1", "federation.min_train_clients=3"]
     cfg = load_config(ROOT / "configs" / "tiny.yaml", [*overrides, "security.max_update_mb=0.1"])
-    rows = Federation(cfg, tmp_path / "run", "skip").run(_FakeGrid())
+    rows = Federation(cfg, tmp_path / "run", "skip").run(_grid())
     assert rows[1]["clients"] == 2 and rows[1]["skipped"]  # 2 usable < 3
     adapters = tmp_path / "run" / "adapters"
     before, after = (load_file(str(adapters / f"round-00{r}" / "adapter_model.safetensors")) for r in (0, 1))
