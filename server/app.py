@@ -18,7 +18,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedslm.config import ConfigError, RunConfig
 from fedslm.grid import GridView
-from fedslm.logs import get_logger
+from fedslm.logs import get_logger, run_log
 
 from . import audit
 from .checkpoint import Checkpoint
@@ -80,7 +80,8 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     cfg, out, run_name, resume = deployed_run(context)
-    run_federation(grid, cfg, out, run_name, resume=resume)
+    with run_log(out / "run.log"):  # the deployed ServerApp's every line, as a simulation's (appended on resume)
+        run_federation(grid, cfg, out, run_name, resume=resume)
 
 
 def deployed_run(context: Context) -> tuple[RunConfig, Path, str, Checkpoint | None]:

@@ -600,6 +600,8 @@ def test_superlink_and_serverapp_killed_in_round_two_resume_to_the_same_adapter(
     assert _running_runs(env) == [] and len(json.loads((killed / "run.json").read_text())["flower_runs"]) == 2
     assert (killed / "summary.json").is_file(), processes.log("run-resumed")[-4000:]
     t_resume = time.monotonic() - t_kill
+    run_log = (killed / "run.log").read_text()  # both ServerApp sessions appended their lines
+    assert "---- round 2/3 ----" in run_log and "resumed from" in run_log and "Federation finished" in run_log
 
     got, want = _rows(killed), _rows(whole)
     assert [r["round"] for r in got] == [0, 1, 2, 3] and [r["clients"] for r in got[1:]] == [3, 3, 3]
