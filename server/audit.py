@@ -15,6 +15,7 @@ from typing import Any
 from fedslm import audit
 from fedslm.audit import AuditError
 from fedslm.config import ConfigError, RunConfig, load_config
+from fedslm.errors import RunFailedError
 from fedslm.logs import get_logger
 
 log = get_logger(__name__)
@@ -23,9 +24,9 @@ AUDIT_JSON = "audit.json"
 ROC_PNG = "audit-roc.png"
 
 
-class PrivacyAuditFailure(RuntimeError):
+class PrivacyAuditFailure(RunFailedError):
     """The empirical lower bound exceeds the accountant's epsilon: the DP implementation leaks more than
-    it claims (a privacy bug)."""
+    it claims (a privacy bug). The run finished; its results must not be trusted (exit 1)."""
 
 
 def start(run_dir: Path, cfg: RunConfig) -> None:
@@ -99,7 +100,9 @@ def score(run_dir: Path) -> dict[str, Any]:
     mem, non = audit.split_scores(scores, members)
     k = max(1, round(a.guess_fraction * len(canaries) / 2))
     r, v = audit.guesses(scores, members, k, k)
-    lower = audit.epsilon_lower_bound(r, v, a.confidence)
+    # the per-record (eps, delta) claim of local DP, each member canary inserted `repeats` times
+    delta = cfg.privacy.delta
+    lower = audit.epsilon_lower_bound(r, v, a.confidence, m=len(canaries), delta=delta, group=a.repeats)
     exposures = [
         audit.exposure(final[i], cand_loss[i * a.candidates : (i + 1) * a.candidates]) for i in range(len(canaries))
     ]
@@ -117,6 +120,7 @@ def score(run_dir: Path) -> dict[str, Any]:
         "guesses": r,
         "correct": v,
         "confidence": a.confidence,
+        "delta": delta,
         "epsilon_lower_bound": lower,
         "epsilon_accountant": eps,
         "per_canary": [
@@ -132,12 +136,24 @@ def score(run_dir: Path) -> dict[str, Any]:
         summary["audit"] = {"epsilon_lower_bound": lower, "epsilon_accountant": eps, "auc": result["auc"]}
         summary_path.write_text(json.dumps(summary, indent=2))
     log.info("audit: %s", table_line(result))
-    if eps is not None and lower > eps:
-        raise PrivacyAuditFailure(
-            f"PRIVACY BUG: the audit's epsilon lower bound {lower:.3f} ({a.confidence:.0%} confidence) exceeds"
-            f" the accountant's epsilon {eps:.3f}: the model leaks more than DP-SGD's accounting allows"
-        )
+    bug = privacy_bug(lower, eps, a.confidence, delta)
+    if bug:
+        raise PrivacyAuditFailure(bug)
     return result
+
+
+def privacy_bug(lower: float, accountant: float | None, confidence: float, delta: float) -> str:
+    """The one loud line when the audit's lower bound exceeds the accountant's epsilon ('' otherwise).
+
+    ``lower`` is already the largest epsilon whose (eps, delta) claim the audit rejects at
+    ``confidence``, so ``lower > accountant`` means the accountant's own claim is rejected."""
+    if accountant is None or lower <= accountant:
+        return ""
+    return (
+        f"PRIVACY BUG: the audit's epsilon lower bound {lower:.3f} exceeds the accountant's epsilon"
+        f" {accountant:.3f} (delta {delta:g}, {confidence:.0%} confidence): the model leaks more than the"
+        " DP accounting allows; do not use this run, and check the DP settings and code"
+    )
 
 
 def table_line(result: dict[str, Any]) -> str:

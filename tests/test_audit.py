@@ -142,25 +142,34 @@ def test_eps_delta_lower_bound_by_hand_and_never_above_the_pure_dp_bound() -> No
         audit.epsilon_lower_bound(10, 10, 0.95, delta=1e-5)
 
 
-def test_simulate_with_audit_writes_canaries_and_scores_and_fedslm_audit_rescores(tmp_path, capsys) -> None:
+def test_simulate_with_audit_writes_canaries_and_scores_and_fedslm_audit_rescores(
+    tmp_path, capsys, monkeypatch
+) -> None:
     import json
 
+    from fedslm.server import audit as server_audit
     from fedslm.simulation.cli import main
     from fedslm.simulation.run import simulate
 
     cfg = load_config(ROOT / "configs" / "tiny.yaml", AUDIT_ON + ["audit.candidates=10", "federation.num_rounds=1"])
     out = tmp_path / "run"
-    simulate(cfg, out, progress=False)
+    # a broken accountant reporting epsilon -1: every bound (>= 0) exceeds it, so the simulation must end
+    # with the loud error; the server thread reads the figure in this process
+    monkeypatch.setattr(server_audit, "accountant_epsilon", lambda run_dir: -1.0)
+    with pytest.raises(server_audit.PrivacyAuditFailure, match=r"PRIVACY BUG: .* accountant's epsilon -1\.000"):
+        simulate(cfg, out, progress=False)
+    monkeypatch.undo()
     recorded = audit.read_canaries(out / audit.CANARIES_FILE)
     assert recorded == audit.run_canaries(cfg)
     first = json.loads((out / "audit.json").read_text())
     assert first["canaries"] == 20 and first["members"] == sum(c.member for c in recorded)
-    assert 0.0 <= first["auc"] <= 1.0 and first["epsilon_accountant"] is None  # no DP in this run
+    assert 0.0 <= first["auc"] <= 1.0 and first["epsilon_accountant"] == -1.0  # the broken figure, recorded
     assert json.loads((out / "summary.json").read_text())["audit"]["auc"] == first["auc"]
     assert (out / "audit-roc.png").stat().st_size > 1000
-    assert main(["audit", str(out)]) == 0
+    assert main(["audit", str(out)]) == 0  # the run's own figures: no DP, nothing to contradict
     assert "eps lower bound" in capsys.readouterr().out
-    assert json.loads((out / "audit.json").read_text())["per_canary"] == first["per_canary"]  # same scores
+    again = json.loads((out / "audit.json").read_text())
+    assert again["per_canary"] == first["per_canary"] and again["epsilon_accountant"] is None  # same scores
 
 
 def test_fedslm_audit_without_audit_section_or_on_a_partial_run_dir(tmp_path, capsys) -> None:
@@ -181,18 +190,25 @@ def test_fedslm_audit_without_audit_section_or_on_a_partial_run_dir(tmp_path, ca
     assert "partial run" in capsys.readouterr().err
 
 
-def _memorisation_auc(fresh, dp) -> float:
-    from fedslm.adapters import load_adapter_state
+def _train_on_members(fresh, canaries, dp, system: str = "") -> None:
+    """40 steps on the member canaries alone: enough for the tiny model to memorise them without DP."""
     from fedslm.training import LocalTraining, train_local
 
     tok = fresh.base.tokenizer
+    ex = [data.encode(tok, c.question, c.answer, 96, system) for c in canaries if c.member]
+    train_local(
+        fresh.model, ex, tok.pad_token_id, LocalTraining(steps=40, batch_size=8, learning_rate=0.05, seed=1, dp=dp)
+    )
+
+
+def _memorisation_auc(fresh, dp) -> float:
+    from fedslm.adapters import load_adapter_state
+
+    tok = fresh.base.tokenizer
     canaries = audit.make_canaries(3, 40, 1)
-    members = [c for c in canaries if c.member]
-    ex = [data.encode(tok, c.question, c.answer, 96, "") for c in members]
     pairs = [(c.question, c.answer) for c in canaries]
     base = audit.answer_losses(fresh.model, tok, pairs, 96, "")
-    spec = LocalTraining(steps=40, batch_size=8, learning_rate=0.05, seed=1, dp=dp)
-    train_local(fresh.model, ex, tok.pad_token_id, spec)
+    _train_on_members(fresh, canaries, dp)
     final = audit.answer_losses(fresh.model, tok, pairs, 96, "")
     load_adapter_state(fresh.model, fresh.initial)
     scores = [b - f for b, f in zip(base, final, strict=True)]
@@ -209,3 +225,79 @@ def test_tiny_model_memorises_canaries_without_dp_and_not_with_strong_dp(tiny_pe
     # two standard deviations
     assert plain > 0.9
     assert abs(noisy - 0.5) < 0.2
+
+
+def test_privacy_bug_line_names_both_figures_only_when_the_bound_exceeds_the_accountant() -> None:
+    from fedslm.server.audit import privacy_bug
+
+    line = privacy_bug(1.25, 0.5, 0.95, 1e-5)
+    assert "1.250" in line and "0.500" in line and "\n" not in line
+    assert privacy_bug(0.5, 0.5, 0.95, 1e-5) == ""  # at the accountant's figure: not rejected
+    assert privacy_bug(3.0, None, 0.95, 1e-5) == ""  # no DP, no claim to test
+
+
+def _audited_run(tmp_path: Path, fresh, dp, epsilon: float) -> Path:
+    """A finished run directory made by hand: the tiny model trained on its member canaries (with ``dp``),
+    its adapter as round 1 (the best round), and ``epsilon`` as the accountant's figure."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from fedslm.adapters import adapter_state
+
+    overrides = ["audit.enabled=true", "data.num_records=2400", "audit.canaries=40", "audit.guess_fraction=1.0"]
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", overrides + ["audit.candidates=5"])
+    run = tmp_path / "run"
+    (run / "adapters" / "round-001").mkdir(parents=True)
+    (run / "config.yaml").write_text(cfg.to_yaml())
+    canaries = audit.run_canaries(cfg)
+    audit.write_canaries(run / audit.CANARIES_FILE, canaries)
+    _train_on_members(fresh, canaries, dp, cfg.data.system_prompt)
+    save_file(adapter_state(fresh.model), str(run / "adapters" / "round-001" / "adapter_model.safetensors"))
+    (run / "metrics.jsonl").write_text(json.dumps({"round": 1, "epsilon_max": epsilon, "best_round": 1}) + "\n")
+    return run
+
+
+def _set_accountant_epsilon(run: Path, epsilon: float) -> None:
+    import json
+
+    row = json.loads((run / "metrics.jsonl").read_text())
+    (run / "metrics.jsonl").write_text(json.dumps({**row, "epsilon_max": epsilon}) + "\n")
+
+
+def test_fedslm_audit_exits_1_with_both_figures_when_the_bound_exceeds_a_broken_accountant(
+    tiny_peft, tmp_path, capsys
+) -> None:
+    import json
+
+    from fedslm.simulation.cli import main
+
+    run = _audited_run(tmp_path, tiny_peft, None, epsilon=50.0)  # memorised, an honest-looking large figure
+    assert main(["audit", str(run)]) == 0
+    result = json.loads((run / "audit.json").read_text())
+    lower = result["epsilon_lower_bound"]
+    # measured: 40 guesses, 36 correct -> 1.65 at delta 1e-5; any real memorisation gives > 0.5
+    assert 0.5 < lower < 50.0 and result["delta"] == 1e-5
+    capsys.readouterr()
+    _set_accountant_epsilon(run, 0.1)  # a broken accountant: 0.1 while the model memorised
+    assert main(["audit", str(run)]) == 1
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("fedslm:")]
+    assert len(errors) == 1 and "PRIVACY BUG" in errors[0]
+    assert f"{lower:.3f}" in errors[0] and "0.100" in errors[0]
+
+
+def test_fedslm_audit_does_not_fire_on_a_correct_dp_run(tiny_peft, tmp_path, capsys) -> None:
+    import json
+
+    from fedslm.simulation.cli import main
+
+    from fedslm.pld import pld_epsilon
+    from fedslm.training import DPSettings
+
+    dp = DPSettings(noise_multiplier=3.0, max_grad_norm=0.05, sample_rate=0.4)
+    epsilon = pld_epsilon([(dp.noise_multiplier, dp.sample_rate, 40)], 1e-5)  # the honest figure of 40 steps
+    run = _audited_run(tmp_path, tiny_peft, dp, epsilon)
+    assert main(["audit", str(run)]) == 0, capsys.readouterr().err
+    result = json.loads((run / "audit.json").read_text())
+    assert result["epsilon_accountant"] == pytest.approx(epsilon)
+    assert result["epsilon_lower_bound"] <= epsilon
