@@ -17,14 +17,17 @@ import json
 import math
 import random
 import string
+from collections import Counter
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from scipy.stats import binom
 
-from .config import AUDIT_MAX_FRACTION, RunConfig
+from .config import AUDIT_MAX_FRACTION, ConfigError, RunConfig
 from .errors import FedslmError
+from .plan import validation_size
 
 CODE_ALPHABET = string.ascii_uppercase + string.digits
 CODE_LENGTH = 8
@@ -92,18 +95,39 @@ def insert_canaries(cfg: RunConfig, client_id: int, train_records: list[dict[str
         return train_records
     mine = [c for c in run_canaries(cfg) if c.member and c.client == client_id]
     extra = [c.record(cfg.data.prompt_column, cfg.data.response_column) for c in mine for _ in range(cfg.audit.repeats)]
-    cap = int(AUDIT_MAX_FRACTION * len(train_records))
-    if len(extra) > cap:
-        raise AuditError(
-            f"audit.canaries: client {client_id} would get {len(extra)} canary records, over the cap {cap}"
-            f" ({AUDIT_MAX_FRACTION:.0%} of its {len(train_records)} training records); lower audit.canaries"
-            " or audit.repeats"
-        )
+    if len(extra) > canary_cap(len(train_records)):
+        raise AuditError(_over_cap(client_id, len(extra), len(train_records)))
     out = list(train_records)
     rng = random.Random(f"insert-{cfg.seed}-{client_id}-{_SALT}")
     for rec in extra:
         out.insert(rng.randint(0, len(out)), rec)
     return out
+
+
+def canary_cap(train_records: int) -> int:
+    """The most canary records a client with ``train_records`` training records may get."""
+    return int(AUDIT_MAX_FRACTION * train_records)
+
+
+def _over_cap(client_id: int, extra: int, train_records: int) -> str:
+    return (
+        f"audit.canaries: client {client_id} would get {extra} canary records, over the cap"
+        f" {canary_cap(train_records)} ({AUDIT_MAX_FRACTION:.0%} of its {train_records} training records);"
+        " lower audit.canaries or audit.repeats"
+    )
+
+
+def check_canary_cap(cfg: RunConfig, partition_sizes: Sequence[int]) -> None:
+    """The preflight's check, for any data source: each client's member canaries (``repeats`` copies)
+    within :func:`canary_cap` of its training records (its partition less its validation hold-out), as
+    :func:`insert_canaries` will find them. ``partition_sizes`` are the clients' record counts, by id."""
+    if not cfg.audit.enabled:
+        return
+    held = Counter(c.client for c in run_canaries(cfg) if c.member)
+    for client_id, size in enumerate(partition_sizes):
+        train = size - validation_size(size)
+        if held[client_id] * cfg.audit.repeats > canary_cap(train):
+            raise ConfigError(_over_cap(client_id, held[client_id] * cfg.audit.repeats, train))
 
 
 def write_canaries(path: Path, canaries: list[Canary]) -> None:

@@ -418,11 +418,26 @@ _SECTIONS: dict[str, type] = {
 
 def _check_audit(cfg: RunConfig) -> None:
     """Worst case, every member canary lands on one client: its copies must stay within
-    :data:`AUDIT_MAX_FRACTION` of a client's share of the training records (bundled data; a user
-    file's size is known only when loaded, where the same cap is checked again)."""
+    :data:`AUDIT_MAX_FRACTION` of a client's share of the training records (bundled data; any source
+    is checked again, client by client, in the preflight: :func:`fedslm.audit.check_canary_cap`).
+    Canaries need a causal-LM task and the normal (not SecAgg+) server, which scores them."""
     a = cfg.audit
-    if not a.enabled or cfg.data.source != "triage":
+    if not a.enabled:
         return
+    _check(
+        cfg.task == "causal-lm",
+        "audit.enabled",
+        "canaries are question/answer secrets scored by the answer's loss; a classification task has no"
+        " answer text to memorise: set audit.enabled: false, or task: causal-lm",
+    )
+    _check(
+        not cfg.security.secure,
+        "audit.enabled",
+        f"is not supported with security.secure_aggregation {cfg.security.secure_aggregation!r} (the SecAgg+"
+        " workflow does not score canaries): set audit.enabled: false, or security.secure_aggregation: none",
+    )
+    if cfg.data.source != "triage":
+        return  # a user file's size is known only when loaded: the preflight checks the cap there
     per_client = int(cfg.data.num_records * (1 - cfg.data.test_fraction)) // cfg.federation.num_clients
     cap = int(AUDIT_MAX_FRACTION * per_client)
     _check(

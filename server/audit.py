@@ -1,5 +1,5 @@
-"""Score a run's canaries with its global adapter: ``audit.json``, ``audit-roc.png``, and the audit's
-epsilon lower bound beside the accountant's epsilon in ``summary.json``.
+"""Score a run's canaries with its shipped adapter (the best round): ``audit.json``, ``audit-roc.png``,
+and the audit's epsilon lower bound beside the accountant's epsilon in ``summary.json``.
 
 Called after the last round (when ``audit.enabled``) and by ``fedslm audit RUN_DIR``. The score of a
 canary is its answer's loss under the base model minus its loss under the global model: memorised
@@ -46,17 +46,22 @@ def _run_config(run_dir: Path) -> RunConfig:
         raise AuditError(f"{run_dir / 'config.yaml'}: {e}") from None
 
 
-def _global_state(run_dir: Path) -> dict[str, Any]:
+def _shipped_state(run_dir: Path) -> tuple[int, dict[str, Any]]:
+    """(round, adapter state) of the adapter the run ships: the best round, as export and generate
+    pick it (:func:`fedslm.export.run_adapter`), else the last one."""
     from safetensors.torch import load_file
+
+    from fedslm.export import run_adapter
 
     rounds = sorted((run_dir / "adapters").glob("round-*"))
     if not rounds or not (rounds[-1] / "adapter_model.safetensors").is_file():
         raise AuditError(f"{run_dir} is a partial run: no adapters/round-NNN/adapter_model.safetensors")
-    state = load_file(str(rounds[-1] / "adapter_model.safetensors"))
-    residuals = rounds[-1] / "frozen_residuals.safetensors"
+    _, path = run_adapter(run_dir)
+    state = load_file(str(path / "adapter_model.safetensors"))
+    residuals = path / "frozen_residuals.safetensors"
     if residuals.is_file():
         state.update(load_file(str(residuals)))
-    return state
+    return int(path.name.removeprefix("round-")), state
 
 
 def accountant_epsilon(run_dir: Path) -> float | None:
@@ -82,7 +87,7 @@ def score(run_dir: Path) -> dict[str, Any]:
     if not cpath.is_file():
         raise AuditError(f"{run_dir} is a partial run: no {audit.CANARIES_FILE}")
     canaries = audit.read_canaries(cpath)
-    state = _global_state(run_dir)
+    round_, state = _shipped_state(run_dir)
     resident = tasks.resident_model(cfg)
     model, tok = resident.model, resident.base.tokenizer
     a, d = cfg.audit, cfg.data
@@ -108,6 +113,7 @@ def score(run_dir: Path) -> dict[str, Any]:
     ]
     eps = accountant_epsilon(run_dir)
     result = {
+        "round": round_,  # the adapter scored: the one export and generate use
         "canaries": len(canaries),
         "members": len(mem),
         "repeats": a.repeats,
@@ -133,7 +139,12 @@ def score(run_dir: Path) -> dict[str, Any]:
     summary_path = run_dir / "summary.json"
     if summary_path.is_file():
         summary = json.loads(summary_path.read_text())
-        summary["audit"] = {"epsilon_lower_bound": lower, "epsilon_accountant": eps, "auc": result["auc"]}
+        summary["audit"] = {
+            "round": round_,
+            "epsilon_lower_bound": lower,
+            "epsilon_accountant": eps,
+            "auc": result["auc"],
+        }
         summary_path.write_text(json.dumps(summary, indent=2))
     log.info("audit: %s", table_line(result))
     bug = privacy_bug(lower, eps, a.confidence, delta)
@@ -159,7 +170,7 @@ def privacy_bug(lower: float, accountant: float | None, confidence: float, delta
 def table_line(result: dict[str, Any]) -> str:
     eps = result["epsilon_accountant"]
     return (
-        f"audit  AUC {result['auc']:.3f}  TPR@1%FPR {result['tpr_at_1pct_fpr']:.3f}"
+        f"audit (round {result['round']})  AUC {result['auc']:.3f}  TPR@1%FPR {result['tpr_at_1pct_fpr']:.3f}"
         f"  TPR@0.1%FPR {result['tpr_at_0.1pct_fpr']:.3f}  exposure(max) {result['exposure_max']:.2f}"
         f"  eps lower bound {result['epsilon_lower_bound']:.3f}"
         f"  accountant eps {'-' if eps is None else f'{eps:.3f}'}"

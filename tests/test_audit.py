@@ -4,6 +4,7 @@ hand-computed values, and memorisation on a tiny model with and without DP-SGD."
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -71,6 +72,37 @@ def test_too_many_canaries_are_refused_at_check_naming_the_key() -> None:
     with pytest.raises(ConfigError, match=r"audit.canaries: 3 canaries x 2 repeats = 6 records exceed the cap 5"):
         load_config(ROOT / "configs" / "tiny.yaml", ["audit.enabled=true", "audit.canaries=3", "audit.repeats=2"])
     load_config(ROOT / "configs" / "tiny.yaml", ["audit.enabled=true", "audit.canaries=5"])  # at the cap
+
+
+@pytest.mark.parametrize(
+    ("overrides", "names"),
+    [
+        (["task=classification"], "task: causal-lm"),
+        (["security.secure_aggregation=secagg+"], "security.secure_aggregation 'secagg+'"),
+    ],
+)
+def test_audit_is_refused_where_canaries_cannot_be_scored(overrides, names) -> None:
+    with pytest.raises(ConfigError, match=rf"audit.enabled: .*{re.escape(names)}"):
+        load_config(ROOT / "configs" / "tiny.yaml", ["audit.enabled=true", "audit.canaries=4", *overrides])
+
+
+def test_preflight_checks_the_canary_cap_of_a_user_file_client_by_client(tmp_path) -> None:
+    import json
+
+    from fedslm.server.preflight import preflight
+
+    rows = [{"question": f"q{i}", "answer": f"a{i}", "hospital": f"h{i % 4}"} for i in range(400)]
+    path = tmp_path / "qa.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    common = ["audit.enabled=true", f"data.source={path}", "audit.canaries=10"]
+    # 400 records less the 10% test split: 4 hospitals x 90, 9 held out for validation: 81 training
+    # records each, cap int(0.1 x 81) = 8 canary records
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", common)
+    held = [sum(c.member and c.client == i for c in audit.run_canaries(cfg)) for i in range(4)]
+    assert max(held) == 3  # measured for seed 0: the busiest client holds 3 member canaries
+    preflight(cfg)  # 3 records <= 8
+    with pytest.raises(ConfigError, match=r"audit.canaries: client \d would get 12 canary records, over the cap 8"):
+        preflight(load_config(ROOT / "configs" / "tiny.yaml", [*common, "audit.repeats=4"]))
 
 
 def test_roc_auc_and_tpr_at_fpr_by_hand() -> None:
@@ -254,7 +286,11 @@ def _audited_run(tmp_path: Path, fresh, dp, epsilon: float) -> Path:
     audit.write_canaries(run / audit.CANARIES_FILE, canaries)
     _train_on_members(fresh, canaries, dp, cfg.data.system_prompt)
     save_file(adapter_state(fresh.model), str(run / "adapters" / "round-001" / "adapter_model.safetensors"))
-    (run / "metrics.jsonl").write_text(json.dumps({"round": 1, "epsilon_max": epsilon, "best_round": 1}) + "\n")
+    # a later, worse round holding the untrained adapter: the audit must score the shipped (best) round 1
+    (run / "adapters" / "round-002").mkdir()
+    initial = {k: v.contiguous() for k, v in fresh.initial.items()}
+    save_file(initial, str(run / "adapters" / "round-002" / "adapter_model.safetensors"))
+    (run / "metrics.jsonl").write_text(json.dumps({"round": 2, "epsilon_max": epsilon, "best_round": 1}) + "\n")
     return run
 
 
@@ -276,6 +312,7 @@ def test_fedslm_audit_exits_1_with_both_figures_when_the_bound_exceeds_a_broken_
     assert main(["audit", str(run)]) == 0
     result = json.loads((run / "audit.json").read_text())
     lower = result["epsilon_lower_bound"]
+    assert result["round"] == 1  # the best round, not the last (whose untrained adapter scores AUC 0.5)
     # measured: 40 guesses, 36 correct -> 1.65 at delta 1e-5; any real memorisation gives > 0.5
     assert 0.5 < lower < 50.0 and result["delta"] == 1e-5
     capsys.readouterr()
