@@ -30,7 +30,6 @@ from typing import Any, Literal
 from fedslm.strategies.registry import check_strategy_config
 
 from fedslm import data as data_mod
-from fedslm.audit import check_canary_cap
 from fedslm.config import ConfigError, RunConfig, client_profile, config_from_dict, load_config
 from fedslm.data import DataError
 from fedslm.modelinfo import ModelInfo, ModelLoadError, cache_root, check_lora_targets, model_info
@@ -91,7 +90,10 @@ def _check_data(cfg: RunConfig, scope: Scope) -> Preflight:
     parts: list[list[dict[str, Any]]] = []
     if scope == "simulation":
         parts = data_mod.client_partitions(d, cache_root(cfg.model), cfg.federation.num_clients, records)
-        check_canary_cap(cfg, [len(p) for p in parts])
+        if cfg.audit.enabled:
+            from fedslm.audit import check_canary_cap  # numpy, scipy: only for an audited run
+
+            check_canary_cap(cfg, [len(p) for p in parts])
     test = min(len(test_idx), d.eval_size) if d.eval_size else len(test_idx)
     return Preflight(cfg, client_records=tuple(len(p) for p in parts), test_records=test)
 
