@@ -64,14 +64,34 @@ def _shipped_state(run_dir: Path) -> tuple[int, dict[str, Any]]:
     return int(path.name.removeprefix("round-")), state
 
 
-def accountant_epsilon(run_dir: Path) -> float | None:
-    """The largest cumulative client epsilon the accountant reported in the run (None without local DP)."""
+def accountant_epsilon(run_dir: Path, key: str = "epsilon_max") -> float | None:
+    """The largest figure under ``key`` in the run's metrics rows: ``epsilon_max`` the cumulative client
+    (local DP) epsilon, ``epsilon_central`` the central (client-level) one; None when never reported."""
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         return None
-    values = [json.loads(line).get("epsilon_max") for line in path.read_text().splitlines() if line.strip()]
+    values = [json.loads(line).get(key) for line in path.read_text().splitlines() if line.strip()]
     values = [v for v in values if v is not None]
     return max(values) if values else None
+
+
+def client_level(cfg: RunConfig, state: dict[str, Any], initial: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+    """The client-level audit of central DP: Andrew et al.'s estimate from the shipped adapter's delta
+    (:func:`fedslm.audit.client_level_epsilon`), beside the central accountant's epsilon.
+
+    The canaries live in the space of the tensors the aggregate holds, sorted by key; those are the
+    ones that moved (central DP noises every one of them), so keys equal to the initial adapter are left
+    out."""
+    moved = {
+        k: (v.double() - initial[k].double()).numpy()
+        for k, v in state.items()
+        if k in initial and not bool((v == initial[k]).all())
+    }
+    if not moved:
+        raise AuditError(f"{run_dir}: the shipped adapter equals the initial one; no client-level audit")
+    p = cfg.privacy
+    estimate = audit.client_level_epsilon(audit.flatten(moved), cfg.seed, cfg.audit.client_canaries, p.central_delta)
+    return {**estimate, "epsilon_central": accountant_epsilon(run_dir, "epsilon_central")}
 
 
 def score(run_dir: Path) -> dict[str, Any]:
@@ -112,6 +132,7 @@ def score(run_dir: Path) -> dict[str, Any]:
         audit.exposure(final[i], cand_loss[i * a.candidates : (i + 1) * a.candidates]) for i in range(len(canaries))
     ]
     eps = accountant_epsilon(run_dir)
+    clients = client_level(cfg, state, resident.initial, run_dir) if a.client_canaries else None
     result = {
         "round": round_,  # the adapter scored: the one export and generate use
         "canaries": len(canaries),
@@ -129,6 +150,7 @@ def score(run_dir: Path) -> dict[str, Any]:
         "delta": delta,
         "epsilon_lower_bound": lower,
         "epsilon_accountant": eps,
+        "client_level": clients,  # audit.client_canaries: Andrew et al.'s estimate vs epsilon_central
         "per_canary": [
             {"index": c.index, "member": c.member, "client": c.client, "loss": f, "base_loss": b, "exposure": e}
             for c, f, b, e in zip(canaries, final, base, exposures, strict=True)
@@ -144,6 +166,8 @@ def score(run_dir: Path) -> dict[str, Any]:
             "epsilon_lower_bound": lower,
             "epsilon_accountant": eps,
             "auc": result["auc"],
+            "client_level_epsilon": None if clients is None else clients["epsilon_lower_bound"],
+            "epsilon_central": None if clients is None else clients["epsilon_central"],
         }
         summary_path.write_text(json.dumps(summary, indent=2))
     log.info("audit: %s", table_line(result))
@@ -173,7 +197,17 @@ def table_line(result: dict[str, Any]) -> str:
         f"audit (round {result['round']})  AUC {result['auc']:.3f}  TPR@1%FPR {result['tpr_at_1pct_fpr']:.3f}"
         f"  TPR@0.1%FPR {result['tpr_at_0.1pct_fpr']:.3f}  exposure(max) {result['exposure_max']:.2f}"
         f"  eps lower bound {result['epsilon_lower_bound']:.3f}"
-        f"  accountant eps {'-' if eps is None else f'{eps:.3f}'}"
+        f"  accountant eps {'-' if eps is None else f'{eps:.3f}'}" + _client_part(result.get("client_level"))
+    )
+
+
+def _client_part(clients: dict[str, Any] | None) -> str:
+    if not clients:
+        return ""
+    central = clients["epsilon_central"]
+    return (
+        f"  client-level eps estimate {clients['epsilon_lower_bound']:.3f} (mu {clients['mu']:.2f})"
+        f"  central eps {'-' if central is None else f'{central:.3f}'}"
     )
 
 

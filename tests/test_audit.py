@@ -7,6 +7,7 @@ import math
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from fedslm import audit, data
@@ -338,3 +339,108 @@ def test_fedslm_audit_does_not_fire_on_a_correct_dp_run(tiny_peft, tmp_path, cap
     result = json.loads((run / "audit.json").read_text())
     assert result["epsilon_accountant"] == pytest.approx(epsilon)
     assert result["epsilon_lower_bound"] <= epsilon
+
+
+# -- client-level audit of central DP (Andrew et al., ICLR 2024) -----------------------------------
+
+
+def test_gdp_to_eps_delta_by_hand_and_a_known_value() -> None:
+    # mu = 1, eps = 1: Phi(-1 + 0.5) - e Phi(-1 - 0.5) = 0.308538 - 2.718282 * 0.066807 = 0.126937
+    assert audit.gdp_delta(1.0, 1.0) == pytest.approx(0.126937, abs=1e-6)
+    assert audit.gdp_epsilon(1.0, 0.126937) == pytest.approx(1.0, abs=1e-4)
+    # eps = 0: 2 Phi(mu / 2) - 1 = 2 * 0.691462 - 1 = 0.382925: any delta above it needs no epsilon
+    assert audit.gdp_delta(1.0, 0.0) == pytest.approx(0.382925, abs=1e-6)
+    assert audit.gdp_epsilon(1.0, 0.4) == 0.0
+    # the textbook figure: 1-GDP is (4.38, 1e-5)-DP (Dong, Roth & Su 2022)
+    assert audit.gdp_epsilon(1.0, 1e-5) == pytest.approx(4.377, abs=1e-3)
+    assert audit.gdp_epsilon(-0.2, 1e-5) == 0.0  # inserted canaries below the fresh ones: nothing leaks
+
+
+def test_gdp_mu_by_hand() -> None:
+    # means 4 and 0; fresh sample std (ddof 1) of (-1, 0, 1) is 1
+    assert audit.gdp_mu([3.0, 4.0, 5.0], [-1.0, 0.0, 1.0]) == pytest.approx(4.0)
+    with pytest.raises(audit.AuditError, match="two fresh"):
+        audit.gdp_mu([1.0], [0.0])
+
+
+def test_canary_directions_are_unit_deterministic_and_nearly_orthogonal() -> None:
+    a, b = audit.canary_direction(3, 0, 4000), audit.canary_direction(3, 1, 4000)
+    assert np.linalg.norm(a) == pytest.approx(1.0) and np.array_equal(a, audit.canary_direction(3, 0, 4000))
+    assert abs(float(a @ b)) < 4 / math.sqrt(4000)  # 4 standard deviations of a random cosine
+
+
+@pytest.mark.parametrize(
+    ("sigma", "separates"),
+    # model delta = the 100 inserted canaries' sum + N(0, sigma^2 I) in 5000 dimensions; each canary
+    # sees the others and the noise as noise, so mu is about 1 / sqrt(sigma^2 + 99 / 5000) (the Gaussian
+    # mechanism's own mu at sensitivity 1): 7.1 at sigma 0.01, 0.1 at sigma 10 (measured 6.81 and 0.046)
+    [(0.01, True), (10.0, False)],
+)
+def test_client_level_estimate_separates_inserted_canaries_only_under_small_noise(sigma, separates) -> None:
+    dim, k = 5000, 100
+    noise = np.random.default_rng(0).standard_normal(dim)
+    model_delta = sum(audit.canary_direction(3, i, dim) for i in range(k)) + sigma * noise
+    est = audit.client_level_epsilon(model_delta, 3, k, 1e-5)
+    expected_mu = 1 / math.sqrt(sigma**2 + (k - 1) / dim)
+    if separates:
+        assert est["mu"] == pytest.approx(expected_mu, rel=0.15) and est["epsilon_lower_bound"] > 20
+    else:
+        # mu's sampling error with 100 canaries is about 0.1: |mu| < 0.35 is 3 standard errors
+        assert abs(est["mu"]) < 0.35 and est["epsilon_lower_bound"] < 1.5
+    assert abs(est["cos_fresh_mean"]) < 3 * est["cos_fresh_std"] / math.sqrt(k)
+
+
+def test_central_dp_inserts_the_canary_clients_into_the_aggregate_before_the_noise() -> None:
+    from fedslm.strategies import registry
+    from fedslm.strategies.central_dp import CentralDP
+    from flower_fakes import train_reply
+    from flwr.app import Array, ArrayRecord, ConfigRecord
+
+    from fedslm.config import config_from_dict
+
+    cfg = config_from_dict(
+        {
+            "federation": {"num_clients": 2, "min_train_clients": 2},
+            "privacy": {"mode": "central", "central_noise_multiplier": 0.0, "central_clipping_norm": 1.0},
+            "audit": {"enabled": True, "client_canaries": 3, "canaries": 2},
+            "data": {"num_records": 2000},
+        }
+    )
+    strategy = registry.build(cfg)
+    assert isinstance(strategy, CentralDP) and strategy.client_canaries == 3
+
+    class _Grid:
+        def get_node_ids(self) -> list[int]:
+            return [11, 12]
+
+    glob = {"a.lora_A.weight": np.zeros(2, dtype=np.float32), "b.lora_B.weight": np.zeros(2, dtype=np.float32)}
+    msgs = list(
+        strategy.configure_train(1, ArrayRecord({k: Array(v) for k, v in glob.items()}), ConfigRecord(), _Grid())
+    )
+    one = {"a.lora_A.weight": np.array([0.5, 0], dtype=np.float32), "b.lora_B.weight": np.zeros(2, dtype=np.float32)}
+    two = {"a.lora_A.weight": np.zeros(2, dtype=np.float32), "b.lora_B.weight": np.array([0, 0.5], dtype=np.float32)}
+    replies = [train_reply(m.metadata.dst_node_id, u, 10) for m, u in zip(msgs, (one, two), strict=True)]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    got = audit.flatten({k: v.numpy() for k, v in arrays.items()})
+    # the clients' mean (0.25, 0, 0, 0.25) plus C/m = 1/2 times the 3 canary directions in 4 dimensions
+    canaries = sum(audit.canary_direction(cfg.seed, i, 4) for i in range(3))
+    np.testing.assert_allclose(got, np.array([0.25, 0, 0, 0.25]) + 0.5 * canaries, atol=1e-6)
+    with pytest.raises(ConfigError, match="audit.client_canaries: 3 canary clients audit central DP"):
+        config_from_dict({"audit": {"enabled": True, "client_canaries": 3, "canaries": 2}})
+
+
+def test_client_level_audit_reads_the_central_accountant_beside_the_estimate(tmp_path) -> None:
+    import json
+
+    import torch
+    from fedslm.server.audit import client_level
+
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", ["privacy.mode=central", "audit.client_canaries=20", *AUDIT_ON])
+    initial = {"a": torch.zeros(40, 50), "b": torch.ones(50, 40), "c": torch.zeros(3)}
+    grown = audit.insert_client_canaries({k: v.numpy() for k, v in initial.items() if k != "c"}, cfg.seed, 20, 1.0)
+    state = {**{k: torch.from_numpy(v) for k, v in grown.items()}, "c": initial["c"]}  # c never moved
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"epsilon_central": e}) + "\n" for e in (1.5, 2.5)))
+    got = client_level(cfg, state, initial, tmp_path)
+    # 20 canaries without noise in 4000 dimensions: mu about sqrt(4000 / 19) = 14.5, a huge epsilon
+    assert got["epsilon_central"] == 2.5 and got["canaries"] == 20 and got["delta"] == cfg.privacy.central_delta
+    assert got["mu"] > 8 and got["epsilon_lower_bound"] > 30
