@@ -46,17 +46,21 @@ def _run_config(run_dir: Path) -> RunConfig:
         raise AuditError(f"{run_dir / 'config.yaml'}: {e}") from None
 
 
-def _shipped_state(run_dir: Path) -> tuple[int, dict[str, Any]]:
-    """(round, adapter state) of the adapter the run ships: the best round, as export and generate
-    pick it (:func:`fedslm.export.run_adapter`), else the last one."""
-    from safetensors.torch import load_file
-
+def _adapter_dirs(run_dir: Path) -> tuple[Path, Path]:
+    """(the adapter the run ships, its last round's adapter). The shipped one is the best round, as
+    export and generate pick it (:func:`fedslm.export.run_adapter`), else the last one."""
     from fedslm.export import run_adapter
 
     rounds = sorted((run_dir / "adapters").glob("round-*"))
     if not rounds or not (rounds[-1] / "adapter_model.safetensors").is_file():
         raise AuditError(f"{run_dir} is a partial run: no adapters/round-NNN/adapter_model.safetensors")
-    _, path = run_adapter(run_dir)
+    return run_adapter(run_dir)[1], rounds[-1]
+
+
+def _round_state(path: Path) -> tuple[int, dict[str, Any]]:
+    """(round, adapter state with its frozen residuals) of an ``adapters/round-NNN`` dir."""
+    from safetensors.torch import load_file
+
     state = load_file(str(path / "adapter_model.safetensors"))
     residuals = path / "frozen_residuals.safetensors"
     if residuals.is_file():
@@ -76,7 +80,7 @@ def accountant_epsilon(run_dir: Path, key: str = "epsilon_max") -> float | None:
 
 
 def client_level(cfg: RunConfig, state: dict[str, Any], initial: dict[str, Any], run_dir: Path) -> dict[str, Any]:
-    """The client-level audit of central DP: Andrew et al.'s estimate from the shipped adapter's delta
+    """The client-level audit of central DP: Andrew et al.'s estimate from the final adapter's delta
     (:func:`fedslm.audit.client_level_epsilon`), beside the central accountant's epsilon.
 
     The canaries live in the space of the tensors the aggregate holds, sorted by key; those are the
@@ -88,7 +92,7 @@ def client_level(cfg: RunConfig, state: dict[str, Any], initial: dict[str, Any],
         if k in initial and not bool((v == initial[k]).all())
     }
     if not moved:
-        raise AuditError(f"{run_dir}: the shipped adapter equals the initial one; no client-level audit")
+        raise AuditError(f"{run_dir}: the last adapter equals the initial one; no client-level audit")
     p = cfg.privacy
     estimate = audit.client_level_epsilon(audit.flatten(moved), cfg.seed, cfg.audit.client_canaries, p.central_delta)
     return {**estimate, "epsilon_central": accountant_epsilon(run_dir, "epsilon_central")}
@@ -107,7 +111,8 @@ def score(run_dir: Path) -> dict[str, Any]:
     if not cpath.is_file():
         raise AuditError(f"{run_dir} is a partial run: no {audit.CANARIES_FILE}")
     canaries = audit.read_canaries(cpath)
-    round_, state = _shipped_state(run_dir)
+    shipped, last = _adapter_dirs(run_dir)
+    round_, state = _round_state(shipped)
     resident = tasks.resident_model(cfg)
     model, tok = resident.model, resident.base.tokenizer
     a, d = cfg.audit, cfg.data
@@ -132,7 +137,10 @@ def score(run_dir: Path) -> dict[str, Any]:
         audit.exposure(final[i], cand_loss[i * a.candidates : (i + 1) * a.candidates]) for i in range(len(canaries))
     ]
     eps = accountant_epsilon(run_dir)
-    clients = client_level(cfg, state, resident.initial, run_dir) if a.client_canaries else None
+    clients = None
+    if a.client_canaries:  # the mechanism's leak: the final model, whichever round ships
+        last_round, last_state = _round_state(last)
+        clients = {"round": last_round, **client_level(cfg, last_state, resident.initial, run_dir)}
     result = {
         "round": round_,  # the adapter scored: the one export and generate use
         "canaries": len(canaries),
