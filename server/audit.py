@@ -9,6 +9,7 @@ secrets get cheaper than under the base.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -103,6 +104,7 @@ def score(run_dir: Path) -> dict[str, Any]:
     from fedslm import tasks
     from fedslm.adapters import load_adapter_state
 
+    t0 = time.perf_counter()
     run_dir = Path(run_dir)
     cfg = _run_config(run_dir)
     if not cfg.audit.enabled:
@@ -164,6 +166,7 @@ def score(run_dir: Path) -> dict[str, Any]:
             for c, f, b, e in zip(canaries, final, base, exposures, strict=True)
         ],
     }
+    result["score_s"] = time.perf_counter() - t0  # the audit's own cost: scoring (model loads included)
     (run_dir / AUDIT_JSON).write_text(json.dumps(result, indent=2))
     _plot(audit.roc_curve(mem, non), result["auc"], run_dir / ROC_PNG)
     summary_path = run_dir / "summary.json"

@@ -314,6 +314,7 @@ def test_fedslm_audit_exits_1_with_both_figures_when_the_bound_exceeds_a_broken_
     result = json.loads((run / "audit.json").read_text())
     lower = result["epsilon_lower_bound"]
     assert result["round"] == 1  # the best round, not the last (whose untrained adapter scores AUC 0.5)
+    assert result["score_s"] > 0 and result["client_level"] is None  # no canary clients asked for
     # measured: 40 guesses, 36 correct -> 1.65 at delta 1e-5; any real memorisation gives > 0.5
     assert 0.5 < lower < 50.0 and result["delta"] == 1e-5
     capsys.readouterr()
