@@ -9,6 +9,10 @@
   :func:`tpr_at_fpr`, :func:`exposure` (Carlini et al., The Secret Sharer, 2019) and
   :func:`epsilon_lower_bound` (Steinke, Nasr & Jagielski, NeurIPS 2023, one-run audit, for
   (eps, delta)-DP and canaries repeated ``repeats`` times).
+- Client-level audit of central DP (Andrew et al., "One-shot empirical privacy estimation for federated
+  learning", ICLR 2024): :func:`insert_client_canaries` adds canary clients' updates, unit random
+  directions, to a round's aggregate; :func:`client_level_epsilon` compares the cosines of the final
+  model delta with the inserted directions against fresh ones and converts the Gaussian fit to epsilon.
 """
 
 from __future__ import annotations
@@ -17,14 +21,18 @@ import json
 import math
 import random
 import string
+from collections import Counter
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from scipy.stats import binom
+import numpy as np
+from scipy.stats import binom, norm
 
-from .config import AUDIT_MAX_FRACTION, RunConfig
+from .config import AUDIT_MAX_FRACTION, ConfigError, RunConfig
 from .errors import FedslmError
+from .plan import validation_size
 
 CODE_ALPHABET = string.ascii_uppercase + string.digits
 CODE_LENGTH = 8
@@ -92,18 +100,39 @@ def insert_canaries(cfg: RunConfig, client_id: int, train_records: list[dict[str
         return train_records
     mine = [c for c in run_canaries(cfg) if c.member and c.client == client_id]
     extra = [c.record(cfg.data.prompt_column, cfg.data.response_column) for c in mine for _ in range(cfg.audit.repeats)]
-    cap = int(AUDIT_MAX_FRACTION * len(train_records))
-    if len(extra) > cap:
-        raise AuditError(
-            f"audit.canaries: client {client_id} would get {len(extra)} canary records, over the cap {cap}"
-            f" ({AUDIT_MAX_FRACTION:.0%} of its {len(train_records)} training records); lower audit.canaries"
-            " or audit.repeats"
-        )
+    if len(extra) > canary_cap(len(train_records)):
+        raise AuditError(_over_cap(client_id, len(extra), len(train_records)))
     out = list(train_records)
     rng = random.Random(f"insert-{cfg.seed}-{client_id}-{_SALT}")
     for rec in extra:
         out.insert(rng.randint(0, len(out)), rec)
     return out
+
+
+def canary_cap(train_records: int) -> int:
+    """The most canary records a client with ``train_records`` training records may get."""
+    return int(AUDIT_MAX_FRACTION * train_records)
+
+
+def _over_cap(client_id: int, extra: int, train_records: int) -> str:
+    return (
+        f"audit.canaries: client {client_id} would get {extra} canary records, over the cap"
+        f" {canary_cap(train_records)} ({AUDIT_MAX_FRACTION:.0%} of its {train_records} training records);"
+        " lower audit.canaries or audit.repeats"
+    )
+
+
+def check_canary_cap(cfg: RunConfig, partition_sizes: Sequence[int]) -> None:
+    """The preflight's check, for any data source: each client's member canaries (``repeats`` copies)
+    within :func:`canary_cap` of its training records (its partition less its validation hold-out), as
+    :func:`insert_canaries` will find them. ``partition_sizes`` are the clients' record counts, by id."""
+    if not cfg.audit.enabled:
+        return
+    held = Counter(c.client for c in run_canaries(cfg) if c.member)
+    for client_id, size in enumerate(partition_sizes):
+        train = size - validation_size(size)
+        if held[client_id] * cfg.audit.repeats > canary_cap(train):
+            raise ConfigError(_over_cap(client_id, held[client_id] * cfg.audit.repeats, train))
 
 
 def write_canaries(path: Path, canaries: list[Canary]) -> None:
@@ -228,6 +257,93 @@ def epsilon_lower_bound(
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if rejected(mid) else (lo, mid)
     return lo
+
+
+# -- client-level audit of central DP (Andrew et al., ICLR 2024) ----------------------------------
+
+
+def canary_direction(seed: int, index: int, dim: int) -> np.ndarray:
+    """Canary client ``index``'s update direction: a unit vector, uniformly random on the sphere of
+    ``dim`` dimensions (a normalised Gaussian), deterministic per (seed, index, dim)."""
+    v = np.random.default_rng([seed, _SALT, index]).standard_normal(dim)
+    return v / np.linalg.norm(v)
+
+
+def flatten(tensors: dict[str, np.ndarray]) -> np.ndarray:
+    """All tensors as one float64 vector, keys in sorted order (the canaries' coordinate system)."""
+    return np.concatenate([np.asarray(tensors[k], dtype=np.float64).ravel() for k in sorted(tensors)])
+
+
+def insert_client_canaries(
+    tensors: dict[str, np.ndarray], seed: int, count: int, scale: float
+) -> dict[str, np.ndarray]:
+    """``tensors`` plus ``scale`` times the sum of canary directions 0..count-1 (each canary client's
+    update, clipped to the clipping norm C and weighted 1/m in the mean, has ``scale`` = C/m)."""
+    if count <= 0:
+        return tensors
+    dim = sum(int(np.asarray(v).size) for v in tensors.values())
+    total = scale * sum(canary_direction(seed, i, dim) for i in range(count))
+    out, start = {}, 0
+    for k in sorted(tensors):
+        v = np.asarray(tensors[k])
+        out[k] = (v + total[start : start + v.size].reshape(v.shape)).astype(v.dtype)
+        start += v.size
+    return out
+
+
+def cosines(vector: np.ndarray, directions: list[np.ndarray]) -> list[float]:
+    """cos(vector, d) for unit directions d (0 for a zero vector)."""
+    length = float(np.linalg.norm(vector))
+    return [0.0 if length == 0 else float(vector @ d) / length for d in directions]
+
+
+def gdp_mu(inserted: list[float], fresh: list[float]) -> float:
+    """The mu of a Gaussian fit: (mean of the inserted canaries' cosines - mean of the fresh ones) / the
+    fresh ones' standard deviation (sample, ddof 1)."""
+    if len(fresh) < 2 or not inserted:
+        raise AuditError("the client-level audit needs at least one inserted and two fresh canaries")
+    out = np.asarray(fresh, dtype=np.float64)
+    return float((np.mean(inserted) - out.mean()) / out.std(ddof=1))
+
+
+def gdp_delta(mu: float, eps: float) -> float:
+    """delta(eps) of mu-GDP (Dong, Roth & Su 2022, Corollary 2.13):
+    Phi(-eps/mu + mu/2) - e^eps Phi(-eps/mu - mu/2)."""
+    return float(norm.cdf(-eps / mu + mu / 2) - math.exp(eps + norm.logcdf(-eps / mu - mu / 2)))
+
+
+def gdp_epsilon(mu: float, delta: float) -> float:
+    """The smallest eps with mu-GDP => (eps, delta)-DP (0 when mu <= 0 or delta(0) <= delta);
+    delta(eps) decreases in eps, so a bisection finds it."""
+    if mu <= 0 or gdp_delta(mu, 0.0) <= delta:
+        return 0.0
+    lo, hi = 0.0, 1.0
+    while gdp_delta(mu, hi) > delta:
+        lo, hi = hi, hi * 2.0
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if gdp_delta(mu, mid) > delta else (lo, mid)
+    return hi
+
+
+def client_level_epsilon(model_delta: np.ndarray, seed: int, count: int, delta: float) -> dict[str, float]:
+    """Andrew et al.'s one-shot estimate: cosines of ``model_delta`` with the ``count`` inserted canary
+    directions and with ``count`` fresh ones (indices count..2count-1, never inserted), mu of their
+    Gaussian fit (:func:`gdp_mu`), and the epsilon of mu-GDP at ``delta`` (:func:`gdp_epsilon`).
+    An estimate from one run, without a confidence level."""
+    dim = int(model_delta.size)
+    inserted = cosines(model_delta, [canary_direction(seed, i, dim) for i in range(count)])
+    fresh = cosines(model_delta, [canary_direction(seed, count + i, dim) for i in range(count)])
+    mu = gdp_mu(inserted, fresh)
+    return {
+        "canaries": count,
+        "cos_inserted_mean": float(np.mean(inserted)),
+        "cos_fresh_mean": float(np.mean(fresh)),
+        "cos_fresh_std": float(np.std(fresh, ddof=1)),
+        "mu": mu,
+        "delta": delta,
+        "epsilon_lower_bound": gdp_epsilon(mu, delta),
+    }
 
 
 # -- scoring with a model --------------------------------------------------------------------

@@ -361,6 +361,12 @@ class AuditConfig:
     guess_fraction: float = _f(0.2, "share of canaries guessed (half member, half non-member); others abstain")
     candidates: int = _f(100, "random secrets of the same format each canary is ranked among (exposure)")
     confidence: float = _f(0.95, "confidence of the empirical epsilon lower bound")
+    client_canaries: int = _f(
+        0,
+        "central DP: canary clients whose updates (unit random directions, norm = the clipping norm) the"
+        " server adds to every round's aggregate, for a client-level epsilon estimate (0 = off); few"
+        " against the clients per round, or they move the model",
+    )
 
     def __post_init__(self) -> None:
         _check(self.canaries >= 2, "audit.canaries", f"{self.canaries} must be >= 2")
@@ -368,6 +374,7 @@ class AuditConfig:
         _check(0 < self.guess_fraction <= 1, "audit.guess_fraction", f"{self.guess_fraction} not in (0, 1]")
         _check(self.candidates >= 1, "audit.candidates", f"{self.candidates} must be >= 1")
         _check(0.5 <= self.confidence < 1, "audit.confidence", f"{self.confidence} not in [0.5, 1)")
+        _check(self.client_canaries >= 0, "audit.client_canaries", f"{self.client_canaries} must be >= 0")
 
 
 @dataclass
@@ -427,11 +434,31 @@ _SECTIONS: dict[str, type] = {
 
 def _check_audit(cfg: RunConfig) -> None:
     """Worst case, every member canary lands on one client: its copies must stay within
-    :data:`AUDIT_MAX_FRACTION` of a client's share of the training records (bundled data; a user
-    file's size is known only when loaded, where the same cap is checked again)."""
+    :data:`AUDIT_MAX_FRACTION` of a client's share of the training records (bundled data; any source
+    is checked again, client by client, in the preflight: :func:`fedslm.audit.check_canary_cap`).
+    Canaries need a causal-LM task and the normal (not SecAgg+) server, which scores them."""
     a = cfg.audit
-    if not a.enabled or cfg.data.source != "triage":
+    if not a.enabled:
         return
+    _check(
+        cfg.task == "causal-lm",
+        "audit.enabled",
+        "canaries are question/answer secrets scored by the answer's loss; a classification task has no"
+        " answer text to memorise: set audit.enabled: false, or task: causal-lm",
+    )
+    _check(
+        not cfg.security.secure,
+        "audit.enabled",
+        f"is not supported with security.secure_aggregation {cfg.security.secure_aggregation!r} (the SecAgg+"
+        " workflow does not score canaries): set audit.enabled: false, or security.secure_aggregation: none",
+    )
+    _check(
+        a.client_canaries == 0 or cfg.privacy.central,
+        "audit.client_canaries",
+        f"{a.client_canaries} canary clients audit central DP: set privacy.mode central or both, or 0",
+    )
+    if cfg.data.source != "triage":
+        return  # a user file's size is known only when loaded: the preflight checks the cap there
     per_client = int(cfg.data.num_records * (1 - cfg.data.test_fraction)) // cfg.federation.num_clients
     cap = int(AUDIT_MAX_FRACTION * per_client)
     _check(

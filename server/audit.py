@@ -1,5 +1,5 @@
-"""Score a run's canaries with its global adapter: ``audit.json``, ``audit-roc.png``, and the audit's
-epsilon lower bound beside the accountant's epsilon in ``summary.json``.
+"""Score a run's canaries with its shipped adapter (the best round): ``audit.json``, ``audit-roc.png``,
+and the audit's epsilon lower bound beside the accountant's epsilon in ``summary.json``.
 
 Called after the last round (when ``audit.enabled``) and by ``fedslm audit RUN_DIR``. The score of a
 canary is its answer's loss under the base model minus its loss under the global model: memorised
@@ -9,12 +9,14 @@ secrets get cheaper than under the base.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
 from fedslm import audit
 from fedslm.audit import AuditError
 from fedslm.config import ConfigError, RunConfig, load_config
+from fedslm.errors import RunFailedError
 from fedslm.logs import get_logger
 
 log = get_logger(__name__)
@@ -23,9 +25,9 @@ AUDIT_JSON = "audit.json"
 ROC_PNG = "audit-roc.png"
 
 
-class PrivacyAuditFailure(RuntimeError):
+class PrivacyAuditFailure(RunFailedError):
     """The empirical lower bound exceeds the accountant's epsilon: the DP implementation leaks more than
-    it claims (a privacy bug)."""
+    it claims (a privacy bug). The run finished; its results must not be trusted (exit 1)."""
 
 
 def start(run_dir: Path, cfg: RunConfig) -> None:
@@ -45,27 +47,56 @@ def _run_config(run_dir: Path) -> RunConfig:
         raise AuditError(f"{run_dir / 'config.yaml'}: {e}") from None
 
 
-def _global_state(run_dir: Path) -> dict[str, Any]:
-    from safetensors.torch import load_file
+def _adapter_dirs(run_dir: Path) -> tuple[Path, Path]:
+    """(the adapter the run ships, its last round's adapter). The shipped one is the best round, as
+    export and generate pick it (:func:`fedslm.export.run_adapter`), else the last one."""
+    from fedslm.export import run_adapter
 
     rounds = sorted((run_dir / "adapters").glob("round-*"))
     if not rounds or not (rounds[-1] / "adapter_model.safetensors").is_file():
         raise AuditError(f"{run_dir} is a partial run: no adapters/round-NNN/adapter_model.safetensors")
-    state = load_file(str(rounds[-1] / "adapter_model.safetensors"))
-    residuals = rounds[-1] / "frozen_residuals.safetensors"
+    return run_adapter(run_dir)[1], rounds[-1]
+
+
+def _round_state(path: Path) -> tuple[int, dict[str, Any]]:
+    """(round, adapter state with its frozen residuals) of an ``adapters/round-NNN`` dir."""
+    from safetensors.torch import load_file
+
+    state = load_file(str(path / "adapter_model.safetensors"))
+    residuals = path / "frozen_residuals.safetensors"
     if residuals.is_file():
         state.update(load_file(str(residuals)))
-    return state
+    return int(path.name.removeprefix("round-")), state
 
 
-def accountant_epsilon(run_dir: Path) -> float | None:
-    """The largest cumulative client epsilon the accountant reported in the run (None without local DP)."""
+def accountant_epsilon(run_dir: Path, key: str = "epsilon_max") -> float | None:
+    """The largest figure under ``key`` in the run's metrics rows: ``epsilon_max`` the cumulative client
+    (local DP) epsilon, ``epsilon_central`` the central (client-level) one; None when never reported."""
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         return None
-    values = [json.loads(line).get("epsilon_max") for line in path.read_text().splitlines() if line.strip()]
+    values = [json.loads(line).get(key) for line in path.read_text().splitlines() if line.strip()]
     values = [v for v in values if v is not None]
     return max(values) if values else None
+
+
+def client_level(cfg: RunConfig, state: dict[str, Any], initial: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+    """The client-level audit of central DP: Andrew et al.'s estimate from the final adapter's delta
+    (:func:`fedslm.audit.client_level_epsilon`), beside the central accountant's epsilon.
+
+    The canaries live in the space of the tensors the aggregate holds, sorted by key; those are the
+    ones that moved (central DP noises every one of them), so keys equal to the initial adapter are left
+    out."""
+    moved = {
+        k: (v.double() - initial[k].double()).numpy()
+        for k, v in state.items()
+        if k in initial and not bool((v == initial[k]).all())
+    }
+    if not moved:
+        raise AuditError(f"{run_dir}: the last adapter equals the initial one; no client-level audit")
+    p = cfg.privacy
+    estimate = audit.client_level_epsilon(audit.flatten(moved), cfg.seed, cfg.audit.client_canaries, p.central_delta)
+    return {**estimate, "epsilon_central": accountant_epsilon(run_dir, "epsilon_central")}
 
 
 def score(run_dir: Path) -> dict[str, Any]:
@@ -73,6 +104,7 @@ def score(run_dir: Path) -> dict[str, Any]:
     from fedslm import tasks
     from fedslm.adapters import load_adapter_state
 
+    t0 = time.perf_counter()
     run_dir = Path(run_dir)
     cfg = _run_config(run_dir)
     if not cfg.audit.enabled:
@@ -81,7 +113,8 @@ def score(run_dir: Path) -> dict[str, Any]:
     if not cpath.is_file():
         raise AuditError(f"{run_dir} is a partial run: no {audit.CANARIES_FILE}")
     canaries = audit.read_canaries(cpath)
-    state = _global_state(run_dir)
+    shipped, last = _adapter_dirs(run_dir)
+    round_, state = _round_state(shipped)
     resident = tasks.resident_model(cfg)
     model, tok = resident.model, resident.base.tokenizer
     a, d = cfg.audit, cfg.data
@@ -99,12 +132,19 @@ def score(run_dir: Path) -> dict[str, Any]:
     mem, non = audit.split_scores(scores, members)
     k = max(1, round(a.guess_fraction * len(canaries) / 2))
     r, v = audit.guesses(scores, members, k, k)
-    lower = audit.epsilon_lower_bound(r, v, a.confidence)
+    # the per-record (eps, delta) claim of local DP, each member canary inserted `repeats` times
+    delta = cfg.privacy.delta
+    lower = audit.epsilon_lower_bound(r, v, a.confidence, m=len(canaries), delta=delta, group=a.repeats)
     exposures = [
         audit.exposure(final[i], cand_loss[i * a.candidates : (i + 1) * a.candidates]) for i in range(len(canaries))
     ]
     eps = accountant_epsilon(run_dir)
+    clients = None
+    if a.client_canaries:  # the mechanism's leak: the final model, whichever round ships
+        last_round, last_state = _round_state(last)
+        clients = {"round": last_round, **client_level(cfg, last_state, resident.initial, run_dir)}
     result = {
+        "round": round_,  # the adapter scored: the one export and generate use
         "canaries": len(canaries),
         "members": len(mem),
         "repeats": a.repeats,
@@ -117,36 +157,68 @@ def score(run_dir: Path) -> dict[str, Any]:
         "guesses": r,
         "correct": v,
         "confidence": a.confidence,
+        "delta": delta,
         "epsilon_lower_bound": lower,
         "epsilon_accountant": eps,
+        "client_level": clients,  # audit.client_canaries: Andrew et al.'s estimate vs epsilon_central
         "per_canary": [
             {"index": c.index, "member": c.member, "client": c.client, "loss": f, "base_loss": b, "exposure": e}
             for c, f, b, e in zip(canaries, final, base, exposures, strict=True)
         ],
     }
+    result["score_s"] = time.perf_counter() - t0  # the audit's own cost: scoring (model loads included)
     (run_dir / AUDIT_JSON).write_text(json.dumps(result, indent=2))
     _plot(audit.roc_curve(mem, non), result["auc"], run_dir / ROC_PNG)
     summary_path = run_dir / "summary.json"
     if summary_path.is_file():
         summary = json.loads(summary_path.read_text())
-        summary["audit"] = {"epsilon_lower_bound": lower, "epsilon_accountant": eps, "auc": result["auc"]}
+        summary["audit"] = {
+            "round": round_,
+            "epsilon_lower_bound": lower,
+            "epsilon_accountant": eps,
+            "auc": result["auc"],
+            "client_level_epsilon": None if clients is None else clients["epsilon_lower_bound"],
+            "epsilon_central": None if clients is None else clients["epsilon_central"],
+        }
         summary_path.write_text(json.dumps(summary, indent=2))
     log.info("audit: %s", table_line(result))
-    if eps is not None and lower > eps:
-        raise PrivacyAuditFailure(
-            f"PRIVACY BUG: the audit's epsilon lower bound {lower:.3f} ({a.confidence:.0%} confidence) exceeds"
-            f" the accountant's epsilon {eps:.3f}: the model leaks more than DP-SGD's accounting allows"
-        )
+    bug = privacy_bug(lower, eps, a.confidence, delta)
+    if bug:
+        raise PrivacyAuditFailure(bug)
     return result
+
+
+def privacy_bug(lower: float, accountant: float | None, confidence: float, delta: float) -> str:
+    """The one loud line when the audit's lower bound exceeds the accountant's epsilon ('' otherwise).
+
+    ``lower`` is already the largest epsilon whose (eps, delta) claim the audit rejects at
+    ``confidence``, so ``lower > accountant`` means the accountant's own claim is rejected."""
+    if accountant is None or lower <= accountant:
+        return ""
+    return (
+        f"PRIVACY BUG: the audit's epsilon lower bound {lower:.3f} exceeds the accountant's epsilon"
+        f" {accountant:.3f} (delta {delta:g}, {confidence:.0%} confidence): the model leaks more than the"
+        " DP accounting allows; do not use this run, and check the DP settings and code"
+    )
 
 
 def table_line(result: dict[str, Any]) -> str:
     eps = result["epsilon_accountant"]
     return (
-        f"audit  AUC {result['auc']:.3f}  TPR@1%FPR {result['tpr_at_1pct_fpr']:.3f}"
+        f"audit (round {result['round']})  AUC {result['auc']:.3f}  TPR@1%FPR {result['tpr_at_1pct_fpr']:.3f}"
         f"  TPR@0.1%FPR {result['tpr_at_0.1pct_fpr']:.3f}  exposure(max) {result['exposure_max']:.2f}"
         f"  eps lower bound {result['epsilon_lower_bound']:.3f}"
-        f"  accountant eps {'-' if eps is None else f'{eps:.3f}'}"
+        f"  accountant eps {'-' if eps is None else f'{eps:.3f}'}" + _client_part(result.get("client_level"))
+    )
+
+
+def _client_part(clients: dict[str, Any] | None) -> str:
+    if not clients:
+        return ""
+    central = clients["epsilon_central"]
+    return (
+        f"  client-level eps estimate {clients['epsilon_lower_bound']:.3f} (mu {clients['mu']:.2f})"
+        f"  central eps {'-' if central is None else f'{central:.3f}'}"
     )
 
 

@@ -90,6 +90,10 @@ def _check_data(cfg: RunConfig, scope: Scope) -> Preflight:
     parts: list[list[dict[str, Any]]] = []
     if scope == "simulation":
         parts = data_mod.client_partitions(d, cache_root(cfg.model), cfg.federation.num_clients, records)
+        if cfg.audit.enabled:
+            from fedslm.audit import check_canary_cap  # numpy, scipy: only for an audited run
+
+            check_canary_cap(cfg, [len(p) for p in parts])
     test = min(len(test_idx), d.eval_size) if d.eval_size else len(test_idx)
     return Preflight(cfg, client_records=tuple(len(p) for p in parts), test_records=test)
 

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message, MetricRecord
 
+from fedslm.audit import insert_client_canaries
 from fedslm.logs import get_logger
 from fedslm.privacy import CentralAccountant
 from fedslm.protocol import EPSILON_CENTRAL, NUM_EXAMPLES
@@ -44,6 +45,7 @@ class CentralDP(WrapperStrategy):
         num_clients: int,
         delta: float,
         seed: int = 0,
+        client_canaries: int = 0,
     ) -> None:
         if noise_multiplier < 0:
             raise ValueError(f"central noise multiplier must be >= 0, got {noise_multiplier}")
@@ -57,6 +59,8 @@ class CentralDP(WrapperStrategy):
         self.clients_per_round = clients_per_round
         self.num_clients = num_clients
         self.delta = delta
+        self.seed = seed
+        self.client_canaries = client_canaries  # audit.client_canaries: see fedslm.audit.insert_client_canaries
         self.accountant = CentralAccountant("rdp")
         self._rng = np.random.default_rng(seed)
 
@@ -79,7 +83,12 @@ class CentralDP(WrapperStrategy):
         if arrays is None:
             return None, metrics
         std = self.noise_multiplier * self.clipping_norm / self.clients_per_round
-        noisy = add_noise({k: v.numpy() for k, v in arrays.items()}, std, self._rng)
+        mean = {k: v.numpy() for k, v in arrays.items()}
+        # canary clients: their clipped updates join the mean (weight 1/m each) before the noise
+        mean = insert_client_canaries(
+            mean, self.seed, self.client_canaries, self.clipping_norm / self.clients_per_round
+        )
+        noisy = add_noise(mean, std, self._rng)
         self.accountant.record_round(self.noise_multiplier, self.clients_per_round, self.num_clients)
         eps = self.accountant.epsilon(self.delta)
         log.info(

@@ -113,5 +113,6 @@ def build(cfg: RunConfig) -> LoRAStrategyMixin:
             num_clients=fed.num_clients,
             delta=p.central_delta,
             seed=cfg.seed,
+            client_canaries=cfg.audit.client_canaries if cfg.audit.enabled else 0,
         )
     return strategy
