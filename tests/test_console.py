@@ -94,7 +94,7 @@ def test_simulate_verbose_shows_flower_and_the_libraries(tmp_path: Path) -> None
     proc, out = _simulate(tmp_path, "--verbose", "--no-progress")
     assert "configure_train: Sampled 4 nodes (out of 4)" in proc.stderr  # Flower's INFO
     assert "Loading weights" in proc.stderr  # transformers' bars, the driver's and the workers'
-    assert "INFO fedslm.server.federation: round 1 central eval" in proc.stderr
+    assert "INFO fedslm.server.recording: round 1 central eval" in proc.stderr  # one logger for both loops
     assert "FutureWarning" in proc.stderr
     assert "round  train_loss  eval_loss" in proc.stdout
     assert " INFO flwr: configure_train" in (out / "run.log").read_text()
