@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -479,5 +480,24 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def console_main() -> None:
+    """The ``fedslm`` command: :func:`main`, then exit with its code.
+
+    After Ctrl-C, threads of Flower's engine can still wait on a Ray that is gone (their ``ray.get``
+    never returns), and the interpreter joins every pool thread at exit: the process would print
+    "interrupted" and then hang. The checkpoint is written and the line printed by then, so the
+    process leaves at once instead."""
+    code = main()
+    if code == 130:
+        from .run import stuck_message_workers
+
+        if stuck_message_workers():
+            logging.shutdown()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console_main()

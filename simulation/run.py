@@ -221,6 +221,18 @@ def interrupt_stops(stop: threading.Event) -> Iterator[None]:
         flwr_log.setLevel(level)
 
 
+def _message_worker(thread: threading.Thread) -> bool:
+    """One of the thread pool's workers in which Flower's engine waits on Ray for a client's reply.
+
+    After Ctrl-C, Ray is shut down under it and ``ray.get`` never returns: such a thread writes
+    nothing of ours and is not worth waiting for (see :func:`fedslm.simulation.cli.console_main`)."""
+    return thread.name.startswith("ThreadPoolExecutor")
+
+
+def stuck_message_workers() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.is_alive() and not t.daemon and _message_worker(t)]
+
+
 def stopped_message(cfg: RunConfig, out_dir: Path, wait_s: float = 30.0) -> str:
     """After Ctrl-C: stop Ray, let the ServerApp thread end (a round it was finishing writes its
     checkpoint; one whose replies had not come is dropped), and say what was kept."""
@@ -232,8 +244,8 @@ def stopped_message(cfg: RunConfig, out_dir: Path, wait_s: float = 30.0) -> str:
     except KeyboardInterrupt:
         pass  # a second Ctrl-C: do not wait for Ray
     deadline = time.monotonic() + wait_s
-    for thread in threading.enumerate():
-        if thread is not threading.main_thread() and not thread.daemon:
+    for thread in threading.enumerate():  # the ServerApp's: it may be writing a checkpoint
+        if thread is not threading.main_thread() and not thread.daemon and not _message_worker(thread):
             thread.join(max(0.0, deadline - time.monotonic()))
     if cfg.security.secure:
         return f"stopped; secure-aggregation runs keep no checkpoints, so {out_dir} cannot be resumed"
