@@ -10,7 +10,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from fedslm.server.preflight import load_run, preflight
 
@@ -314,13 +314,20 @@ def run_foreground_cli(
     return run_foreground(argv, env, after_start)  # a DeployError is reported by main()
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one line like every other error (exit 2), naming the --help to read."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"fedslm: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fedslm", description=__doc__)
+    parser = _Parser(prog="fedslm", description=__doc__)
     parser.add_argument("--log-level", default=None, help="DEBUG, INFO (default), WARNING")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     verbose_help = "the libraries' lines too: Flower's INFO, deprecation warnings, loading bars (run.log has them)"
     parser.add_argument("--verbose", action="store_true", help=verbose_help)
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("simulate", help="run a simulated federation from a YAML config")
     p.add_argument("config", nargs="?", help="YAML run config, e.g. configs/demo.yaml")
@@ -345,7 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_check)
 
     p = sub.add_parser("privacy", help="local DP before anything trains: `fedslm privacy plan CONFIG`")
-    psub = p.add_subparsers(dest="privacy_command", required=True)
+    psub = p.add_subparsers(dest="privacy_command", required=True, parser_class=_Parser)
     p = psub.add_parser("plan", help="per client: records, q, steps, noise; epsilon after each round (PLD and RDP)")
     p.add_argument("config")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")

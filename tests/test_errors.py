@@ -208,6 +208,12 @@ def _mistake(case: str, tmp: Path) -> tuple[list[str], str]:
         victim.mkdir()
         (victim / "notes.txt").write_text("mine\n")
         return ["certs", "--out", str(victim), "--nodes", "1"], "not empty (1 entries: notes.txt)"
+    if case == "unknown flag":
+        return ["simulate", TINY, "--sett", "x=1"], "unrecognized arguments: --sett x=1 (see `fedslm --help`)"
+    if case == "unknown subcommand":
+        return ["simulte", TINY], "invalid choice: 'simulte'"
+    if case == "missing argument":
+        return ["export", "--format", "peft"], "required: run_dir, --out (see `fedslm export --help`)"
     raise AssertionError(case)
 
 
@@ -226,6 +232,9 @@ USER_MISTAKES = [
     "resume with --force",
     "export of no run",
     "certs into a non-empty folder",
+    "unknown flag",  # argparse's own errors: one line too, not the usage text
+    "unknown subcommand",
+    "missing argument",
 ]
 
 
