@@ -7,11 +7,15 @@
   the adapter learnt to correct the quantized model, and merging it into the original base gives a
   different model (``ExportResult.original_base_diff`` measures how different);
 - ``gguf``: the merged model as a GGUF file for llama.cpp / Ollama (Llama architecture, base
-  loaded from a GGUF: its tokenizer and metadata are carried over), plus an Ollama ``Modelfile``.
+  loaded from a GGUF: its tokenizer is carried over), f16 / f32 / q8_0 / q4_k_m, plus an Ollama
+  ``Modelfile`` (fedslm/export_gguf.py);
+- ``onnx``: the merged model for ONNX Runtime (GenAI) on CPU and phones, int4 / int8 / fp32, built by
+  onnxruntime-genai's model builder (fedslm/export_onnx.py).
 
 Each export is reloaded and its logits compared with the *trained* model (the run's base, quantized
 as in training, with the adapter) on a few prompts; the largest absolute difference is returned and
-must be within the stated tolerance.
+must be within the stated tolerance. fedslm/export_runtime.py then scores the export by task in the
+runtime it was made for (``fedslm export`` does, unless ``--no-task-check``).
 
 The output folder is never merged into: one that exists and is not empty is refused unless
 ``force`` (then its entries are replaced, and named), and one inside the run directory is refused
@@ -30,19 +34,36 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from .config import RunConfig, load_config
 from .errors import FedslmError
 from .logs import get_logger
-from .model import BUNDLED, load_base_model, locate_bundled_gguf, resolve_model_dir
+from .model import load_base_model, resolve_model_dir
 
 log = get_logger(__name__)
 
-FORMATS = ("peft", "merged", "gguf")
-# max |logit difference| accepted on reload (logits of SmolLM2 are O(10))
-TOLERANCE = {"peft": 1e-4, "merged": 1e-3, "gguf-f32": 1e-3, "gguf-f16": 0.1}
+FORMATS = ("peft", "merged", "gguf", "onnx")
+# --quant per format, the default first
+QUANTS = {
+    "peft": ("none",),
+    "merged": ("none",),
+    "gguf": ("f16", "f32", "q8_0", "q4_k_m"),
+    "onnx": ("int4", "int8", "fp32"),
+}
+# max |logit difference| from the trained model accepted, per format-quant (logits of SmolLM2 are O(10));
+# the quantized ones were measured on SmolLM2-135M (BENCHMARKS.md, "Export parity") with headroom
+TOLERANCE = {
+    "peft-none": 1e-4,
+    "merged-none": 1e-3,
+    "gguf-f32": 1e-3,
+    "gguf-f16": 0.1,
+    "gguf-q8_0": 0.5,
+    "gguf-q4_k_m": 4.0,
+    "onnx-fp32": 1e-3,
+    "onnx-int8": 1.0,
+    "onnx-int4": 4.0,
+}
 PROMPTS = ["A 70-year-old man reports crushing chest pain. Which department?", "The capital of France is"]
 
 
@@ -60,6 +81,8 @@ class ExportResult:
     # (None for a run without quantization, where both bases are the same weights)
     original_base_diff: float | None = None
     replaced: tuple[str, ...] = ()  # entries of an existing --out replaced under force
+    quant: str = "none"
+    round: int | None = None  # the adapter round exported
 
 
 def best_round(run_dir: Path) -> int | None:
@@ -161,7 +184,8 @@ def _check(fmt: str, diff: float, path: Path, kernel_gap: float = 0.0) -> Export
             f"{fmt} export at {path} reproduces the trained model's logits only to {diff:.3g} > tolerance {tol}"
         )
     log.info("%s export verified against the trained model: max |logit diff| %.3g <= %g", fmt, diff, tol)
-    return ExportResult(fmt.split("-")[0], path, diff, tol)
+    name, quant = fmt.split("-")
+    return ExportResult(name, path, diff, tol, quant=quant)
 
 
 def check_out(out: Path, run_dir: Path, force: bool = False) -> tuple[str, ...]:
@@ -207,27 +231,43 @@ def export(
     out: Path,
     fmt: str,
     round_: int | None = None,
-    gguf_dtype: str = "f16",
+    quant: str | None = None,
     force: bool = False,
 ) -> ExportResult:
+    """Export round ``round_`` (default: the best) of ``run_dir`` to ``out`` as ``fmt`` at ``quant``
+    (default: the format's first in :data:`QUANTS`), verified against the trained model's logits."""
     if fmt not in FORMATS:
         raise ExportError(f"unknown export format {fmt!r}; choose one of {list(FORMATS)}")
+    quant = quant or QUANTS[fmt][0]
+    if quant not in QUANTS[fmt]:
+        raise ExportError(f"--quant {quant!r} does not apply to {fmt}; choose one of {list(QUANTS[fmt])}")
     cfg, adapter = run_adapter(run_dir, round_)
     replaced = check_out(out, run_dir, force)
     if cfg.task != "causal-lm":
         raise ExportError("export supports task causal-lm; a classifier is used through its PEFT adapter")
-    if fmt == "gguf" and gguf_dtype not in ("f16", "f32"):
-        raise ExportError(f"gguf dtype {gguf_dtype!r}: choose f16 or f32")
+    _check_runtime_before_work(fmt, quant)
     if replaced:
         log.warning("--force: replacing %d entries of %s: %s", len(replaced), out, ", ".join(replaced))
     final = Path(out).resolve()
     with _staging(final) as tmp:
-        result = _export(cfg, adapter, tmp, fmt, gguf_dtype)
+        result = _export(cfg, adapter, tmp, fmt, quant)
     path = final / result.path.relative_to(tmp)
-    return replace(result, path=path, replaced=replaced)
+    return replace(result, path=path, replaced=replaced, round=int(adapter.name.split("-")[-1]))
 
 
-def _export(cfg: RunConfig, adapter: Path, out: Path, fmt: str, gguf_dtype: str) -> ExportResult:
+def _check_runtime_before_work(fmt: str, quant: str) -> None:
+    """Refuse an export that cannot be written without a runtime, before anything heavy starts."""
+    from .export_runtime import require
+
+    if fmt == "gguf" and quant == "q4_k_m":
+        require("llama_cpp", "gguf q4_k_m (llama.cpp's quantizer)")
+    if fmt == "onnx":
+        from .export_onnx import require_builder
+
+        require_builder()
+
+
+def _export(cfg: RunConfig, adapter: Path, out: Path, fmt: str, quant: str) -> ExportResult:
     from peft import PeftModel
 
     trained_base, tok = _trained_base(cfg)
@@ -245,103 +285,32 @@ def _export(cfg: RunConfig, adapter: Path, out: Path, fmt: str, gguf_dtype: str)
         shutil.copytree(adapter, out, dirs_exist_ok=True)
         reloaded, _ = _trained_base(cfg)
         peft_reloaded = PeftModel.from_pretrained(reloaded, str(out)).eval()
-        result = _check("peft", _max_diff(expected, _logits(peft_reloaded, tok)), out)
+        result = _check("peft-none", _max_diff(expected, _logits(peft_reloaded, tok)), out)
         return replace(result, original_base_diff=original_diff)
     dequantized = _dequantized_base(cfg)
     kernel_gap = _max_diff(base_logits, _logits(dequantized, tok)) if cfg.model.quantization != "none" else 0.0
     log.info("the quantized base alone differs from its de-quantized weights by %.3g (kernel arithmetic)", kernel_gap)
     merged = PeftModel.from_pretrained(dequantized, str(adapter)).eval().merge_and_unload()
+    path = out
     if fmt == "merged":
         merged.save_pretrained(str(out))
         tok.save_pretrained(str(out))
         from transformers import AutoModelForCausalLM
 
-        reloaded = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
-        result = _check("merged", _max_diff(expected, _logits(reloaded, tok)), out, kernel_gap)
+        got = _logits(AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval(), tok)
+    elif fmt == "gguf":
+        from transformers import AutoModelForCausalLM
+
+        from .export_gguf import write_gguf, write_modelfile
+
+        path = write_gguf(cfg, merged, out / "model.gguf", quant)
+        write_modelfile(out, tok, cfg.data.system_prompt)
+        got = _logits(AutoModelForCausalLM.from_pretrained(str(out), gguf_file=path.name, dtype=torch.float32), tok)
     else:
-        result = _export_gguf(cfg, merged, tok, expected, out, gguf_dtype, kernel_gap)
+        from .export_onnx import build_onnx, onnx_logits, write_readme
+
+        build_onnx(merged, tok, out, quant)
+        write_readme(out, tok, cfg.data.system_prompt, quant)
+        got = onnx_logits(out, tok, PROMPTS)
+    result = _check(f"{fmt}-{quant}", _max_diff(expected, got), path, kernel_gap)
     return replace(result, original_base_diff=original_diff)
-
-
-# -- GGUF ------------------------------------------------------------------------------------
-
-
-def _source_gguf(cfg: RunConfig) -> Path:
-    name = cfg.model.name
-    if name in BUNDLED:
-        return locate_bundled_gguf(name)
-    if name.endswith(".gguf"):
-        return Path(name).expanduser()
-    raise ExportError(
-        f"gguf export needs a base loaded from a GGUF (tokenizer and metadata are carried over); model.name is"
-        f" {name!r}. Export 'merged' and convert it with llama.cpp's convert_hf_to_gguf.py instead"
-    )
-
-
-def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
-    """llama.cpp's rotary layout for q/k weights (transformers' GGUF loader undoes it)."""
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def _export_gguf(
-    cfg: RunConfig,
-    merged: Any,
-    tok: Any,
-    expected: list[torch.Tensor],
-    out: Path,
-    dtype: str,
-    kernel_gap: float = 0.0,
-) -> ExportResult:
-    import gguf
-
-    if merged.config.model_type != "llama":
-        raise ExportError(f"gguf export supports the Llama architecture, not {merged.config.model_type!r}")
-    source = gguf.GGUFReader(str(_source_gguf(cfg)))
-    path = out / "model.gguf"
-    writer = gguf.GGUFWriter(str(path), arch="llama")
-    for name, field in source.fields.items():
-        if name.startswith("GGUF.") or name in ("general.architecture", "general.file_type"):
-            continue
-        sub = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
-        writer.add_key_value(name, field.contents(), field.types[0], sub_type=sub)
-    writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if dtype == "f16" else gguf.LlamaFileType.ALL_F32)
-    c = merged.config
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, c.num_hidden_layers)
-    for hf_name, tensor in merged.state_dict().items():
-        if hf_name == "lm_head.weight" and c.tie_word_embeddings:
-            continue
-        array = tensor.detach().float().numpy()
-        if hf_name.endswith("q_proj.weight"):
-            array = _permute(array, c.num_attention_heads)
-        elif hf_name.endswith("k_proj.weight"):
-            array = _permute(array, c.num_key_value_heads)
-        gg_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
-        if gg_name is None:
-            raise ExportError(f"no GGUF name for tensor {hf_name!r}")
-        keep_f32 = array.ndim == 1 or dtype == "f32"  # norms stay f32, as llama.cpp does
-        writer.add_tensor(gg_name, array.astype(np.float32 if keep_f32 else np.float16))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    _write_modelfile(out, tok, cfg.data.system_prompt)
-    from transformers import AutoModelForCausalLM
-
-    reloaded = AutoModelForCausalLM.from_pretrained(str(out), gguf_file=path.name, dtype=torch.float32).eval()
-    result = _check(f"gguf-{dtype}", _max_diff(expected, _logits(reloaded, tok)), path, kernel_gap)
-    return replace(result, path=path)
-
-
-def _write_modelfile(out: Path, tok: Any, system_prompt: str) -> None:
-    """An Ollama Modelfile: the ChatML template SmolLM2 uses, the run's system prompt and stop tokens."""
-    eos = tok.eos_token or "<|im_end|>"
-    template = (
-        "{{ if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ end }}"
-        "{{ if .Prompt }}<|im_start|>user\n{{ .Prompt }}<|im_end|>\n{{ end }}<|im_start|>assistant\n"
-    )
-    lines = ["FROM ./model.gguf", f"TEMPLATE {json.dumps(template)}"]
-    if system_prompt:  # training put it in every prompt: the deployed model must see it too
-        lines.append(f"SYSTEM {json.dumps(system_prompt)}")
-    lines += [f"PARAMETER stop {json.dumps(s)}" for s in dict.fromkeys([eos, "<|im_end|>", "<|im_start|>"])]
-    lines.append("PARAMETER temperature 0")
-    (out / "Modelfile").write_text("\n".join(lines) + "\n")

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from fedslm.config import load_config
-from fedslm.export import ExportError, _write_modelfile, export
+from fedslm.export import ExportError, export
+from fedslm.export_gguf import write_modelfile
 
 ROOT = Path(__file__).resolve().parent.parent
 FEDSLM = str(Path(sys.executable).with_name("fedslm"))
@@ -104,12 +105,12 @@ def test_modelfile_carries_system_prompt_template_and_stops(tmp_path):
     from fedslm.model import bundled_tokenizer_dir
 
     tok = AutoTokenizer.from_pretrained(str(bundled_tokenizer_dir()))
-    _write_modelfile(tmp_path, tok, 'Answer with the "department" only.')
+    write_modelfile(tmp_path, tok, 'Answer with the "department" only.')
     lines = (tmp_path / "Modelfile").read_text().splitlines()
     assert lines[0] == "FROM ./model.gguf"
     assert json.loads(next(x for x in lines if x.startswith("SYSTEM "))[7:]) == 'Answer with the "department" only.'
     template = json.loads(next(x for x in lines if x.startswith("TEMPLATE "))[9:])
     assert "<|im_start|>system\n{{ .System }}<|im_end|>" in template
     assert {json.loads(x[15:]) for x in lines if x.startswith("PARAMETER stop ")} == {"<|im_end|>", "<|im_start|>"}
-    _write_modelfile(tmp_path, tok, "")
+    write_modelfile(tmp_path, tok, "")
     assert not any(x.startswith("SYSTEM") for x in (tmp_path / "Modelfile").read_text().splitlines())
