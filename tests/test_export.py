@@ -114,3 +114,108 @@ def test_modelfile_carries_system_prompt_template_and_stops(tmp_path):
     assert {json.loads(x[15:]) for x in lines if x.startswith("PARAMETER stop ")} == {"<|im_end|>", "<|im_start|>"}
     write_modelfile(tmp_path, tok, "")
     assert not any(x.startswith("SYSTEM") for x in (tmp_path / "Modelfile").read_text().splitlines())
+
+
+@pytest.mark.parametrize("quant", ["f16", "q8_0"])
+def test_gguf_export_reproduces_the_trained_model(nf4_run, tmp_path, quant):
+    """A tiny GGUF written here: the model's own hyperparameters, SmolLM2's tokenizer, the run's system prompt."""
+    import gguf
+
+    result = export(nf4_run, tmp_path / "g", "gguf", quant=quant)
+    assert (result.format, result.quant, result.round) == ("gguf", quant, 1)
+    assert result.max_abs_logit_diff <= result.tolerance <= {"f16": 0.1, "q8_0": 0.5}[quant]
+    measured = {"f16": 0.01, "q8_0": 0.1}[quant]  # measured 0.00076 and 0.015 on this model
+    assert result.max_abs_logit_diff < measured < result.original_base_diff
+    reader = gguf.GGUFReader(str(result.path))
+    # from the tiny model's config, not copied from the SmolLM2 GGUF its tokenizer comes from (30 / 576)
+    assert reader.fields["llama.block_count"].contents() == 2
+    assert reader.fields["llama.embedding_length"].contents() == 64
+    assert reader.fields["llama.attention.head_count_kv"].contents() == 2
+    assert len(reader.fields["tokenizer.ggml.tokens"].contents()) == 49152
+    kinds = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert kinds["blk.0.attn_q.weight"] == {"f16": "F16", "q8_0": "Q8_0"}[quant]
+    assert kinds["blk.0.attn_norm.weight"] == "F32"
+    system = load_config(nf4_run / "config.yaml").data.system_prompt
+    assert system and f"SYSTEM {json.dumps(system)}" in (tmp_path / "g" / "Modelfile").read_text().splitlines()
+
+
+def test_a_missing_runtime_names_the_extra_before_any_work(nf4_run, tmp_path, monkeypatch):
+    from fedslm.export_runtime import RuntimeMissing
+
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # import llama_cpp now raises ImportError
+    with pytest.raises(RuntimeMissing, match=r"llama.cpp \(llama-cpp-python\).*pip install 'fedslm\[deploy\]'"):
+        export(nf4_run, tmp_path / "q4", "gguf", quant="q4_k_m")
+    assert not (tmp_path / "q4").exists()
+    with pytest.raises(ExportError, match=r"--quant 'int4' does not apply to gguf; choose one of \['f16'"):
+        export(nf4_run, tmp_path / "x", "gguf", quant="int4")
+
+
+@pytest.fixture(scope="module")
+def onnx_export(nf4_run, tmp_path_factory):
+    """The tiny NF4 run exported to ONNX fp32 through the CLI, with a metrics.jsonl claiming 0.5 accuracy."""
+    pytest.importorskip("onnxruntime_genai")
+    import shutil
+
+    run = tmp_path_factory.mktemp("onnx") / "run"
+    shutil.copytree(nf4_run, run)
+    (run / "metrics.jsonl").write_text(json.dumps({"round": 1, "eval_accuracy": 0.5, "best_round": 1}) + "\n")
+    out = run.parent / "onnx"
+    argv = [FEDSLM, "export", str(run), "--format", "onnx", "--quant", "fp32", "--out", str(out)]
+    return run, out, subprocess.run(argv, capture_output=True, text=True)
+
+
+def test_onnx_export_runs_in_onnxruntime_with_the_trained_models_logits(onnx_export):
+    import numpy as np
+    import onnxruntime as ort
+    from peft import PeftModel
+
+    from fedslm.export import PROMPTS, _trained_base
+
+    run, out, proc = onnx_export
+    assert "onnx export written to" in proc.stdout, proc.stderr
+    assert {"model.onnx", "genai_config.json", "tokenizer.json", "README.txt"} <= {p.name for p in out.iterdir()}
+    genai = json.loads((out / "genai_config.json").read_text())["model"]
+    assert genai["decoder"]["num_hidden_layers"] == 2 and genai["eos_token_id"] == 2
+    cfg = load_config(run / "config.yaml")
+    assert cfg.data.system_prompt in (out / "README.txt").read_text()
+    # plain onnxruntime, no GenAI: the prompt with an empty KV cache, against the trained NF4 model + adapter
+    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    base, tok = _trained_base(cfg)
+    trained = PeftModel.from_pretrained(base, str(run / "adapters" / "round-001")).eval()
+    ids = tok(PROMPTS[0], return_tensors="np")["input_ids"]
+    feed = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+    for i in range(2):
+        for kv in ("key", "value"):
+            feed[f"past_key_values.{i}.{kv}"] = np.zeros((1, 2, 0, 16), dtype=np.float32)
+    got = session.run(["logits"], feed)[0]
+    with torch.no_grad():
+        want = trained(input_ids=torch.from_numpy(ids)).logits.numpy()
+    assert got.shape == want.shape and float(np.abs(got - want).max()) <= 1e-3
+
+
+def test_onnx_task_check_fails_on_a_differing_accuracy_and_passes_on_the_true_one(onnx_export):
+    """The CLI exits 1 with one line holding both numbers; the ONNX answers are the trained model's."""
+    from peft import PeftModel
+
+    from fedslm.export import _trained_base
+    from fedslm.export_runtime import check_task, eval_prompts, onnx_answers
+    from fedslm.training import normalize_answer
+
+    run, out, proc = onnx_export
+    cfg = load_config(run / "config.yaml")
+    base, tok = _trained_base(cfg)
+    trained = PeftModel.from_pretrained(base, str(run / "adapters" / "round-001")).eval()
+    _, prompts, _ = eval_prompts(cfg, tok)
+    enc = tok(prompts[:4], return_tensors="pt", padding=True, add_special_tokens=False, padding_side="left")
+    with torch.no_grad():
+        gen = trained.generate(**enc, max_new_tokens=cfg.eval.max_new_tokens, do_sample=False)
+    want = tok.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+    got = onnx_answers(out, prompts[:4], cfg.eval.max_new_tokens)
+    assert [normalize_answer(t) for t in got] == [normalize_answer(t) for t in want] and any(want)
+    check = check_task(run, "onnx", "fp32", out, 1)
+    assert check.records == 16 and check.tolerance == 1 / 16 and check.reference == 0.5
+    last = proc.stderr.splitlines()[-1]  # the lines before are the export's log
+    assert proc.returncode == 1 and last.startswith("fedslm export: exact match in ONNX Runtime: ")
+    assert f"{check.accuracy:.3f} ({check.correct}/16) vs 0.500" in last and "Traceback" not in proc.stderr
+    (run / "metrics.jsonl").write_text(json.dumps({"round": 1, "eval_accuracy": check.accuracy}) + "\n")
+    assert check_task(run, "onnx", "fp32", out, 1).ok
