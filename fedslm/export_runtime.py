@@ -157,7 +157,7 @@ def transformers_accuracy(cfg: RunConfig, model: Any, tok: Any) -> tuple[int, in
     return round(metrics["eval_accuracy"] * len(records)), len(records)
 
 
-def _trained_accuracy(cfg: RunConfig, adapter: Path) -> tuple[int, int]:
+def trained_accuracy(cfg: RunConfig, adapter: Path) -> tuple[int, int]:
     from peft import PeftModel
 
     from .export import _trained_base
@@ -198,11 +198,11 @@ def check_task(run_dir: Path, fmt: str, quant: str, path: Path, round_: int) -> 
             transformers_accuracy(cfg, model, AutoTokenizer.from_pretrained(str(path))),
         )
     else:
-        runtime, (correct, n) = "transformers (base + adapter)", _trained_accuracy(cfg, path)
+        runtime, (correct, n) = "transformers (base + adapter)", trained_accuracy(cfg, path)
     reference = central_accuracy(run_dir, round_)
     source = f"in the run's central evaluation (metrics.jsonl, round {round_})"
     if reference is None:
-        trained, _ = _trained_accuracy(cfg, adapter)
+        trained, _ = trained_accuracy(cfg, adapter)
         reference, source = (
             trained / max(n, 1),
             f"of the trained model in fedslm (round {round_}; no metrics.jsonl row)",
