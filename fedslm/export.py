@@ -64,6 +64,8 @@ TOLERANCE = {
     "onnx-int8": 1.0,
     "onnx-int4": 4.0,
 }
+# the most the de-quantized base may differ from the quantized one (kernel arithmetic, not weights)
+KERNEL_GAP_MAX = 1e-3
 PROMPTS = ["A 70-year-old man reports crushing chest pain. Which department?", "The capital of France is"]
 
 
@@ -176,9 +178,11 @@ def _check(fmt: str, diff: float, path: Path, kernel_gap: float = 0.0) -> Export
 
     ``kernel_gap`` is what the quantized base alone already differs by between bitsandbytes' kernel
     and a plain matmul with the same de-quantized weights (no adapter, same prompts): the trained model's
-    own arithmetic, which no merged export can reproduce. Twice that gap is allowed on top.
+    own arithmetic, which no merged export can reproduce. It is added to the tolerance once, and only
+    up to :data:`KERNEL_GAP_MAX` (see :func:`_kernel_gap`): a larger gap means the de-quantized weights are
+    not the ones the kernel uses, and widening the tolerance by it would pass exactly that wrong base.
     """
-    tol = TOLERANCE[fmt] + 2 * kernel_gap
+    tol = TOLERANCE[fmt] + kernel_gap
     if not diff <= tol:
         raise ExportError(
             f"{fmt} export at {path} reproduces the trained model's logits only to {diff:.3g} > tolerance {tol}"
@@ -186,6 +190,20 @@ def _check(fmt: str, diff: float, path: Path, kernel_gap: float = 0.0) -> Export
     log.info("%s export verified against the trained model: max |logit diff| %.3g <= %g", fmt, diff, tol)
     name, quant = fmt.split("-")
     return ExportResult(name, path, diff, tol, quant=quant)
+
+
+def _kernel_gap(quantized: list[torch.Tensor], dequantized: list[torch.Tensor]) -> float:
+    """How far the quantized base's kernel is from a plain matmul with its de-quantized weights; refused
+    beyond :data:`KERNEL_GAP_MAX` (CPU, fp32 compute: measured 0.0 on the tiny model and SmolLM2)."""
+    gap = _max_diff(quantized, dequantized)
+    log.info("the quantized base alone differs from its de-quantized weights by %.3g (kernel arithmetic)", gap)
+    if gap > KERNEL_GAP_MAX:
+        raise ExportError(
+            f"the de-quantized base differs from the quantized one the adapter was trained on by {gap:.3g}"
+            f" (max |logit diff|, > {KERNEL_GAP_MAX}): its weights are not the ones bitsandbytes' kernel uses,"
+            " so a merge into them would not be the trained model; export --format peft instead"
+        )
+    return gap
 
 
 def check_out(out: Path, run_dir: Path, force: bool = False) -> tuple[str, ...]:
@@ -288,8 +306,7 @@ def _export(cfg: RunConfig, adapter: Path, out: Path, fmt: str, quant: str) -> E
         result = _check("peft-none", _max_diff(expected, _logits(peft_reloaded, tok)), out)
         return replace(result, original_base_diff=original_diff)
     dequantized = _dequantized_base(cfg)
-    kernel_gap = _max_diff(base_logits, _logits(dequantized, tok)) if cfg.model.quantization != "none" else 0.0
-    log.info("the quantized base alone differs from its de-quantized weights by %.3g (kernel arithmetic)", kernel_gap)
+    kernel_gap = _kernel_gap(base_logits, _logits(dequantized, tok)) if cfg.model.quantization != "none" else 0.0
     merged = PeftModel.from_pretrained(dequantized, str(adapter)).eval().merge_and_unload()
     path = out
     if fmt == "merged":

@@ -219,3 +219,14 @@ def test_onnx_task_check_fails_on_a_differing_accuracy_and_passes_on_the_true_on
     assert f"{check.accuracy:.3f} ({check.correct}/16) vs 0.500" in last and "Traceback" not in proc.stderr
     (run / "metrics.jsonl").write_text(json.dumps({"round": 1, "eval_accuracy": check.accuracy}) + "\n")
     assert check_task(run, "onnx", "fp32", out, 1).ok
+
+
+def test_a_wrong_dequantized_base_is_refused_not_absorbed_by_the_tolerance(nf4_run, tmp_path, monkeypatch):
+    """The kernel gap once widened the tolerance by twice itself: a merge into the original float weights
+    (the issue's bug) then passed, since the gap grows with the very base error it should expose."""
+    import fedslm.export as ex
+
+    monkeypatch.setattr(ex, "_dequantized_base", lambda cfg: ex._float_base(cfg)[0])
+    with pytest.raises(ExportError, match=r"de-quantized base differs .* by 0\.\d+ .*> 0\.001"):
+        export(nf4_run, tmp_path / "m", "merged")
+    assert not (tmp_path / "m").exists()

@@ -69,7 +69,7 @@ def test_exports_reload_to_the_same_logits(real_run_dir, tmp_path: Path, fmt: st
     quant = {"gguf": "f16", "onnx": "fp32"}.get(fmt, "none")  # onnx fp32: the precision that can tell bases apart
     result = export(run, tmp_path / fmt, fmt, quant=quant)
     key = f"{fmt}-{quant}"
-    # the tolerance is the format's plus twice the NF4 kernel's own gap (see export._check); it must stay
+    # the tolerance is the format's plus the NF4 kernel's own gap (at most 1e-3, see export._check); it must stay
     # far below what merging into the original float base gives, or the check could not tell the bases apart
     assert TOLERANCE[key] <= result.tolerance and result.max_abs_logit_diff <= result.tolerance
     if fmt != "peft":
