@@ -47,16 +47,9 @@ def _generator(fmt: str, path: Path, text: str, tok: Any, run: Path) -> Callable
         model = og.Model(str(path))
         ids = og.Tokenizer(model).encode(text)
 
-        def onnx_generate(n: int) -> int:
-            params = og.GeneratorParams(model)
-            params.set_search_options(max_length=len(ids) + n, do_sample=False)
-            generator = og.Generator(model, params)
-            generator.append_tokens(ids)
-            while not generator.is_done():
-                generator.generate_next_token()
-            return len(generator.get_sequence(0)) - len(ids)
+        from fedslm.export_runtime import onnx_greedy
 
-        return onnx_generate
+        return lambda n: len(onnx_greedy(og, model, ids, n))
     import torch
 
     if fmt == "merged":

@@ -136,16 +136,20 @@ def onnx_answers(path: Path, prompts: list[str], max_new_tokens: int) -> list[st
     stops = set(eos) if isinstance(eos, list) else {eos}
     texts = []
     for prompt in prompts:
-        ids = tokenizer.encode(prompt)
-        params = og.GeneratorParams(model)
-        params.set_search_options(max_length=len(ids) + max_new_tokens, do_sample=False)
-        generator = og.Generator(model, params)
-        generator.append_tokens(ids)
-        while not generator.is_done():
-            generator.generate_next_token()
-        answer = [int(t) for t in generator.get_sequence(0)[len(ids) :]]
+        answer = onnx_greedy(og, model, tokenizer.encode(prompt), max_new_tokens)
         texts.append(tokenizer.decode([t for t in answer if t not in stops]))
     return texts
+
+
+def onnx_greedy(og: ModuleType, model: Any, ids: Any, max_new_tokens: int) -> list[int]:
+    """The new tokens ONNX Runtime GenAI generates greedily after ``ids`` (up to EOS or ``max_new_tokens``)."""
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(ids) + max_new_tokens, do_sample=False)
+    generator = og.Generator(model, params)
+    generator.append_tokens(ids)
+    while not generator.is_done():
+        generator.generate_next_token()
+    return [int(t) for t in generator.get_sequence(0)[len(ids) :]]
 
 
 def transformers_accuracy(cfg: RunConfig, model: Any, tok: Any) -> tuple[int, int]:
@@ -175,22 +179,11 @@ def check_task(run_dir: Path, fmt: str, quant: str, path: Path, round_: int) -> 
 
     cfg, adapter = run_adapter(run_dir, round_)
     new_tokens = cfg.eval.max_new_tokens
-    if fmt == "gguf":
-        tok = AutoTokenizer.from_pretrained(str(resolve_model_dir(cfg.model)))
+    if fmt in ("gguf", "onnx"):  # the prompt text from the run's tokenizer (the one carried into the export)
+        tok = AutoTokenizer.from_pretrained(str(resolve_model_dir(cfg.model) if fmt == "gguf" else path))
         _, prompts, answers = eval_prompts(cfg, tok)
-        runtime, correct, n = (
-            "llama.cpp",
-            count_correct(llama_cpp_answers(path, prompts, new_tokens), answers),
-            len(answers),
-        )
-    elif fmt == "onnx":
-        tok = AutoTokenizer.from_pretrained(str(path))
-        _, prompts, answers = eval_prompts(cfg, tok)
-        runtime, correct, n = (
-            "ONNX Runtime",
-            count_correct(onnx_answers(path, prompts, new_tokens), answers),
-            len(answers),
-        )
+        runtime, answer = ("llama.cpp", llama_cpp_answers) if fmt == "gguf" else ("ONNX Runtime", onnx_answers)
+        correct, n = count_correct(answer(path, prompts, new_tokens), answers), len(answers)
     elif fmt == "merged":
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype="float32").eval()
         runtime, (correct, n) = (
