@@ -230,3 +230,39 @@ def test_a_wrong_dequantized_base_is_refused_not_absorbed_by_the_tolerance(nf4_r
     with pytest.raises(ExportError, match=r"de-quantized base differs .* by 0\.\d+ .*> 0\.001"):
         export(nf4_run, tmp_path / "m", "merged")
     assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize("quant", ["f16", "q4_k_m"])
+def test_gguf_in_llama_cpp_answers_as_the_trained_model(nf4_run, tmp_path, quant):
+    """llama.cpp (the deploy extra, a source build: not in `make test`) on the tiny GGUF: same prompt ids as
+    transformers (no BOS added), and for f16 the trained model's greedy answers; q4_k_m from llama.cpp's quantizer."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from peft import PeftModel
+
+    from fedslm.export import _trained_base
+    from fedslm.export_runtime import eval_prompts, llama_cpp_answers
+    from fedslm.training import normalize_answer
+
+    result = export(nf4_run, tmp_path / "g", "gguf", quant=quant)
+    assert result.max_abs_logit_diff <= result.tolerance
+    cfg = load_config(nf4_run / "config.yaml")
+    base, tok = _trained_base(cfg)
+    _, prompts, _ = eval_prompts(cfg, tok)
+    llm = llama_cpp.Llama(model_path=str(result.path), n_ctx=512, verbose=False)
+    assert all(llm.tokenize(p.encode(), special=True) == tok(p, add_special_tokens=False)["input_ids"] for p in prompts)
+    if quant == "q4_k_m":  # file type Q4_K_M; rows of 64 take no k-quant, so llama.cpp falls back to Q5_0 / Q8_0
+        import gguf
+
+        reader = gguf.GGUFReader(str(result.path))
+        assert reader.fields["general.file_type"].contents() == gguf.LlamaFileType.MOSTLY_Q4_K_M
+        assert {t.tensor_type.name for t in reader.tensors} == {"Q5_0", "Q8_0", "F32"}
+        assert result.path.stat().st_size < 0.7 * 8_210_848  # the f16 export of this model: 8.2 MB
+        assert result.max_abs_logit_diff < 0.5  # measured 0.147
+        return
+    trained = PeftModel.from_pretrained(base, str(nf4_run / "adapters" / "round-001")).eval()
+    enc = tok(prompts[:4], return_tensors="pt", padding=True, add_special_tokens=False, padding_side="left")
+    with torch.no_grad():
+        gen = trained.generate(**enc, max_new_tokens=cfg.eval.max_new_tokens, do_sample=False)
+    want = tok.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+    got = llama_cpp_answers(result.path, prompts[:4], cfg.eval.max_new_tokens)
+    assert [normalize_answer(t) for t in got] == [normalize_answer(t) for t in want]
