@@ -85,21 +85,23 @@ def parity(run: Path, out: Path, variants: list[str], n: int) -> list[dict[str, 
     from transformers import AutoTokenizer
 
     from fedslm.export import export, run_adapter
-    from fedslm.export_runtime import central_accuracy, check_task, trained_accuracy
+    from fedslm.export_runtime import central_accuracy, check_task, eval_prompts, trained_accuracy
     from fedslm.model import resolve_model_dir
 
     cfg, adapter = run_adapter(run)
     round_ = int(adapter.name.split("-")[-1])
     tok = AutoTokenizer.from_pretrained(str(resolve_model_dir(cfg.model)))
-    correct, total = trained_accuracy(cfg, adapter)
+    central = central_accuracy(run, round_)  # fedslm's own evaluation of the trained model, if recorded
+    total = len(eval_prompts(cfg, tok)[0])
+    acc = central if central is not None else trained_accuracy(cfg, adapter)[0] / total
     rows = [
         {
             "variant": f"trained model in fedslm (round {round_})",
             "mb": None,
             "diff": 0.0,
-            "acc": correct / total,
+            "acc": acc,
             "n": total,
-            "central": central_accuracy(run, round_),
+            "central": central,
             "tps": _tokens_per_s("fedslm", run, cfg, tok, run, n),
         }
     ]
