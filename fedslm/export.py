@@ -157,8 +157,15 @@ def _trained_base(cfg: RunConfig) -> tuple[Any, Any]:
 
 def _dequantized_base(cfg: RunConfig) -> Any:
     """The weights the adapter was trained against, in float32: the de-quantized quantized base."""
+    import bitsandbytes as bnb
+
     model, _ = _trained_base(cfg)
     if cfg.model.quantization != "none":
+        for module in model.modules():
+            # NF4 codes x absmax in float32, as the fp32 kernel computes them: a base quantized from bf16
+            # weights would otherwise de-quantize to bf16, 0.176 in max |logit| from the trained model
+            if isinstance(module, bnb.nn.Linear4bit) and module.weight.quant_state is not None:
+                module.weight.quant_state.dtype = torch.float32
         model = model.dequantize()  # bitsandbytes' dequantize_4bit / int8 SCB, module by module
         model.config.__dict__.pop("quantization_config", None)
     return model.float().eval()
