@@ -122,7 +122,7 @@ def _privacy_plan_cli(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from fedslm.export import export
 
-    result = export(Path(args.run_dir), Path(args.out), args.format, args.round, args.gguf_dtype, args.force)
+    result = export(Path(args.run_dir), Path(args.out), args.format, args.round, args.quant, args.force)
     if result.replaced:
         print(f"--force: replaced {len(result.replaced)} entries of {args.out}: {', '.join(result.replaced)}")
     print(f"{result.format} export written to {result.path}")
@@ -132,6 +132,23 @@ def _export(args: argparse.Namespace) -> int:
     )
     if result.original_base_diff is not None:
         print(f"(merged into the original float base instead, it would be {result.original_base_diff:.3g})")
+    return 0 if args.no_task_check else _export_task_check(args, result)
+
+
+def _export_task_check(args: argparse.Namespace, result: Any) -> int:
+    """Score the export by task in its runtime; exit 1 (one line, both numbers) when it differs from the run's."""
+    from fedslm.export_runtime import RuntimeMissing, check_task
+
+    assert result.round is not None  # set by export()
+    try:
+        task = check_task(Path(args.run_dir), result.format, result.quant, result.path, result.round)
+    except RuntimeMissing as e:
+        print(f"task check skipped (the logit check above passed): {e}")
+        return 0
+    if not task.ok:
+        print(f"fedslm export: {task.line()} (the export is kept at {result.path})", file=sys.stderr)
+        return 1
+    print(task.line())
     return 0
 
 
@@ -358,12 +375,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.set_defaults(func=_privacy_plan_cli)
 
-    p = sub.add_parser("export", help="export a run's adapter: peft | merged | gguf (checked vs the trained model)")
+    p = sub.add_parser(
+        "export", help="export a run's adapter: peft | merged | gguf | onnx (checked vs the trained model, by task)"
+    )
     p.add_argument("run_dir")
-    p.add_argument("--format", required=True, choices=["peft", "merged", "gguf"])
+    p.add_argument("--format", required=True, choices=["peft", "merged", "gguf", "onnx"])
     p.add_argument("--out", required=True)
     p.add_argument("--round", type=int, default=None, help="default: the best round (lowest eval loss)")
-    p.add_argument("--gguf-dtype", default="f16", choices=["f16", "f32"])
+    p.add_argument(
+        "--quant",
+        "--gguf-dtype",
+        default=None,
+        choices=["f16", "f32", "q8_0", "q4_k_m", "int4", "int8", "fp32"],
+        help="gguf: f16 (default) | f32 | q8_0 | q4_k_m (needs llama.cpp); onnx: int4 (default) | int8 | fp32",
+    )
+    p.add_argument(
+        "--no-task-check",
+        action="store_true",
+        help="skip scoring the export on the run's eval records in its runtime (the logit check still runs)",
+    )
     p.add_argument("--force", action="store_true", help="replace an existing non-empty --out (never the run)")
     p.set_defaults(func=_export)
 

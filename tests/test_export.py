@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from fedslm.config import load_config
-from fedslm.export import ExportError, _write_modelfile, export
+from fedslm.export import ExportError, export
+from fedslm.export_gguf import write_modelfile
 
 ROOT = Path(__file__).resolve().parent.parent
 FEDSLM = str(Path(sys.executable).with_name("fedslm"))
@@ -21,12 +22,16 @@ FEDSLM = str(Path(sys.executable).with_name("fedslm"))
 @pytest.fixture(scope="module")
 def nf4_run(tmp_path_factory) -> Path:
     """A run directory whose round-1 adapter (random, non-zero B) was built on the tiny NF4 base."""
+    return _nf4_run(tmp_path_factory.mktemp("nf4") / "run", "float32")
+
+
+def _nf4_run(run: Path, compute_dtype: str) -> Path:
     from fedslm.adapters import attach_lora
     from fedslm.model import load_base_model
 
-    cfg = load_config(ROOT / "configs" / "tiny.yaml", ["model.quantization=nf4", "model.compute_dtype=float32"])
-    run = tmp_path_factory.mktemp("nf4") / "run"
-    run.mkdir()
+    overrides = ["model.quantization=nf4", f"model.compute_dtype={compute_dtype}"]
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", overrides)
+    run.mkdir(parents=True)
     (run / "config.yaml").write_text(cfg.to_yaml())
     model = attach_lora(load_base_model(cfg.model).model, cfg.lora)
     with torch.no_grad(), torch.random.fork_rng():
@@ -70,7 +75,8 @@ def test_nf4_export_reproduces_the_trained_model(nf4_run, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from fedslm.export import PROMPTS, _trained_base
+    from fedslm.export import PROMPTS
+    from fedslm.runs import trained_base
 
     victim = tmp_path / "out"
     victim.mkdir()
@@ -82,7 +88,7 @@ def test_nf4_export_reproduces_the_trained_model(nf4_run, tmp_path):
     assert result.max_abs_logit_diff <= result.tolerance
     # independent check: the trained model (NF4 base + adapter) against the export reloaded here
     cfg = load_config(nf4_run / "config.yaml")
-    base, tok = _trained_base(cfg)
+    base, tok = trained_base(cfg)
     trained = PeftModel.from_pretrained(base, str(nf4_run / "adapters" / "round-001")).eval()
     exported = AutoModelForCausalLM.from_pretrained(str(victim), dtype=torch.float32).eval()
     with torch.no_grad():
@@ -104,12 +110,174 @@ def test_modelfile_carries_system_prompt_template_and_stops(tmp_path):
     from fedslm.model import bundled_tokenizer_dir
 
     tok = AutoTokenizer.from_pretrained(str(bundled_tokenizer_dir()))
-    _write_modelfile(tmp_path, tok, 'Answer with the "department" only.')
+    write_modelfile(tmp_path, tok, 'Answer with the "department" only.')
     lines = (tmp_path / "Modelfile").read_text().splitlines()
     assert lines[0] == "FROM ./model.gguf"
     assert json.loads(next(x for x in lines if x.startswith("SYSTEM "))[7:]) == 'Answer with the "department" only.'
     template = json.loads(next(x for x in lines if x.startswith("TEMPLATE "))[9:])
     assert "<|im_start|>system\n{{ .System }}<|im_end|>" in template
     assert {json.loads(x[15:]) for x in lines if x.startswith("PARAMETER stop ")} == {"<|im_end|>", "<|im_start|>"}
-    _write_modelfile(tmp_path, tok, "")
+    write_modelfile(tmp_path, tok, "")
     assert not any(x.startswith("SYSTEM") for x in (tmp_path / "Modelfile").read_text().splitlines())
+
+
+@pytest.mark.parametrize("quant", ["f16", "q8_0"])
+def test_gguf_export_reproduces_the_trained_model(nf4_run, tmp_path, quant):
+    """A tiny GGUF written here: the model's own hyperparameters, SmolLM2's tokenizer, the run's system prompt."""
+    import gguf
+
+    result = export(nf4_run, tmp_path / "g", "gguf", quant=quant)
+    assert (result.format, result.quant, result.round) == ("gguf", quant, 1)
+    assert result.max_abs_logit_diff <= result.tolerance <= {"f16": 0.1, "q8_0": 1.0}[quant]
+    measured = {"f16": 0.01, "q8_0": 0.1}[quant]  # measured 0.00076 and 0.015 on this model
+    assert result.max_abs_logit_diff < measured < result.original_base_diff
+    reader = gguf.GGUFReader(str(result.path))
+    # from the tiny model's config, not copied from the SmolLM2 GGUF its tokenizer comes from (30 / 576)
+    assert reader.fields["llama.block_count"].contents() == 2
+    assert reader.fields["llama.embedding_length"].contents() == 64
+    assert reader.fields["llama.attention.head_count_kv"].contents() == 2
+    assert len(reader.fields["tokenizer.ggml.tokens"].contents()) == 49152
+    kinds = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert kinds["blk.0.attn_q.weight"] == {"f16": "F16", "q8_0": "Q8_0"}[quant]
+    assert kinds["blk.0.attn_norm.weight"] == "F32"
+    system = load_config(nf4_run / "config.yaml").data.system_prompt
+    assert system and f"SYSTEM {json.dumps(system)}" in (tmp_path / "g" / "Modelfile").read_text().splitlines()
+
+
+def test_a_missing_runtime_names_the_extra_before_any_work(nf4_run, tmp_path, monkeypatch):
+    from fedslm.export_runtime import RuntimeMissing
+
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # import llama_cpp now raises ImportError
+    with pytest.raises(RuntimeMissing, match=r"llama.cpp \(llama-cpp-python\).*pip install 'fedslm\[deploy\]'"):
+        export(nf4_run, tmp_path / "q4", "gguf", quant="q4_k_m")
+    assert not (tmp_path / "q4").exists()
+    with pytest.raises(ExportError, match=r"--quant 'int4' does not apply to gguf; choose one of \['f16'"):
+        export(nf4_run, tmp_path / "x", "gguf", quant="int4")
+
+
+@pytest.fixture(scope="module")
+def onnx_export(nf4_run, tmp_path_factory):
+    """The tiny NF4 run exported to ONNX fp32 through the CLI, with a metrics.jsonl claiming 0.5 accuracy."""
+    pytest.importorskip("onnxruntime_genai")
+    import shutil
+
+    run = tmp_path_factory.mktemp("onnx") / "run"
+    shutil.copytree(nf4_run, run)
+    (run / "metrics.jsonl").write_text(json.dumps({"round": 1, "eval_accuracy": 0.5, "best_round": 1}) + "\n")
+    out = run.parent / "onnx"
+    argv = [FEDSLM, "export", str(run), "--format", "onnx", "--quant", "fp32", "--out", str(out)]
+    return run, out, subprocess.run(argv, capture_output=True, text=True)
+
+
+def test_onnx_export_runs_in_onnxruntime_with_the_trained_models_logits(onnx_export):
+    import numpy as np
+    import onnxruntime as ort
+    from peft import PeftModel
+
+    from fedslm.export import PROMPTS
+    from fedslm.runs import trained_base
+
+    run, out, proc = onnx_export
+    assert "onnx export written to" in proc.stdout, proc.stderr
+    assert {"model.onnx", "genai_config.json", "tokenizer.json", "README.txt"} <= {p.name for p in out.iterdir()}
+    genai = json.loads((out / "genai_config.json").read_text())["model"]
+    assert genai["decoder"]["num_hidden_layers"] == 2 and genai["eos_token_id"] == 2
+    cfg = load_config(run / "config.yaml")
+    assert cfg.data.system_prompt in (out / "README.txt").read_text()
+    # plain onnxruntime, no GenAI: the prompt with an empty KV cache, against the trained NF4 model + adapter
+    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    base, tok = trained_base(cfg)
+    trained = PeftModel.from_pretrained(base, str(run / "adapters" / "round-001")).eval()
+    ids = tok(PROMPTS[0], return_tensors="np")["input_ids"]
+    feed = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+    for i in range(2):
+        for kv in ("key", "value"):
+            feed[f"past_key_values.{i}.{kv}"] = np.zeros((1, 2, 0, 16), dtype=np.float32)
+    got = session.run(["logits"], feed)[0]
+    with torch.no_grad():
+        want = trained(input_ids=torch.from_numpy(ids)).logits.numpy()
+    assert got.shape == want.shape and float(np.abs(got - want).max()) <= 1e-3
+
+
+def test_onnx_task_check_fails_on_a_differing_accuracy_and_passes_on_the_true_one(onnx_export):
+    """The CLI exits 1 with one line holding both numbers; the ONNX answers are the trained model's."""
+    from peft import PeftModel
+
+    from fedslm.export_runtime import check_task, eval_prompts, onnx_answers
+    from fedslm.runs import trained_base
+    from fedslm.training import normalize_answer
+
+    run, out, proc = onnx_export
+    cfg = load_config(run / "config.yaml")
+    base, tok = trained_base(cfg)
+    trained = PeftModel.from_pretrained(base, str(run / "adapters" / "round-001")).eval()
+    _, prompts, _ = eval_prompts(cfg, tok)
+    enc = tok(prompts[:4], return_tensors="pt", padding=True, add_special_tokens=False, padding_side="left")
+    with torch.no_grad():
+        gen = trained.generate(**enc, max_new_tokens=cfg.eval.max_new_tokens, do_sample=False)
+    want = tok.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+    got = onnx_answers(out, prompts[:4], cfg.eval.max_new_tokens)
+    assert [normalize_answer(t) for t in got] == [normalize_answer(t) for t in want] and any(want)
+    check = check_task(run, "onnx", "fp32", out, 1)
+    assert check.records == 16 and check.tolerance == 1 / 16 and check.reference == 0.5
+    last = proc.stderr.splitlines()[-1]  # the lines before are the export's log
+    assert proc.returncode == 1 and last.startswith("fedslm export: exact match in ONNX Runtime: ")
+    assert f"{check.accuracy:.3f} ({check.correct}/16) vs 0.500" in last and "Traceback" not in proc.stderr
+    (run / "metrics.jsonl").write_text(json.dumps({"round": 1, "eval_accuracy": check.accuracy}) + "\n")
+    assert check_task(run, "onnx", "fp32", out, 1).ok
+
+
+def test_a_wrong_dequantized_base_is_refused_not_absorbed_by_the_tolerance(nf4_run, tmp_path, monkeypatch):
+    """The kernel gap once widened the tolerance by twice itself: a merge into the original float weights
+    (the issue's bug) then passed, since the gap grows with the very base error it should expose."""
+    import fedslm.export as ex
+
+    monkeypatch.setattr(ex, "dequantized_base", lambda cfg: ex.float_base(cfg)[0])
+    with pytest.raises(ExportError, match=r"de-quantized base differs .* by 0\.\d+ .*> 0\.001"):
+        export(nf4_run, tmp_path / "m", "merged")
+    assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize("quant", ["f16", "q4_k_m"])
+def test_gguf_in_llama_cpp_answers_as_the_trained_model(nf4_run, tmp_path, quant):
+    """llama.cpp (the deploy extra, a source build: not in `make test`) on the tiny GGUF: same prompt ids as
+    transformers (no BOS added), and for f16 the trained model's greedy answers; q4_k_m from llama.cpp's quantizer."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from peft import PeftModel
+
+    from fedslm.export import trained_base
+    from fedslm.export_runtime import eval_prompts, llama_cpp_answers
+    from fedslm.training import normalize_answer
+
+    result = export(nf4_run, tmp_path / "g", "gguf", quant=quant)
+    assert result.max_abs_logit_diff <= result.tolerance
+    cfg = load_config(nf4_run / "config.yaml")
+    base, tok = trained_base(cfg)
+    _, prompts, _ = eval_prompts(cfg, tok)
+    llm = llama_cpp.Llama(model_path=str(result.path), n_ctx=512, verbose=False)
+    assert all(llm.tokenize(p.encode(), special=True) == tok(p, add_special_tokens=False)["input_ids"] for p in prompts)
+    if quant == "q4_k_m":  # file type Q4_K_M; rows of 64 take no k-quant, so llama.cpp falls back to Q5_0 / Q8_0
+        import gguf
+
+        reader = gguf.GGUFReader(str(result.path))
+        assert reader.fields["general.file_type"].contents() == gguf.LlamaFileType.MOSTLY_Q4_K_M
+        assert {t.tensor_type.name for t in reader.tensors} == {"Q5_0", "Q8_0", "F32"}
+        assert result.path.stat().st_size < 0.7 * 8_210_848  # the f16 export of this model: 8.2 MB
+        assert result.max_abs_logit_diff < 0.5  # measured 0.147
+        return
+    trained = PeftModel.from_pretrained(base, str(nf4_run / "adapters" / "round-001")).eval()
+    enc = tok(prompts[:4], return_tensors="pt", padding=True, add_special_tokens=False, padding_side="left")
+    with torch.no_grad():
+        gen = trained.generate(**enc, max_new_tokens=cfg.eval.max_new_tokens, do_sample=False)
+    want = tok.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+    got = llama_cpp_answers(result.path, prompts[:4], cfg.eval.max_new_tokens)
+    assert [normalize_answer(t) for t in got] == [normalize_answer(t) for t in want]
+
+
+def test_a_bf16_quantized_base_is_dequantized_in_float32(tmp_path):
+    """A run whose compute dtype is bf16 quantizes bf16 weights; bitsandbytes de-quantized them to bf16,
+    which moved the merge base away from the trained model (0.176 max |logit| on SmolLM2). Now exact."""
+    run = _nf4_run(tmp_path / "run", "bfloat16")
+    result = export(run, tmp_path / "m", "merged", quant="none")
+    assert result.tolerance == 1e-3  # the kernel gap is 0.0: nothing added to the tolerance
+    assert result.max_abs_logit_diff <= 1e-3 < result.original_base_diff

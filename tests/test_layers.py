@@ -166,7 +166,7 @@ def test_the_distribution_installs_one_import_package() -> None:
     assert set(project["tool"]["setuptools"]["package-dir"].values()) == set(FOLDERS)
     components = project["tool"]["flwr"]["app"]["components"]
     assert components == {"serverapp": "fedslm.server.app:app", "clientapp": "fedslm.client.app:app"}
-    assert project["project"]["scripts"]["fedslm"] == "fedslm.simulation.cli:main"
+    assert project["project"]["scripts"]["fedslm"] == "fedslm.simulation.cli:console_main"
 
 
 CLIENT_READS_ITS_CONFIG = """

@@ -61,14 +61,15 @@ def test_short_dp_federation_on_real_smollm2(real_run_dir) -> None:
     assert summary["privacy"]["mode"] == "local" and summary["model"] == "smollm2-135m-instruct"
 
 
-@pytest.mark.parametrize("fmt", ["peft", "merged", "gguf"])
+@pytest.mark.parametrize("fmt", ["peft", "merged", "gguf", "onnx"])
 def test_exports_reload_to_the_same_logits(real_run_dir, tmp_path: Path, fmt: str) -> None:
     from fedslm.export import TOLERANCE, export
 
     run, _ = real_run_dir
-    result = export(run, tmp_path / fmt, fmt)
-    key = "gguf-f16" if fmt == "gguf" else fmt
-    # the tolerance is the format's plus twice the NF4 kernel's own gap (see export._check); it must stay
+    quant = {"gguf": "f16", "onnx": "fp32"}.get(fmt, "none")  # onnx fp32: the precision that can tell bases apart
+    result = export(run, tmp_path / fmt, fmt, quant=quant)
+    key = f"{fmt}-{quant}"
+    # the tolerance is the format's plus the NF4 kernel's own gap (at most 1e-3, see export._check); it must stay
     # far below what merging into the original float base gives, or the check could not tell the bases apart
     assert TOLERANCE[key] <= result.tolerance and result.max_abs_logit_diff <= result.tolerance
     if fmt != "peft":
@@ -84,6 +85,9 @@ def test_exports_reload_to_the_same_logits(real_run_dir, tmp_path: Path, fmt: st
         assert reader.fields["general.architecture"].contents() == "llama"
         assert len(reader.fields["tokenizer.ggml.tokens"].contents()) == 49152
         assert "FROM ./model.gguf" in (tmp_path / fmt / "Modelfile").read_text()
+    if fmt == "onnx":
+        genai = json.loads((tmp_path / fmt / "genai_config.json").read_text())["model"]
+        assert genai["decoder"]["num_hidden_layers"] == 30 and genai["vocab_size"] == 49152
 
 
 def test_export_errors_name_the_problem(real_run_dir, tmp_path: Path) -> None:
@@ -93,7 +97,9 @@ def test_export_errors_name_the_problem(real_run_dir, tmp_path: Path) -> None:
     with pytest.raises(ExportError, match="no round 7"):
         export(run, tmp_path / "x", "peft", round_=7)
     with pytest.raises(ExportError, match="choose one of"):
-        export(run, tmp_path / "x", "onnx")
+        export(run, tmp_path / "x", "tflite")  # onnx is a format since issue 19
+    with pytest.raises(ExportError, match=r"--quant 'q4_k_m' does not apply to onnx"):
+        export(run, tmp_path / "x", "onnx", quant="q4_k_m")
     with pytest.raises(ExportError, match="not a run directory"):
         export(tmp_path, tmp_path / "x", "peft")
 

@@ -1,0 +1,103 @@
+"""A finished run as the export and the audit read it: its config, its adapters and best round, and
+the base model its clients trained on (quantized as in training; or de-quantized, to merge into)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import RunConfig, load_config
+from .errors import FedslmError
+from .model import load_base_model, resolve_model_dir
+
+
+class ExportError(FedslmError):
+    """An export could not be written or did not reproduce the model (names the format and the gap)."""
+
+
+def best_round(run_dir: Path) -> int | None:
+    """The best kept round (lowest central eval loss) that the server recorded in the last row of
+    ``metrics.jsonl`` (``best_round``); None for a run written before the divergence guard."""
+    path = Path(run_dir) / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.is_file() else []
+    if not lines:
+        return None
+    try:
+        best = json.loads(lines[-1]).get("best_round")
+    except ValueError:
+        raise ExportError(f"{path}: the last line is not JSON") from None
+    return best if isinstance(best, int) else None
+
+
+def run_adapter(run_dir: Path, round_: int | None = None) -> tuple[RunConfig, Path]:
+    """The run's config and the adapter dir of ``round_`` (default: the run's best round, see :func:`best_round`)."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise ExportError(f"{run_dir} is not a run directory (no config.yaml)")
+    cfg = load_config(run_dir / "config.yaml")
+    rounds = sorted((run_dir / "adapters").glob("round-*"))
+    if not rounds:
+        raise ExportError(f"{run_dir} holds no adapters/round-NNN")
+    if round_ is None:
+        best = best_round(run_dir)
+        if best is None or not (run_dir / "adapters" / f"round-{best:03d}").is_dir():
+            return cfg, rounds[-1]
+        round_ = best
+    path = run_dir / "adapters" / f"round-{round_:03d}"
+    if not path.is_dir():
+        raise ExportError(f"{run_dir} has no round {round_}; rounds: {[p.name for p in rounds]}")
+    return cfg, path
+
+
+def float_base(cfg: RunConfig) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model_dir(cfg.model)
+    tok = AutoTokenizer.from_pretrained(str(path))
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+    return model.eval(), tok
+
+
+def trained_base(cfg: RunConfig) -> tuple[Any, Any]:
+    """The weights the clients trained on (quantized as configured, from the run's dtype), computed in fp32.
+
+    A run whose compute dtype resolved to bf16 quantizes bf16 weights; those exact weights are kept,
+    but the reference computes in float32 so that bf16 rounding noise (about 0.9 in max |logit| on
+    SmolLM2-135M) does not hide a wrong merge base.
+    """
+    import bitsandbytes as bnb
+
+    loaded = load_base_model(replace(cfg.model, device="cpu"))
+    model = loaded.model
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.compute_dtype = torch.float32
+    for param in model.parameters():
+        if param.dtype in (torch.bfloat16, torch.float16) and not isinstance(param, bnb.nn.Params4bit):
+            param.data = param.data.float()
+    for module in model.modules():  # rotary inv_freq and the like
+        for name, buf in module.named_buffers(recurse=False):
+            if buf.dtype in (torch.bfloat16, torch.float16):
+                setattr(module, name, buf.float())
+    model.config.dtype = torch.float32
+    return model.eval(), loaded.tokenizer
+
+
+def dequantized_base(cfg: RunConfig) -> Any:
+    """The weights the adapter was trained against, in float32: the de-quantized quantized base."""
+    import bitsandbytes as bnb
+
+    model, _ = trained_base(cfg)
+    if cfg.model.quantization != "none":
+        for module in model.modules():
+            # NF4 codes x absmax in float32, as the fp32 kernel computes them: a base quantized from bf16
+            # weights would otherwise de-quantize to bf16, 0.176 in max |logit| from the trained model
+            if isinstance(module, bnb.nn.Linear4bit) and module.weight.quant_state is not None:
+                module.weight.quant_state.dtype = torch.float32
+        model = model.dequantize()  # bitsandbytes' dequantize_4bit / int8 SCB, module by module
+        model.config.__dict__.pop("quantization_config", None)
+    return model.float().eval()
