@@ -64,6 +64,10 @@ VARIANTS: dict[str, Variant] = {
         ["model.quantization=nf4", "model.gradient_checkpointing=true"],
         "NF4, DP-SGD, activations recomputed in backward (gradient checkpointing)",
     ),
+    "nf4 + fp32 compute + checkpointing": Variant(
+        ["model.quantization=nf4", "model.compute_dtype=float32", "model.gradient_checkpointing=true"],
+        "NF4, fp32 compute (auto on a CPU without native bf16), DP, activations recomputed in backward",
+    ),
     "nf4 + checkpointing + lean malloc": Variant(
         ["model.quantization=nf4", "model.gradient_checkpointing=true"],
         "NF4, DP-SGD, checkpointing, lean malloc",
