@@ -11,12 +11,13 @@ from __future__ import annotations
 import threading
 import time
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedslm.config import ConfigError, RunConfig
+from fedslm.errors import RunFailedError
 from fedslm.grid import GridView
 from fedslm.logs import get_logger, run_log
 
@@ -25,7 +26,7 @@ from .checkpoint import Checkpoint
 from .federation import Federation
 from .preflight import load_run
 from .recording import RoundCallback
-from .report import write_results
+from .report import no_round_trained, write_results
 from .resume import note_flower_run, resume_point, start_run
 
 log = get_logger(__name__)
@@ -38,7 +39,8 @@ def run_federation(
     run_name: str,
     on_round: RoundCallback | None = None,
     resume: Checkpoint | None = None,
-) -> None:
+) -> list[dict[str, Any]]:
+    """One federation on ``grid``: its rounds, results and audit; returns the metrics rows."""
     if cfg.security.secure:
         raise ConfigError(
             f"security.secure_aggregation {cfg.security.secure_aggregation!r} runs on Flower's legacy SecAgg+"
@@ -52,6 +54,7 @@ def run_federation(
     write_results(out_dir, cfg, rows, clients=federation.privacy_by_client)
     if cfg.audit.enabled:
         audit.score(out_dir)
+    return rows
 
 
 def make_server_app(
@@ -81,7 +84,11 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     cfg, out, run_name, resume = deployed_run(context)
     with run_log(out / "run.log"):  # the deployed ServerApp's every line, as a simulation's (appended on resume)
-        run_federation(grid, cfg, out, run_name, resume=resume)
+        rows = run_federation(grid, cfg, out, run_name, resume=resume)
+        why = no_round_trained(rows, out)
+        if why:  # the run ends failed (Flower: finished:failed), with the clients' reason, not as a result
+            log.error("%s", why)
+            raise RunFailedError(why)
 
 
 def deployed_run(context: Context) -> tuple[RunConfig, Path, str, Checkpoint | None]:

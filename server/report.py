@@ -125,3 +125,21 @@ def write_results(
     plot(rows, Path(out_dir) / "metrics.png")
     log.info("Results written to %s", out_dir)
     return summary
+
+
+def no_round_trained(rows: list[dict[str, Any]], out_dir: Path) -> str | None:
+    """Why the run trained nothing (every round skipped, every client failed), or None if it trained.
+
+    Such a run's results table would look like a run; it is a failure, and the clients' own errors
+    say why. ``fedslm simulate`` and the deployed ServerApp both end with this as their error.
+    """
+    rounds = [r for r in rows if r.get("round", 0) >= 1]
+    if not rounds or any(not r.get("skipped") and r.get("clients", 0) > 0 for r in rounds):
+        return None
+    reasons = sorted({e for r in rounds for e in r.get("errors", [])})
+    failed, declined = sum(r.get("failed", 0) for r in rounds), sum(r.get("declined", 0) for r in rounds)
+    why = "; ".join(reasons[:3]) if reasons else f"no client error was reported (see {out_dir / 'run.log'})"
+    return (
+        f"no round trained: {len(rounds)} of {len(rounds)} rounds skipped ({failed} client failures,"
+        f" {declined} declines, federation.min_train_clients not met); clients said: {why}; run dir {out_dir}"
+    )

@@ -264,20 +264,12 @@ def stopped_message(cfg: RunConfig, out_dir: Path, wait_s: float = 30.0) -> str:
 
 
 def check_trained(rows: list[dict[str, Any]], out_dir: Path) -> None:
-    """Refuse a run in which no round trained (every round skipped, every client failed).
+    """Refuse a run in which no round trained (:func:`fedslm.server.report.no_round_trained`)."""
+    from fedslm.server.report import no_round_trained
 
-    Its results table would look like a run; it is a failure, and the clients' own errors say why.
-    """
-    rounds = [r for r in rows if r.get("round", 0) >= 1]
-    if not rounds or any(not r.get("skipped") and r.get("clients", 0) > 0 for r in rounds):
-        return
-    reasons = sorted({e for r in rounds for e in r.get("errors", [])})
-    failed, declined = sum(r.get("failed", 0) for r in rounds), sum(r.get("declined", 0) for r in rounds)
-    why = "; ".join(reasons[:3]) if reasons else "no client error was reported (see the log above)"
-    raise SimulationError(
-        f"no round trained: {len(rounds)} of {len(rounds)} rounds skipped ({failed} client failures,"
-        f" {declined} declines, federation.min_train_clients not met); clients said: {why}; run dir {out_dir}"
-    )
+    why = no_round_trained(rows, out_dir)
+    if why:
+        raise SimulationError(why)
 
 
 def ray_backend_config(cfg: RunConfig) -> dict[str, dict[str, ConfigRecordValues]]:

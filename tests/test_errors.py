@@ -123,6 +123,23 @@ def test_a_run_that_trained_nothing_fails_with_the_clients_reasons(tmp_path: Pat
     check_trained([round0, {"round": 1, **bad}, {"round": 2, **bad, "clients": 2, "skipped": False}], tmp_path)
 
 
+def test_a_deployed_run_that_trained_nothing_ends_failed_with_the_reason(tmp_path: Path) -> None:
+    """The deployed ServerApp: every node silent, every round skipped -> RunFailedError (Flower marks the
+    run failed), said in run.log too; the run's files are kept."""
+    from types import SimpleNamespace
+
+    from fedslm.server.app import main as server_main
+    from flower_fakes import FakeGrid
+
+    run = tmp_path / "run"
+    context = SimpleNamespace(run_id=7, run_config={"config": TINY, "out-dir": str(run)})
+    skipped = r"no round trained: 2 of 2 rounds skipped \(0 client failures, 0 declines"
+    with pytest.raises(RunFailedError, match=skipped):
+        server_main(FakeGrid(4), context)  # type: ignore[arg-type]
+    assert "no round trained" in (run / "run.log").read_text()
+    assert (run / "metrics.jsonl").is_file() and (run / "summary.json").is_file()
+
+
 def test_failure_line_is_the_exception_a_client_raised() -> None:
     from fedslm.server.federation import failure_line
 
