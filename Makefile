@@ -32,7 +32,7 @@ FLWR_HOME_DIR := $(CURDIR)/.flwr-home
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 CONFIG ?= configs/demo.yaml
 
-.PHONY: setup demo test ci install-check lint clean flwr-run flwr-stop
+.PHONY: setup demo test suite install-check lint clean flwr-run flwr-stop
 
 setup: $(STAMP)
 
@@ -50,15 +50,16 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/fedslm simulate configs/demo.yaml
 
-test: $(STAMP)
+# The suite alone, on this Python.
+suite: $(STAMP)
 	$(VENV)/bin/python -m pytest -q
 
-# What CI runs (.ci/run): an install plus a tiny federation on the two other supported Pythons, each in
-# its own venv, then the full suite on this one (last, so that pytest's summary closes the output).
+# The tests, what CI runs (.ci/run): an install plus a tiny federation on the two other supported
+# Pythons, each in its own venv, then the full suite on this one (last: pytest's summary closes the output).
 OTHER_PYTHONS ?= $(filter-out $(notdir $(PYTHON)),python3.11 python3.12 python3.13)
-ci:
+test:
 	for py in $(OTHER_PYTHONS); do $(MAKE) --no-print-directory install-check PYTHON=$$py || exit 1; done
-	$(MAKE) --no-print-directory test
+	$(MAKE) --no-print-directory suite
 
 # Install into this Python's venv and run a 4-client, 1-round federation of the tiny model.
 install-check: $(STAMP)
