@@ -52,13 +52,16 @@ def start_run(out: Path, run_name: str, num_clients: int, flower_run: int | None
 def _run_json(out: Path) -> dict[str, Any]:
     path = out / RUN_JSON
     try:
-        body = json.loads(path.read_text())
-        str(body["run_name"])
-        return dict(body)
-    except (OSError, ValueError, KeyError, TypeError) as e:
+        body = json.loads(path.read_text(encoding="utf-8"))
+        name = body["run_name"]
+    except (OSError, ValueError, KeyError, TypeError):
+        name = None
+    if not isinstance(name, str) or not name:
         raise ResumeError(
-            f"{path}: unreadable or no run_name ({e}); it names the clients' privacy ledgers, restore it"
-        ) from None
+            f"{path}: no run_name in it; it is damaged, so this run cannot be resumed (the name keys the"
+            " clients' privacy ledgers: restore the file)"
+        )
+    return dict(body)
 
 
 def run_name_of(out: Path) -> str:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import queue
@@ -16,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from fedslm.config import RunConfig
 from fedslm.errors import FedslmError, Interrupted, RunFailedError
-from fedslm.fs import atomic_write, check_out_dir, clear_dir
+from fedslm.fs import check_out_dir, clear_dir
 from fedslm.logs import get_logger, run_log
 
 if TYPE_CHECKING:
@@ -26,7 +25,6 @@ if TYPE_CHECKING:
 
 log = get_logger(__name__)
 
-RUN_JSON = "run.json"  # the run's name (keys the clients' state) and size: written at start, read by --resume
 QUIET_ENV = {
     "FLWR_TELEMETRY_ENABLED": "0",
     "FLWR_DISABLE_UPDATE_CHECK": "1",
@@ -53,6 +51,8 @@ def check_new_run_dir(
     Every run, simulated or deployed, writes ``metrics.jsonl``, ``summary.json`` and ``adapters/``
     into its own folder: a second run there would append to the first one's metrics.
     """
+    from fedslm.server.resume import RUN_JSON
+
     out_dir = Path(out_dir)
     if (out_dir / RUN_JSON).is_file():
         hint = f"it holds a run: `fedslm simulate --resume {out_dir}` continues it; or choose a new folder"
@@ -63,20 +63,19 @@ def check_new_run_dir(
 
 
 def read_run_name(run_dir: Path) -> str:
-    """The run name recorded in ``run_dir/run.json``: what ``--resume`` continues under."""
-    path = Path(run_dir) / RUN_JSON
-    if not path.is_file():
+    """The run name recorded in ``run_dir/run.json`` (:mod:`fedslm.server.resume`): what ``--resume``
+    continues under."""
+    from fedslm.server.resume import RUN_JSON, ResumeError, run_name_of
+
+    if not (Path(run_dir) / RUN_JSON).is_file():
         raise RunDirError(
             f"--resume {run_dir}: no {RUN_JSON}, so it is not a run of `fedslm simulate`;"
             " start a new run with --out NEW_FOLDER"
         )
     try:
-        name = json.loads(path.read_text(encoding="utf-8"))["run_name"]
-    except (ValueError, KeyError, TypeError):
-        name = None
-    if not isinstance(name, str) or not name:
-        raise RunDirError(f"{path}: no run_name in it; it is damaged, so this run cannot be resumed")
-    return name
+        return run_name_of(Path(run_dir))
+    except ResumeError as e:
+        raise RunDirError(str(e)) from None
 
 
 def quiet_environment() -> None:
@@ -164,7 +163,10 @@ def _federate(
             bar.update(1)
 
     run_name = run_name or f"{out_dir.name}-{time.strftime('%Y%m%d%H%M%S')}-{os.getpid()}"
-    atomic_write(out_dir / RUN_JSON, json.dumps({"run_name": run_name, "num_clients": fed.num_clients}))
+    if ck is None:  # a new run claims its folder and names itself once (a resumed one keeps its run.json)
+        from fedslm.server.resume import start_run
+
+        start_run(out_dir, run_name, fed.num_clients)
     stop = threading.Event()  # Ctrl-C: the ServerApp stops at its next wait for replies
     if secure:
         server_app = make_secure_server_app(cfg, out_dir, run_name, _guard(on_round, errors))
