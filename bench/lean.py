@@ -73,6 +73,15 @@ VARIANTS: dict[str, Variant] = {
         "NF4, DP-SGD, checkpointing, lean malloc",
         env=LEAN_MALLOC,
     ),
+    # the same logical batch (same noise, same accounting) in physical micro-batches: fewer activations alive
+    "nf4 + fp32 compute + micro-batches of 2": Variant(
+        ["model.quantization=nf4", "model.compute_dtype=float32", "train.physical_batch_size=2"],
+        "NF4, fp32 compute, DP, the logical batch in forward/backward passes of 2 sequences",
+    ),
+    "nf4 + fp32 compute + micro-batches of 1": Variant(
+        ["model.quantization=nf4", "model.compute_dtype=float32", "train.physical_batch_size=1"],
+        "NF4, fp32 compute, DP, the logical batch in forward/backward passes of 1 sequence",
+    ),
     "phone + checkpointing": Variant(
         ["model.quantization=nf4", "lora.r=4", "model.gradient_checkpointing=true"],
         "the phone profile with checkpointing",
@@ -136,7 +145,14 @@ def worker(args: argparse.Namespace) -> None:
         torch.cuda.reset_peak_memory_stats()
     stamps: list[float] = []
     dp = DPSettings(0.6, 1.0, batch / len(examples)) if variant.dp else None
-    spec = LocalTraining(steps=args.steps, batch_size=batch, learning_rate=5e-3, seed=0, dp=dp)
+    spec = LocalTraining(
+        steps=args.steps,
+        batch_size=batch,
+        learning_rate=5e-3,
+        seed=0,
+        dp=dp,
+        physical_batch_size=cfg.train.physical_batch_size,
+    )
     t1 = time.perf_counter()
     result = train_local(model, examples, tok.pad_token_id, spec, on_step=lambda s: stamps.append(time.perf_counter()))
     train_peak = _vm_kb("VmHWM") / 1e6

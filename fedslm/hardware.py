@@ -36,7 +36,12 @@ class CpuInfo:
 
     @property
     def native_bf16(self) -> bool:
-        return any(f in self.flags for f in CPU_BF16_FLAGS) or "AMX" in self.capability.upper()
+        """The CPU has AVX512-BF16 or AMX *and* torch uses it: a capability capped below AVX512
+        (``ATEN_CPU_CAPABILITY=avx2``) takes the emulated bf16 kernels an AVX2-only CPU takes."""
+        capability = self.capability.upper()
+        if "AMX" in capability:
+            return True
+        return any(f in self.flags for f in CPU_BF16_FLAGS) and capability.startswith("AVX512")
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ AVX2 = CpuInfo("AVX2", frozenset({"avx2", "fma"}))
 AVX512_NO_BF16 = CpuInfo("AVX512", frozenset({"avx2", "avx512f", "avx512bw"}))
 AVX512_BF16 = CpuInfo("AVX512", frozenset({"avx2", "avx512f", "avx512_bf16"}))
 SAPPHIRE = CpuInfo("AVX512", frozenset({"avx512f", "amx_bf16", "amx_tile"}))
+SAPPHIRE_CAPPED = CpuInfo("AVX2", SAPPHIRE.flags)  # ATEN_CPU_CAPABILITY=avx2: torch's AVX2 kernels, bf16 emulated
 NO_CUDA = CudaInfo(False)
 T4 = CudaInfo(True, 1, (7, 5), "Tesla T4")
 A100 = CudaInfo(True, 1, (8, 0), "A100")
@@ -29,6 +30,7 @@ H200 = CudaInfo(True, 2, (9, 0), "H200")
         ("auto", "cpu", AVX512_NO_BF16, NO_CUDA, "float32"),
         ("auto", "cpu", AVX512_BF16, NO_CUDA, "bfloat16"),
         ("auto", "cpu", SAPPHIRE, NO_CUDA, "bfloat16"),
+        ("auto", "cpu", SAPPHIRE_CAPPED, NO_CUDA, "float32"),
         ("auto", "cuda", AVX2, T4, "float16"),
         ("auto", "cuda", AVX2, A100, "bfloat16"),
         ("auto", "cuda:1", AVX2, H200, "bfloat16"),
