@@ -52,7 +52,7 @@ demo: $(STAMP)
 
 # The suite alone, on this Python.
 suite: $(STAMP)
-	$(VENV)/bin/python -m pytest -q
+	$(VENV)/bin/python -m pytest -q --durations=15
 
 # The tests, what CI runs (.ci/run): an install plus a tiny federation on the two other supported
 # Pythons, each in its own venv, then the full suite on this one (last: pytest's summary closes the output).
