@@ -55,7 +55,14 @@ def _run(tmp_path: Path, overrides: list[str], run_name: str | None = None) -> t
 
 def test_tiny_federation_lowers_loss_and_writes_the_run_dir(tmp_path: Path) -> None:
     rows, out = _run(
-        tmp_path, ["federation.num_rounds=3", "train.local_steps=5", "train.learning_rate=0.05", "eval.per_client=true"]
+        tmp_path,
+        [
+            "federation.num_rounds=3",
+            "train.local_steps=5",
+            "train.learning_rate=0.05",
+            "eval.per_client=true",
+            "data.num_records=800",  # ~180 records a client, 18 held back for validation
+        ],
     )
     assert [r["round"] for r in rows] == [0, 1, 2, 3]
     assert rows[-1]["eval_loss"] < rows[0]["eval_loss"] - 0.1, [r["eval_loss"] for r in rows]
@@ -68,6 +75,8 @@ def test_tiny_federation_lowers_loss_and_writes_the_run_dir(tmp_path: Path) -> N
     # every client evaluated the global adapter on its own validation split, each round
     assert all(sorted(r["per_client"]) == ["0", "1", "2", "3"] for r in rows[1:])
     assert all(np.isfinite(m["eval_loss"]) and 0 <= m["eval_accuracy"] <= 1 for m in rows[-1]["per_client"].values())
+    # on at most data.eval_size (16) of their 17-18 validation records, as the central evaluation
+    assert all(m["eval_records"] == 16 for r in rows[1:] for m in r["per_client"].values()), rows[-1]["per_client"]
     # 4 clients x (1792 LoRA parameters in bf16) up; the same adapter + the run config down
     assert all(4 * 1792 * 2 < r["bytes_up"] < 4 * (1792 * 2 + 3000) for r in rows[1:])
     assert all(r["bytes_down"] > 2 * 4 * 1792 * 2 for r in rows[1:])  # train + per-client evaluation messages
