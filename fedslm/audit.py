@@ -352,23 +352,84 @@ def client_level_epsilon(model_delta: np.ndarray, seed: int, count: int, delta: 
 def answer_losses(
     model: Any, tokenizer: Any, pairs: list[tuple[str, str]], max_length: int, system: str, batch_size: int = 32
 ) -> list[float]:
-    """Mean NLL of each answer given its question (the training loss of that record), in order."""
+    """Mean NLL of each answer given its question (the training loss of that record), in order.
+
+    Answers to one question (a canary's secret and its candidates) share the prompt tokens: the prompt
+    runs once and its key/value cache serves all of them (:func:`_shared_prompt_losses`); a question
+    asked once is scored whole. Only the answer positions are projected onto the vocabulary."""
     import torch
 
-    from .data import collate, encode
-    from .training import model_device, sequence_losses
+    from .data import encode
 
-    device = model_device(model)
+    examples = [encode(tokenizer, q, a, max_length, system) for q, a in pairs]
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, e in enumerate(examples):
+        groups.setdefault(tuple(_prompt_ids(e)), []).append(i)
+    shared = {prompt: rows for prompt, rows in groups.items() if len(rows) > 1 and len(prompt) > 1}
+    alone = [i for prompt, rows in groups.items() if prompt not in shared for i in rows]
+    out = [0.0] * len(pairs)
     was_training = model.training
     model.eval()
-    out: list[float] = []
     try:
         with torch.no_grad():
-            for i in range(0, len(pairs), batch_size):
-                ex = [encode(tokenizer, q, a, max_length, system) for q, a in pairs[i : i + batch_size]]
-                batch = {k: v.to(device) for k, v in collate(ex, tokenizer.pad_token_id).items()}
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                out.extend(sequence_losses(logits, batch["labels"]).tolist())
+            for prompt, rows in shared.items():
+                answers = [examples[i]["input_ids"][len(prompt) :] for i in rows]
+                # an answer and its cached prompt are ~1/6 of a whole sequence's tokens and logits: four
+                # times the batch stays within the whole path's memory, and each pass has a fixed cost
+                # (a 4-bit base dequantizes its weights on every forward: ~3 s on 2 CPU cores)
+                losses = _shared_prompt_losses(model, tokenizer, list(prompt), answers, 4 * batch_size)
+                for i, loss in zip(rows, losses, strict=True):
+                    out[i] = loss
+            whole = _whole_losses(model, tokenizer, [examples[i] for i in alone], batch_size)
+            for i, loss in zip(alone, whole, strict=True):
+                out[i] = loss
     finally:
         model.train(was_training)
+    return out
+
+
+def _prompt_ids(example: dict[str, list[int]]) -> list[int]:
+    """The prompt of an encoded example: its leading tokens without a label. Taken from the encoding
+    itself, prompt + answer are exactly the ids a whole-sequence pass sees."""
+    from .data import IGNORE
+
+    return example["input_ids"][: example["labels"].count(IGNORE)]
+
+
+def _whole_losses(model: Any, tokenizer: Any, examples: list[dict[str, list[int]]], batch_size: int) -> list[float]:
+    from .training import _keeps_logits, batch_losses, collate_on, model_device
+
+    device, keep = model_device(model), _keeps_logits(model)
+    out: list[float] = []
+    for i in range(0, len(examples), batch_size):
+        batch = collate_on(examples[i : i + batch_size], tokenizer.pad_token_id, device)
+        out.extend(batch_losses(model, batch, keep).tolist())
+    return out
+
+
+def _shared_prompt_losses(
+    model: Any, tokenizer: Any, prompt: list[int], answers: list[list[int]], batch_size: int
+) -> list[float]:
+    """Losses of ``answers`` (token ids) to one ``prompt``: the prompt but its last token runs once;
+    each batch then feeds that last token and the answers against the cache, repeated over the batch
+    (a view, no copy). The numbers equal whole-sequence passes up to float rounding."""
+    import torch
+    from transformers import DynamicCache
+
+    from .data import IGNORE
+    from .training import _keeps_logits, batch_losses, cache_keyword, collate_on, model_device
+
+    device, keep = model_device(model), _keeps_logits(model)
+    head = DynamicCache(config=model.config)
+    model(input_ids=torch.tensor([prompt[:-1]], device=device), use_cache=True, **{cache_keyword(model): head})
+    past = [(layer.keys, layer.values) for layer in head.layers]
+    out: list[float] = []
+    for i in range(0, len(answers), batch_size):
+        chunk = [{"input_ids": prompt[-1:] + a, "labels": [IGNORE] + a} for a in answers[i : i + batch_size]]
+        batch = collate_on(chunk, tokenizer.pad_token_id, device)
+        n = len(chunk)
+        seen = torch.ones((n, len(prompt) - 1), dtype=batch["attention_mask"].dtype, device=device)
+        batch["attention_mask"] = torch.cat([seen, batch["attention_mask"]], dim=1)
+        cache = DynamicCache([(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1)) for k, v in past], config=model.config)
+        out.extend(batch_losses(model, batch, keep, cache).tolist())
     return out

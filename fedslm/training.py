@@ -105,13 +105,18 @@ def sequence_losses_at(logits: torch.Tensor, labels: torch.Tensor, keep: torch.T
     return _per_sequence(logits, labels[:, keep + 1])
 
 
-def answer_logits(model: Any, batch: dict[str, torch.Tensor], keep_logits: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def answer_logits(
+    model: Any, batch: dict[str, torch.Tensor], keep_logits: bool, past: Any = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """A causal LM's logits and their aligned targets, ``(batch, positions, V)`` and ``(batch, positions)``.
 
     With ``keep_logits`` only the positions that predict an answer token are projected onto the
-    vocabulary (a fraction of the work); otherwise every position but the last.
+    vocabulary (a fraction of the work); otherwise every position but the last. ``past``: a key/value
+    cache of tokens before ``input_ids`` (the attention mask then covers the cached tokens too).
     """
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    if past is not None:
+        inputs[cache_keyword(model)] = past
     labels = batch["labels"]
     if keep_logits:
         keep = answer_positions(labels)
@@ -141,28 +146,40 @@ class BatchLoss:
         return (self.nll * self.mask).sum().item(), self.mask.sum().item()
 
 
-def forward_losses(model: Any, batch: dict[str, torch.Tensor], keep_logits: bool) -> BatchLoss:
+def forward_losses(model: Any, batch: dict[str, torch.Tensor], keep_logits: bool, past: Any = None) -> BatchLoss:
     """The model on a collated batch: class labels ``(batch,)`` for a classifier, token labels for a
-    causal LM (only the answer positions projected onto the vocabulary with ``keep_logits``)."""
+    causal LM (only the answer positions projected onto the vocabulary with ``keep_logits``; ``past``
+    as in :func:`answer_logits`)."""
     labels = batch["labels"]
     if labels.dim() == 1:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         nll = F.cross_entropy(logits.float(), labels, reduction="none")[:, None]
         return BatchLoss(logits, nll, torch.ones_like(nll))
-    logits, target = answer_logits(model, batch, keep_logits)
+    logits, target = answer_logits(model, batch, keep_logits, past)
     return BatchLoss(logits, _token_nll(logits, target), (target != IGNORE).float())
 
 
-def batch_losses(model: Any, batch: dict[str, torch.Tensor], keep_logits: bool) -> torch.Tensor:
+def batch_losses(model: Any, batch: dict[str, torch.Tensor], keep_logits: bool, past: Any = None) -> torch.Tensor:
     """One loss per example of a collated batch: :meth:`BatchLoss.per_example` of :func:`forward_losses`."""
-    return forward_losses(model, batch, keep_logits).per_example()
+    return forward_losses(model, batch, keep_logits, past).per_example()
+
+
+def _forward_parameters(model: Any) -> Any:
+    """The parameters of the causal LM's own forward (under PEFT's and Opacus' wrappers)."""
+    inner = getattr(model, "_module", model)
+    base = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+    return inspect.signature(base.forward).parameters
 
 
 def _keeps_logits(model: Any) -> bool:
     """Whether the causal LM's forward takes ``logits_to_keep`` (Llama, Qwen2, Mistral, Phi-3, Gemma ...)."""
-    inner = getattr(model, "_module", model)
-    base = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
-    return "logits_to_keep" in inspect.signature(base.forward).parameters
+    return "logits_to_keep" in _forward_parameters(model)
+
+
+def cache_keyword(model: Any) -> str:
+    """The forward's key/value cache argument: ``cache`` in recent transformers 5.x (which still take,
+    with a warning, the older ``past_key_values``)."""
+    return "cache" if "cache" in _forward_parameters(model) else "past_key_values"
 
 
 def model_device(model: Any) -> torch.device:

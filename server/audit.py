@@ -124,8 +124,10 @@ def score(run_dir: Path) -> dict[str, Any]:
     load_adapter_state(model, dict(resident.initial))  # B = 0: the base model
     base = audit.answer_losses(model, tok, pairs, length, system)
     load_adapter_state(model, {**resident.initial, **state})
-    final = audit.answer_losses(model, tok, pairs, length, system)
-    cand_loss = audit.answer_losses(model, tok, cand, length, system)
+    # one call: each secret is scored in the same passes as its candidates (one cached prompt), so the
+    # exposure ranks losses of one computation
+    scored = audit.answer_losses(model, tok, pairs + cand, length, system)
+    final, cand_loss = scored[: len(pairs)], scored[len(pairs) :]
     load_adapter_state(model, dict(resident.initial))
     scores = [b - f for b, f in zip(base, final, strict=True)]
     members = [c.member for c in canaries]

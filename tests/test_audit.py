@@ -445,3 +445,32 @@ def test_client_level_audit_reads_the_central_accountant_beside_the_estimate(tmp
     # 20 canaries without noise in 4000 dimensions: mu about sqrt(4000 / 19) = 14.5, a huge epsilon
     assert got["epsilon_central"] == 2.5 and got["canaries"] == 20 and got["delta"] == cfg.privacy.central_delta
     assert got["mu"] > 8 and got["epsilon_lower_bound"] > 30
+
+
+def test_answer_losses_share_each_prompt_and_equal_whole_sequence_losses(tiny_peft) -> None:
+    """A canary's secret and its candidates run against one cached prompt, answer logits only: the
+    losses are those of whole-sequence passes with every logit (float32: to 1e-5), in input order."""
+    import torch
+
+    from fedslm.adapters import load_adapter_state
+    from fedslm.training import sequence_losses
+
+    model, tok = tiny_peft.model, tiny_peft.base.tokenizer
+    g = torch.Generator().manual_seed(0)  # a LoRA that changes the outputs (B = 0 would not)
+    load_adapter_state(
+        model,
+        {k: v + 0.3 * torch.randn(v.shape, generator=g) if "lora_B" in k else v for k, v in tiny_peft.initial.items()},
+    )
+    canaries = audit.make_canaries(1, 3, 1)
+    pairs = [(c.question, x) for c in canaries for x in [c.answer, *audit.candidate_codes(1, c, 40)]]
+    pairs.insert(20, ("What is the access code of patient nobody?", "ABCD1234"))  # a prompt asked once
+    examples = [data.encode(tok, q, a, 96, "Be brief.") for q, a in pairs]
+    assert len({len(e["input_ids"]) for e in examples}) > 1  # codes of different token counts: padding
+    batch = data.collate(examples, tok.pad_token_id)
+    model.eval()
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    whole = sequence_losses(logits, batch["labels"]).tolist()
+    shared = audit.answer_losses(model, tok, pairs, 96, "Be brief.", batch_size=8)  # several passes a prompt
+    assert min(whole) > 5.0  # real losses of random codes, not zeros
+    assert np.allclose(shared, whole, rtol=0, atol=1e-5), max(abs(a - b) for a, b in zip(shared, whole, strict=True))
