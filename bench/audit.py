@@ -43,6 +43,10 @@ def run(label: str, config: str, overrides: list[str]) -> tuple[dict[str, Any] |
     return result, wall
 
 
+def _num(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
 def _privacy(eps: str) -> list[str]:
     return ["privacy.mode=none"] if eps == "none" else ["privacy.mode=local", f"privacy.target_epsilon={eps}"]
 
@@ -72,7 +76,7 @@ def main() -> None:
                 f"{result['tpr_at_1pct_fpr']:.3f}",
                 f"{result['epsilon_lower_bound']:.3f}",
                 "-" if accountant is None else f"{accountant:.3f}",
-                f"{result['exposure_members_mean']:.2f} / {result['exposure_nonmembers_mean']:.2f}",
+                " / ".join(_num(result[k]) for k in ("exposure_members_mean", "exposure_nonmembers_mean")),
                 f"{wall:.0f}",
             ]
         )

@@ -360,6 +360,11 @@ class AuditConfig:
     repeats: int = _f(1, "copies of each member canary in its client's training data")
     guess_fraction: float = _f(0.2, "share of canaries guessed (half member, half non-member); others abstain")
     candidates: int = _f(100, "random secrets of the same format each canary is ranked among (exposure)")
+    exposure_canaries: int = _f(
+        16,
+        "canaries (the first ones: about half members) whose exposure is measured, each with its candidates"
+        " (candidates + 1 answers to score); all canaries get the loss scores behind AUC, TPR and epsilon",
+    )
     confidence: float = _f(0.95, "confidence of the empirical epsilon lower bound")
     client_canaries: int = _f(
         0,
@@ -373,6 +378,7 @@ class AuditConfig:
         _check(self.repeats >= 1, "audit.repeats", f"{self.repeats} must be >= 1")
         _check(0 < self.guess_fraction <= 1, "audit.guess_fraction", f"{self.guess_fraction} not in (0, 1]")
         _check(self.candidates >= 1, "audit.candidates", f"{self.candidates} must be >= 1")
+        _check(self.exposure_canaries >= 0, "audit.exposure_canaries", f"{self.exposure_canaries} must be >= 0")
         _check(0.5 <= self.confidence < 1, "audit.confidence", f"{self.confidence} not in [0.5, 1)")
         _check(self.client_canaries >= 0, "audit.client_canaries", f"{self.client_canaries} must be >= 0")
 

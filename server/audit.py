@@ -119,15 +119,12 @@ def score(run_dir: Path) -> dict[str, Any]:
     model, tok = resident.model, resident.base.tokenizer
     a, d = cfg.audit, cfg.data
     pairs = [(c.question, c.answer) for c in canaries]
-    cand = [(c.question, x) for c in canaries for x in audit.candidate_codes(cfg.seed, c, a.candidates)]
     length, system = cfg.model.max_length, d.system_prompt
     load_adapter_state(model, dict(resident.initial))  # B = 0: the base model
     base = audit.answer_losses(model, tok, pairs, length, system)
     load_adapter_state(model, {**resident.initial, **state})
-    # one call: each secret is scored in the same passes as its candidates (one cached prompt), so the
-    # exposure ranks losses of one computation
-    scored = audit.answer_losses(model, tok, pairs + cand, length, system)
-    final, cand_loss = scored[: len(pairs)], scored[len(pairs) :]
+    final = audit.answer_losses(model, tok, pairs, length, system)  # the same passes as base: comparable
+    exposures = _exposures(cfg, canaries[: a.exposure_canaries], model, tok)
     load_adapter_state(model, dict(resident.initial))
     scores = [b - f for b, f in zip(base, final, strict=True)]
     members = [c.member for c in canaries]
@@ -137,9 +134,6 @@ def score(run_dir: Path) -> dict[str, Any]:
     # the per-record (eps, delta) claim of local DP, each member canary inserted `repeats` times
     delta = cfg.privacy.delta
     lower = audit.epsilon_lower_bound(r, v, a.confidence, m=len(canaries), delta=delta, group=a.repeats)
-    exposures = [
-        audit.exposure(final[i], cand_loss[i * a.candidates : (i + 1) * a.candidates]) for i in range(len(canaries))
-    ]
     eps = accountant_epsilon(run_dir)
     clients = None
     if a.client_canaries:  # the mechanism's leak: the final model, whichever round ships
@@ -153,9 +147,8 @@ def score(run_dir: Path) -> dict[str, Any]:
         "auc": audit.roc_auc(mem, non),
         "tpr_at_1pct_fpr": audit.tpr_at_fpr(mem, non, 0.01),
         "tpr_at_0.1pct_fpr": audit.tpr_at_fpr(mem, non, 0.001),
-        "exposure_members_mean": sum(e for e, m in zip(exposures, members, strict=True) if m) / max(1, len(mem)),
-        "exposure_nonmembers_mean": sum(e for e, m in zip(exposures, members, strict=True) if not m) / max(1, len(non)),
-        "exposure_max": max(exposures),
+        "exposure_canaries": len(exposures),
+        **_exposure_means(exposures, members),
         "guesses": r,
         "correct": v,
         "confidence": a.confidence,
@@ -165,7 +158,7 @@ def score(run_dir: Path) -> dict[str, Any]:
         "client_level": clients,  # audit.client_canaries: Andrew et al.'s estimate vs epsilon_central
         "per_canary": [
             {"index": c.index, "member": c.member, "client": c.client, "loss": f, "base_loss": b, "exposure": e}
-            for c, f, b, e in zip(canaries, final, base, exposures, strict=True)
+            for c, f, b, e in zip(canaries, final, base, _padded(exposures, len(canaries)), strict=True)
         ],
     }
     result["score_s"] = time.perf_counter() - t0  # the audit's own cost: scoring (model loads included)
@@ -190,6 +183,32 @@ def score(run_dir: Path) -> dict[str, Any]:
     return result
 
 
+def _exposures(cfg: RunConfig, sample: list[audit.Canary], model: Any, tok: Any) -> list[float]:
+    """Carlini et al.'s exposure of each canary in ``sample``: its secret ranked among ``audit.candidates``
+    random codes of the same format. A secret and its candidates share one cached prompt pass and are
+    scored in one call, so the rank compares losses of one computation."""
+    k = cfg.audit.candidates + 1
+    answers = [(c.question, x) for c in sample for x in [c.answer, *audit.candidate_codes(cfg.seed, c, k - 1)]]
+    losses = audit.answer_losses(model, tok, answers, cfg.model.max_length, cfg.data.system_prompt)
+    return [audit.exposure(losses[i * k], losses[i * k + 1 : (i + 1) * k]) for i in range(len(sample))]
+
+
+def _exposure_means(exposures: list[float], members: list[bool]) -> dict[str, float | None]:
+    """Mean exposure of the measured member and non-member canaries, and the largest (None where none)."""
+    mem = [e for e, m in zip(exposures, members, strict=False) if m]
+    non = [e for e, m in zip(exposures, members, strict=False) if not m]
+    return {
+        "exposure_members_mean": sum(mem) / len(mem) if mem else None,
+        "exposure_nonmembers_mean": sum(non) / len(non) if non else None,
+        "exposure_max": max(exposures) if exposures else None,
+    }
+
+
+def _padded(values: list[float], n: int) -> list[float | None]:
+    """``values`` followed by None up to ``n`` (canaries whose exposure was not measured)."""
+    return [*values, *[None] * (n - len(values))]
+
+
 def privacy_bug(lower: float, accountant: float | None, confidence: float, delta: float) -> str:
     """The one loud line when the audit's lower bound exceeds the accountant's epsilon ('' otherwise).
 
@@ -204,11 +223,15 @@ def privacy_bug(lower: float, accountant: float | None, confidence: float, delta
     )
 
 
+def _num(value: float | None, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
 def table_line(result: dict[str, Any]) -> str:
     eps = result["epsilon_accountant"]
     return (
         f"audit (round {result['round']})  AUC {result['auc']:.3f}  TPR@1%FPR {result['tpr_at_1pct_fpr']:.3f}"
-        f"  TPR@0.1%FPR {result['tpr_at_0.1pct_fpr']:.3f}  exposure(max) {result['exposure_max']:.2f}"
+        f"  TPR@0.1%FPR {result['tpr_at_0.1pct_fpr']:.3f}  exposure(max) {_num(result['exposure_max'], 2)}"
         f"  eps lower bound {result['epsilon_lower_bound']:.3f}"
         f"  accountant eps {'-' if eps is None else f'{eps:.3f}'}" + _client_part(result.get("client_level"))
     )

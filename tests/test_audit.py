@@ -196,6 +196,11 @@ def test_simulate_with_audit_writes_canaries_and_scores_and_fedslm_audit_rescore
     assert recorded == audit.run_canaries(cfg)
     first = json.loads((out / "audit.json").read_text())
     assert first["canaries"] == 20 and first["members"] == sum(c.member for c in recorded)
+    # exposure on the first audit.exposure_canaries (16), each ranked among 11 answers: log2(11) at most
+    exposures = [c["exposure"] for c in first["per_canary"]]
+    assert first["exposure_canaries"] == 16 and exposures[16:] == [None] * 4
+    assert all(0.0 <= e <= math.log2(11) + 1e-9 for e in exposures[:16])
+    assert first["exposure_max"] == max(exposures[:16])
     assert 0.0 <= first["auc"] <= 1.0 and first["epsilon_accountant"] == -1.0  # the broken figure, recorded
     assert json.loads((out / "summary.json").read_text())["audit"]["auc"] == first["auc"]
     assert (out / "audit-roc.png").stat().st_size > 1000
