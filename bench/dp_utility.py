@@ -210,19 +210,20 @@ class Bench:
     def __init__(self, args: argparse.Namespace) -> None:
         self.quick = args.quick
         self.extra = args.set
-        records = USER_RECORDS[self.quick]
-        self.tickets = Path(args.out).parent / f"tickets-n{records}-s0.jsonl"  # deterministic: reused if there
+        # the user task's file, next to --out (bench/out is git-ignored); deterministic, so reused if there
+        self.tickets = Path(args.out).parent / f"tickets-n{USER_RECORDS[self.quick]}-s0.jsonl"
         self._done: dict[tuple[str, tuple[str, ...]], Outcome] = {}
 
     def task_overrides(self, task: str) -> list[str]:
         if task != "user":
             return []
         if not self.tickets.is_file():
-            userdata.write(self.tickets, USER_RECORDS[self.quick], seed=0)  # next to --out (bench/out: ignored)
+            userdata.write(self.tickets, USER_RECORDS[self.quick], seed=0)
         return userdata.overrides(self.tickets)
 
     def outcome(self, task: str, label: str, overrides: list[str]) -> Outcome:
-        config = str(CONFIGS / TASKS[task][self.quick])
+        full, quick = TASKS[task]
+        config = str(CONFIGS / (quick if self.quick else full))
         everything = [*self.task_overrides(task), *overrides, *self.extra]
         key = (config, tuple(everything))
         if key not in self._done:
