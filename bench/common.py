@@ -35,13 +35,14 @@ class Run:
         return sum(int(r.get(key) or 0) for r in self.rows)
 
 
-def run(label: str, config: str, overrides: list[str]) -> Run:
-    """One federation, sequentially in this process; prints a line when done."""
+def run(label: str, config: str, overrides: list[str], *, per_client: bool = False) -> Run:
+    """One federation, sequentially in this process; prints a line when done. ``per_client``: every
+    client also scores each round's global adapter on its own validation records (``row["per_client"]``)."""
     from fedslm.simulation.run import simulate
 
     from fedslm.config import load_config
 
-    cfg = load_config(config, [*overrides, "eval.per_client=false"])
+    cfg = load_config(config, [*overrides, f"eval.per_client={str(per_client).lower()}"])
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         rows = simulate(cfg, Path(tmp) / "run", progress=False)

@@ -168,6 +168,8 @@ class ClientRunner:
             )
             * self.lr_scale,
             weight_decay=t.weight_decay,
+            optimizer=t.optimizer,
+            momentum=t.momentum,
             seed=seed,
             proximal_mu=self.plan.proximal_mu,
             train_lora_a=self.plan.train_lora_a,

@@ -108,8 +108,12 @@ class DataConfig:
 class TrainConfig:
     local_steps: int = _f(10, "optimizer steps per client per round")
     batch_size: int = _f(4, "sequences per step (expected batch under Poisson sampling)")
-    learning_rate: float = _f(2e-3, "AdamW learning rate of the LoRA parameters")
-    weight_decay: float = _f(0.0, "AdamW weight decay")
+    learning_rate: float = _f(2e-3, "learning rate of the LoRA parameters")
+    optimizer: Literal["adamw", "sgd"] = _f(
+        "adamw", "local optimizer: adamw | sgd (with train.momentum); under DP Opacus wraps it"
+    )
+    momentum: float = _f(0.9, "SGD momentum (train.optimizer sgd); the buffer starts at zero every round")
+    weight_decay: float = _f(0.0, "weight decay (AdamW: decoupled; SGD: L2 added to the gradient)")
     seed: int = _f(0, "seed of local shuffling and dropout (mixed with client id and round)")
     length_bucketing: bool = _f(False, "batch records of similar length (less padding); not with local DP")
     max_grad_norm: float = _f(
@@ -127,6 +131,7 @@ class TrainConfig:
         _check(self.local_steps >= 1, "train.local_steps", "must be >= 1")
         _check(self.batch_size >= 1, "train.batch_size", "must be >= 1")
         _check(0 < self.learning_rate < 1, "train.learning_rate", f"{self.learning_rate} not in (0, 1)")
+        _check(0 <= self.momentum < 1, "train.momentum", f"{self.momentum} not in [0, 1)")
         _check(self.max_grad_norm >= 0, "train.max_grad_norm", "must be >= 0 (0 = off)")
         _check(self.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
         _check(self.physical_batch_size >= 0, "train.physical_batch_size", "must be >= 0 (0 = no split)")

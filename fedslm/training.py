@@ -51,6 +51,8 @@ class LocalTraining:
     batch_size: int
     learning_rate: float
     weight_decay: float = 0.0
+    optimizer: str = "adamw"  # adamw | sgd (train.optimizer)
+    momentum: float = 0.9  # SGD momentum; its buffer starts at zero every call
     seed: int = 0
     proximal_mu: float = 0.0
     train_lora_a: bool = True
@@ -58,7 +60,7 @@ class LocalTraining:
     length_bucketing: bool = False  # batches of similar lengths (less padding); never under DP
     physical_batch_size: int = 0  # most sequences per forward/backward; a larger logical batch is accumulated
     max_grad_norm: float = 0.0  # without DP: clip the batch gradient's L2 norm (0 = off); DP clips per sample
-    warmup_steps: int = 0  # linear learning-rate warm-up over the first local steps (AdamW restarts each call)
+    warmup_steps: int = 0  # linear learning-rate warm-up over the first local steps (the optimizer restarts each call)
 
 
 @dataclass
@@ -255,6 +257,16 @@ def _prepare_model(model: Any, cfg: LocalTraining) -> Any:
     return model if cfg.dp is None else _grad_sample_module(model)
 
 
+def _local_optimizer(params: list[torch.nn.Parameter], cfg: LocalTraining) -> torch.optim.Optimizer:
+    """The inner optimizer of the LoRA parameters (under DP, Opacus' DPOptimizer wraps it): AdamW, or SGD
+    with momentum, which DP fine-tuning often prefers (no second-moment estimate of noisy gradients)."""
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.learning_rate, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    raise TrainingError(f"train.optimizer {cfg.optimizer!r} is not one of adamw, sgd")
+
+
 def _prepare_optimizer(optimizer: torch.optim.Optimizer, cfg: LocalTraining, n: int, device: torch.device) -> Any:
     """Opacus' DPOptimizer (per-sample clipping, noise of the expected logical batch) or ``None``."""
     if cfg.dp is None:
@@ -282,7 +294,7 @@ def _session(model: Any, cfg: LocalTraining, n: int) -> Iterator[_Session]:
     """
     params = _trainable(model, cfg.train_lora_a)
     names = {id(p): n for n, p in model.named_parameters()}
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    optimizer = _local_optimizer(params, cfg)
     forward_model = _prepare_model(model, cfg)
     try:
         dp_opt = _prepare_optimizer(optimizer, cfg, n, model_device(model))

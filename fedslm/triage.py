@@ -9,6 +9,7 @@ over hospitals is non-IID. Generation is seeded and deterministic; nothing here 
 from __future__ import annotations
 
 import random
+from collections.abc import Callable, Iterator
 from typing import Any
 
 SPECIALTIES: dict[str, list[str]] = {
@@ -93,18 +94,33 @@ _TEMPLATES = [
 
 def generate(num_records: int, seed: int = 0) -> list[dict[str, Any]]:
     """``num_records`` seeded triage records with keys question, answer, specialty, hospital, id."""
-    rng = random.Random(seed)
-    names = list(SPECIALTIES)
-    hospitals = list(HOSPITALS)
-    records = []
-    for i in range(num_records):
-        hospital = hospitals[i % len(hospitals)]
-        specialty = rng.choices(names, weights=HOSPITALS[hospital])[0]
-        s1, s2 = rng.sample(SPECIALTIES[specialty], 2)
-        question = rng.choice(_TEMPLATES).format(
+
+    def question(rng: random.Random, hospital: str, s1: str, s2: str) -> str:
+        return rng.choice(_TEMPLATES).format(
             age=rng.randint(4, 90), who=rng.choice(_SUBJECTS), s1=s1, s2=s2, dur=rng.choice(_DURATIONS)
         )
-        records.append(
-            {"id": i, "question": question, "answer": specialty, "specialty": specialty, "hospital": hospital}
-        )
-    return records
+
+    return [
+        {"id": i, "question": text, "answer": specialty, "specialty": specialty, "hospital": hospital}
+        for i, hospital, specialty, text in mixture(num_records, seed, SPECIALTIES, HOSPITALS, question)
+    ]
+
+
+def mixture(
+    num_records: int,
+    seed: int,
+    classes: dict[str, list[str]],
+    groups: dict[str, list[float]],
+    text: Callable[[random.Random, str, str, str], str],
+) -> Iterator[tuple[int, str, str, str]]:
+    """(index, group, class, text) of seeded non-IID records: the groups take turns, each draws its
+    class from its own weights (in the order of ``classes``) and ``text(rng, group, cue, cue)`` writes
+    the record from two different cues of that class. Also the generator of ``bench/userdata.py``."""
+    rng = random.Random(seed)
+    names = list(classes)
+    order = list(groups)
+    for i in range(num_records):
+        group = order[i % len(order)]
+        label = rng.choices(names, weights=groups[group])[0]
+        c1, c2 = rng.sample(classes[label], 2)
+        yield i, group, label, text(rng, group, c1, c2)

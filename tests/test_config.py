@@ -32,6 +32,9 @@ def _write(tmp_path: Path, text: str) -> Path:
         ("strategy:\n  name: fedavgx\n", ["strategy", "fedavgx", "fedavg"]),
         ("model: [1, 2]\n", ["model", "mapping"]),
         ("train:\n  learning_rate: true\n", ["train.learning_rate", "expected a number"]),
+        ("train:\n  optimizer: lion\n", ["train.optimizer", "'lion'", "'adamw'", "'sgd'"]),
+        ("train:\n  optimizer: sgd\n  momentum: 1.0\n", ["train.momentum", "1.0 not in [0, 1)"]),
+        ("train:\n  momentum: -0.1\n", ["train.momentum", "-0.1 not in [0, 1)"]),
         (
             "train:\n  length_bucketing: true\nprivacy:\n  mode: local\n",
             ["train.length_bucketing", "privacy.mode", "Poisson"],
