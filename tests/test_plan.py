@@ -94,18 +94,22 @@ def test_lora_parameters_are_counted_from_the_architecture() -> None:
 def test_privacy_plan_warns_where_noise_swamps_the_signal_and_names_the_knobs(capsys) -> None:
     from fedslm.simulation.cli import main
 
-    # tiny: 1,792 parameters, batch 4, noise ~1: per step ~1 x 42 / 4 ~ 10, / sqrt(3 x 4) ~ 3 -> warned
-    assert main(["privacy", "plan", str(TINY), "--set", "privacy.mode=local"]) == 0
+    # tiny: 1,792 parameters, batch 1, noise ~0.4: per step ~0.4 x 42 / 1 ~ 17.5, / sqrt(3 x 4) ~ 5.1 -> warned
+    assert main(["privacy", "plan", str(TINY), "--set", "privacy.mode=local", "--set", "train.batch_size=1"]) == 0
     out = capsys.readouterr().out
     assert "expected noise/signal norm (1,792 trainable parameters" in out
-    assert "WARNING: noise/signal of the averaged round update is" in out
-    for knob in ("train.batch_size 4", "more records per client", "lora.r 4 -> 2", "strategy.name: ffa-lora",
+    assert "WARNING: noise/signal of the averaged round update is 5.1" in out
+    for knob in ("train.batch_size 1", "more records per client", "lora.r 4 -> 2", "strategy.name: ffa-lora",
                  "train.local_steps x federation.num_rounds"):  # fmt: skip
         assert knob in out, knob
     # FFA-LoRA: B alone is counted, and it is no longer offered as a knob
-    assert main(["privacy", "plan", str(TINY), "--set", "privacy.mode=local", "--set", "strategy.name=ffa-lora"]) == 0
+    ffa = ["privacy.mode=local", "train.batch_size=1", "strategy.name=ffa-lora", "lora.r=8"]
+    assert main(["privacy", "plan", str(TINY), *(a for kv in ffa for a in ("--set", kv))]) == 0
     out = capsys.readouterr().out
-    assert "(768 trainable parameters" in out and "strategy.name: ffa-lora" not in out
+    assert "(1,536 trainable parameters" in out and "WARNING" in out and "strategy.name: ffa-lora" not in out
+    # the tiny default (batch 4: 1.7) is below the warning, as the demo's recipe (2.5) is
+    assert main(["privacy", "plan", str(TINY), "--set", "privacy.mode=local"]) == 0
+    assert "WARNING" not in capsys.readouterr().out
     # a logical batch as large as the data and a generous budget: little noise, no warning
     calm = ["privacy.mode=local", "train.batch_size=40", "privacy.target_epsilon=50", "train.local_steps=1"]
     assert main(["privacy", "plan", str(TINY), *(a for kv in calm for a in ("--set", kv))]) == 0
