@@ -68,7 +68,15 @@ def real_run_dir(tmp_path_factory):
 
     cfg = load_config(
         ROOT / "configs" / "demo.yaml",
-        ["federation.num_clients=2", "federation.num_rounds=1", "train.local_steps=3", "data.eval_size=8"],
+        # batches of 8 on the old 1,200 records: a quarter of the demo recipe's compute per step
+        [
+            "federation.num_clients=2",
+            "federation.num_rounds=1",
+            "train.local_steps=3",
+            "train.batch_size=8",
+            "data.num_records=1200",
+            "data.eval_size=8",
+        ],
     )
     out = tmp_path_factory.mktemp("real") / "run"
     rows = simulate(cfg, out, progress=False)

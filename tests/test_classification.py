@@ -95,6 +95,7 @@ def test_real_smollm2_classifier_learns_in_two_rounds(tmp_path: Path) -> None:
         "federation.num_clients=2",
         "federation.num_rounds=2",
         "train.local_steps=10",
+        "data.num_records=1200",  # as measured
         "data.eval_size=48",
     ]
     rows = simulate(load_config(ROOT / "configs" / "classify.yaml", overrides), tmp_path / "run", progress=False)

@@ -21,7 +21,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 def test_dp_training_on_nf4_smollm2_changes_lora_every_step_and_lowers_loss() -> None:
     """Regression for opacus#820: DP-SGD over PEFT must really train the LoRA weights."""
-    cfg = load_config(ROOT / "configs" / "demo.yaml")
+    cfg = load_config(ROOT / "configs" / "demo.yaml", ["data.num_records=1200"])  # ~243 records a client
     resident = PEFT_CACHE.get(cfg.model, cfg.lora)
     model, tok = resident.model, resident.base.tokenizer
     assert type(model.base_model.model.model.layers[0].self_attn.q_proj.base_layer).__name__ == "Linear4bit"
