@@ -128,7 +128,7 @@ def test_gguf_export_reproduces_the_trained_model(nf4_run, tmp_path, quant):
 
     result = export(nf4_run, tmp_path / "g", "gguf", quant=quant)
     assert (result.format, result.quant, result.round) == ("gguf", quant, 1)
-    assert result.max_abs_logit_diff <= result.tolerance <= {"f16": 0.1, "q8_0": 1.0}[quant]
+    assert result.max_abs_logit_diff <= result.tolerance <= {"f16": 0.1, "q8_0": 2.0}[quant]
     measured = {"f16": 0.01, "q8_0": 0.1}[quant]  # measured 0.00076 and 0.015 on this model
     assert result.max_abs_logit_diff < measured < result.original_base_diff
     reader = gguf.GGUFReader(str(result.path))
