@@ -36,9 +36,9 @@ def _size_mb(path: Path) -> float:
 def _generator(fmt: str, path: Path, text: str, tok: Any, run: Path) -> Callable[[int], int]:
     """A function generating up to n tokens greedily from ``text`` in the format's runtime; returns how many."""
     if fmt == "gguf":
-        import llama_cpp
+        from fedslm.export_runtime import load_llama
 
-        llm = llama_cpp.Llama(model_path=str(path), n_ctx=512, verbose=False)
+        llm = load_llama(path, "the speed of a GGUF export")
         ids = llm.tokenize(text.encode(), special=True)
         return lambda n: llm.create_completion(ids, max_tokens=n, temperature=0.0)["usage"]["completion_tokens"]
     if fmt == "onnx":
@@ -136,14 +136,14 @@ def parity(run: Path, out: Path, variants: list[str], n: int) -> list[dict[str, 
 
 def causes(run: Path, out: Path) -> list[tuple[str, float]]:
     """Exact match of GGUF f16 variants in llama.cpp that isolate the candidate causes of the issue's gap."""
-    import llama_cpp
     from peft import PeftModel
     from transformers import AutoTokenizer
 
-    from fedslm.export import _float_base, run_adapter
+    from fedslm.export import run_adapter
     from fedslm.export_gguf import write_gguf
-    from fedslm.export_runtime import count_correct, eval_prompts, llama_cpp_answers
+    from fedslm.export_runtime import count_correct, eval_prompts, llama_cpp_answers, load_llama
     from fedslm.model import resolve_model_dir
+    from fedslm.runs import float_base
 
     cfg, adapter = run_adapter(run)
     tok = AutoTokenizer.from_pretrained(str(resolve_model_dir(cfg.model)))
@@ -151,12 +151,12 @@ def causes(run: Path, out: Path) -> list[tuple[str, float]]:
     n = cfg.eval.max_new_tokens
     fixed = out / "gguf-f16" / "model.gguf"
     found = [("GGUF f16, merged into the de-quantized NF4 base (this export)", fixed)]
-    float_base, _ = _float_base(cfg)
+    original, _ = float_base(cfg)
     old = out / "gguf-f16-original-base.gguf"
-    write_gguf(cfg, PeftModel.from_pretrained(float_base, str(adapter)).merge_and_unload(), old, "f16")
+    write_gguf(cfg, PeftModel.from_pretrained(original, str(adapter)).merge_and_unload(), old, "f16")
     found.append(("GGUF f16, merged into the original float base (before the fix)", old))
     results = [(label, count_correct(llama_cpp_answers(p, prompts, n), answers) / len(answers)) for label, p in found]
-    llm = llama_cpp.Llama(model_path=str(fixed), n_ctx=512, verbose=False)
+    llm = load_llama(fixed, "the causes of the llama.cpp gap")
     ours = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
     same = sum(llm.tokenize(p.encode(), special=True) == ids for p, ids in zip(prompts, ours, strict=True))
     results.append((f"llama.cpp tokenizes the prompt as transformers does ({same}/{len(prompts)} prompts)", 1.0))

@@ -9,7 +9,7 @@
 - ``gguf``: the merged model as a GGUF file for llama.cpp / Ollama (Llama architecture, base
   loaded from a GGUF: its tokenizer is carried over), f16 / f32 / q8_0 / q4_k_m, plus an Ollama
   ``Modelfile`` (fedslm/export_gguf.py);
-- ``onnx``: the merged model for ONNX Runtime (GenAI) on CPU and phones, int4 / int8 / fp32, built by
+- ``onnx``: the merged model for ONNX Runtime (GenAI) on CPU and phones, int8 / int4 / fp32, built by
   onnxruntime-genai's model builder (fedslm/export_onnx.py).
 
 Each export is reloaded and its logits compared with the *trained* model (the run's base, quantized
@@ -47,18 +47,20 @@ QUANTS = {
     "peft": ("none",),
     "merged": ("none",),
     "gguf": ("f16", "f32", "q8_0", "q4_k_m"),
-    "onnx": ("int4", "int8", "fp32"),
+    # int8 first: the builder's int4 (RTN) lost 50 points of exact match on SmolLM2 (5/48 vs 29/48), int8
+    # none (BENCHMARKS.md "Export parity"); int4 stays a choice, and its task check refuses such a loss
+    "onnx": ("int8", "int4", "fp32"),
 }
 # max |logit difference| from the trained model accepted, per format-quant (logits of SmolLM2 are O(10)).
 # For the quantized ones this only bounds gross errors (measured on SmolLM2-135M, BENCHMARKS.md "Export
-# parity": q4_k_m 5.92, onnx int4 19.3; max |logit| over the whole vocabulary is harsh on 4-bit weights):
-# their gate is the task check in the runtime (fedslm/export_runtime.py).
+# parity": q8_0 1.14, q4_k_m 5.92 and 5.4, onnx int4 19.3; max |logit| over the whole vocabulary is harsh on
+# quantized weights): their gate is the task check in the runtime (fedslm/export_runtime.py).
 TOLERANCE = {
     "peft-none": 1e-4,
     "merged-none": 1e-3,
     "gguf-f32": 1e-3,
     "gguf-f16": 0.1,
-    "gguf-q8_0": 1.0,
+    "gguf-q8_0": 2.0,
     "gguf-q4_k_m": 8.0,
     "onnx-fp32": 1e-3,
     "onnx-int8": 8.0,

@@ -3,9 +3,10 @@
 The builder (``python -m onnxruntime_genai.models.builder -i MERGED -o OUT -p PRECISION -e cpu``)
 writes ``model.onnx`` (+ ``model.onnx.data``), ``genai_config.json`` (what an ONNX Runtime GenAI app
 loads: model shape, EOS/BOS, search defaults) and the tokenizer files with the chat template. For the
-CPU execution provider it builds ``int4`` (default: RTN block-32 weights, the phone format), ``int8``
-or ``fp32``; fp16 is a GPU precision there (the builder refuses FP16 CPU). The adapter is merged into
-the weights it was trained against (see fedslm/export.py). ``genai_config.json`` has no system-prompt
+CPU execution provider it builds ``int8`` (default), ``int4`` (RTN block-32 weights: it lost 50 points
+of exact match on a trained SmolLM2, BENCHMARKS.md "Export parity") or ``fp32``; fp16 is a GPU
+precision there (the builder refuses FP16 CPU). The adapter is merged into the weights it was trained
+against (see fedslm/export.py). ``genai_config.json`` has no system-prompt
 field, so ``README.txt`` in the export carries the run's system prompt and how to build the prompt.
 """
 
@@ -26,7 +27,7 @@ from .runs import ExportError
 
 log = get_logger(__name__)
 
-ONNX_QUANTS = ("int4", "int8", "fp32")
+ONNX_QUANTS = ("int8", "int4", "fp32")
 
 
 def require_builder() -> None:
@@ -37,14 +38,17 @@ def require_builder() -> None:
         require(module, "--format onnx (onnxruntime-genai's model builder)")
 
 
-def build_onnx(merged: Any, tok: Any, out: Path, precision: str) -> None:
-    """Run the model builder on ``merged`` (saved to a temporary HF folder) into ``out``."""
+def build_onnx(merged: Any, tok: Any, out: Path, precision: str, options: dict[str, str] | None = None) -> None:
+    """Run the model builder on ``merged`` (saved to a temporary HF folder) into ``out``; ``options`` are the
+    builder's ``--extra_options`` (bench/export_int4.py compares them; none: its defaults)."""
     with tempfile.TemporaryDirectory(prefix="fedslm-onnx-") as tmp:
         hf = Path(tmp) / "merged"
         merged.save_pretrained(str(hf))
         tok.save_pretrained(str(hf))
         argv = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(out)]
         argv += ["-p", precision, "-e", "cpu", "-c", str(Path(tmp) / "cache")]
+        if options:
+            argv += ["--extra_options", *(f"{k}={v}" for k, v in options.items())]
         log.info("Building the %s ONNX model with onnxruntime-genai's model builder", precision)
         proc = subprocess.run(argv, capture_output=True, text=True)
     if proc.returncode != 0 or not (out / "genai_config.json").is_file():

@@ -115,10 +115,36 @@ def count_correct(texts: list[str], answers: list[str]) -> int:
     return sum(normalize_answer(t) == normalize_answer(a) for t, a in zip(texts, answers, strict=True))
 
 
+def load_llama(path: Path, needed_for: str) -> Any:
+    """A GGUF loaded in llama.cpp on all cores, with its weights as written: no extra buffer types
+    (``use_extra_bufts=False``, what llama.cpp's ``--no-repack`` sets).
+
+    Why: with extra buffer types llama.cpp moves the weights of a quantized GGUF (q8_0, q4_k_m, the
+    bundled Q4_1) into its AMX buffer on a CPU with AMX, and llama-cpp-python 0.3.36's AMX matmul
+    (``ggml_backend_amx_mul_mat``) dies there with a general protection fault in ``ldtilecfg`` on the
+    first token (measured on this Xeon with amx_int8; BENCHMARKS.md "Export parity"). f16 tensors never
+    take that buffer, so f16 runs the same either way. ``Llama`` has no argument for it: its default
+    model parameters are replaced for the one load, and restored.
+    """
+    llama_cpp = require("llama_cpp", needed_for)
+    api = llama_cpp.llama_cpp
+    default = api.llama_model_default_params
+
+    def without_extra_buffers() -> Any:
+        params = default()
+        params.use_extra_bufts = False
+        return params
+
+    api.llama_model_default_params = without_extra_buffers
+    try:
+        return llama_cpp.Llama(model_path=str(path), n_ctx=512, n_threads=os.cpu_count() or 1, verbose=False)
+    finally:
+        api.llama_model_default_params = default
+
+
 def llama_cpp_answers(path: Path, prompts: list[str], max_new_tokens: int) -> list[str]:
     """Greedy answers of a GGUF in llama.cpp; the prompt text is tokenized by llama.cpp (BOS as the GGUF says)."""
-    llama_cpp = require("llama_cpp", "the task check of a GGUF export")
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=512, n_threads=os.cpu_count() or 1, verbose=False)
+    llm = load_llama(path, "the task check of a GGUF export")
     texts = []
     for prompt in prompts:
         ids = llm.tokenize(prompt.encode(), special=True)

@@ -128,7 +128,7 @@ def test_gguf_export_reproduces_the_trained_model(nf4_run, tmp_path, quant):
 
     result = export(nf4_run, tmp_path / "g", "gguf", quant=quant)
     assert (result.format, result.quant, result.round) == ("gguf", quant, 1)
-    assert result.max_abs_logit_diff <= result.tolerance <= {"f16": 0.1, "q8_0": 1.0}[quant]
+    assert result.max_abs_logit_diff <= result.tolerance <= {"f16": 0.1, "q8_0": 2.0}[quant]
     measured = {"f16": 0.01, "q8_0": 0.1}[quant]  # measured 0.00076 and 0.015 on this model
     assert result.max_abs_logit_diff < measured < result.original_base_diff
     reader = gguf.GGUFReader(str(result.path))
@@ -199,6 +199,19 @@ def test_onnx_export_runs_in_onnxruntime_with_the_trained_models_logits(onnx_exp
     assert got.shape == want.shape and float(np.abs(got - want).max()) <= 1e-3
 
 
+def test_onnx_exports_int8_by_default(nf4_run, tmp_path):
+    """int8 is the ONNX default (int4 lost 50 points of exact match on a trained SmolLM2): every MatMul of the
+    tiny model's decoder layers is an 8-bit MatMulNBits, and the logits stay within int8's bound."""
+    pytest.importorskip("onnxruntime_genai")
+    import onnx
+
+    result = export(nf4_run, tmp_path / "o", "onnx")
+    assert result.quant == "int8" and result.max_abs_logit_diff <= result.tolerance
+    graph = onnx.load(str(tmp_path / "o" / "model.onnx"), load_external_data=False).graph
+    bits = [a.i for n in graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "bits"]
+    assert len(bits) >= 2 * 4 and set(bits) == {8}  # 2 layers x (q, k, v, o, gate, up, down; packed or not)
+
+
 def test_onnx_task_check_fails_on_a_differing_accuracy_and_passes_on_the_true_one(onnx_export):
     """The CLI exits 1 with one line holding both numbers; the ONNX answers are the trained model's."""
     from peft import PeftModel
@@ -242,11 +255,11 @@ def test_a_wrong_dequantized_base_is_refused_not_absorbed_by_the_tolerance(nf4_r
 def test_gguf_in_llama_cpp_answers_as_the_trained_model(nf4_run, tmp_path, quant):
     """llama.cpp (the deploy extra, a source build: not in `make test`) on the tiny GGUF: same prompt ids as
     transformers (no BOS added), and for f16 the trained model's greedy answers; q4_k_m from llama.cpp's quantizer."""
-    llama_cpp = pytest.importorskip("llama_cpp")
+    pytest.importorskip("llama_cpp")
     from peft import PeftModel
 
     from fedslm.export import trained_base
-    from fedslm.export_runtime import eval_prompts, llama_cpp_answers
+    from fedslm.export_runtime import eval_prompts, llama_cpp_answers, load_llama
     from fedslm.training import normalize_answer
 
     result = export(nf4_run, tmp_path / "g", "gguf", quant=quant)
@@ -254,7 +267,7 @@ def test_gguf_in_llama_cpp_answers_as_the_trained_model(nf4_run, tmp_path, quant
     cfg = load_config(nf4_run / "config.yaml")
     base, tok = trained_base(cfg)
     _, prompts, _ = eval_prompts(cfg, tok)
-    llm = llama_cpp.Llama(model_path=str(result.path), n_ctx=512, verbose=False)
+    llm = load_llama(result.path, "a test")
     assert all(llm.tokenize(p.encode(), special=True) == tok(p, add_special_tokens=False)["input_ids"] for p in prompts)
     if quant == "q4_k_m":  # file type Q4_K_M; rows of 64 take no k-quant, so llama.cpp falls back to Q5_0 / Q8_0
         import gguf
@@ -272,6 +285,25 @@ def test_gguf_in_llama_cpp_answers_as_the_trained_model(nf4_run, tmp_path, quant
     want = tok.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
     got = llama_cpp_answers(result.path, prompts[:4], cfg.eval.max_new_tokens)
     assert [normalize_answer(t) for t in got] == [normalize_answer(t) for t in want]
+
+
+def test_a_quantized_gguf_runs_in_llama_cpp_through_load_llama():
+    """The bundled Q4_1 SmolLM2 GGUF answers in llama.cpp through load_llama. With llama.cpp's extra buffer
+    types (its default) the first token was a general protection fault in the AMX matmul on this AMX Xeon
+    (exit -11); a subprocess, so that such a crash fails this test alone. The defaults are restored after."""
+    pytest.importorskip("llama_cpp")
+    code = (
+        "import llama_cpp\n"
+        "from fedslm.export_runtime import load_llama\n"
+        "from fedslm.modelinfo import locate_bundled_gguf\n"
+        "llm = load_llama(locate_bundled_gguf('smollm2-135m-instruct'), 'a test')\n"
+        "assert llama_cpp.llama_cpp.llama_model_default_params().use_extra_bufts\n"
+        "reply = llm.create_completion('The capital of France is', max_tokens=3, temperature=0.0)\n"
+        "print(reply['choices'][0]['text'])\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split()[0].strip(".,") == "Paris"
 
 
 def test_a_bf16_quantized_base_is_dequantized_in_float32(tmp_path):

@@ -1,0 +1,111 @@
+"""ONNX int4 settings of onnxruntime-genai's model builder, side by side on one run: how many of the run's
+evaluation records each answers right in ONNX Runtime, how many answers equal the trained model's, size, speed.
+
+    .venv/bin/python bench/export_int4.py RUN_DIR [--only default,fp32-activations]
+
+The adapter is merged once (into the de-quantized base it was trained against, as ``fedslm export``
+does) and built once per setting of :data:`SETTINGS` (the builder's ``--extra_options``). The reference
+answers are the merged model's greedy answers in transformers (fp32), which equal the trained model's
+(``fedslm export --format merged`` checks that to 1e-3 in max |logit|).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+# label -> the builder's --extra_options (int4 unless "precision" names another)
+SETTINGS: dict[str, dict[str, str]] = {
+    "default": {},  # RTN, block 32, symmetric, accuracy_level 4 (int8 activations) on the CPU EP
+    "fp32-activations": {"accuracy_level": "1"},
+    # SmolLM2 ties lm_head to the embeddings, which the builder then shares as one int4 matrix;
+    # last_matmul:int8 alone writes a model that does not load (lm_head.MatMul.weight_Q8G32 missing), and
+    # so does is_symmetric=false (a uint8 embedding Reshape where float is expected)
+    "untied": {"shared_embeddings": "false"},
+    "untied+lm_head-int8": {"shared_embeddings": "false", "matmul_mixed_precision": "last_matmul:int8"},
+    "untied+k_quant_mixed": {"shared_embeddings": "false", "algo_config": "k_quant_mixed"},
+    "int8": {"precision": "int8"},
+}
+
+
+def _reference_answers(merged: Any, tok: Any, prompts: list[str], new_tokens: int) -> list[str]:
+    import torch
+
+    enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False, padding_side="left")
+    with torch.no_grad():
+        gen = merged.generate(**enc, max_new_tokens=new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+    return tok.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
+def _speed(path: Path, text: str, n: int) -> float:
+    import onnxruntime_genai as og
+
+    from fedslm.export_runtime import onnx_greedy
+
+    model = og.Model(str(path))
+    ids = og.Tokenizer(model).encode(text)
+    onnx_greedy(og, model, ids, 4)
+    t0 = time.perf_counter()
+    made = len(onnx_greedy(og, model, ids, n))
+    return made / (time.perf_counter() - t0)
+
+
+def compare(run: Path, labels: list[str], tokens: int) -> None:
+    from peft import PeftModel
+
+    from fedslm.data import prompt_text
+    from fedslm.export_onnx import build_onnx
+    from fedslm.export_runtime import central_accuracy, count_correct, eval_prompts, onnx_answers
+    from fedslm.runs import dequantized_base, run_adapter, trained_base
+    from fedslm.training import normalize_answer
+
+    cfg, adapter = run_adapter(run)
+    round_ = int(adapter.name.split("-")[-1])
+    tok = trained_base(cfg)[1]
+    merged = PeftModel.from_pretrained(dequantized_base(cfg), str(adapter)).eval().merge_and_unload()
+    _, prompts, answers = eval_prompts(cfg, tok)
+    new_tokens = cfg.eval.max_new_tokens
+    want = [normalize_answer(t) for t in _reference_answers(merged, tok, prompts, new_tokens)]
+    speed_text = prompt_text(tok, "Describe how a hospital triages a patient with chest pain.", cfg.data.system_prompt)
+    central = central_accuracy(run, round_)
+    print(f"round {round_}: central eval {central}; merged model in transformers {count_correct(want, answers)}/48")
+    print("| setting | extra_options | size MB | exact match | answers equal to the trained model's | tokens/s |")
+    print("|---|---|---:|---:|---:|---:|")
+    for label in labels:
+        options = dict(SETTINGS[label])
+        precision = options.pop("precision", "int4")
+        with tempfile.TemporaryDirectory(prefix="int4-") as tmp:
+            out = Path(tmp) / label
+            build_onnx(merged, tok, out, precision, options)
+            got = [normalize_answer(t) for t in onnx_answers(out, prompts, new_tokens)]
+            mb = sum(p.stat().st_size for p in out.rglob("*") if p.is_file()) / 1e6
+            same = sum(g == w for g, w in zip(got, want, strict=True))
+            shown = " ".join(f"{k}={v}" for k, v in SETTINGS[label].items()) or "(builder defaults)"
+            print(
+                f"| {label} | {shown} | {mb:.1f} | {count_correct(got, answers)}/{len(answers)} |"
+                f" {same}/{len(want)} | {_speed(out, speed_text, tokens):.1f} |",
+                flush=True,
+            )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("run_dir", type=Path)
+    ap.add_argument("--only", default=",".join(SETTINGS), help="comma-separated settings, of: " + ",".join(SETTINGS))
+    ap.add_argument("--tokens", type=int, default=32, help="new tokens generated for the speed column")
+    args = ap.parse_args()
+    unknown = sorted(set(args.only.split(",")) - set(SETTINGS))
+    if unknown:
+        ap.error(f"--only: unknown settings {unknown}; choose from {list(SETTINGS)}")
+    compare(args.run_dir, args.only.split(","), args.tokens)
+
+
+if __name__ == "__main__":
+    main()
