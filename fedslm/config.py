@@ -8,6 +8,7 @@ Nothing deeper in the code reads raw dicts.
 from __future__ import annotations
 
 import dataclasses
+from collections import Counter
 import re
 import types
 import typing
@@ -470,14 +471,18 @@ def _check_audit(cfg: RunConfig) -> None:
     )
     if cfg.data.source != "triage":
         return  # a user file's size is known only when loaded: the preflight checks the cap there
+    from .audit import run_canaries  # the canaries are a function of the seed: their clients are known now
+
     per_client = int(cfg.data.num_records * (1 - cfg.data.test_fraction)) // cfg.federation.num_clients
     cap = int(AUDIT_MAX_FRACTION * per_client)
+    held = Counter(c.client for c in run_canaries(cfg) if c.member)
+    client, members = max(sorted(held.items()), key=lambda kv: kv[1], default=(0, 0))
     _check(
-        a.canaries * a.repeats <= cap,
+        members * a.repeats <= cap,
         "audit.canaries",
-        f"{a.canaries} canaries x {a.repeats} repeats = {a.canaries * a.repeats} records exceed the cap"
-        f" {cap} ({AUDIT_MAX_FRACTION:.0%} of ~{per_client} training records per client); lower"
-        " audit.canaries or audit.repeats, or raise data.num_records",
+        f"client {client} would hold {members} of the {a.canaries} canaries x {a.repeats} repeats ="
+        f" {members * a.repeats} records, over the cap {cap} ({AUDIT_MAX_FRACTION:.0%} of ~{per_client}"
+        " training records per client); lower audit.canaries or audit.repeats, or raise data.num_records",
     )
 
 

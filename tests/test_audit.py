@@ -69,10 +69,16 @@ def tiny_cfg_tok():
 
 
 def test_too_many_canaries_are_refused_at_check_naming_the_key() -> None:
-    # tiny: 240 records, 10% test -> 216 training, 54 per client; cap 10% -> 5 records
-    with pytest.raises(ConfigError, match=r"audit.canaries: 3 canaries x 2 repeats = 6 records exceed the cap 5"):
-        load_config(ROOT / "configs" / "tiny.yaml", ["audit.enabled=true", "audit.canaries=3", "audit.repeats=2"])
-    load_config(ROOT / "configs" / "tiny.yaml", ["audit.enabled=true", "audit.canaries=5"])  # at the cap
+    # tiny: 240 records, 10% test -> 216 training, 54 per client; cap 10% -> 5 records. Seed 0's first 3
+    # canaries put 2 members on client 3 (and its first 20 put 5 there, the most on any client)
+    tiny = ROOT / "configs" / "tiny.yaml"
+    match = r"audit.canaries: client 3 would hold 2 of the 3 canaries x 3 repeats = 6 records, over the cap 5"
+    with pytest.raises(ConfigError, match=match):
+        load_config(tiny, ["audit.enabled=true", "audit.canaries=3", "audit.repeats=3"])
+    load_config(tiny, ["audit.enabled=true", "audit.canaries=3", "audit.repeats=2"])  # 4 records
+    load_config(tiny, ["audit.enabled=true", "audit.canaries=20"])  # 5: at the cap
+    with pytest.raises(ConfigError, match=r"client 3 would hold 5 of the 20 canaries x 2 repeats = 10 records"):
+        load_config(tiny, ["audit.enabled=true", "audit.canaries=20", "audit.repeats=2"])
 
 
 @pytest.mark.parametrize(
