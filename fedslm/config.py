@@ -184,7 +184,7 @@ class FederationConfig:
     round_timeout_s: float = _f(3600.0, "seconds to wait for replies in a round")
     seed: int = _f(0, "seed of client sampling")
     divergence_factor: float = _f(
-        3.0,
+        1.5,
         "reject a round whose central eval loss exceeds this multiple of the best so far (or whose adapter is"
         " not finite): the previous adapter is kept and the learning rate halved from then on (0 = loss test off)",
     )
