@@ -21,8 +21,26 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-# label -> the builder's --extra_options (int4 unless "precision" names another)
-SETTINGS: dict[str, dict[str, str]] = {
+from fedslm.export_onnx import int4_mix, int8_overrides, matmul_names  # noqa: E402
+
+LAYERS = range(30)  # SmolLM2-135M's decoder layers
+
+
+def nodes(*projections: str, layers: range | list[int] = LAYERS) -> list[str]:
+    return matmul_names(projections, layers)
+
+
+def int8_nodes(names: list[str], lm_head: bool = True) -> dict:
+    """--target_options keeping ``names`` (and, untied, the lm_head) in 8 bits, the rest of the body int4."""
+    return int8_overrides(names + (["/lm_head/MatMul"] if lm_head else []))
+
+
+ATTN_DOWN = nodes("attn/qkv_proj", "attn/o_proj", "mlp/down_proj")
+ENDS = [0, 1, 2, 3, 26, 27, 28, 29]  # the first and last eighth of the layers, as llama.cpp's mixed strategy
+UNTIED_KQ = {"shared_embeddings": "false", "algo_config": "k_quant"}
+GATHER4 = {"op_types_to_quantize": "MatMul/Gather"}
+# label -> the builder's --extra_options (int4 unless "precision" names another; "target": --target_options)
+SETTINGS: dict[str, dict[str, Any]] = {
     "default": {},  # RTN, block 32, symmetric, accuracy_level 4 (int8 activations) on the CPU EP
     "fp32-activations": {"accuracy_level": "1"},
     # SmolLM2 ties lm_head to the embeddings, which the builder then shares as one int4 matrix;
@@ -31,6 +49,54 @@ SETTINGS: dict[str, dict[str, str]] = {
     "untied": {"shared_embeddings": "false"},
     "untied+lm_head-int8": {"shared_embeddings": "false", "matmul_mixed_precision": "last_matmul:int8"},
     "untied+k_quant_mixed": {"shared_embeddings": "false", "algo_config": "k_quant_mixed"},
+    "untied+k_quant_mixed+asym": {**UNTIED_KQ, "algo_config": "k_quant_mixed", "is_symmetric": "false"},
+    "untied+k_quant_mixed+block16": {**UNTIED_KQ, "algo_config": "k_quant_mixed", "block_size": "16"},
+    "k_quant+down_proj-int8": {**UNTIED_KQ, "target": int8_nodes(nodes("mlp/down_proj"))},
+    "k_quant+mlp-int8": {**UNTIED_KQ, "target": int8_nodes(nodes("mlp/gate_proj", "mlp/up_proj", "mlp/down_proj"))},
+    "k_quant+mlp-int8+gather4": {
+        **UNTIED_KQ,
+        **GATHER4,
+        "target": int8_nodes(nodes("mlp/gate_proj", "mlp/up_proj", "mlp/down_proj")),
+    },
+    "k_quant+attn-int8": {**UNTIED_KQ, "target": int8_nodes(nodes("attn/qkv_proj", "attn/o_proj"))},
+    "k_quant+attn+down-int8": {**UNTIED_KQ, "target": int8_nodes(ATTN_DOWN)},
+    "tied+k_quant+attn+down-int8": {
+        "algo_config": "k_quant",
+        "target": int8_nodes(ATTN_DOWN, lm_head=False),
+    },
+    "tied+k_quant+attn-int8": {
+        "algo_config": "k_quant",
+        "target": int8_nodes(nodes("attn/qkv_proj", "attn/o_proj"), lm_head=False),
+    },
+    "tied+attn+down-int8": {"target": int8_nodes(ATTN_DOWN, lm_head=False)},
+    "k_quant+attn+down-int8+ends": {
+        **UNTIED_KQ,
+        "target": int8_nodes(ATTN_DOWN + nodes("mlp/gate_proj", "mlp/up_proj", layers=ENDS)),
+    },
+    "k_quant+attn+down+up-int8": {**UNTIED_KQ, "target": int8_nodes(ATTN_DOWN + nodes("mlp/up_proj"))},
+    "tied4+k_quant+attn+down-int8": {
+        "algo_config": "k_quant",
+        **GATHER4,
+        "target": int8_nodes(ATTN_DOWN, lm_head=False),
+    },
+    "tied4+attn+down-int8": {**GATHER4, "target": int8_nodes(ATTN_DOWN, lm_head=False)},
+    "tied4+k_quant+attn+down-int8+ends": {
+        "algo_config": "k_quant",
+        **GATHER4,
+        "target": int8_nodes(ATTN_DOWN + nodes("mlp/gate_proj", "mlp/up_proj", layers=ENDS), lm_head=False),
+    },
+    "tied4+k_quant+attn+down+up-int8": {
+        "algo_config": "k_quant",
+        **GATHER4,
+        "target": int8_nodes(ATTN_DOWN + nodes("mlp/up_proj"), lm_head=False),
+    },
+    "tied4+body-int8": {
+        "algo_config": "k_quant",
+        **GATHER4,
+        "target": int8_nodes(ATTN_DOWN + nodes("mlp/gate_proj", "mlp/up_proj"), lm_head=False),
+    },
+    # --quant int4: tied int8 embeddings/lm_head; int8 attention, down, MLP of layers 0-3, 26-29; int4 the rest
+    "fedslm-int4": {**int4_mix(len(LAYERS))[0], "target": int4_mix(len(LAYERS))[1]},
     "int8": {"precision": "int8"},
 }
 
@@ -63,7 +129,7 @@ def compare(run: Path, labels: list[str], tokens: int) -> None:
     from fedslm.data import prompt_text
     from fedslm.export_onnx import build_onnx
     from fedslm.export_runtime import central_accuracy, count_correct, eval_prompts, onnx_answers
-    from fedslm.runs import dequantized_base, run_adapter, trained_base
+    from fedslm.runs import ExportError, dequantized_base, run_adapter, trained_base
     from fedslm.training import normalize_answer
 
     cfg, adapter = run_adapter(run)
@@ -81,13 +147,18 @@ def compare(run: Path, labels: list[str], tokens: int) -> None:
     for label in labels:
         options = dict(SETTINGS[label])
         precision = options.pop("precision", "int4")
+        target = options.pop("target", None)
         with tempfile.TemporaryDirectory(prefix="int4-") as tmp:
             out = Path(tmp) / label
-            build_onnx(merged, tok, out, precision, options)
+            try:
+                build_onnx(merged, tok, out, precision, options, target)
+            except ExportError as e:
+                print(f"| {label} | build failed: {e} |", flush=True)
+                continue
             got = [normalize_answer(t) for t in onnx_answers(out, prompts, new_tokens)]
             mb = sum(p.stat().st_size for p in out.rglob("*") if p.is_file()) / 1e6
             same = sum(g == w for g, w in zip(got, want, strict=True))
-            shown = " ".join(f"{k}={v}" for k, v in SETTINGS[label].items()) or "(builder defaults)"
+            shown = " ".join(f"{k}={v}" for k, v in options.items()) or "(builder defaults)"
             print(
                 f"| {label} | {shown} | {mb:.1f} | {count_correct(got, answers)}/{len(answers)} |"
                 f" {same}/{len(want)} | {_speed(out, speed_text, tokens):.1f} |",

@@ -3,18 +3,21 @@
 The builder (``python -m onnxruntime_genai.models.builder -i MERGED -o OUT -p PRECISION -e cpu``)
 writes ``model.onnx`` (+ ``model.onnx.data``), ``genai_config.json`` (what an ONNX Runtime GenAI app
 loads: model shape, EOS/BOS, search defaults) and the tokenizer files with the chat template. For the
-CPU execution provider it builds ``int8`` (default), ``int4`` (RTN block-32 weights: it lost 50 points
-of exact match on a trained SmolLM2, BENCHMARKS.md "Export parity") or ``fp32``; fp16 is a GPU
-precision there (the builder refuses FP16 CPU). The adapter is merged into the weights it was trained
-against (see fedslm/export.py). ``genai_config.json`` has no system-prompt
+CPU execution provider it builds ``int8`` (default), ``int4`` (a 4/8-bit mix, :func:`int4_mix`: the
+builder's plain RTN int4 lost 50 points of exact match on a trained SmolLM2, BENCHMARKS.md "Export
+parity") or ``fp32``; fp16 is a GPU precision there (the builder refuses FP16 CPU). The adapter is merged
+into the weights it was trained against (see fedslm/export.py). ``genai_config.json`` has no system-prompt
 field, so ``README.txt`` in the export carries the run's system prompt and how to build the prompt.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -38,9 +41,37 @@ def require_builder() -> None:
         require(module, "--format onnx (onnxruntime-genai's model builder)")
 
 
-def build_onnx(merged: Any, tok: Any, out: Path, precision: str, options: dict[str, str] | None = None) -> None:
+def matmul_names(projections: Iterable[str], layers: Iterable[int]) -> list[str]:
+    """The model builder's MatMul node names of ``projections`` (e.g. "mlp/down_proj") in ``layers``."""
+    return [f"/model/layers.{i}/{p}/MatMul" for i in layers for p in projections]
+
+
+def int8_overrides(names: list[str]) -> dict:
+    """The builder's ``--target_options`` that keep the MatMuls ``names`` in 8 bits in an int4 build (its
+    extra options name only presets of nodes, llama.cpp's mixed layers or the lm_head)."""
+    return {"quant_config": {"weights": {"overrides": [{"match": {"name": n}, "type": "int8"} for n in names]}}}
+
+
+def int4_mix(num_layers: int) -> tuple[dict[str, str], dict]:
+    """``--quant int4``'s builder options: k_quant int4 for the gate/up projections of the middle layers;
+    int8 for the attention (qkv, o) and down_proj of every layer, the whole MLP of the first and last eighth
+    of the layers and the lm_head, which tied embeddings share as one int8 matrix (plain ``-p int8`` keeps
+    them fp32). On issue 19's trained SmolLM2 (29/48) this answers 28/48 in 141 MB, where the builder's
+    plain int4 answered 5/48 (90 MB) and int8 29/48 (270 MB): int4 attention alone cost ~20 answers, an
+    int4 lm_head ~3 (bench/export_int4.py, BENCHMARKS.md "Export parity")."""
+    edge = math.ceil(num_layers / 8)
+    ends = sorted({*range(edge), *range(num_layers - edge, num_layers)})
+    names = matmul_names(("attn/qkv_proj", "attn/o_proj", "mlp/down_proj"), range(num_layers))
+    names += matmul_names(("mlp/gate_proj", "mlp/up_proj"), ends) + ["/lm_head/MatMul"]
+    return {"algo_config": "k_quant", "op_types_to_quantize": "MatMul/Gather"}, int8_overrides(names)
+
+
+def build_onnx(
+    merged: Any, tok: Any, out: Path, precision: str, options: dict[str, str] | None = None, target: dict | None = None
+) -> None:
     """Run the model builder on ``merged`` (saved to a temporary HF folder) into ``out``; ``options`` are the
-    builder's ``--extra_options`` (bench/export_int4.py compares them; none: its defaults)."""
+    builder's ``--extra_options``, ``target`` its ``--target_options`` (per-node weight types: the extra
+    options only name presets); bench/export_int4.py compares them; none: its defaults."""
     with tempfile.TemporaryDirectory(prefix="fedslm-onnx-") as tmp:
         hf = Path(tmp) / "merged"
         merged.save_pretrained(str(hf))
@@ -49,6 +80,8 @@ def build_onnx(merged: Any, tok: Any, out: Path, precision: str, options: dict[s
         argv += ["-p", precision, "-e", "cpu", "-c", str(Path(tmp) / "cache")]
         if options:
             argv += ["--extra_options", *(f"{k}={v}" for k, v in options.items())]
+        if target:
+            argv += ["--target_options", json.dumps(target)]
         log.info("Building the %s ONNX model with onnxruntime-genai's model builder", precision)
         proc = subprocess.run(argv, capture_output=True, text=True)
     if proc.returncode != 0 or not (out / "genai_config.json").is_file():

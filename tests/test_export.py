@@ -212,6 +212,58 @@ def test_onnx_exports_int8_by_default(nf4_run, tmp_path):
     assert len(bits) >= 2 * 4 and set(bits) == {8}  # 2 layers x (q, k, v, o, gate, up, down; packed or not)
 
 
+def test_int4_mix_keeps_attention_down_proj_the_end_layers_and_lm_head_in_8_bits():
+    """SmolLM2-135M's 30 layers: qkv, o and down of all 30 (90) + gate and up of layers 0-3 and 26-29 (16)
+    + the lm_head."""
+    from fedslm.export_onnx import int4_mix
+
+    options, target = int4_mix(30)
+    assert options == {"algo_config": "k_quant", "op_types_to_quantize": "MatMul/Gather"}
+    names = [o["match"]["name"] for o in target["quant_config"]["weights"]["overrides"]]
+    assert len(names) == 107 and {o["type"] for o in target["quant_config"]["weights"]["overrides"]} == {"int8"}
+    gates = sorted(int(n.split(".")[1].split("/")[0]) for n in names if "gate_proj" in n)
+    assert gates == [0, 1, 2, 3, 26, 27, 28, 29] and "/model/layers.4/mlp/up_proj/MatMul" not in names
+    assert "/model/layers.15/mlp/down_proj/MatMul" in names and names[-1] == "/lm_head/MatMul"
+
+
+def test_onnx_int4_mixes_4_and_8_bit_weights_by_node(nf4_run, tmp_path):
+    """--quant int4 on the tiny model (2 layers: both are end layers, 8-bit): every decoder MatMul and the
+    lm_head are 8-bit MatMulNBits, the embedding gathers from the lm_head's 8-bit matrix, and the logits
+    stay within int4's bound; the 4-bit middle is int4_mix's (test above)."""
+    pytest.importorskip("onnxruntime_genai")
+    import onnx
+
+    result = export(nf4_run, tmp_path / "o", "onnx", quant="int4")
+    assert result.quant == "int4" and result.max_abs_logit_diff <= result.tolerance
+    graph = onnx.load(str(tmp_path / "o" / "model.onnx"), load_external_data=False).graph
+    bits = {n.name: a.i for n in graph.node for a in n.attribute if a.name == "bits"}
+    layers = {name: b for name, b in bits.items() if name.startswith("/model/layers.")}
+    assert len(layers) == 2 * 5 and set(layers.values()) == {8}  # 2 layers x (qkv, o, gate, up, down)
+    others = {name: b for name, b in bits.items() if name not in layers}
+    assert others == {"/lm_head/MatMul_Q8": 8, "/model/embed_tokens/GatherBlockQuantized": 8}
+
+
+def test_int4_mix_builds_4_bit_gate_up_in_the_middle_layers(tmp_path):
+    """A 9-layer tiny Llama through the builder with int4_mix(9): gate/up of layers 2-6 are 4-bit, every
+    other MatMul (end layers 0, 1, 7, 8 whole; qkv, o, down everywhere; the lm_head) 8-bit."""
+    pytest.importorskip("onnxruntime_genai")
+    import onnx
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from fedslm.export_onnx import build_onnx, int4_mix
+    from fedslm.model import resolve_model_dir
+
+    tiny = resolve_model_dir(load_config(ROOT / "configs" / "tiny.yaml", []).model)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(tiny), num_hidden_layers=9))
+    build_onnx(model, AutoTokenizer.from_pretrained(str(tiny)), tmp_path / "o", "int4", *int4_mix(9))
+    graph = onnx.load(str(tmp_path / "o" / "model.onnx"), load_external_data=False).graph
+    bits = {n.name: a.i for n in graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "bits"}
+    four = sorted(name for name, b in bits.items() if b == 4)
+    assert four == sorted(f"/model/layers.{i}/mlp/{p}/MatMul_Q4" for i in range(2, 7) for p in ("gate_proj", "up_proj"))
+    assert len(bits) == 9 * 5 + 1 and sum(b == 8 for b in bits.values()) == 9 * 5 + 1 - 10
+
+
 def test_onnx_task_check_fails_on_a_differing_accuracy_and_passes_on_the_true_one(onnx_export):
     """The CLI exits 1 with one line holding both numbers; the ONNX answers are the trained model's."""
     from peft import PeftModel
