@@ -8,7 +8,6 @@ Nothing deeper in the code reads raw dicts.
 from __future__ import annotations
 
 import dataclasses
-from collections import Counter
 import re
 import types
 import typing
@@ -445,10 +444,9 @@ _SECTIONS: dict[str, type] = {
 
 
 def _check_audit(cfg: RunConfig) -> None:
-    """Worst case, every member canary lands on one client: its copies must stay within
-    :data:`AUDIT_MAX_FRACTION` of a client's share of the training records (bundled data; any source
-    is checked again, client by client, in the preflight: :func:`fedslm.audit.check_canary_cap`).
-    Canaries need a causal-LM task and the normal (not SecAgg+) server, which scores them."""
+    """Canaries need a causal-LM task and the normal (not SecAgg+) server, which scores them. Their cap
+    (:data:`AUDIT_MAX_FRACTION` of each client's training records) is checked client by client in the
+    preflight, which knows the partitions: :func:`fedslm.audit.check_canary_cap`."""
     a = cfg.audit
     if not a.enabled:
         return
@@ -468,21 +466,6 @@ def _check_audit(cfg: RunConfig) -> None:
         a.client_canaries == 0 or cfg.privacy.central,
         "audit.client_canaries",
         f"{a.client_canaries} canary clients audit central DP: set privacy.mode central or both, or 0",
-    )
-    if cfg.data.source != "triage":
-        return  # a user file's size is known only when loaded: the preflight checks the cap there
-    from .audit import run_canaries  # the canaries are a function of the seed: their clients are known now
-
-    per_client = int(cfg.data.num_records * (1 - cfg.data.test_fraction)) // cfg.federation.num_clients
-    cap = int(AUDIT_MAX_FRACTION * per_client)
-    held = Counter(c.client for c in run_canaries(cfg) if c.member)
-    client, members = max(sorted(held.items()), key=lambda kv: kv[1], default=(0, 0))
-    _check(
-        members * a.repeats <= cap,
-        "audit.canaries",
-        f"client {client} would hold {members} of the {a.canaries} canaries x {a.repeats} repeats ="
-        f" {members * a.repeats} records, over the cap {cap} ({AUDIT_MAX_FRACTION:.0%} of ~{per_client}"
-        " training records per client); lower audit.canaries or audit.repeats, or raise data.num_records",
     )
 
 

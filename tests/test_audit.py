@@ -69,16 +69,16 @@ def tiny_cfg_tok():
 
 
 def test_too_many_canaries_are_refused_at_check_naming_the_key() -> None:
-    # tiny: 240 records, 10% test -> 216 training, 54 per client; cap 10% -> 5 records. Seed 0's first 3
-    # canaries put 2 members on client 3 (and its first 20 put 5 there, the most on any client)
+    from fedslm.server.preflight import preflight
+
+    # tiny: 240 records, 10% test -> 4 hospitals of 54, 6 held out for validation: 48 training records
+    # each, cap int(0.1 x 48) = 4. Seed 0's first 3 canaries put 2 members on client 3 (its first 20: 5)
     tiny = ROOT / "configs" / "tiny.yaml"
-    match = r"audit.canaries: client 3 would hold 2 of the 3 canaries x 3 repeats = 6 records, over the cap 5"
-    with pytest.raises(ConfigError, match=match):
-        load_config(tiny, ["audit.enabled=true", "audit.canaries=3", "audit.repeats=3"])
-    load_config(tiny, ["audit.enabled=true", "audit.canaries=3", "audit.repeats=2"])  # 4 records
-    load_config(tiny, ["audit.enabled=true", "audit.canaries=20"])  # 5: at the cap
-    with pytest.raises(ConfigError, match=r"client 3 would hold 5 of the 20 canaries x 2 repeats = 10 records"):
-        load_config(tiny, ["audit.enabled=true", "audit.canaries=20", "audit.repeats=2"])
+    with pytest.raises(ConfigError, match=r"audit.canaries: client 3 would get 6 canary records, over the cap 4"):
+        preflight(load_config(tiny, ["audit.enabled=true", "audit.canaries=3", "audit.repeats=3"]))
+    preflight(load_config(tiny, ["audit.enabled=true", "audit.canaries=3", "audit.repeats=2"]))  # 4: at the cap
+    with pytest.raises(ConfigError, match=r"client 3 would get 5 canary records, over the cap 4"):
+        preflight(load_config(tiny, ["audit.enabled=true", "audit.canaries=20"]))
 
 
 @pytest.mark.parametrize(
