@@ -195,8 +195,9 @@ def _exposures(cfg: RunConfig, sample: list[audit.Canary], model: Any, tok: Any)
 
 def _exposure_means(exposures: list[float], members: list[bool]) -> dict[str, float | None]:
     """Mean exposure of the measured member and non-member canaries, and the largest (None where none)."""
-    mem = [e for e, m in zip(exposures, members, strict=False) if m]
-    non = [e for e, m in zip(exposures, members, strict=False) if not m]
+    sampled = members[: len(exposures)]  # exposure is measured on the first canaries only
+    mem = [e for e, m in zip(exposures, sampled, strict=True) if m]
+    non = [e for e, m in zip(exposures, sampled, strict=True) if not m]
     return {
         "exposure_members_mean": sum(mem) / len(mem) if mem else None,
         "exposure_nonmembers_mean": sum(non) / len(non) if non else None,
