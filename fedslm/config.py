@@ -230,7 +230,11 @@ class EvalConfig:
     every: int = _f(1, "central evaluation every N rounds (round 0 = base adapter is always evaluated)")
     max_new_tokens: int = _f(8, "tokens generated for exact-match accuracy")
     batch_size: int = _f(16, "evaluation batch size")
-    per_client: bool = _f(False, "also evaluate the global adapter on each client's own validation split")
+    per_client: bool | Literal["last"] = _f(
+        False,
+        "also evaluate the global adapter on each client's own validation split: every evaluated round"
+        " (true), after the last round only (last: one pass instead of one a round), or never (false)",
+    )
 
     def __post_init__(self) -> None:
         _check(self.every >= 1, "eval.every", "must be >= 1")
@@ -476,6 +480,8 @@ def _check_audit(cfg: RunConfig) -> None:
 def _type_name(tp: Any) -> str:
     if get_origin(tp) is Literal:
         return " | ".join(repr(a) for a in get_args(tp))
+    if get_origin(tp) in (types.UnionType, typing.Union):
+        return " | ".join(_type_name(arm) for arm in get_args(tp))
     return getattr(tp, "__name__", str(tp))
 
 

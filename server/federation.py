@@ -203,7 +203,8 @@ class Federation(Recorded):
         self._screen(rnd, replies, arrays)
         candidate, train, skipped = self._aggregate(rnd, arrays, replies)
         arrays, ev, diverged = self._guard(rnd, arrays, candidate)
-        if ev and self.cfg.eval.per_client:
+        per_client = self.cfg.eval.per_client
+        if ev and (per_client is True or (per_client == "last" and self._last_round(rnd))):
             ev["per_client"] = self._evaluate_on_clients(rnd, arrays)
         train["diverged"] = diverged or None
         self._record(rnd, arrays, ev, train, replies, t0, skipped)
@@ -256,9 +257,7 @@ class Federation(Recorded):
         """(the adapter kept, its central evaluation if due, why the candidate was rejected or "").
         The divergence guard rejects a non-finite candidate, or one whose loss blew up; the previous
         adapter is then kept and the clients' learning rate lowered from now on."""
-        # the last round run: the configured count, or every client has spent its budget
-        last = rnd == self.cfg.federation.num_rounds or not self._available().get_node_ids()
-        due = rnd % self.cfg.eval.every == 0 or last
+        due = rnd % self.cfg.eval.every == 0 or self._last_round(rnd)
         finite = all_finite(candidate)
         ev = self._evaluate(rnd, candidate) if finite and due else {}
         best = self.best[0] if self.best else None
@@ -275,6 +274,10 @@ class Federation(Recorded):
         if ev and (self.best is None or ev["eval_loss"] < self.best[0]):
             self.best = (float(ev["eval_loss"]), rnd)
         return candidate, ev, diverged
+
+    def _last_round(self, rnd: int) -> bool:
+        """Whether ``rnd`` is the last round run: the configured count, or every client has spent its budget."""
+        return rnd == self.cfg.federation.num_rounds or not self._available().get_node_ids()
 
     def _to_wire(self, messages: list[Message]) -> None:
         """Adapters travel in ``communication.dtype``: encode each distinct record once."""

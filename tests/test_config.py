@@ -35,6 +35,7 @@ def _write(tmp_path: Path, text: str) -> Path:
         ("train:\n  optimizer: lion\n", ["train.optimizer", "'lion'", "'adamw'", "'sgd'"]),
         ("train:\n  optimizer: sgd\n  momentum: 1.0\n", ["train.momentum", "1.0 not in [0, 1)"]),
         ("train:\n  momentum: -0.1\n", ["train.momentum", "-0.1 not in [0, 1)"]),
+        ("eval:\n  per_client: sometimes\n", ["eval.per_client", "'sometimes' is not bool | 'last'"]),
         (
             "train:\n  length_bucketing: true\nprivacy:\n  mode: local\n",
             ["train.length_bucketing", "privacy.mode", "Poisson"],

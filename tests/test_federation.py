@@ -93,6 +93,13 @@ def test_tiny_federation_lowers_loss_and_writes_the_run_dir(tmp_path: Path) -> N
         assert (adapter / "adapter_config.json").is_file() and (adapter / "adapter_model.safetensors").is_file()
 
 
+def test_per_client_last_evaluates_on_the_clients_after_the_last_round_only(tmp_path: Path) -> None:
+    rows, _ = _run(tmp_path, ["federation.num_rounds=2", "train.local_steps=1", "eval.per_client=last"])
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    assert "per_client" not in rows[0] and "per_client" not in rows[1]
+    assert sorted(rows[2]["per_client"]) == ["0", "1", "2", "3"]
+
+
 def test_compressed_uplink_sends_an_eighth_of_fp32_and_still_learns(tmp_path: Path) -> None:
     common = ["federation.num_rounds=3", "train.local_steps=5", "train.learning_rate=0.05"]
     rows, out = _run(tmp_path, [*common, "communication.quantize_delta=true", "communication.topk=0.25"])
