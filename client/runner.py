@@ -30,7 +30,6 @@ from .state import ClientStore
 log = get_logger(__name__)
 
 
-
 _ENCODED: dict[
     tuple[Any, ...], tuple[list[dict[str, list[int]]], list[dict[str, list[int]]], list[dict[str, Any]]]
 ] = {}

@@ -92,7 +92,9 @@ class DataConfig:
     dirichlet_alpha: float = _f(0.5, "concentration of the dirichlet partitioner; small = more skewed")
     num_records: int = _f(1200, "records generated for the bundled triage data (train + test)")
     test_fraction: float = _f(0.1, "held-out global test split that no client sees")
-    eval_size: int = _f(48, "records used by each evaluation: the central test sample and each client's validation (0 = all)")
+    eval_size: int = _f(
+        48, "records used by each evaluation: the central test sample and each client's validation (0 = all)"
+    )
     seed: int = _f(0, "seed of generation, splitting and partitioning")
     system_prompt: str = _f("Answer with the department only.", "system message of the chat template (empty = none)")
     labels: list[str] = _f([], "classification: the class names in order (empty = sorted values of label_column)")

@@ -184,8 +184,10 @@ def plan_report(
     lines += ["", f"epsilon after each round (delta {p.delta:g}, {per_round} steps a round), largest over the clients:"]
     lines.append("round  " + "  ".join(f"{kind:>7}" for kind in ("pld", "rdp")))
     for r in range(1, rounds + 1):
-        eps = [max(_epsilon(kind, [(c.noise_multiplier, c.sample_rate, r * per_round)], p.delta) for c in plans)
-               for kind in ("pld", "rdp")]
+        eps = [
+            max(_epsilon(kind, [(c.noise_multiplier, c.sample_rate, r * per_round)], p.delta) for c in plans)
+            for kind in ("pld", "rdp")
+        ]
         lines.append(f"{r:>5}  " + "  ".join(f"{e:>7.3f}" for e in eps))
     if trainable:
         fed = cfg.federation

@@ -81,7 +81,7 @@ def test_user_files_with_own_columns(tmp_path: Path, suffix: str) -> None:
 
 @pytest.mark.parametrize("suffix", [".jsonl", ".csv"])
 def test_user_text_arrives_as_written(tmp_path: Path, suffix: str) -> None:
-    """"007" stays "007" (no type guessing), and a null or empty answer is refused with file:line."""
+    """ "007" stays "007" (no type guessing), and a null or empty answer is refused with file:line."""
     path = tmp_path / f"codes{suffix}"
     if suffix == ".jsonl":
         path.write_text('{"q": "code?", "a": "007"}\n{"q": "zip?", "a": "01234"}\n')

@@ -145,7 +145,7 @@ def test_failure_line_is_the_exception_a_client_raised() -> None:
 
     ray = (
         "<class 'ray.exceptions.RayTaskError(ClientAppException)'>:<'\x1b[36mray::ClientAppActor.run()\x1b[39m"
-        " (pid=1, ip=192.0.2.2)\n  File \"x.py\", line 3, in run\n    raise DataError(...)\n    ^^^^^^^^\n"
+        ' (pid=1, ip=192.0.2.2)\n  File "x.py", line 3, in run\n    raise DataError(...)\n    ^^^^^^^^\n'
         "fedslm.data.DataError: client 3 has no training records\n"
     )
     assert failure_line(ray) == "fedslm.data.DataError: client 3 has no training records"

@@ -285,6 +285,9 @@ def test_large_blocks_stay_mapped_once_the_threshold_is_fixed() -> None:
     assert where("default") == "heap"
     assert where("fixed") == "mapped"
     env["MALLOC_MMAP_THRESHOLD_"] = "4096"  # the user's own setting wins: not overridden
-    assert subprocess.run(
-        [sys.executable, "-c", "from fedslm import model; assert model.map_large_blocks() is False"], env=env
-    ).returncode == 0
+    assert (
+        subprocess.run(
+            [sys.executable, "-c", "from fedslm import model; assert model.map_large_blocks() is False"], env=env
+        ).returncode
+        == 0
+    )

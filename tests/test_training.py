@@ -319,7 +319,10 @@ def test_plain_training_clips_the_step_gradient_and_warms_up(fresh) -> None:
         seen = norms.setdefault(clip, [])
         cfg = LocalTraining(steps=3, batch_size=8, learning_rate=0.01, max_grad_norm=clip, warmup_steps=2)
         train_local(
-            fresh.model, ex, tok.pad_token_id, cfg,
+            fresh.model,
+            ex,
+            tok.pad_token_id,
+            cfg,
             on_step=lambda _, seen=seen: seen.append(torch.cat([p.grad.flatten() for p in lora]).norm().item()),
         )
     assert min(norms[0.0]) > 0.01  # measured ~0.1: the bound below really clips
