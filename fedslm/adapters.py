@@ -52,7 +52,19 @@ def target_modules(model_type: str, lora: LoRAConfig) -> list[str]:
     return DEFAULT_TARGETS[model_type]
 
 
-def peft_config(model_type: str, lora: LoRAConfig, task: str = "causal-lm", rank: int | None = None) -> Any:
+def adapted_layers(lora: LoRAConfig, num_layers: int) -> list[int] | None:
+    """The indices of the transformer layers LoRA adapts: the last ``lora.last_layers`` of
+    ``num_layers``, or None for every layer."""
+    if not lora.last_layers:
+        return None
+    if lora.last_layers > num_layers:
+        raise AdapterError(f"lora.last_layers: {lora.last_layers} > the model's {num_layers} layers")
+    return list(range(num_layers - lora.last_layers, num_layers))
+
+
+def peft_config(
+    model_type: str, lora: LoRAConfig, task: str = "causal-lm", rank: int | None = None, num_layers: int = 0
+) -> Any:
     from peft import LoraConfig, TaskType
 
     r = rank or lora.r
@@ -61,6 +73,7 @@ def peft_config(model_type: str, lora: LoRAConfig, task: str = "causal-lm", rank
         lora_alpha=lora.alpha * r / lora.r if r != lora.r else lora.alpha,  # type: ignore[arg-type]  # scale alpha/lora.r
         lora_dropout=lora.dropout,
         target_modules=target_modules(model_type, lora),
+        layers_to_transform=adapted_layers(lora, num_layers),  # PEFT reads the first number of a module's name
         task_type=TaskType.CAUSAL_LM if task == "causal-lm" else TaskType.SEQ_CLS,
         bias="none",
     )
@@ -70,7 +83,7 @@ def attach_lora(base: Any, lora: LoRAConfig, task: str = "causal-lm", rank: int 
     """Wrap ``base`` in a PEFT LoRA model; initialisation is seeded by ``lora.init_seed``."""
     from peft import get_peft_model
 
-    cfg = peft_config(base.config.model_type, lora, task, rank)
+    cfg = peft_config(base.config.model_type, lora, task, rank, base.config.num_hidden_layers)
     if task != "causal-lm":  # the classification head (and DistilBERT's pre-classifier) train too
         from .model import HEAD_MODULES
 
@@ -284,7 +297,7 @@ class _PeftCache:
         num_labels: int = 0,
     ) -> ResidentPeft:
         base = RESIDENT.get(mcfg, task, num_labels)
-        key = (id(base.model), rank or lora.r, lora.alpha, lora.dropout, tuple(lora.target_modules), task)
+        key = (id(base.model), rank or lora.r, lora.alpha, lora.dropout, tuple(lora.target_modules), lora.last_layers, task)
         with self._lock:
             cur = self._current
             if cur is not None and cur.key == key:

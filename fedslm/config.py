@@ -71,12 +71,18 @@ class LoRAConfig:
     alpha: int = _f(16, "LoRA scaling numerator (scale = alpha / r)")
     dropout: float = _f(0.0, "dropout on the LoRA input; 0 keeps DP-SGD per-sample grads exact")
     target_modules: list[str] = _f([], "module names to adapt; empty = per-architecture default")
+    last_layers: int = _f(
+        0,
+        "adapt the target modules of the last N transformer layers only (0 = every layer): the backward pass"
+        " stops at the lowest adapted layer, and fewer trainable parameters carry less DP noise",
+    )
     init_seed: int = _f(0, "seed of the shared initial adapter (all clients start from it)")
 
     def __post_init__(self) -> None:
         _check(1 <= self.r <= 512, "lora.r", f"{self.r} not in [1, 512]")
         _check(self.alpha > 0, "lora.alpha", f"{self.alpha} must be > 0")
         _check(0.0 <= self.dropout < 1.0, "lora.dropout", f"{self.dropout} not in [0, 1)")
+        _check(self.last_layers >= 0, "lora.last_layers", f"{self.last_layers} must be >= 0 (0 = every layer)")
 
 
 @dataclass

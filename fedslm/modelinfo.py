@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import os
+import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -228,7 +229,18 @@ def check_lora_targets(info: ModelInfo, lora: LoRAConfig, task: str = "causal-lm
         raise ModelLoadError(
             f"lora.target_modules: {missing} not in {info.name} ({info.model_type}); its adaptable layers are {leaves}"
         )
+    if lora.last_layers:
+        layers = _meta_model(info, task).config.num_hidden_layers
+        if lora.last_layers > layers:
+            raise ModelLoadError(f"lora.last_layers: {lora.last_layers} > the {layers} layers of {info.name}")
     return targets
+
+
+def layer_index(name: str) -> int | None:
+    """The transformer layer of a module's full name: its first numbered segment, as PEFT reads it for
+    ``layers_to_transform`` (``model.layers.12.self_attn.q_proj`` -> 12); None outside the layers."""
+    match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", name)
+    return int(match["idx"]) if match else None
 
 
 def _matches(target: str, names: frozenset[str]) -> bool:
@@ -237,16 +249,22 @@ def _matches(target: str, names: frozenset[str]) -> bool:
 
 
 def lora_parameter_count(
-    info: ModelInfo, r: int, targets: list[str], task: str = "causal-lm", train_a: bool = True
+    info: ModelInfo, r: int, targets: list[str], task: str = "causal-lm", train_a: bool = True, last_layers: int = 0
 ) -> int:
     """Trainable LoRA parameters of rank ``r`` on ``targets``: r x (in + out) per adapted Linear, or
-    r x out when A stays frozen (FFA-LoRA). From the architecture built on the meta device (no weights).
-    A classification head, trained beside the adapter, is not counted."""
+    r x out when A stays frozen (FFA-LoRA), in the last ``last_layers`` layers only when set. From the
+    architecture built on the meta device (no weights). A classification head, trained beside the
+    adapter, is not counted."""
     import torch
 
+    model = _meta_model(info, task)
+    lowest = model.config.num_hidden_layers - last_layers if last_layers else 0
     count = 0
-    for name, module in _meta_model(info, task).named_modules():
+    for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear) and any(_matches(t, frozenset([name])) for t in targets):
+            index = layer_index(name)
+            if last_layers and (index is None or index < lowest):
+                continue
             count += r * (module.out_features + (module.in_features if train_a else 0))
     return count
 

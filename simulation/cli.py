@@ -114,7 +114,8 @@ def _privacy_plan_cli(args: argparse.Namespace) -> int:
     cfg = checked.cfg
     train_a = LoRAPlan.from_record(build(cfg).client_config(1)).train_lora_a  # FFA-LoRA trains B only
     info = checked.model if checked.model is not None else model_info(cfg.model)
-    trainable = lora_parameter_count(info, cfg.lora.r, list(checked.lora_targets), cfg.task, train_a)
+    targets = list(checked.lora_targets)
+    trainable = lora_parameter_count(info, cfg.lora.r, targets, cfg.task, train_a, cfg.lora.last_layers)
     print("\n".join(plan_report(cfg, list(checked.privacy_plans), trainable, train_a)))
     return 0
 

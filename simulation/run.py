@@ -358,6 +358,8 @@ def plan_block(checked: Preflight, out_dir: Path) -> str:
     fed, lora = cfg.federation, cfg.lora
     model = f"{info.name} ({info.model_type})" if info is not None else cfg.model.name
     targets = ", ".join(checked.lora_targets) or "-"
+    if lora.last_layers:
+        targets += f" of the last {lora.last_layers} layers"
     records = ", ".join(str(n) for n in checked.client_records) or "-"
     rows = [
         ("model", f"{model}, quantization {cfg.model.quantization}, LoRA r={lora.r} on {targets}"),

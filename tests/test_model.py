@@ -71,6 +71,23 @@ def test_quantized_tiny_model_lora_forward_backward(quant: str, layer: str) -> N
     assert all(p.grad is None for n, p in peft.named_parameters() if "lora_" not in n)
 
 
+def test_last_layers_adapts_only_the_top_of_the_stack() -> None:
+    from fedslm.adapters import AdapterError
+
+    loaded = model_mod.load_base_model(ModelConfig(name="tiny-llama", quantization="nf4", compute_dtype="float32"))
+    peft = attach_lora(loaded.model, LoRAConfig(r=4, alpha=8, last_layers=1))
+    layers = peft.base_model.model.model.layers
+    assert type(layers[0].self_attn.q_proj).__name__ == "Linear4bit"  # layer 0 untouched: no LoRA
+    assert hasattr(layers[1].self_attn.q_proj, "lora_A")
+    assert trainable_count(peft) == 896  # layer 1's q (4x64 + 64x4) and v (4x64 + 32x4)
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    peft(input_ids=ids, labels=ids).loss.backward()
+    assert all(torch.isfinite(p.grad).all() for n, p in peft.named_parameters() if "lora_" in n)
+    peft.unload()
+    with pytest.raises(AdapterError, match=r"lora.last_layers: 3 > the model's 2 layers"):
+        attach_lora(loaded.model, LoRAConfig(r=4, last_layers=3))
+
+
 @pytest.mark.slow
 def test_real_smollm2_nf4_shape_and_answer() -> None:
     loaded = model_mod.load_base_model(ModelConfig())

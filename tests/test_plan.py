@@ -89,6 +89,9 @@ def test_lora_parameters_are_counted_from_the_architecture() -> None:
     info = model_info(_cfg().model)  # tiny llama: hidden 64, 4 heads of 16, 2 KV heads, 2 layers
     assert lora_parameter_count(info, 4, ["q_proj", "v_proj"]) == 2 * (4 * (64 + 64) + 4 * (64 + 32))  # 1,792
     assert lora_parameter_count(info, 4, ["q_proj", "v_proj"], train_a=False) == 2 * (4 * 64 + 4 * 32)  # B only: 768
+    # the last layer only: half of it (layer 1's q and v), and the last 2 of 2 layers are all of it
+    assert lora_parameter_count(info, 4, ["q_proj", "v_proj"], last_layers=1) == 4 * (64 + 64) + 4 * (64 + 32)  # 896
+    assert lora_parameter_count(info, 4, ["q_proj", "v_proj"], last_layers=2) == 1792
 
 
 def test_privacy_plan_warns_where_noise_swamps_the_signal_and_names_the_knobs(capsys) -> None:

@@ -73,6 +73,7 @@ def _cases(tmp: Path) -> list[tuple[list[str], type[FedslmError], str]]:
         # the model, from its config only, and the LoRA targets of its architecture
         (["lora.target_modules=[q_proj, qv_proj]"], ModelLoadError,
          "lora.target_modules: ['qv_proj'] not in tiny-llama (llama); its adaptable layers are ['down_proj'"),
+        (["lora.last_layers=3"], ModelLoadError, "lora.last_layers: 3 > the 2 layers of tiny-llama"),
         (["model.name=tiny-gpt9"], ModelLoadError, "model.name 'tiny-gpt9': unknown tiny family"),
         ([f"model.name={tmp}"], ModelLoadError, "is a directory without config.json, so it holds no model"),
         ([f"model.name={_model_dir(tmp, weights=False)}"], ModelLoadError, "has a config.json but no weights"),
