@@ -297,7 +297,15 @@ class _PeftCache:
         num_labels: int = 0,
     ) -> ResidentPeft:
         base = RESIDENT.get(mcfg, task, num_labels)
-        key = (id(base.model), rank or lora.r, lora.alpha, lora.dropout, tuple(lora.target_modules), lora.last_layers, task)
+        key = (
+            id(base.model),
+            rank or lora.r,
+            lora.alpha,
+            lora.dropout,
+            tuple(lora.target_modules),
+            lora.last_layers,
+            task,
+        )
         with self._lock:
             cur = self._current
             if cur is not None and cur.key == key:
