@@ -176,6 +176,15 @@ _GGUF_STRING, _GGUF_ARRAY = 8, 9
 
 def gguf_architecture(path: Path) -> str:
     """``general.architecture`` from a GGUF header, reading key-value pairs up to it (no tensors)."""
+    arch = gguf_value(path, "general.architecture")
+    if not isinstance(arch, str):
+        raise ModelLoadError(f"{path}: GGUF header has no general.architecture")
+    return arch
+
+
+def gguf_value(path: Path, wanted: str) -> str | int | float | None:
+    """The string or scalar value of key ``wanted`` in a GGUF header (None if absent), reading
+    key-value pairs up to it (no tensors)."""
     with path.open("rb") as f:
         if f.read(4) != b"GGUF":
             raise ModelLoadError(f"{path}: not a GGUF file (bad magic)")
@@ -183,10 +192,26 @@ def gguf_architecture(path: Path) -> str:
         for _ in range(kv_count):
             key = _gguf_string(f)
             (vtype,) = struct.unpack("<I", f.read(4))
-            if key == "general.architecture" and vtype == _GGUF_STRING:
+            if key == wanted and vtype == _GGUF_STRING:
                 return _gguf_string(f)
+            if key == wanted and vtype in _GGUF_SCALARS:
+                fmt = "<" + _GGUF_SCALARS[vtype]
+                (value,) = struct.unpack(fmt, f.read(struct.calcsize(fmt)))
+                return value  # type: ignore[no-any-return]
             _gguf_skip(f, vtype)
-    raise ModelLoadError(f"{path}: GGUF header has no general.architecture")
+    return None
+
+
+def num_layers(info: ModelInfo, task: str = "causal-lm") -> int:
+    """The transformer layers of ``info``: from its config.json or GGUF header where they say, else
+    from the architecture built on the meta device (imports transformers: seconds)."""
+    if isinstance(info.config.get("num_hidden_layers"), int):
+        return int(info.config["num_hidden_layers"])
+    if info.source is not None and info.source.suffix == ".gguf":
+        count = gguf_value(info.source, f"{gguf_architecture(info.source)}.block_count")
+        if isinstance(count, int):
+            return count
+    return int(_meta_model(info, task).config.num_hidden_layers)
 
 
 def _gguf_string(f: BinaryIO) -> str:
@@ -230,7 +255,7 @@ def check_lora_targets(info: ModelInfo, lora: LoRAConfig, task: str = "causal-lm
             f"lora.target_modules: {missing} not in {info.name} ({info.model_type}); its adaptable layers are {leaves}"
         )
     if lora.last_layers:
-        layers = _meta_model(info, task).config.num_hidden_layers
+        layers = num_layers(info, task)
         if lora.last_layers > layers:
             raise ModelLoadError(f"lora.last_layers: {lora.last_layers} > the {layers} layers of {info.name}")
     return targets

@@ -11,13 +11,15 @@ gives the matching lower estimate, and the two differ by a few thousandths for f
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 # 1e-3 is 10x faster than dp_accounting's 1e-4 default and, measured on the demo and on 3000 steps at
 # q = 0.01, at most 0.0015 looser (both are upper bounds); one value for calibration and reporting.
 PLD_INTERVAL = 1e-3
 # PLD is tighter than RDP, so the noise it calibrates is below RDP's; the search starts at this share of it
 PLD_LOWER_BRACKET = 0.25
+# ... and first tries this share, which holds PLD's noise in the runs measured (0.86-0.93 of RDP's)
+PLD_NEAR_BRACKET = 0.8
 
 PLD_RELATIVE_TOLERANCE = 0.005
 MAX_NOISE = 1e6  # as Opacus' get_noise_multiplier
@@ -70,17 +72,49 @@ def pld_noise(
     while eps_hi > target_epsilon:  # not expected (PLD is the tighter bound): a margin for its discretization
         hi *= 1.25
         eps_hi = eps(hi)
-    if eps(lo) <= target_epsilon:
-        return lo
-    for _ in range(60):
+    if target_epsilon - eps_hi <= tolerance:
+        return hi
+    near = hi * PLD_NEAR_BRACKET  # where PLD's noise usually is: a narrow bracket first
+    eps_near = eps(near)
+    if eps_near <= target_epsilon:
+        hi, eps_hi = near, eps_near
         if target_epsilon - eps_hi <= tolerance:
-            break
-        mid = (lo + hi) / 2
-        eps_mid = eps(mid)
-        if eps_mid > target_epsilon:
-            lo = mid
+            return hi
+        if eps(lo) <= target_epsilon:
+            return lo
+        eps_lo = math.inf
+    else:
+        lo, eps_lo = near, eps_near
+    return _illinois(eps, lo, eps_lo, hi, eps_hi, target_epsilon, tolerance)
+
+
+def _illinois(
+    eps: Callable[[float], float], lo: float, eps_lo: float, hi: float, eps_hi: float, target: float, tolerance: float
+) -> float:
+    """The noise ``hi`` in ``[lo, hi]`` (eps(lo) > target >= eps(hi)) with ``target - eps(hi) <= tolerance``.
+
+    Regula falsi aimed at the middle of that window, with the Illinois rule (a side kept twice has
+    its value halved) and every step kept at least 5% of the bracket from either end, so it never
+    does worse than a slow bisection; on the smooth, monotone curve of epsilon against noise it
+    needs 2-4 evaluations where bisection needs about 10."""
+    aim = target - tolerance / 2
+    f_lo, f_hi = eps_lo - aim, eps_hi - aim  # > 0 and < 0 (f_lo may be inf: bisect until it is known)
+    kept = 0  # +1: lo kept in a row, -1: hi kept in a row
+    for _ in range(60):
+        width = hi - lo
+        mid = lo + width / 2 if math.isinf(f_lo) else lo + width * f_lo / (f_lo - f_hi)
+        mid = min(max(mid, lo + 0.05 * width), hi - 0.05 * width)
+        e = eps(mid)
+        if e > target:
+            lo, f_lo = mid, e - aim
+            f_hi = f_hi / 2 if kept < 0 else f_hi  # hi kept twice: pull the secant towards it
+            kept = min(kept, 0) - 1
         else:
-            hi, eps_hi = mid, eps_mid
+            hi, f_hi = mid, e - aim
+            if target - e <= tolerance:
+                break
+            f_lo = f_lo / 2 if kept > 0 else f_lo
+            kept = max(kept, 0) + 1
     return hi
 
 

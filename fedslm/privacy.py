@@ -324,8 +324,10 @@ def calibrate_noise(
             from .pld import pld_noise
 
             rdp: float | None = None  # RDP cannot certify a tiny epsilon at any noise (its orders stop at 256)
+            # only an upper end for PLD's search: any noise that RDP certifies will do, so a loose tolerance
+            bracket = max(epsilon_tolerance, 0.05 * target_epsilon)
             with contextlib.suppress(ValueError):
-                rdp = _noise_for(target_epsilon, delta, sample_rate, total_steps, "rdp", epsilon_tolerance)
+                rdp = _noise_for(target_epsilon, delta, sample_rate, total_steps, "rdp", bracket)
             return pld_noise(target_epsilon, delta, sample_rate, total_steps, rdp, epsilon_tolerance)
         sigma = _noise_for(target_epsilon, delta, sample_rate, total_steps, "rdp", epsilon_tolerance)
         if accountant == "prv":

@@ -17,7 +17,15 @@ from fedslm.server.preflight import load_run, preflight, preflight_node
 from fedslm.config import ConfigError, load_config
 from fedslm.data import DataError
 from fedslm.errors import FedslmError
-from fedslm.modelinfo import ADAPTABLE, ModelInfo, ModelLoadError, _meta_module_names, gguf_architecture
+from fedslm.modelinfo import (
+    ADAPTABLE,
+    ModelInfo,
+    ModelLoadError,
+    _meta_module_names,
+    gguf_architecture,
+    gguf_value,
+    num_layers,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = str(ROOT / "configs" / "tiny.yaml")
@@ -116,6 +124,10 @@ def test_bundled_gguf_architecture_from_its_header() -> None:
     t0 = time.perf_counter()
     assert gguf_architecture(locate_bundled_gguf()) == "llama"
     assert time.perf_counter() - t0 < 0.5  # the header only: the 100 MB of tensors are not read
+    # lora.last_layers is checked against the layer count, from the same header (no transformers)
+    info = ModelInfo("smollm2-135m-instruct", "llama", locate_bundled_gguf())
+    assert gguf_value(info.source, "llama.block_count") == num_layers(info) == 30
+    assert gguf_value(info.source, "no.such.key") is None
 
 
 @pytest.mark.parametrize("task", sorted(ADAPTABLE))

@@ -110,6 +110,26 @@ def test_rdp_spends_more_than_pld_on_the_demo_run_so_pld_calibrates_less_noise()
     assert ClientAccountant("rdp", [(pld_sigma, q, 30)]).epsilon(1e-5) > 9.5  # RDP cannot certify that noise
 
 
+def test_pld_calibration_needs_few_evaluations(monkeypatch) -> None:
+    """Each PLD evaluation at the demo's noise takes ~0.3 s: the search aims regula falsi inside a narrow
+    bracket (it took 12 by bisection) and still lands in the tolerance window."""
+    import fedslm.pld as pld
+
+    calls = []
+    real = pld.pld_epsilon
+
+    def counted(*args, **kwargs):
+        calls.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pld, "pld_epsilon", counted)
+    q = 32 / 2420  # the demo's client 0: 9 steps at epsilon 8
+    sigma = calibrate_noise(8.0, 1e-5, q, 9, accountant="pld")
+    assert len(calls) <= 7, len(calls)
+    assert 7.99 <= real([(sigma, q, 9)], 1e-5) <= 8.0
+    assert sigma == pytest.approx(0.4025, abs=5e-4)
+
+
 # ------------------------------------------------------------------------------------------------
 # rounds compose like one run, across restarts
 
