@@ -56,6 +56,12 @@ def run(label: str, config: str, overrides: list[str]) -> tuple[dict[str, Any] |
     return result, wall
 
 
+def _shown(config: str) -> str:
+    """``config`` as the command line to print: relative to the repository where it lies in it."""
+    path = Path(config).resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else config
+
+
 def _num(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
@@ -100,7 +106,8 @@ def main() -> None:
     print(f"\naudit overhead (epsilon {base}): wall {walls[base]:.0f} s on vs {off:.0f} s off = {overhead:+.1%};")
     print(f"scoring alone {scoring[base]:.0f} s = {share:.1%} of the audit-off run")
     print(
-        f"command: .venv/bin/python bench/audit.py --config {args.config} --epsilons {' '.join(args.epsilons)}", end=""
+        f"command: .venv/bin/python bench/audit.py --config {_shown(args.config)} --epsilons {' '.join(args.epsilons)}",
+        end="",
     )
     print("".join(f" --set {s}" for s in args.set))
 
