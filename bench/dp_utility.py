@@ -13,6 +13,7 @@ kept. The PNG of the curve goes to ``--out``. Everything runs sequentially in th
 prints Markdown tables for BENCHMARKS.md, under the command line that made them.
 
     .venv/bin/python bench/dp_utility.py --task all                     # the curve, three tasks
+    .venv/bin/python bench/dp_utility.py --task triage --none-set train.learning_rate=0.005  # non-private lr
     .venv/bin/python bench/dp_utility.py --ablation --ablation-task triage
     .venv/bin/python bench/dp_utility.py --quick --task triage --epsilons 8 none   # tiny-model smoke run
 """
@@ -213,6 +214,7 @@ class Bench:
     def __init__(self, args: argparse.Namespace) -> None:
         self.quick = args.quick
         self.extra = args.set
+        self.none_extra = args.none_set  # after --set, for the runs without DP only
         # the user task's file, next to --out (bench/out is git-ignored); deterministic, so reused if there
         self.tickets = Path(args.out).parent / f"tickets-n{USER_RECORDS[self.quick]}-s0.jsonl"
         self._done: dict[tuple[str, tuple[str, ...]], Outcome] = {}
@@ -228,6 +230,8 @@ class Bench:
         full, quick = TASKS[task]
         config = str(CONFIGS / (quick if self.quick else full))
         everything = [*self.task_overrides(task), *overrides, *self.extra]
+        if "privacy.mode=none" in overrides:
+            everything += self.none_extra
         key = (config, tuple(everything))
         if key not in self._done:
             self._done[key] = Outcome.of(run(f"{task}: {label}", config, everything, per_client=True))
@@ -259,6 +263,13 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--ablation", action="store_true", help="the recipe ablation instead of the curve")
     parser.add_argument("--ablation-task", choices=["triage", "classify"], default="triage")
     parser.add_argument("--set", action="append", default=[], help="KEY=VALUE override for every run")
+    parser.add_argument(
+        "--none-set",
+        action="append",
+        default=[],
+        help="KEY=VALUE override for the runs without DP only, e.g. train.learning_rate=0.005 for the demo"
+        " (its lr 0.02 is tuned for DP and overshoots without noise); same records, seeds and token budget",
+    )
     parser.add_argument("--quick", action="store_true", help="tiny random models: checks the plumbing only")
     parser.add_argument("--out", default=str(ROOT / "bench" / "out" / "dp_utility.png"), help="the curve's PNG")
     args = parser.parse_args(argv)

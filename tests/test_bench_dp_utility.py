@@ -56,6 +56,22 @@ def test_curve_table_and_png(tmp_path: Path) -> None:
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_none_set_overrides_only_the_runs_without_dp(tmp_path, monkeypatch) -> None:
+    calls: dict[str, list[str]] = {}
+
+    def fake_run(label: str, config: str, overrides: list[str], *, per_client: bool = False) -> Run:
+        calls[label] = overrides
+        return Run(label, _rows([0.0, 0.5], 1, {"0": 0.5}), 1.0)
+
+    monkeypatch.setattr(dp_utility, "run", fake_run)
+    argv = ["--task", "triage", "--epsilons", "8", "none", "--set", "data.num_records=1200"]
+    bench = dp_utility.Bench(dp_utility.parse([*argv, "--none-set", "train.learning_rate=0.005"]))
+    bench.curve("triage", ["8", "none"])
+    assert calls["triage: epsilon 8"][-1] == "data.num_records=1200"  # no lr of its own
+    assert "train.learning_rate=0.005" not in calls["triage: epsilon 8"]
+    assert calls["triage: epsilon none"][-2:] == ["data.num_records=1200", "train.learning_rate=0.005"]
+
+
 def test_ablation_runs_each_lever_with_and_without_dp_and_combines_those_that_helped(tmp_path, monkeypatch) -> None:
     """A fake federation: pld and 4x data each add 0.1 to the private accuracy, the other levers nothing;
     without DP every run reaches 0.9 from 0.1."""
