@@ -205,8 +205,9 @@ with torch.no_grad():
     head._forward_pre_hooks.clear()
     bare_mb, bare = peak_mb_of(lambda: model(input_ids=ids, logits_to_keep=1).logits)
     head._forward_pre_hooks.update(hooks)
+from fedslm.hardware import probe_cpu
 print(json.dumps({
-    "hooked_mb": hooked_mb, "bare_mb": bare_mb,
+    "hooked_mb": hooked_mb, "bare_mb": bare_mb, "native_bf16": probe_cpu().native_bf16,
     "copy_mb": 16 * head.weight.numel() * head.weight.element_size() / 2**20,
     "max_diff": float((hooked - bare).abs().max()),
     "close": bool(torch.allclose(hooked, bare, rtol=1e-5, atol=1e-6)),
@@ -216,15 +217,20 @@ print(json.dumps({
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the kernel's RSS high-water mark")
 def test_last_position_logits_do_not_copy_the_frozen_head_per_sequence() -> None:
-    """Generation's ``logits_to_keep=1`` slices a strided view; with a frozen bf16 head,
-    torch.matmul broadcasts the head to a batched product and copies it once per sequence (fp32
-    does not). The loader's contiguous-input hook gives the same logits at a fraction of the memory."""
+    """Generation's ``logits_to_keep=1`` slices a strided view; with a frozen bf16 head, torch.matmul
+    broadcasts the head to a batched product and copies it once per sequence where bf16 is native
+    (AVX512-BF16, AMX; fp32 does not, nor the emulated bf16 kernels of an AVX2-only CPU, measured
+    with torch capped at AVX2: 1.5 MB). The loader's contiguous-input hook gives the same logits at
+    a fraction of the memory."""
     done = subprocess.run([sys.executable, "-c", _HEAD_COPY_PROBE], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     m = json.loads(done.stdout.strip().splitlines()[-1])
     copy_mb = m["copy_mb"]  # 16 x 49,152 x 64 bf16: 96 MB
     assert m["close"], m["max_diff"]  # summation order
-    assert m["bare_mb"] > 0.8 * copy_mb, m  # the hazard is real in this torch
+    if m["native_bf16"]:
+        assert m["bare_mb"] > 0.8 * copy_mb, m  # the hazard is real in this torch on this CPU
+    else:
+        assert m["bare_mb"] < 0.25 * copy_mb, m  # no copy to avoid here: the hook must not add one either
     assert m["hooked_mb"] < 0.25 * copy_mb, m  # measured: 97.6 MB without the hook, 1.5 MB with it
 
 
