@@ -202,9 +202,10 @@ class Federation(Recorded):
         replies = self._send_train(rnd, arrays)
         self._screen(rnd, replies, arrays)
         candidate, train, skipped = self._aggregate(rnd, arrays, replies)
-        arrays, ev, diverged = self._guard(rnd, arrays, candidate)
+        last = self._last_round(rnd)  # asks the grid for its nodes: once a round
+        arrays, ev, diverged = self._guard(rnd, arrays, candidate, last)
         per_client = self.cfg.eval.per_client
-        if ev and (per_client is True or (per_client == "last" and self._last_round(rnd))):
+        if ev and (per_client is True or (per_client == "last" and last)):
             ev["per_client"] = self._evaluate_on_clients(rnd, arrays)
         train["diverged"] = diverged or None
         self._record(rnd, arrays, ev, train, replies, t0, skipped)
@@ -253,11 +254,14 @@ class Federation(Recorded):
         candidate = arrays if new_arrays is None else self._merge(arrays, new_arrays)
         return candidate, dict(metrics or {}), False
 
-    def _guard(self, rnd: int, kept: ArrayRecord, candidate: ArrayRecord) -> tuple[ArrayRecord, dict[str, Any], str]:
+    def _guard(
+        self, rnd: int, kept: ArrayRecord, candidate: ArrayRecord, last: bool
+    ) -> tuple[ArrayRecord, dict[str, Any], str]:
         """(the adapter kept, its central evaluation if due, why the candidate was rejected or "").
         The divergence guard rejects a non-finite candidate, or one whose loss blew up; the previous
-        adapter is then kept and the clients' learning rate lowered from now on."""
-        due = rnd % self.cfg.eval.every == 0 or self._last_round(rnd)
+        adapter is then kept and the clients' learning rate lowered from now on. ``last``: the last round
+        run, always evaluated."""
+        due = rnd % self.cfg.eval.every == 0 or last
         finite = all_finite(candidate)
         ev = self._evaluate(rnd, candidate) if finite and due else {}
         best = self.best[0] if self.best else None
