@@ -131,13 +131,19 @@ class BatchLoss:
     """One forward pass over a collated batch, and the loss terms training and evaluation read.
 
     A causal LM: the logits at the answer positions, their token NLL ``(batch, positions)`` (0 where
-    the target is ignored) and the mask of counted tokens. A classifier: its logits, and its class
-    cross-entropy as one counted "token" per example.
+    the target is ignored), the mask of counted tokens and the target tokens. A classifier: its
+    logits, its class cross-entropy as one counted "token" per example, and the classes.
     """
 
     logits: torch.Tensor
     nll: torch.Tensor
     mask: torch.Tensor
+    target: torch.Tensor
+
+    def argmax_hits(self) -> torch.Tensor:
+        """Per causal-LM sequence: whether every counted position's argmax is its target token, i.e.
+        whether greedy decoding, fed this prompt, would produce exactly these answer tokens."""
+        return ((self.logits.argmax(-1) == self.target) | (self.mask == 0)).all(-1)
 
     def per_example(self) -> torch.Tensor:
         """Training's loss terms: the token mean within each sequence (a classifier: its cross-entropy)."""
@@ -156,9 +162,9 @@ def forward_losses(model: Any, batch: dict[str, torch.Tensor], keep_logits: bool
     if labels.dim() == 1:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         nll = F.cross_entropy(logits.float(), labels, reduction="none")[:, None]
-        return BatchLoss(logits, nll, torch.ones_like(nll))
+        return BatchLoss(logits, nll, torch.ones_like(nll), labels[:, None])
     logits, target = answer_logits(model, batch, keep_logits, past)
-    return BatchLoss(logits, _token_nll(logits, target), (target != IGNORE).float())
+    return BatchLoss(logits, _token_nll(logits, target), (target != IGNORE).float(), target)
 
 
 def batch_losses(model: Any, batch: dict[str, torch.Tensor], keep_logits: bool, past: Any = None) -> torch.Tensor:
@@ -484,29 +490,59 @@ def normalize_answer(text: str) -> str:
     return "".join(ch for ch in first.lower() if ch.isalnum() or ch == " ").strip()
 
 
+# generation settings that leave greedy decoding a plain argmax (sampling ones are off with do_sample=False)
+_PLAIN_GREEDY_KEYS = frozenset(
+    {
+        "_from_model_config", "transformers_version", "use_cache", "cache_implementation",
+        "output_attentions", "output_hidden_states", "output_scores", "output_logits", "return_dict_in_generate",
+        "bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id", "max_length", "max_new_tokens",
+        "do_sample", "temperature", "top_k", "top_p", "min_p", "typical_p", "num_beams", "num_return_sequences",
+    }
+)  # fmt: skip
+
+
+def greedy_stop_ids(model: Any) -> frozenset[int]:
+    """The tokens that end ``model.generate``'s greedy answers, if its generation config adds nothing
+    to the argmax (no repetition penalty, forced or suppressed tokens, minimum length, beams ...);
+    empty otherwise, and then every answer is generated."""
+    gc = getattr(model, "generation_config", None)
+    if gc is None or not set(gc.to_diff_dict()) <= _PLAIN_GREEDY_KEYS or (gc.num_beams or 1) != 1:
+        return frozenset()
+    eos = gc.eos_token_id
+    return frozenset([eos] if isinstance(eos, int) else (eos or []))
+
+
+def _forced_verdict(
+    tokenizer: Any, example: dict[str, list[int]], prompt_ids: list[int], answer: str, hit: bool,
+    stop: frozenset[int], max_new_tokens: int,
+) -> bool | None:  # fmt: skip
+    """Whether the greedy answer to this prompt matches ``answer``, known without generating; None when
+    only generating tells.
+
+    ``hit``: the teacher-forced argmax at every answer position was the example's answer token, up to
+    and including its end token. Greedy decoding then emits exactly those tokens and stops, provided
+    the example holds the whole prompt the generation is given, the end token stops generation, no
+    earlier answer token does, and the answer fits in ``max_new_tokens``. A miss is undecided: greedy
+    decoding leaves the answer's tokenization there but may still spell an equal first line.
+    """
+    labels = [t for t in example["labels"] if t != IGNORE]
+    n_prompt = len(example["labels"]) - len(labels)
+    if not (hit and stop and labels and labels[-1] in stop and len(labels) <= max_new_tokens):
+        return None
+    if stop.intersection(labels[:-1]) or n_prompt != len(prompt_ids) or example["input_ids"][:n_prompt] != prompt_ids:
+        return None
+    said = tokenizer.decode(labels[:-1], skip_special_tokens=True)
+    return normalize_answer(said) == normalize_answer(answer)
+
+
 @torch.no_grad()
-def evaluate(
-    model: Any,
-    tokenizer: Any,
-    examples: list[dict[str, list[int]]],
-    prompts: list[str],
-    answers: list[str],
-    *,
-    batch_size: int,
-    max_new_tokens: int,
-) -> dict[str, float]:
-    """Loss and perplexity on answer tokens, and exact-match accuracy of greedy answers."""
-    model.eval()
-    nll = tokens = 0.0
-    pad = tokenizer.pad_token_id
-    keep_logits = _keeps_logits(model)
-    device = model_device(model)
-    for i in range(0, len(examples), batch_size):
-        batch = collate_on(examples[i : i + batch_size], pad, device)
-        summed, counted = forward_losses(model, batch, keep_logits).total()
-        nll += summed
-        tokens += counted
+def generated_matches(
+    model: Any, tokenizer: Any, prompts: list[str], answers: list[str], *, batch_size: int, max_new_tokens: int
+) -> int:
+    """How many greedy answers (``max_new_tokens`` at most, batches left-padded) match ``answers``."""
     correct = 0
+    pad = tokenizer.pad_token_id
+    device = model_device(model)
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     try:
@@ -521,8 +557,68 @@ def evaluate(
             )
     finally:
         tokenizer.padding_side = side
+    return correct
+
+
+@torch.no_grad()
+def evaluate(
+    model: Any,
+    tokenizer: Any,
+    examples: list[dict[str, list[int]]],
+    prompts: list[str],
+    answers: list[str],
+    *,
+    batch_size: int,
+    max_new_tokens: int,
+    forced: bool = True,
+) -> dict[str, float]:
+    """Loss and perplexity on answer tokens, and exact-match accuracy of greedy answers.
+
+    With ``forced`` (``examples[k]`` then encodes ``prompts[k]`` and ``answers[k]``) the loss pass
+    decides most answers: where the argmax at every answer position is the answer token, greedy
+    decoding would emit the answer and stop (see :func:`_forced_verdict`), so only the other
+    prompts are generated. Both ways score the same model's greedy answers; they can differ only
+    where two logits tie within the float noise of batching, as generating in other batches can.
+    ``eval_generated`` is the share of prompts that were generated.
+    """
+    model.eval()
+    nll = tokens = 0.0
+    hits: list[bool] = []
+    keep_logits = _keeps_logits(model)
+    device = model_device(model)
+    for i in range(0, len(examples), batch_size):
+        batch = collate_on(examples[i : i + batch_size], tokenizer.pad_token_id, device)
+        out = forward_losses(model, batch, keep_logits)
+        summed, counted = out.total()
+        nll += summed
+        tokens += counted
+        hits.extend(out.argmax_hits().tolist())
+    correct, undecided = 0, list(range(len(prompts)))
+    stop = greedy_stop_ids(model)
+    if forced and stop and len(examples) == len(prompts):
+        undecided = []
+        for k, ids in enumerate(tokenizer(prompts, add_special_tokens=False)["input_ids"] if prompts else []):
+            verdict = _forced_verdict(tokenizer, examples[k], ids, answers[k], hits[k], stop, max_new_tokens)
+            if verdict is None:
+                undecided.append(k)
+            else:
+                correct += verdict
+    correct += generated_matches(
+        model,
+        tokenizer,
+        [prompts[k] for k in undecided],
+        [answers[k] for k in undecided],
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+    )
     loss = nll / max(tokens, 1.0)
-    return {"eval_loss": loss, "perplexity": math.exp(min(loss, 50.0)), "eval_accuracy": correct / max(len(prompts), 1)}
+    n = max(len(prompts), 1)
+    return {
+        "eval_loss": loss,
+        "perplexity": math.exp(min(loss, 50.0)),
+        "eval_accuracy": correct / n,
+        "eval_generated": len(undecided) / n,
+    }
 
 
 def classification_metrics(y_true: list[int], y_pred: list[int], num_classes: int) -> dict[str, float]:

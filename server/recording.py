@@ -39,13 +39,15 @@ def evaluate_centrally(
     """``evaluate(arrays)`` (the central evaluator on the held-out split), logged in one line."""
     t0 = time.perf_counter()
     m = evaluate(arrays)
+    generated = f", {m['eval_generated']:.0%} of answers generated" if "eval_generated" in m else ""
     log.info(
-        "round %d central eval: loss %.4f, perplexity %.2f, accuracy %.3f (%.1f s)",
+        "round %d central eval: loss %.4f, perplexity %.2f, accuracy %.3f (%.1f s%s)",
         rnd,
         m["eval_loss"],
         m["perplexity"],
         m["eval_accuracy"],
         time.perf_counter() - t0,
+        generated,
     )
     return m
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from pathlib import Path
 
@@ -18,8 +19,12 @@ from fedslm.training import (
     LocalTraining,
     TrainingError,
     _batches,
+    _forced_verdict,
     answer_positions,
+    collate_on,
     evaluate,
+    forward_losses,
+    greedy_stop_ids,
     round_learning_rate,
     sequence_losses,
     sequence_losses_at,
@@ -410,3 +415,72 @@ def test_one_plain_sgd_step_is_w_minus_lr_grad(fresh) -> None:
     train_local(model, ex, tok.pad_token_id, cfg)
     for n, p in lora.items():
         assert torch.allclose(p.detach(), expected[n], rtol=0, atol=1e-6), n
+
+
+@pytest.fixture(scope="module")
+def taught(_tiny_resident):
+    """A copy of the tiny Llama whose every weight was trained 30 steps on 6 triage answers, with 12
+    records (the 6, and 6 it never saw) as its prompts, examples and answers."""
+    tok = _tiny_resident.base.tokenizer
+    model = copy.deepcopy(_tiny_resident.model.get_base_model())
+    cfg = DataConfig(num_records=240)
+    records = data.client_records(cfg, cache_root(), 3, 4).records[:12]
+    examples = data.encode_all(tok, records, cfg, 96)
+    params = [p.requires_grad_(True) for n, p in model.named_parameters() if "lora_" not in n]
+    opt = torch.optim.Adam(params, lr=0.01)
+    torch.manual_seed(0)
+    for _ in range(30):
+        batch = collate_on(examples[:6], tok.pad_token_id, torch.device("cpu"))
+        loss = forward_losses(model, batch, True).per_example().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    prompts = [data.prompt_text(tok, r["question"], cfg.system_prompt) for r in records]
+    return model, tok, examples, prompts, [r["answer"] for r in records]
+
+
+def test_exact_match_from_the_loss_pass_equals_generating_every_answer(taught) -> None:
+    """Answers whose teacher-forced argmax is the answer and its end token are scored without
+    generating; record by record the verdict is the one greedy generation gives."""
+    model, tok, examples, prompts, answers = taught
+    forced, generated = [], []
+    for k in range(len(prompts)):
+        one = ([examples[k]], [prompts[k]], [answers[k]])
+        forced.append(evaluate(model, tok, *one, batch_size=4, max_new_tokens=6))
+        generated.append(evaluate(model, tok, *one, batch_size=4, max_new_tokens=6, forced=False))
+    assert [m["eval_accuracy"] for m in forced] == [m["eval_accuracy"] for m in generated]
+    assert all(m["eval_generated"] == 1.0 for m in generated)
+    skipped = [m["eval_accuracy"] for m in forced if m["eval_generated"] == 0.0]
+    # measured: 6 of 12 right, each decided by the loss pass; the 6 wrong ones generated
+    assert 0 < sum(m["eval_accuracy"] for m in generated) < len(prompts)
+    assert skipped and all(a == 1.0 for a in skipped)
+    whole = evaluate(model, tok, examples, prompts, answers, batch_size=5, max_new_tokens=6)
+    assert whole["eval_accuracy"] == pytest.approx(sum(m["eval_accuracy"] for m in generated) / len(prompts))
+    assert whole["eval_generated"] == pytest.approx(1 - len(skipped) / len(prompts))
+
+
+def test_exact_match_generates_every_answer_when_the_shortcut_cannot_tell(taught) -> None:
+    model, tok, examples, prompts, answers = taught
+    stop = greedy_stop_ids(model)
+    assert stop == {tok.eos_token_id}
+    ex, ids = examples[0], tok(prompts[0], add_special_tokens=False)["input_ids"]
+    n_answer = sum(t != -100 for t in ex["labels"])
+    assert (answers[0], n_answer) == ("Neurology", 4)  # three tokens and the end token
+    assert _forced_verdict(tok, ex, ids, answers[0], True, stop, n_answer) is True
+    assert _forced_verdict(tok, ex, ids, "Cardiology", True, stop, n_answer) is False
+    assert _forced_verdict(tok, ex, ids, answers[0], False, stop, n_answer) is None  # a miss
+    assert _forced_verdict(tok, ex, ids, answers[0], True, stop, n_answer - 1) is None  # cut by max_new_tokens
+    assert _forced_verdict(tok, ex, ids, answers[0], True, frozenset({7}), n_answer) is None  # the end does not stop
+    cut = {k: v[5:] for k, v in ex.items()}  # as data.encode cuts an over-long prompt: its end is kept
+    assert _forced_verdict(tok, cut, ids, answers[0], True, stop, n_answer) is None
+    # end to end: an answer longer than max_new_tokens is generated (and, truncated, wrong)
+    short = evaluate(model, tok, examples, prompts, answers, batch_size=16, max_new_tokens=1)
+    assert (short["eval_accuracy"], short["eval_generated"]) == (0.0, 1.0)
+    # a generation config that changes the argmax (a repetition penalty) leaves no shortcut
+    model.generation_config.repetition_penalty = 1.3
+    try:
+        assert greedy_stop_ids(model) == frozenset()
+        again = evaluate(model, tok, examples, prompts, answers, batch_size=16, max_new_tokens=6)
+        assert again["eval_generated"] == 1.0
+    finally:
+        model.generation_config.repetition_penalty = 1.0
