@@ -1,12 +1,16 @@
 """ONNX int4 settings of onnxruntime-genai's model builder, side by side on one run: how many of the run's
 evaluation records each answers right in ONNX Runtime, how many answers equal the trained model's, size, speed.
 
-    .venv/bin/python bench/export_int4.py RUN_DIR [--only default,fp32-activations]
+    .venv/bin/python bench/export_int4.py RUN_DIR [--only default,fp32-activations] [--extra 480]
 
 The adapter is merged once (into the de-quantized base it was trained against, as ``fedslm export``
 does) and built once per setting of :data:`SETTINGS` (the builder's ``--extra_options``). The reference
 answers are the merged model's greedy answers in transformers (fp32), which equal the trained model's
 (``fedslm export --format merged`` checks that to 1e-3 in max |logit|).
+
+A run's 48 evaluation records resolve a loss only to one record, 2.1 points. ``--extra N`` also scores
+N more triage records that the run never saw (generated with another seed; none whose question is in
+the run's data), where one record is 100/N points.
 """
 
 from __future__ import annotations
@@ -123,7 +127,24 @@ def _speed(path: Path, text: str, n: int) -> float:
     return made / (time.perf_counter() - t0)
 
 
-def compare(run: Path, labels: list[str], tokens: int) -> None:
+def unseen_prompts(cfg: Any, tok: Any, n: int) -> tuple[list[str], list[str]]:
+    """Prompts and answers of ``n`` triage records generated with another seed than the run's, leaving
+    out any whose question is among the run's own records (training or evaluation)."""
+    from fedslm import triage
+    from fedslm.data import load_records, prompt_text
+    from fedslm.model import cache_root
+
+    d = cfg.data
+    if d.source != "triage":
+        raise SystemExit(f"--extra generates triage records; this run's data.source is {d.source!r}")
+    seen = {str(r[d.prompt_column]) for r in load_records(d, cache_root(cfg.model))}
+    fresh = [r for r in triage.generate(4 * n, seed=d.seed + 7919) if r["question"] not in seen][:n]
+    if len(fresh) < n:
+        raise SystemExit(f"--extra {n}: only {len(fresh)} generated records are not in the run's data")
+    return [prompt_text(tok, r["question"], d.system_prompt) for r in fresh], [r["answer"] for r in fresh]
+
+
+def compare(run: Path, labels: list[str], tokens: int, extra: int = 0) -> None:
     from peft import PeftModel
 
     from fedslm.data import prompt_text
@@ -142,8 +163,14 @@ def compare(run: Path, labels: list[str], tokens: int) -> None:
     speed_text = prompt_text(tok, "Describe how a hospital triages a patient with chest pain.", cfg.data.system_prompt)
     central = central_accuracy(run, round_)
     print(f"round {round_}: central eval {central}; merged model in transformers {count_correct(want, answers)}/48")
-    print("| setting | extra_options | size MB | exact match | answers equal to the trained model's | tokens/s |")
-    print("|---|---|---:|---:|---:|---:|")
+    more, more_answers = unseen_prompts(cfg, tok, extra) if extra else ([], [])
+    more_want = [normalize_answer(t) for t in _reference_answers(merged, tok, more, new_tokens)] if extra else []
+    if extra:
+        print(f"{extra} unseen records: merged model in transformers {count_correct(more_want, more_answers)}/{extra}")
+    extra_head = f" exact match ({extra} unseen) | equal answers ({extra} unseen) |" if extra else ""
+    head = "| setting | extra_options | size MB | exact match | answers equal to the trained model's |"
+    print(f"{head}{extra_head} tokens/s |")
+    print("|---|---|---:|---:|---:|" + ("---:|---:|" if extra else "") + "---:|")
     for label in labels:
         options = dict(SETTINGS[label])
         precision = options.pop("precision", "int4")
@@ -159,9 +186,14 @@ def compare(run: Path, labels: list[str], tokens: int) -> None:
             mb = sum(p.stat().st_size for p in out.rglob("*") if p.is_file()) / 1e6
             same = sum(g == w for g, w in zip(got, want, strict=True))
             shown = " ".join(f"{k}={v}" for k, v in options.items()) or "(builder defaults)"
+            cells = ""
+            if extra:
+                got_more = [normalize_answer(t) for t in onnx_answers(out, more, new_tokens)]
+                same_more = sum(g == w for g, w in zip(got_more, more_want, strict=True))
+                cells = f" {count_correct(got_more, more_answers)}/{extra} | {same_more}/{extra} |"
             print(
                 f"| {label} | {shown} | {mb:.1f} | {count_correct(got, answers)}/{len(answers)} |"
-                f" {same}/{len(want)} | {_speed(out, speed_text, tokens):.1f} |",
+                f" {same}/{len(want)} |{cells} {_speed(out, speed_text, tokens):.1f} |",
                 flush=True,
             )
 
@@ -171,11 +203,12 @@ def main() -> None:
     ap.add_argument("run_dir", type=Path)
     ap.add_argument("--only", default=",".join(SETTINGS), help="comma-separated settings, of: " + ",".join(SETTINGS))
     ap.add_argument("--tokens", type=int, default=32, help="new tokens generated for the speed column")
+    ap.add_argument("--extra", type=int, default=0, help="also score this many triage records the run never saw")
     args = ap.parse_args()
     unknown = sorted(set(args.only.split(",")) - set(SETTINGS))
     if unknown:
         ap.error(f"--only: unknown settings {unknown}; choose from {list(SETTINGS)}")
-    compare(args.run_dir, args.only.split(","), args.tokens)
+    compare(args.run_dir, args.only.split(","), args.tokens, args.extra)
 
 
 if __name__ == "__main__":
