@@ -7,11 +7,13 @@ prompt the clients trained on (the tokenizer's chat template with ``data.system_
 the runtime itself as a deployed app would, for at most ``eval.max_new_tokens``; an answer is right
 when it matches the record's after :func:`~fedslm.training.normalize_answer`, as in training.
 
-Tolerance (``task_tolerance``): the export's exact match may differ from the run's central-evaluation
-accuracy of the exported round by at most max(1 point, one record) for an unquantized export
-(peft, merged, gguf f32/f16, onnx fp32) and max(2 points, one record) for a quantized one (gguf
-q8_0/q4_k_m, onnx int8/int4). One record is the resolution of the measurement: 48 records give 2.08
-points each.
+Tolerance (``task_tolerance``): an unquantized export (peft, merged, gguf f32/f16, onnx fp32) is the
+trained model in another runtime, so its exact match may differ from the run's central-evaluation
+accuracy of the exported round by at most max(1 point, one record), either way. A quantized one (gguf
+q8_0/q4_k_m, onnx int8/int4) changes the weights, and some answers flip both ways; it may lose at
+most max(2 points, one record), and scoring higher is reported but not refused (the demo's q4_k_m
+answered 40/48 where the run had 37/48). One record is the resolution of the measurement: 48 records
+give 2.08 points each.
 """
 
 from __future__ import annotations
@@ -66,6 +68,7 @@ class TaskCheck:
     reference: float  # the run's central-evaluation accuracy of the exported round
     reference_source: str
     tolerance: float
+    quantized: bool = False  # a loss budget (one-sided) instead of parity (two-sided)
 
     @property
     def accuracy(self) -> float:
@@ -73,14 +76,20 @@ class TaskCheck:
 
     @property
     def ok(self) -> bool:
-        return abs(self.accuracy - self.reference) <= self.tolerance + 1e-9
+        gap = self.reference - self.accuracy
+        return (gap if self.quantized else abs(gap)) <= self.tolerance + 1e-9
 
     def line(self) -> str:
-        verdict = "within" if self.ok else "DIFFERS by more than"
-        return (
+        head = (
             f"exact match in {self.runtime}: {self.accuracy:.3f} ({self.correct}/{self.records}) vs"
-            f" {self.reference:.3f} {self.reference_source}: {verdict} the tolerance {self.tolerance:.3f}"
+            f" {self.reference:.3f} {self.reference_source}:"
         )
+        if not self.ok:
+            lost = "LOSES more than" if self.quantized else "DIFFERS by more than"
+            return f"{head} {lost} the tolerance {self.tolerance:.3f}"
+        if self.accuracy - self.reference > self.tolerance + 1e-9:  # a quantized export that scores higher
+            return f"{head} higher (quantization flips answers both ways); no loss beyond {self.tolerance:.3f}"
+        return f"{head} within the tolerance {self.tolerance:.3f}"
 
 
 def central_accuracy(run_dir: Path, round_: int) -> float | None:
@@ -226,4 +235,4 @@ def check_task(run_dir: Path, fmt: str, quant: str, path: Path, round_: int) -> 
             trained / max(n, 1),
             f"of the trained model in fedslm (round {round_}; no metrics.jsonl row)",
         )
-    return TaskCheck(runtime, correct, n, reference, source, task_tolerance(quant, n))
+    return TaskCheck(runtime, correct, n, reference, source, task_tolerance(quant, n), quant in QUANTIZED)

@@ -14,6 +14,7 @@ import torch
 from fedslm.config import load_config
 from fedslm.export import ExportError, export
 from fedslm.export_gguf import write_modelfile
+from fedslm.export_runtime import TaskCheck, task_tolerance
 
 ROOT = Path(__file__).resolve().parent.parent
 FEDSLM = str(Path(sys.executable).with_name("fedslm"))
@@ -365,3 +366,22 @@ def test_a_bf16_quantized_base_is_dequantized_in_float32(tmp_path):
     result = export(run, tmp_path / "m", "merged", quant="none")
     assert result.tolerance == 1e-3  # the kernel gap is 0.0: nothing added to the tolerance
     assert result.max_abs_logit_diff <= 1e-3 < result.original_base_diff
+
+
+@pytest.mark.parametrize(
+    ("quant", "correct", "ok", "verdict"),
+    [
+        ("f16", 37, True, "within the tolerance 0.021"),  # the demo's f16 GGUF: 37/48 as the run
+        ("f16", 36, True, "within"),  # one record: the resolution of 48 records
+        ("f16", 39, False, "DIFFERS by more than the tolerance 0.021"),  # an unquantized export is the model
+        ("f16", 35, False, "DIFFERS"),
+        ("q4_k_m", 36, True, "within"),
+        ("q4_k_m", 35, False, "LOSES more than the tolerance 0.021"),  # 2 records: 4.2 points lost
+        ("q4_k_m", 40, True, "higher (quantization flips answers both ways)"),  # the demo's q4_k_m: 40/48
+    ],
+)
+def test_task_check_is_parity_unquantized_and_a_loss_budget_quantized(quant, correct, ok, verdict) -> None:
+    tol = task_tolerance(quant, 48)
+    assert tol == pytest.approx(1 / 48)  # max(1 or 2 points, one record of 48: 2.08 points)
+    check = TaskCheck("llama.cpp", correct, 48, 37 / 48, "in the run", tol, quant in ("q4_k_m",))
+    assert check.ok is ok and verdict in check.line(), check.line()
