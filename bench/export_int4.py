@@ -99,9 +99,21 @@ SETTINGS: dict[str, dict[str, Any]] = {
         **GATHER4,
         "target": int8_nodes(ATTN_DOWN + nodes("mlp/gate_proj", "mlp/up_proj"), lm_head=False),
     },
-    # --quant int4: tied int8 embeddings/lm_head; int8 attention, down, MLP of layers 0-3, 26-29; int4 the rest
+    # --quant int4 (fedslm.export_onnx.int4_mix): tied int8 embeddings/lm_head; int8 attention, down, and
+    # the MLP of the first and last quarter of the layers (0-7, 22-29); int4 gate/up of layers 8-21
     "fedslm-int4": {**int4_mix(len(LAYERS))[0], "target": int4_mix(len(LAYERS))[1]},
     "int8": {"precision": "int8"},
+    # the mix before it (int4 gate/up of layers 4-25), and one with only up_proj of layers 4-25 int4
+    "mix-gate-up-4-25": {
+        **int4_mix(len(LAYERS))[0],
+        "target": int8_nodes(ATTN_DOWN + nodes("mlp/gate_proj", "mlp/up_proj", layers=ENDS)),
+    },
+    "mix-up-only": {
+        **int4_mix(len(LAYERS))[0],
+        "target": int8_nodes(
+            nodes("attn/qkv_proj", "attn/o_proj", "mlp/down_proj", "mlp/gate_proj") + nodes("mlp/up_proj", layers=ENDS)
+        ),
+    },
 }
 
 

@@ -214,16 +214,17 @@ def test_onnx_exports_int8_by_default(nf4_run, tmp_path):
 
 
 def test_int4_mix_keeps_attention_down_proj_the_end_layers_and_lm_head_in_8_bits():
-    """SmolLM2-135M's 30 layers: qkv, o and down of all 30 (90) + gate and up of layers 0-3 and 26-29 (16)
-    + the lm_head."""
+    """SmolLM2-135M's 30 layers: qkv, o and down of all 30 (90) + gate and up of layers 0-7 and 22-29 (32)
+    + the lm_head; gate/up of layers 8-21 (28 MatMuls) are left to int4."""
     from fedslm.export_onnx import int4_mix
 
     options, target = int4_mix(30)
     assert options == {"algo_config": "k_quant", "op_types_to_quantize": "MatMul/Gather"}
     names = [o["match"]["name"] for o in target["quant_config"]["weights"]["overrides"]]
-    assert len(names) == 107 and {o["type"] for o in target["quant_config"]["weights"]["overrides"]} == {"int8"}
+    assert len(names) == 123 and {o["type"] for o in target["quant_config"]["weights"]["overrides"]} == {"int8"}
     gates = sorted(int(n.split(".")[1].split("/")[0]) for n in names if "gate_proj" in n)
-    assert gates == [0, 1, 2, 3, 26, 27, 28, 29] and "/model/layers.4/mlp/up_proj/MatMul" not in names
+    assert gates == [*range(8), *range(22, 30)] and "/model/layers.8/mlp/up_proj/MatMul" not in names
+    assert "/model/layers.7/mlp/up_proj/MatMul" in names and "/model/layers.21/mlp/gate_proj/MatMul" not in names
     assert "/model/layers.15/mlp/down_proj/MatMul" in names and names[-1] == "/lm_head/MatMul"
 
 
@@ -245,8 +246,8 @@ def test_onnx_int4_mixes_4_and_8_bit_weights_by_node(nf4_run, tmp_path):
 
 
 def test_int4_mix_builds_4_bit_gate_up_in_the_middle_layers(tmp_path):
-    """A 9-layer tiny Llama through the builder with int4_mix(9): gate/up of layers 2-6 are 4-bit, every
-    other MatMul (end layers 0, 1, 7, 8 whole; qkv, o, down everywhere; the lm_head) 8-bit."""
+    """A 9-layer tiny Llama through the builder with int4_mix(9): gate/up of layers 3-5 are 4-bit, every
+    other MatMul (end layers 0-2 and 6-8 whole; qkv, o, down everywhere; the lm_head) 8-bit."""
     pytest.importorskip("onnxruntime_genai")
     import onnx
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -261,8 +262,8 @@ def test_int4_mix_builds_4_bit_gate_up_in_the_middle_layers(tmp_path):
     graph = onnx.load(str(tmp_path / "o" / "model.onnx"), load_external_data=False).graph
     bits = {n.name: a.i for n in graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "bits"}
     four = sorted(name for name, b in bits.items() if b == 4)
-    assert four == sorted(f"/model/layers.{i}/mlp/{p}/MatMul_Q4" for i in range(2, 7) for p in ("gate_proj", "up_proj"))
-    assert len(bits) == 9 * 5 + 1 and sum(b == 8 for b in bits.values()) == 9 * 5 + 1 - 10
+    assert four == sorted(f"/model/layers.{i}/mlp/{p}/MatMul_Q4" for i in range(3, 6) for p in ("gate_proj", "up_proj"))
+    assert len(bits) == 9 * 5 + 1 and sum(b == 8 for b in bits.values()) == 9 * 5 + 1 - 6
 
 
 def test_onnx_task_check_fails_on_a_differing_accuracy_and_passes_on_the_true_one(onnx_export):
