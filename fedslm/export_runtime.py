@@ -119,9 +119,10 @@ def eval_prompts(cfg: RunConfig, tok: Any) -> tuple[list[dict[str, Any]], list[s
 
 
 def count_correct(texts: list[str], answers: list[str]) -> int:
-    from .training import normalize_answer
+    """:func:`fedslm.training.count_correct`, imported on use (training imports torch)."""
+    from .training import count_correct as exact_matches
 
-    return sum(normalize_answer(t) == normalize_answer(a) for t, a in zip(texts, answers, strict=True))
+    return exact_matches(texts, answers)
 
 
 def load_llama(path: Path, needed_for: str) -> Any:

@@ -490,6 +490,11 @@ def normalize_answer(text: str) -> str:
     return "".join(ch for ch in first.lower() if ch.isalnum() or ch == " ").strip()
 
 
+def count_correct(texts: list[str], answers: list[str]) -> int:
+    """How many ``texts`` match their ``answers`` after :func:`normalize_answer` (exact match)."""
+    return sum(normalize_answer(t) == normalize_answer(a) for t, a in zip(texts, answers, strict=True))
+
+
 # generation settings that leave greedy decoding a plain argmax (sampling ones are off with do_sample=False)
 _PLAIN_GREEDY_KEYS = frozenset(
     {
@@ -551,10 +556,7 @@ def generated_matches(
             enc = enc.to(device)
             out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
             texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-            correct += sum(
-                normalize_answer(t) == normalize_answer(a)
-                for t, a in zip(texts, answers[i : i + batch_size], strict=True)
-            )
+            correct += count_correct(texts, answers[i : i + batch_size])
     finally:
         tokenizer.padding_side = side
     return correct
@@ -584,6 +586,7 @@ def evaluate(
     model.eval()
     nll = tokens = 0.0
     hits: list[bool] = []
+    stop = greedy_stop_ids(model) if forced and prompts and len(examples) == len(prompts) else frozenset()
     keep_logits = _keeps_logits(model)
     device = model_device(model)
     for i in range(0, len(examples), batch_size):
@@ -592,12 +595,12 @@ def evaluate(
         summed, counted = out.total()
         nll += summed
         tokens += counted
-        hits.extend(out.argmax_hits().tolist())
+        if stop:
+            hits.extend(out.argmax_hits().tolist())
     correct, undecided = 0, list(range(len(prompts)))
-    stop = greedy_stop_ids(model)
-    if forced and stop and len(examples) == len(prompts):
+    if stop:
         undecided = []
-        for k, ids in enumerate(tokenizer(prompts, add_special_tokens=False)["input_ids"] if prompts else []):
+        for k, ids in enumerate(tokenizer(prompts, add_special_tokens=False)["input_ids"]):
             verdict = _forced_verdict(tokenizer, examples[k], ids, answers[k], hits[k], stop, max_new_tokens)
             if verdict is None:
                 undecided.append(k)
