@@ -195,6 +195,11 @@ class FederationConfig:
         "reject a round whose central eval loss exceeds this multiple of the best so far (or whose adapter is"
         " not finite): the previous adapter is kept and the learning rate halved from then on (0 = loss test off)",
     )
+    accuracy_drop: float = _f(
+        0.02,
+        "reject a round whose central accuracy falls more than this below the best so far, as a diverged one"
+        " (an overshoot can lower accuracy while the loss still falls); 1 = accuracy test off",
+    )
     client_cpus: float = _f(2.0, "CPUs reserved per simulated client (2 = one client at a time on 2 cores)")
     client_gpus: float | Literal["auto"] = _f(
         "auto",
@@ -207,6 +212,7 @@ class FederationConfig:
         _check(self.num_clients >= 1, "federation.num_clients", "must be >= 1")
         _check(self.num_rounds >= 1, "federation.num_rounds", "must be >= 1")
         _check(self.divergence_factor >= 0, "federation.divergence_factor", "must be >= 0 (0 = off)")
+        _check(0 <= self.accuracy_drop <= 1, "federation.accuracy_drop", f"{self.accuracy_drop} not in [0, 1]")
         _check(0 < self.fraction_train <= 1, "federation.fraction_train", "not in (0, 1]")
         _check(
             1 <= self.min_train_clients <= self.num_clients,

@@ -20,8 +20,8 @@ class ExportError(FedslmError):
 
 
 def best_round(run_dir: Path) -> int | None:
-    """The best kept round (lowest central eval loss) that the server recorded in the last row of
-    ``metrics.jsonl`` (``best_round``); None for a run written before the divergence guard."""
+    """The best kept round (highest central accuracy, then lowest eval loss) that the server recorded in
+    the last row of ``metrics.jsonl`` (``best_round``); None for a run written before the divergence guard."""
     path = Path(run_dir) / "metrics.jsonl"
     lines = path.read_text().splitlines() if path.is_file() else []
     if not lines:

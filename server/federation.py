@@ -42,7 +42,7 @@ from fedslm.records import arrays_of, as_float, as_int, metrics_of
 from . import checkpoint
 from .checkpoint import Checkpoint
 from .evaluation import CentralEvaluator
-from .guard import LR_BACKOFF, all_finite, divergence_reason
+from .guard import LR_BACKOFF, Kept, all_finite, divergence_reason
 from .recording import Recorded, Recorder, RoundCallback, RoundRecord, evaluate_centrally, failure_line
 from .validation import UpdateRejected, check_update
 
@@ -113,7 +113,7 @@ class Federation(Recorded):
         self.exhausted: set[int] = set()  # client ids whose privacy budget is spent
         self.client_of: dict[int, int] = {}  # node id -> client id, learnt at the start
         self.lr_scale = 1.0  # halved by each round the divergence guard rejects
-        self.best: tuple[float, int] | None = None  # (central eval loss, round) of the best kept round
+        self.kept = Kept()  # the centrally evaluated rounds kept: the guard's bests and the best round
 
     def _train_config(self, server_round: int = 0, plan: LoRAPlan | None = None) -> ConfigRecord:
         instructions = TrainInstructions(
@@ -151,7 +151,7 @@ class Federation(Recorded):
         self.exhausted = set(ck.state["exhausted"])
         self.recorder.restore(ck.state["rows"], ck.state["epsilon_by_client"], ck.state["privacy_by_client"])
         self.lr_scale = float(ck.state.get("lr_scale", 1.0))  # absent in checkpoints of older versions
-        self.best = tuple(ck.state["best"]) if ck.state.get("best") else None  # type: ignore[assignment]
+        self.kept = Kept.restore(ck.state)
         log.info("resumed from %s: round %d done, continuing", ck.path, ck.round)
         return numpy_to_arrays(ck.adapter)
 
@@ -163,7 +163,7 @@ class Federation(Recorded):
             "epsilon_by_client": self.recorder.epsilon_by_client,
             "privacy_by_client": self.recorder.privacy_by_client,
             "lr_scale": self.lr_scale,
-            "best": list(self.best) if self.best else None,
+            "kept": self.kept.state(),
         }
         checkpoint.save(self.out, rnd, arrays_to_numpy(arrays), self.strategy.state_dict(), state)
 
@@ -190,7 +190,7 @@ class Federation(Recorded):
         t0 = time.perf_counter()
         arrays = self.evaluator.initial_arrays()
         ev = self._evaluate(0, arrays)
-        self.best = (float(ev["eval_loss"]), 0)
+        self.kept.add(0, ev["eval_loss"], ev.get("eval_accuracy"))
         self._record(0, arrays, ev, {}, RoundReplies(), t0, skipped=False)
         self._checkpoint(0, arrays)
         return arrays
@@ -264,8 +264,16 @@ class Federation(Recorded):
         due = rnd % self.cfg.eval.every == 0 or last
         finite = all_finite(candidate)
         ev = self._evaluate(rnd, candidate) if finite and due else {}
-        best = self.best[0] if self.best else None
-        diverged = divergence_reason(ev.get("eval_loss"), best, self.cfg.federation.divergence_factor, finite)
+        fed = self.cfg.federation
+        diverged = divergence_reason(
+            ev.get("eval_loss"),
+            self.kept.loss,
+            fed.divergence_factor,
+            finite,
+            ev.get("eval_accuracy"),
+            self.kept.accuracy,
+            fed.accuracy_drop,
+        )
         if diverged:
             self.lr_scale *= LR_BACKOFF
             log.warning(
@@ -275,8 +283,8 @@ class Federation(Recorded):
                 self.lr_scale,
             )
             return kept, self._evaluate(rnd, kept) if due else {}, diverged  # the row describes the adapter kept
-        if ev and (self.best is None or ev["eval_loss"] < self.best[0]):
-            self.best = (float(ev["eval_loss"]), rnd)
+        if ev:
+            self.kept.add(rnd, ev["eval_loss"], ev.get("eval_accuracy"))
         return candidate, ev, diverged
 
     def _last_round(self, rnd: int) -> bool:
@@ -397,6 +405,6 @@ class Federation(Recorded):
             skipped=skipped,
             diverged=train.get("diverged"),
             lr_scale=self.lr_scale,
-            best_round=self.best[1] if self.best else None,
+            best_round=self.kept.best_round,
         )
         self.recorder.record(record, arrays)

@@ -81,7 +81,7 @@ class RoundRecord:
     rejected: int = 0
     skipped: bool = False
     # the divergence guard: why this round's aggregate was rejected (None: kept), the clients'
-    # learning-rate factor from now on, and the best kept round so far (lowest central eval loss)
+    # learning-rate factor from now on, and the best kept round so far (highest accuracy, then lowest loss)
     diverged: str | None = None
     lr_scale: float = 1.0
     best_round: int | None = None

@@ -44,7 +44,8 @@ def summarize(
         "rounds": len(rows) - 1,
         "first": {"round": first["round"], **{k: first.get(k) for k in KEYS}},
         "last": {"round": last["round"], **{k: last.get(k) for k in KEYS}},
-        # the best kept round (lowest central eval loss): what export, generate and chat use by default
+        # the best kept round (highest central accuracy, then lowest eval loss): what export, generate and
+        # chat use by default
         "best": _best(rows),
         "diverged_rounds": [r["round"] for r in rows if r.get("diverged")],
         "totals": {

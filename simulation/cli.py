@@ -382,7 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.add_argument("--format", required=True, choices=["peft", "merged", "gguf", "onnx"])
     p.add_argument("--out", required=True)
-    p.add_argument("--round", type=int, default=None, help="default: the best round (lowest eval loss)")
+    p.add_argument("--round", type=int, default=None, help="default: best_round of metrics.jsonl")
     p.add_argument(
         "--quant",
         "--gguf-dtype",
@@ -406,7 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("run_dir")
         if name == "generate":
             p.add_argument("prompt")
-        p.add_argument("--round", type=int, default=None, help="default: the best round (lowest eval loss)")
+        p.add_argument("--round", type=int, default=None, help="default: best_round of metrics.jsonl")
         p.add_argument("--max-new-tokens", type=int, default=64)
         p.set_defaults(func=func)
 
