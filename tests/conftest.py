@@ -21,7 +21,22 @@ import torch  # noqa: E402
 from fedslm.config import RunConfig, load_config  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-torch.set_num_threads(2)
+# `make suite` runs two pytest-xdist workers on CI's 2 cores: one torch thread each (two each would
+# oversubscribe them); a plain `pytest` keeps both threads
+WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+torch.set_num_threads(1 if WORKER else 2)
+# Files whose tests start a Flower SuperLink: its ServerAppIo and Control APIs listen on fixed ports
+# (9091 and 9093; 39091 and 39093 for `flwr run`'s local one), so two SuperLinks at once on one machine
+# collide; these files share one worker.
+FLOWER_PORTS = {"test_deploy.py", "test_flwr_run.py"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Under ``--dist loadgroup`` a file's tests run on one worker (its module and session fixtures are
+    built once), and the files in :data:`FLOWER_PORTS` on the same one."""
+    for item in items:
+        name = item.path.name
+        item.add_marker(pytest.mark.xdist_group("flower" if name in FLOWER_PORTS else name))
 
 
 @pytest.fixture

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from fedslm.client.app import evaluate, train
 from fedslm.client.handlers import handle
 from fedslm.client.node import NodeSpec, node_config, resident_argv
@@ -69,7 +70,9 @@ def worker(tmp_path: Path) -> Iterator[Path]:
     spec = NodeSpec(
         key=None, data=tmp_path / "d.jsonl", client_id=0, insecure=True, runtime_port=40000 + os.getpid() % 20000
     )
-    proc = subprocess.Popen(resident_argv(spec), env={**os.environ, "FEDSLM_LOG": "WARNING"})
+    # as many torch threads as this process: the bit-for-bit comparison below needs the same sum order
+    env = {**os.environ, "FEDSLM_LOG": "WARNING", "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    proc = subprocess.Popen(resident_argv(spec), env=env)
     try:
         wait_until_listening(spec.resident_socket, alive=lambda: proc.poll() is None)
         yield spec.resident_socket
