@@ -114,6 +114,7 @@ class Federation(Recorded):
         self.client_of: dict[int, int] = {}  # node id -> client id, learnt at the start
         self.lr_scale = 1.0  # halved by each round the divergence guard rejects
         self.kept = Kept()  # the centrally evaluated rounds kept: the guard's bests and the best round
+        self.global_ev: dict[str, Any] | None = None  # the central evaluation of the global adapter, if run
 
     def _train_config(self, server_round: int = 0, plan: LoRAPlan | None = None) -> ConfigRecord:
         instructions = TrainInstructions(
@@ -191,6 +192,7 @@ class Federation(Recorded):
         arrays = self.evaluator.initial_arrays()
         ev = self._evaluate(0, arrays)
         self.kept.add(0, ev["eval_loss"], ev.get("eval_accuracy"))
+        self.global_ev = dict(ev)
         self._record(0, arrays, ev, {}, RoundReplies(), t0, skipped=False)
         self._checkpoint(0, arrays)
         return arrays
@@ -282,9 +284,13 @@ class Federation(Recorded):
                 diverged,
                 self.lr_scale,
             )
-            return kept, self._evaluate(rnd, kept) if due else {}, diverged  # the row describes the adapter kept
+            # the row describes the adapter kept: its evaluation when it has one (the same numbers again)
+            if not due:
+                return kept, {}, diverged
+            return kept, dict(self.global_ev) if self.global_ev else self._evaluate(rnd, kept), diverged
         if ev:
             self.kept.add(rnd, ev["eval_loss"], ev.get("eval_accuracy"))
+        self.global_ev = dict(ev) if ev else None
         return candidate, ev, diverged
 
     def _last_round(self, rnd: int) -> bool:

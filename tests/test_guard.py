@@ -106,13 +106,16 @@ def _one_step(msg: Message, rnd: int) -> Message:
     return reply(node, RecordDict({"arrays": wire.encode(update, "float32"), "metrics": metrics}))
 
 
-def _scripted_run(tmp_path: Path, drop: float) -> tuple[list[dict], FakeGrid]:
+def _scripted_run(tmp_path: Path, drop: float) -> tuple[list[dict], FakeGrid, int]:
+    """(rows, the grid, how many central evaluations ran)."""
     from fedslm.server.federation import Federation
 
     class Scripted(Federation):
         start: np.ndarray | None = None
+        calls = 0
 
         def _evaluate(self, rnd: int, arrays: ArrayRecord) -> dict:
+            self.calls += 1
             first = next(iter(arrays.values())).numpy()
             if self.start is None:
                 self.start = first.copy()
@@ -123,11 +126,12 @@ def _scripted_run(tmp_path: Path, drop: float) -> tuple[list[dict], FakeGrid]:
     overrides.append(f"federation.accuracy_drop={drop}")
     cfg = load_config(ROOT / "configs" / "tiny.yaml", overrides)
     grid = FakeGrid([1, 2], _one_step)
-    return Scripted(cfg, tmp_path / f"run-{drop}", "guard").run(grid), grid
+    fed = Scripted(cfg, tmp_path / f"run-{drop}", "guard")
+    return fed.run(grid), grid, fed.calls
 
 
 def test_a_round_that_loses_accuracy_is_rejected_though_its_loss_fell(tmp_path: Path) -> None:
-    rows, grid = _scripted_run(tmp_path, 0.02)
+    rows, grid, calls = _scripted_run(tmp_path, 0.02)
     assert [r["eval_accuracy"] for r in rows] == [0.0, 0.5, 0.5, 0.5]  # rounds 2 and 3 keep round 1's adapter
     assert [r["diverged"] for r in rows[1:]] == [
         None,
@@ -137,9 +141,10 @@ def test_a_round_that_loses_accuracy_is_rejected_though_its_loss_fell(tmp_path: 
     assert [float(s[1].content["config"].get(LR_SCALE, 1.0)) for s in grid.sent] == [1.0, 1.0, 0.5]
     assert rows[-1]["lr_scale"] == 0.25 and rows[-1]["best_round"] == 1
     assert best_round(tmp_path / "run-0.02") == 1
+    assert calls == 4  # rounds 0-3; a rejected round's row reuses the kept adapter's evaluation
 
     # the accuracy test off: every round is kept, the loss falls to 1.0, and the best round is still
     # the one with the highest accuracy, not the lowest loss
-    rows, _ = _scripted_run(tmp_path, 1.0)
+    rows, _, calls = _scripted_run(tmp_path, 1.0)
     assert [r["eval_accuracy"] for r in rows] == [0.0, 0.5, 0.3, 0.25] and not any(r["diverged"] for r in rows)
     assert [r["eval_loss"] for r in rows] == [2.0, 1.5, 1.2, 1.0] and rows[-1]["best_round"] == 1
