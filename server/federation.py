@@ -275,6 +275,7 @@ class Federation(Recorded):
             ev.get("eval_accuracy"),
             self.kept.accuracy,
             fed.accuracy_drop,
+            len(self.evaluator.records),
         )
         if diverged:
             self.lr_scale *= LR_BACKOFF

@@ -75,8 +75,12 @@ def test_tiny_classification_federation_aggregates_the_head(tmp_path: Path) -> N
     from fedslm.simulation.run import simulate
     from safetensors.torch import load_file
 
-    cfg = load_config(ROOT / "configs" / "classify-tiny.yaml", ["federation.num_rounds=1"])
+    # the guard off: the random tiny model's accuracy on 16 records moves by chance (CI measured 2 of 16
+    # right, then 1 of 16), and this test is about the head travelling, not about the guard
+    overrides = ["federation.num_rounds=1", "federation.accuracy_drop=1", "federation.divergence_factor=0"]
+    cfg = load_config(ROOT / "configs" / "classify-tiny.yaml", overrides)
     rows = simulate(cfg, tmp_path / "run", progress=False)
+    assert not rows[1]["diverged"]
     assert {"eval_f1", "eval_precision", "eval_recall"} <= set(rows[-1]) and rows[1]["clients"] == 4
     first = load_file(str(tmp_path / "run" / "adapters" / "round-000" / "adapter_model.safetensors"))
     last = load_file(str(tmp_path / "run" / "adapters" / "round-001" / "adapter_model.safetensors"))
