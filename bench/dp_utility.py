@@ -7,14 +7,17 @@ model's (round 0). A run whose final accuracy is more than 2 points below its be
 Tasks: ``triage`` (configs/demo.yaml), ``classify`` (configs/classify.yaml) and ``user``, a
 user-style tickets file written by ``bench/userdata.py`` and read through the own-data path.
 
-The ablation (``--ablation``): at epsilon 8 on one task, each lever of ``LEVERS`` alone on top of
-``BASELINE``, and then the levers that helped alone, together; each also without DP for its gain
-kept. The PNG of the curve goes to ``--out``. Everything runs sequentially in this one process and
-prints Markdown tables for BENCHMARKS.md, under the command line that made them.
+The ablation (``--ablation``): at epsilon 8 on one task, the task's own recipe (configs/demo.yaml for
+triage: what issue 17 built), then each lever of ``LEVERS`` changing one thing of it, and then the
+levers that raised the private accuracy, together; each also without DP for its gain kept (with
+``--none-set`` the runs without DP take the non-private learning rate, and a lever that only moves the
+learning rate or the accountant then shares the recipe's run without DP). The PNG of the curve goes to
+``--out``. Everything runs sequentially in this one process and prints Markdown tables for
+BENCHMARKS.md, under the command line that made them.
 
     .venv/bin/python bench/dp_utility.py --task all                     # the curve, three tasks
     .venv/bin/python bench/dp_utility.py --task triage --none-set train.learning_rate=0.005  # non-private lr
-    .venv/bin/python bench/dp_utility.py --ablation --ablation-task triage
+    .venv/bin/python bench/dp_utility.py --ablation --ablation-task triage --none-set train.learning_rate=0.005
     .venv/bin/python bench/dp_utility.py --quick --task triage --epsilons 8 none   # tiny-model smoke run
 """
 
@@ -40,20 +43,30 @@ USER_RECORDS = {False: 4000, True: 400}  # tickets written for the user task (fu
 FALL_BACK = 0.02  # a final accuracy this far below the best round's is flagged
 ABLATION_EPSILON = "8"
 
-# The recipe before issue 17, and each lever that may help DP (applied in order on top of it; where
-# two levers set the same key, the later one wins when they are combined). Change the recipe here.
-BASELINE: list[str] = ["privacy.accountant=rdp"]
+# Overrides on top of the task's config for every ablation run (empty: the config's recipe as it is),
+# and the levers, each changing one thing of it (applied in order; where two set the same key, the
+# later one wins when they are combined). Change the recipe in configs/demo.yaml, the levers here.
+BASELINE: list[str] = []
+BATCH_8 = ["train.batch_size=8", "train.physical_batch_size=8", "train.local_steps=10"]
 LEVERS: list[tuple[str, list[str]]] = [
-    ("accountant pld", ["privacy.accountant=pld"]),
-    ("4x data", ["data.num_records=4800"]),
-    # 4x the sequences per step, so 4x the compute: about 11 min a run of the demo on 2 CPU cores
-    ("logical batch 32", ["train.batch_size=32", "train.physical_batch_size=16"]),
-    ("FFA-LoRA, r 4", ["strategy.name=ffa-lora", "lora.r=4"]),
+    # what issue 17 changed, taken back one at a time
+    ("RDP accountant (not PLD)", ["privacy.accountant=rdp"]),
+    ("a quarter of the records (3,000)", ["data.num_records=3000"]),
+    # about the same sequences a round (80 against 96), in 10 noisier steps
+    (
+        "logical batch 8, 10 steps a round",
+        ["train.batch_size=8", "train.physical_batch_size=8", "train.local_steps=10"],
+    ),
+    ("LoRA on all 30 layers", ["lora.last_layers=0"]),  # twice the parameters, 1.4x the compute
     ("learning rate 0.01", ["train.learning_rate=0.01"]),
-    # one demo client, 15 DP steps (noise 0.528, q 8/264), central eval loss from 4.40: SGD lr 0.01 -> 2.20,
-    # lr 0.1 diverges (14.9)
-    ("SGD, momentum 0.9, lr 0.01", ["train.optimizer=sgd", "train.momentum=0.9", "train.learning_rate=0.01"]),
-    ("6 rounds x 5 steps", ["federation.num_rounds=6", "train.local_steps=5"]),
+    # further than the recipe goes
+    ("learning rate 0.04", ["train.learning_rate=0.04"]),
+    ("rank 2 (alpha 4: the same scale)", ["lora.r=2", "lora.alpha=4"]),  # a quarter of the noise power
+    ("FFA-LoRA (A frozen)", ["strategy.name=ffa-lora"]),
+    # one demo client, 15 DP steps, eval loss from 4.40: SGD lr 0.01 -> 2.20, lr 0.1 diverges (14.9)
+    ("SGD, momentum 0.9, lr 0.03", ["train.optimizer=sgd", "train.momentum=0.9", "train.learning_rate=0.03"]),
+    ("9 rounds x 1 step", ["federation.num_rounds=9", "train.local_steps=1"]),
+    ("server momentum 0.9 (FedAvgM)", ["strategy.name=fedavgm"]),
 ]
 
 
@@ -108,6 +121,12 @@ def privacy_overrides(epsilon: str) -> list[str]:
 def without_dp(overrides: list[str]) -> list[str]:
     """The same run without DP (privacy keys dropped: the accountant does not matter then)."""
     return [o for o in overrides if not o.startswith("privacy.")] + privacy_overrides("none")
+
+
+def effective(overrides: list[str]) -> tuple[tuple[str, str], ...]:
+    """What a list of KEY=VALUE overrides sets, the later of two on one key winning: two lists that set
+    the same are the same run."""
+    return tuple(sorted(dict(o.split("=", 1) for o in overrides).items()))
 
 
 def _pct(share: float | None) -> str:
@@ -165,7 +184,7 @@ def ablation_table(rows: list[tuple[str, list[str], Outcome, Outcome]]) -> str:
             f"{nodp.final:.3f}",
             _pct(gain_kept(dp.final, nodp.final, dp.base)),
             _eps(dp.epsilon),
-            f"{dp.wall_s + nodp.wall_s:.0f}",
+            f"{dp.wall_s:.0f}",
         ]
         for name, overrides, dp, nodp in rows
     ]
@@ -177,7 +196,7 @@ def ablation_table(rows: list[tuple[str, list[str], Outcome, Outcome]]) -> str:
         "accuracy, no DP",
         "gain kept",
         "final epsilon",
-        "wall s",
+        f"wall s, epsilon {ABLATION_EPSILON}",
     ]
     return table(header, lines)
 
@@ -217,7 +236,7 @@ class Bench:
         self.none_extra = args.none_set  # after --set, for the runs without DP only
         # the user task's file, next to --out (bench/out is git-ignored); deterministic, so reused if there
         self.tickets = Path(args.out).parent / f"tickets-n{USER_RECORDS[self.quick]}-s0.jsonl"
-        self._done: dict[tuple[str, tuple[str, ...]], Outcome] = {}
+        self._done: dict[tuple[str, tuple[tuple[str, str], ...], bool], Outcome] = {}
 
     def task_overrides(self, task: str) -> list[str]:
         if task != "user":
@@ -226,15 +245,15 @@ class Bench:
             userdata.write(self.tickets, USER_RECORDS[self.quick], seed=0)
         return userdata.overrides(self.tickets)
 
-    def outcome(self, task: str, label: str, overrides: list[str]) -> Outcome:
+    def outcome(self, task: str, label: str, overrides: list[str], *, per_client: bool = True) -> Outcome:
         full, quick = TASKS[task]
         config = str(CONFIGS / (quick if self.quick else full))
         everything = [*self.task_overrides(task), *overrides, *self.extra]
         if "privacy.mode=none" in overrides:
             everything += self.none_extra
-        key = (config, tuple(everything))
+        key = (config, effective(everything), per_client)
         if key not in self._done:
-            self._done[key] = Outcome.of(run(f"{task}: {label}", config, everything, per_client=True))
+            self._done[key] = Outcome.of(run(f"{task}: {label}", config, everything, per_client=per_client))
         return self._done[key]
 
     def curve(self, task: str, epsilons: list[str]) -> dict[str, Outcome]:
@@ -242,7 +261,9 @@ class Bench:
 
     def lever(self, task: str, name: str, overrides: list[str]) -> tuple[str, list[str], Outcome, Outcome]:
         dp = [*BASELINE, *overrides, *privacy_overrides(ABLATION_EPSILON)]
-        return name, overrides, self.outcome(task, name, dp), self.outcome(task, f"{name}, no DP", without_dp(dp))
+        # central evaluation only: the table shows no per-client figures
+        private = self.outcome(task, name, dp, per_client=False)
+        return name, overrides, private, self.outcome(task, f"{name}, no DP", without_dp(dp), per_client=False)
 
     def ablation(self, task: str) -> list[tuple[str, list[str], Outcome, Outcome]]:
         """The baseline, each lever alone, and the levers that raised the private accuracy, together."""
@@ -293,7 +314,7 @@ def main(argv: list[str] | None = None) -> None:
     bench = Bench(args)
     if args.ablation:
         rows = bench.ablation(args.ablation_task)
-        print(f"\n{args.ablation_task}, levers on top of the baseline {' '.join(BASELINE)}:\n")
+        print(f"\n{args.ablation_task}, levers on its config's recipe {' '.join(BASELINE)}:\n")
         print(ablation_table(rows))
         return
     tasks = list(TASKS) if args.task == "all" else [args.task]

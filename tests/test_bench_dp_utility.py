@@ -73,34 +73,45 @@ def test_none_set_overrides_only_the_runs_without_dp(tmp_path, monkeypatch) -> N
 
 
 def test_ablation_runs_each_lever_with_and_without_dp_and_combines_those_that_helped(tmp_path, monkeypatch) -> None:
-    """A fake federation: pld and 4x data each add 0.1 to the private accuracy, the other levers nothing;
-    without DP every run reaches 0.9 from 0.1."""
+    """A fake federation: lr 0.04 and rank 2 each add 0.1 to the private accuracy, the other levers
+    nothing; without DP every run reaches 0.9 from 0.1."""
     calls: list[list[str]] = []
 
     def fake_run(label: str, config: str, overrides: list[str], *, per_client: bool = False) -> Run:
-        assert per_client and config.endswith("demo.yaml")
+        assert not per_client and config.endswith("demo.yaml")  # the ablation table has no per-client column
         calls.append(overrides)
         if "privacy.mode=none" in overrides:
             final = 0.9
         else:
-            final = 0.3 + 0.1 * ("privacy.accountant=pld" in overrides) + 0.1 * ("data.num_records=4800" in overrides)
-        return Run(label, _rows([0.1, final], 1, {"0": final}), 1.0)
+            final = 0.3 + 0.1 * ("train.learning_rate=0.04" in overrides) + 0.1 * ("lora.r=2" in overrides)
+        return Run(label, _rows([0.1, final], 1, {}), 1.0)
 
     monkeypatch.setattr(dp_utility, "run", fake_run)
-    bench = dp_utility.Bench(dp_utility.parse(["--ablation", "--out", str(tmp_path / "x.png")]))
-    rows = bench.ablation("triage")
+    argv = ["--ablation", "--out", str(tmp_path / "x.png"), "--none-set", "train.learning_rate=0.005"]
+    rows = dp_utility.Bench(dp_utility.parse(argv)).ablation("triage")
     names = [r[0] for r in rows]
-    assert names == ["baseline", *(n for n, _ in dp_utility.LEVERS), "together: accountant pld + 4x data"]
-    together = rows[-1]
-    assert together[1] == ["privacy.accountant=pld", "data.num_records=4800"]
-    assert together[2].final == pytest.approx(0.5) and together[3].final == 0.9
-    assert gain_kept(together[2].final, together[3].final, together[2].base) == pytest.approx(0.5)
-    # 9 private runs; no-DP runs: the baseline's is shared by the accountant lever (privacy keys dropped)
-    # and the 4x-data one by the combination (the same overrides once pld is dropped): 16 in all
-    assert len(calls) == 16 and len({tuple(c) for c in calls}) == 16
-    assert all(c[0] == "privacy.accountant=rdp" for c in calls if "privacy.mode=local" in c)
+    together = "together: learning rate 0.04 + rank 2 (alpha 4: the same scale)"
+    assert names == ["baseline", *(n for n, _ in dp_utility.LEVERS), together]
+    assert rows[-1][1] == ["train.learning_rate=0.04", "lora.r=2", "lora.alpha=4"]
+    assert rows[-1][2].final == pytest.approx(0.5) and rows[-1][3].final == 0.9
+    assert gain_kept(rows[-1][2].final, rows[-1][3].final, rows[-1][2].base) == pytest.approx(0.5)
+    # 13 private runs (the recipe, 11 levers, together). Without DP every run takes lr 0.005 (--none-set
+    # comes last and wins), so the levers that only move the accountant or the learning rate share the
+    # recipe's run, and the combination shares rank 2's: 9 runs without DP, 22 in all, none twice
+    assert len(calls) == 22 and len({dp_utility.effective(c) for c in calls}) == 22
+    nodp = [c for c in calls if "privacy.mode=none" in c]
+    assert len(nodp) == 9 and all(c[-1] == "train.learning_rate=0.005" for c in nodp)
+    assert not any(o.startswith("privacy.accountant") for c in nodp for o in c)
     text = dp_utility.ablation_table(rows)
-    assert "| accountant pld | `privacy.accountant=pld` | 0.400 | 0.400 | 0.900 | 38% |" in text
+    assert (
+        "| rank 2 (alpha 4: the same scale) | `lora.r=2` `lora.alpha=4` | 0.400 | 0.400 | 0.900 | 38% | 7.90 | 1 |"
+        in text
+    )
+
+
+def test_effective_overrides_let_the_later_of_two_win() -> None:
+    assert dp_utility.effective(["a=1", "b=2", "a=3"]) == (("a", "3"), ("b", "2"))
+    assert dp_utility.effective(["x=1=2"]) == (("x", "1=2"),)
 
 
 def test_user_tickets_load_through_the_own_data_path_with_their_labels(tmp_path: Path) -> None:
