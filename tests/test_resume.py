@@ -136,7 +136,16 @@ def test_ctrl_c_stops_within_seconds_keeps_the_checkpoint_and_resumes(tmp_path: 
     ]
     err = tmp_path / "stderr.txt"  # a file, not a pipe: a full pipe would stall the run
     with err.open("w") as sink:
-        proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=sink, text=True)
+        # SIGINT as a terminal's Ctrl-C finds it: a suite started in the background (`make test &`)
+        # hands its children SIGINT ignored, and the run would then rightly go on to the end
+        proc = subprocess.Popen(
+            argv,
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=sink,
+            text=True,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )
     try:
         _wait_for_round_one(proc, run)
         proc.send_signal(signal.SIGINT)
