@@ -388,6 +388,11 @@ class AuditConfig:
         "canaries (the first ones: about half members) whose exposure is measured, each with its candidates"
         " (candidates + 1 answers to score); all canaries get the loss scores behind AUC, TPR and epsilon",
     )
+    score: Literal["loss", "relative"] = _f(
+        "loss",
+        "membership score behind AUC, TPR and the epsilon bound: loss = the canary's loss under the global"
+        " model (lower: member), relative = its loss under the base model minus that (both are reported)",
+    )
     confidence: float = _f(0.95, "confidence of the empirical epsilon lower bound")
     client_canaries: int = _f(
         0,

@@ -1,9 +1,13 @@
 """Score a run's canaries with its shipped adapter (the best round): ``audit.json``, ``audit-roc.png``,
 and the audit's epsilon lower bound beside the accountant's epsilon in ``summary.json``.
 
-Called after the last round (when ``audit.enabled``) and by ``fedslm audit RUN_DIR``. The score of a
-canary is its answer's loss under the base model minus its loss under the global model: memorised
-secrets get cheaper than under the base.
+Called after the last round (when ``audit.enabled``) and by ``fedslm audit RUN_DIR``. Each canary's
+answer is scored twice: its loss under the global model, and that loss relative to the base model (base
+minus global: memorised secrets get cheaper than under the base). ``audit.score`` picks the one behind
+AUC, TPR and the epsilon bound; ``audit.json`` has the ROC figures of both. The loss alone is the
+default: canaries are random codes of one format, so the base model's loss on them carries nothing about
+membership, and subtracting it adds its own spread. In three control runs of the audit bench (no DP)
+TPR at 1% FPR was 0.47, 0.77 and 0.13 by the loss against 0.30, 0.53 and 0.07 relative to the base.
 """
 
 from __future__ import annotations
@@ -126,7 +130,8 @@ def score(run_dir: Path) -> dict[str, Any]:
     final = audit.answer_losses(model, tok, pairs, length, system)  # the same passes as base: comparable
     exposures = _exposures(cfg, canaries[: a.exposure_canaries], model, tok)
     load_adapter_state(model, dict(resident.initial))
-    scores = [b - f for b, f in zip(base, final, strict=True)]
+    by_score = {"loss": [-f for f in final], "relative": [b - f for b, f in zip(base, final, strict=True)]}
+    scores = by_score[a.score]
     members = [c.member for c in canaries]
     mem, non = audit.split_scores(scores, members)
     k = max(1, round(a.guess_fraction * len(canaries) / 2))
@@ -144,9 +149,9 @@ def score(run_dir: Path) -> dict[str, Any]:
         "canaries": len(canaries),
         "members": len(mem),
         "repeats": a.repeats,
-        "auc": audit.roc_auc(mem, non),
-        "tpr_at_1pct_fpr": audit.tpr_at_fpr(mem, non, 0.01),
-        "tpr_at_0.1pct_fpr": audit.tpr_at_fpr(mem, non, 0.001),
+        "score": a.score,  # the one behind the figures below; "scores" has the ROC figures of both
+        **_roc_figures(mem, non),
+        "scores": {name: _roc_figures(*audit.split_scores(s, members)) for name, s in by_score.items()},
         "exposure_canaries": len(exposures),
         **_exposure_means(exposures, members),
         "guesses": r,
@@ -181,6 +186,14 @@ def score(run_dir: Path) -> dict[str, Any]:
     if bug:
         raise PrivacyAuditFailure(bug)
     return result
+
+
+def _roc_figures(mem: list[float], non: list[float]) -> dict[str, float]:
+    return {
+        "auc": audit.roc_auc(mem, non),
+        "tpr_at_1pct_fpr": audit.tpr_at_fpr(mem, non, 0.01),
+        "tpr_at_0.1pct_fpr": audit.tpr_at_fpr(mem, non, 0.001),
+    }
 
 
 def _exposures(cfg: RunConfig, sample: list[audit.Canary], model: Any, tok: Any) -> list[float]:
@@ -231,7 +244,8 @@ def _num(value: float | None, digits: int = 3) -> str:
 def table_line(result: dict[str, Any]) -> str:
     eps = result["epsilon_accountant"]
     return (
-        f"audit (round {result['round']})  AUC {result['auc']:.3f}  TPR@1%FPR {result['tpr_at_1pct_fpr']:.3f}"
+        f"audit (round {result['round']}, score: {result.get('score', 'relative')})"
+        f"  AUC {result['auc']:.3f}  TPR@1%FPR {result['tpr_at_1pct_fpr']:.3f}"
         f"  TPR@0.1%FPR {result['tpr_at_0.1pct_fpr']:.3f}  exposure(max) {_num(result['exposure_max'], 2)}"
         f"  eps lower bound {result['epsilon_lower_bound']:.3f}"
         f"  accountant eps {'-' if eps is None else f'{eps:.3f}'}" + _client_part(result.get("client_level"))

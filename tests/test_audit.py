@@ -208,12 +208,28 @@ def test_simulate_with_audit_writes_canaries_and_scores_and_fedslm_audit_rescore
     assert all(0.0 <= e <= math.log2(11) + 1e-9 for e in exposures[:16])
     assert first["exposure_max"] == max(exposures[:16])
     assert 0.0 <= first["auc"] <= 1.0 and first["epsilon_accountant"] == -1.0  # the broken figure, recorded
+    # the figures are those of audit.score (default: the loss, lower = member); both scores' are kept
+    per = first["per_canary"]
+    members = [c["member"] for c in per]
+    for name, scores in [("loss", [-c["loss"] for c in per]), ("relative", [c["base_loss"] - c["loss"] for c in per])]:
+        mem, non = audit.split_scores(scores, members)
+        figures = first["scores"][name]
+        assert figures["auc"] == audit.roc_auc(mem, non)
+        assert figures["tpr_at_1pct_fpr"] == audit.tpr_at_fpr(mem, non, 0.01)
+    assert first["score"] == "loss" and first["auc"] == first["scores"]["loss"]["auc"]
+    assert first["tpr_at_1pct_fpr"] == first["scores"]["loss"]["tpr_at_1pct_fpr"]
     assert json.loads((out / "summary.json").read_text())["audit"]["auc"] == first["auc"]
     assert (out / "audit-roc.png").stat().st_size > 1000
     assert main(["audit", str(out)]) == 0  # the run's own figures: no DP, nothing to contradict
     assert "eps lower bound" in capsys.readouterr().out
     again = json.loads((out / "audit.json").read_text())
     assert again["per_canary"] == first["per_canary"] and again["epsilon_accountant"] is None  # same scores
+    # audit.score: relative puts the base-relative figures in front
+    config = out / "config.yaml"
+    config.write_text(config.read_text().replace("score: loss", "score: relative"))
+    assert main(["audit", str(out)]) == 0 and "score: relative" in capsys.readouterr().out
+    relative = json.loads((out / "audit.json").read_text())
+    assert relative["score"] == "relative" and relative["auc"] == first["scores"]["relative"]["auc"]
 
 
 def test_fedslm_audit_without_audit_section_or_on_a_partial_run_dir(tmp_path, capsys) -> None:
