@@ -2,7 +2,8 @@
 
 Every run is the demo federation (real SmolLM2, 4 hospitals, its LoRA and DP settings) with ``audit:``
 on and the same canaries; only ``privacy`` changes: the non-DP control, then local DP at each epsilon.
-For each: ROC AUC and TPR at 1% FPR of the canary scores, the one-run empirical epsilon lower bound
+For each: ROC AUC and TPR at 1% FPR of the canary scores (``audit.score``, the loss by default; the
+loss relative to the base model beside it), the one-run empirical epsilon lower bound
 next to the accountant's epsilon, and wall time. One more run, the control with
 ``audit.enabled=false``, gives the audit's overhead (scoring plus the inserted records). Runs are
 sequential in this one invocation.
@@ -98,6 +99,7 @@ def main() -> None:
                 "control (no DP)" if eps == "none" else eps,
                 f"{result['auc']:.3f}",
                 f"{result['tpr_at_1pct_fpr']:.3f}",
+                f"{result['scores']['relative']['auc']:.3f} / {result['scores']['relative']['tpr_at_1pct_fpr']:.3f}",
                 f"{result['epsilon_lower_bound']:.3f}",
                 "-" if accountant is None else f"{accountant:.3f}",
                 " / ".join(_num(result[k]) for k in ("exposure_members_mean", "exposure_nonmembers_mean")),
@@ -105,7 +107,16 @@ def main() -> None:
             ]
         )
     print()
-    header = ["epsilon", "AUC", "TPR@1%FPR", "eps lower bound (95%)", "accountant eps", "exposure mem / non", "wall s"]
+    header = [
+        "epsilon",
+        "AUC",
+        "TPR@1%FPR",
+        "relative to base: AUC / TPR",
+        "eps lower bound (95%)",
+        "accountant eps",
+        "exposure mem / non",
+        "wall s",
+    ]
     print(table(header, lines))
     overhead, share = walls[base] / off - 1, scoring[base] / off
     print(f"\naudit overhead (epsilon {base}): wall {walls[base]:.0f} s on vs {off:.0f} s off = {overhead:+.1%};")
