@@ -197,8 +197,8 @@ class FederationConfig:
     )
     accuracy_drop: float = _f(
         0.02,
-        "reject a round whose central accuracy falls more than this (and more than one held-out record) below the"
-        " best so far, as a diverged one (an overshoot can lower accuracy while the loss still falls); 1 = off",
+        "reject a round whose central accuracy falls more than this below the best so far, as a diverged one"
+        " (an overshoot can lower accuracy while the loss still falls); 1 = accuracy test off",
     )
     client_cpus: float = _f(2.0, "CPUs reserved per simulated client (2 = one client at a time on 2 cores)")
     client_gpus: float | Literal["auto"] = _f(

@@ -275,7 +275,6 @@ class Federation(Recorded):
             ev.get("eval_accuracy"),
             self.kept.accuracy,
             fed.accuracy_drop,
-            len(self.evaluator.records),
         )
         if diverged:
             self.lr_scale *= LR_BACKOFF

@@ -3,12 +3,10 @@
 A round is rejected when its global adapter holds a non-finite value, when its central eval loss
 exceeds ``federation.divergence_factor`` times the best loss so far, or when its central accuracy falls
 more than ``federation.accuracy_drop`` below the best so far (an overshooting learning rate can lower
-exact match while the loss still falls), and by more than one held-out record: on 16 records one answer
-is 0.0625, and a guard that fired on one flipped answer would halve the learning rate on noise. The
-federation then keeps the previous global adapter and halves the clients' learning rate for the rounds
-that follow (:data:`fedslm.protocol.LR_SCALE` in the train config); the metrics row says why
-(``diverged``). :class:`Kept` knows the rounds kept and which of them is the best: the highest accuracy,
-then the lowest loss.
+exact match while the loss still falls). The federation then keeps the previous global adapter and
+halves the clients' learning rate for the rounds that follow (:data:`fedslm.protocol.LR_SCALE` in the
+train config); the metrics row says why (``diverged``). :class:`Kept` knows the rounds kept and which
+of them is the best: the highest accuracy, then the lowest loss.
 """
 
 from __future__ import annotations
@@ -35,11 +33,9 @@ def divergence_reason(
     accuracy: float | None = None,
     best_accuracy: float | None = None,
     drop: float = 1.0,
-    records: int = 0,
 ) -> str:
     """Why a round's aggregate is rejected ('' when it is kept). ``factor`` 0 turns the loss test off,
-    ``drop`` 1 the accuracy test; ``records``, the size of the held-out split, makes the accuracy test
-    tolerate at least one record."""
+    ``drop`` 1 the accuracy test."""
     if not finite:
         return "the aggregated adapter holds non-finite values"
     if loss is None:
@@ -48,12 +44,11 @@ def divergence_reason(
         return f"central eval loss {loss}"
     if factor > 0 and best is not None and loss > factor * best:
         return f"central eval loss {loss:.4g} > {factor:g} x the best so far {best:.4g} (federation.divergence_factor)"
-    if accuracy is None or best_accuracy is None or drop >= 1:
-        return ""
-    allowed = max(drop, 1 / records) if records else drop
-    if accuracy < best_accuracy - allowed - 1e-9:
-        why = "federation.accuracy_drop" if allowed == drop else f"one of {records} records; accuracy_drop {drop:g}"
-        return f"central accuracy {accuracy:.4g} < the best so far {best_accuracy:.4g} - {allowed:.4g} ({why})"
+    if accuracy is not None and best_accuracy is not None and drop < 1 and accuracy < best_accuracy - drop - 1e-9:
+        return (
+            f"central accuracy {accuracy:.4g} < the best so far {best_accuracy:.4g} - {drop:g}"
+            " (federation.accuracy_drop)"
+        )
     return ""
 
 
