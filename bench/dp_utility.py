@@ -53,10 +53,7 @@ LEVERS: list[tuple[str, list[str]]] = [
     ("RDP accountant (not PLD)", ["privacy.accountant=rdp"]),
     ("a quarter of the records (3,000)", ["data.num_records=3000"]),
     # about the same sequences a round (80 against 96), in 10 noisier steps
-    (
-        "logical batch 8, 10 steps a round",
-        ["train.batch_size=8", "train.physical_batch_size=8", "train.local_steps=10"],
-    ),
+    ("logical batch 8, 10 steps a round", BATCH_8),
     ("LoRA on all 30 layers", ["lora.last_layers=0"]),  # twice the parameters, 1.4x the compute
     ("learning rate 0.01", ["train.learning_rate=0.01"]),
     # further than the recipe goes
