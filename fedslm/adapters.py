@@ -294,9 +294,9 @@ class _PeftCache:
         lora: LoRAConfig,
         task: str = "causal-lm",
         rank: int | None = None,
-        num_labels: int = 0,
+        labels: tuple[str, ...] = (),
     ) -> ResidentPeft:
-        base = RESIDENT.get(mcfg, task, num_labels)
+        base = RESIDENT.get(mcfg, task, labels)
         key = (
             id(base.model),
             rank or lora.r,

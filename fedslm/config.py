@@ -54,6 +54,12 @@ class ModelConfig:
     cache_dir: str = _f("", "where converted models are cached (default: $FEDSLM_CACHE or ~/.cache/fedslm)")
     max_length: int = _f(128, "tokens per training sequence (prompt + answer), longer ones are cut")
     gradient_checkpointing: bool = _f(False, "recompute activations in backward to save memory (DP-SGD too)")
+    head_init: Literal["auto", "labels", "random"] = _f(
+        "auto",
+        "classification head of a decoder: labels = the chat prompt in, each class's row the output embedding"
+        " of its name's first token (the model's own zero-shot answer among the classes); random = a new head"
+        " on the raw text; auto = labels for a decoder, random for an encoder (BERT)",
+    )
 
     def __post_init__(self) -> None:
         _check(bool(self.name), "model.name", "must not be empty")

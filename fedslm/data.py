@@ -303,8 +303,11 @@ def encode_all(
     cfg: DataConfig,
     max_length: int,
     labels: list[str] | None = None,
+    *,
+    chat: bool = False,
 ) -> list[dict[str, Any]]:
-    """Tokenized examples: generation (prompt -> response) or, with ``labels``, classification."""
+    """Tokenized examples: generation (prompt -> response) or, with ``labels``, classification of the
+    raw prompt, or with ``chat`` of the chat prompt up to where the answer starts (its end kept)."""
     if labels is not None:
         index = {name: i for i, name in enumerate(labels)}
         out = []
@@ -312,7 +315,12 @@ def encode_all(
             value = str(r[cfg.label_column])
             if value not in index:
                 raise DataError(f"label {value!r} of column {cfg.label_column!r} is not one of data.labels {labels}")
-            ids = tokenizer(str(r[cfg.prompt_column]), truncation=True, max_length=max_length)["input_ids"]
+            text = str(r[cfg.prompt_column])
+            if chat:
+                prompt = prompt_text(tokenizer, text, cfg.system_prompt)
+                ids = tokenizer(prompt, add_special_tokens=False)["input_ids"][-max_length:]
+            else:
+                ids = tokenizer(text, truncation=True, max_length=max_length)["input_ids"]
             out.append({"input_ids": ids, "label": index[value]})
         return out
     return [

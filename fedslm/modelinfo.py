@@ -261,6 +261,24 @@ def check_lora_targets(info: ModelInfo, lora: LoRAConfig, task: str = "causal-lm
     return targets
 
 
+# Encoders classify from their first token's state, which predicts no next token: their head starts random.
+ENCODER_TYPES = frozenset(("bert", "distilbert", "roberta", "xlm-roberta", "deberta", "deberta-v2", "electra", "albert"))
+
+
+def head_init(info: ModelInfo, cfg: ModelConfig) -> str:
+    """How a classification head starts on this model: ``labels`` or ``random`` (``model.head_init``
+    with ``auto`` resolved); an encoder asked for ``labels`` is an error naming the key."""
+    encoder = info.model_type in ENCODER_TYPES
+    if cfg.head_init == "auto":
+        return "random" if encoder else "labels"
+    if cfg.head_init == "labels" and encoder:
+        raise ModelLoadError(
+            f"model.head_init: labels needs a decoder, whose last token predicts the answer; {info.name} is a"
+            f" {info.model_type} encoder (use random or auto)"
+        )
+    return cfg.head_init
+
+
 def layer_index(name: str) -> int | None:
     """The transformer layer of a module's full name: its first numbered segment, as PEFT reads it for
     ``layers_to_transform`` (``model.layers.12.self_attn.q_proj`` -> 12); None outside the layers."""

@@ -14,6 +14,7 @@ from . import data as data_mod
 from .adapters import PEFT_CACHE, ResidentPeft
 from .config import RunConfig
 from .model import cache_root
+from .modelinfo import head_init, model_info
 from .training import evaluate, evaluate_classification
 
 
@@ -31,13 +32,18 @@ def labels(cfg: RunConfig) -> list[str] | None:
     return data_mod.label_names(cfg.data, data_mod.load_records(cfg.data, cache_root(cfg.model)))
 
 
+def chat_prompt(cfg: RunConfig) -> bool:
+    """Whether a classification run reads the chat prompt (``model.head_init`` resolves to labels)."""
+    return cfg.task == "classification" and head_init(model_info(cfg.model), cfg.model) == "labels"
+
+
 def resident_model(cfg: RunConfig, rank: int | None = None) -> ResidentPeft:
-    names = labels(cfg)
-    return PEFT_CACHE.get(cfg.model, cfg.lora, cfg.task, rank, num_labels=len(names or []))
+    return PEFT_CACHE.get(cfg.model, cfg.lora, cfg.task, rank, labels=tuple(labels(cfg) or ()))
 
 
 def encode(cfg: RunConfig, tokenizer: Any, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return data_mod.encode_all(tokenizer, records, cfg.data, cfg.model.max_length, labels(cfg))
+    d = cfg.data
+    return data_mod.encode_all(tokenizer, records, d, cfg.model.max_length, labels(cfg), chat=chat_prompt(cfg))
 
 
 def evaluate_records(

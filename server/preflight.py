@@ -32,7 +32,7 @@ from fedslm.strategies.registry import check_strategy_config
 from fedslm import data as data_mod
 from fedslm.config import ConfigError, RunConfig, client_profile, config_from_dict, load_config
 from fedslm.data import DataError
-from fedslm.modelinfo import ModelInfo, ModelLoadError, cache_root, check_lora_targets, model_info
+from fedslm.modelinfo import ModelInfo, ModelLoadError, cache_root, check_lora_targets, head_init, model_info
 from fedslm.plan import ClientPlan, check_privacy_plan, plan_line
 
 Scope = Literal["config", "server", "simulation"]
@@ -70,6 +70,8 @@ def preflight(cfg: RunConfig, source: str = "<config>", scope: Scope = "simulati
             report = _check_data(cfg, scope)
             info = model_info(cfg.model)
             targets = check_lora_targets(info, cfg.lora, cfg.task)
+            if cfg.task == "classification":
+                head_init(info, cfg.model)
             report = dataclasses.replace(report, model=info, lora_targets=tuple(targets))
         if scope == "simulation":  # an infeasible budget or batch, per client (the data, no model)
             report = dataclasses.replace(report, privacy_plans=tuple(check_privacy_plan(cfg, cache_root(cfg.model))))
@@ -130,7 +132,10 @@ def preflight_node(
         records = data_mod.load_records(node_cfg.data, cache_root(cfg.model))
         if cfg.task == "classification":
             _check_labels(node_cfg, records)
-        check_lora_targets(model_info(cfg.model), cfg.lora, cfg.task)
+        info = model_info(cfg.model)
+        check_lora_targets(info, cfg.lora, cfg.task)
+        if cfg.task == "classification":
+            head_init(info, cfg.model)
     except (ConfigError, DataError, ModelLoadError) as e:
         raise type(e)(f"{source}: {e}") from None
     return len(records)

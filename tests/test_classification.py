@@ -10,7 +10,7 @@ import torch
 
 from fedslm import data
 from fedslm.adapters import adapter_state, attach_lora
-from fedslm.config import DataConfig, LoRAConfig, ModelConfig, load_config
+from fedslm.config import ConfigError, DataConfig, LoRAConfig, ModelConfig, load_config
 from fedslm.model import cache_root, load_base_model
 from fedslm.training import DPSettings, LocalTraining, classification_metrics, train_local
 
@@ -47,7 +47,7 @@ def test_classifier_lora_and_head_train_with_dp(family: str, targets: set[str], 
     loaded = load_base_model(
         ModelConfig(name=f"tiny-{family}", quantization=quant, compute_dtype="float32"),
         "classification",
-        num_labels=len(names),
+        labels=tuple(names),
     )
     model = attach_lora(loaded.model, LoRAConfig(r=4, alpha=8), task="classification")
     state = adapter_state(model)
@@ -62,6 +62,63 @@ def test_classifier_lora_and_head_train_with_dp(family: str, targets: set[str], 
     after = adapter_state(model)
     assert all(torch.isfinite(v).all() for v in after.values()) and result.steps == 3
     assert all(not torch.equal(state[k], after[k]) for k in head_keys)
+
+
+NAMES = ("Cardiology", "Dermatology", "Gastroenterology", "Neurology", "Orthopedics", "Pulmonology")
+
+
+def test_labels_head_answers_as_the_language_model_does() -> None:
+    """model.head_init labels: on the chat prompt the classifier's logits are the causal LM's next-token
+    logits of the class names' first tokens (tiny llama, tied embeddings, fp32: equal to 1e-5)."""
+    mcfg = ModelConfig(name="tiny-llama", quantization="none", compute_dtype="float32")
+    classifier = load_base_model(mcfg, "classification", labels=NAMES)
+    lm = load_base_model(mcfg)
+    tok = lm.tokenizer
+    firsts = [tok(n, add_special_tokens=False)["input_ids"][0] for n in NAMES]
+    assert len(set(firsts)) == 6
+    emb = lm.model.get_input_embeddings().weight
+    assert torch.equal(classifier.model.score.weight, emb[firsts])
+    cfg = DataConfig()
+    records = [{"question": "Triage: 40-year-old man with chest pain. Which department?", "specialty": "Cardiology"}]
+    (example,) = data.encode_all(tok, records, cfg, 96, list(NAMES), chat=True)
+    assert tok.decode(example["input_ids"]).endswith("Which department?<|im_end|>\n<|im_start|>assistant\n")
+    assert "Answer with the department only." in tok.decode(example["input_ids"])  # data.system_prompt
+    ids = torch.tensor([example["input_ids"]])
+    with torch.no_grad():
+        got = classifier.model(input_ids=ids).logits[0]
+        want = lm.model(input_ids=ids).logits[0, -1, firsts]
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    # without chat the raw question is classified (what an encoder reads)
+    (raw,) = data.encode_all(tok, records, cfg, 96, list(NAMES))
+    assert raw["input_ids"] == tok(records[0]["question"])["input_ids"]
+
+
+def test_labels_sharing_a_first_token_start_from_their_mean() -> None:
+    mcfg = ModelConfig(name="tiny-qwen2", quantization="none", compute_dtype="float32")
+    names = ("Neurology", "Neurosurgery")
+    loaded = load_base_model(mcfg, "classification", labels=names)
+    ids = [loaded.tokenizer(n, add_special_tokens=False)["input_ids"] for n in names]
+    assert ids[0][0] == ids[1][0] and ids[0] != ids[1]  # the case this covers
+    emb = loaded.model.get_input_embeddings().weight
+    want = torch.stack([emb[i].mean(0) for i in ids])
+    torch.testing.assert_close(loaded.model.score.weight, want)
+    assert not torch.equal(loaded.model.score.weight[0], loaded.model.score.weight[1])
+
+
+def test_head_init_resolves_per_architecture_and_refuses_labels_on_an_encoder() -> None:
+    from fedslm import tasks
+    from fedslm.modelinfo import ModelLoadError
+    from fedslm.server.preflight import load_run
+
+    tiny = ROOT / "configs" / "classify-tiny.yaml"  # tiny-distilbert
+    assert not tasks.chat_prompt(load_config(tiny))  # auto: an encoder reads the raw text
+    assert tasks.chat_prompt(load_config(tiny, ["model.name=tiny-llama"]))
+    assert not tasks.chat_prompt(load_config(tiny, ["model.name=tiny-llama", "model.head_init=random"]))
+    assert not tasks.chat_prompt(load_config(ROOT / "configs" / "demo.yaml"))  # causal-lm: not a classifier
+    with pytest.raises(ModelLoadError, match=r"classify-tiny.yaml: model.head_init: labels needs a decoder.*distilbert"):
+        load_run(tiny, ["model.head_init=labels"])
+    with pytest.raises(ConfigError, match="model.head_init"):
+        load_config(tiny, ["model.head_init=words"])
 
 
 def test_unknown_label_is_an_error(tiny_peft) -> None:
