@@ -95,7 +95,7 @@ def test_labels_head_answers_as_the_language_model_does() -> None:
 
 def test_labels_sharing_a_first_token_start_from_their_mean() -> None:
     mcfg = ModelConfig(name="tiny-qwen2", quantization="none", compute_dtype="float32")
-    names = ("Neurology", "Neurosurgery")
+    names = ("Cardiology", "Cardiac surgery")
     loaded = load_base_model(mcfg, "classification", labels=names)
     ids = [loaded.tokenizer(n, add_special_tokens=False)["input_ids"] for n in names]
     assert ids[0][0] == ids[1][0] and ids[0] != ids[1]  # the case this covers
