@@ -172,6 +172,7 @@ class ClientRunner:
             seed=seed,
             proximal_mu=self.plan.proximal_mu,
             train_lora_a=self.plan.train_lora_a,
+            train_head=tasks.trains_head(self.cfg),
             dp=dp,
             length_bucketing=t.length_bucketing,
             physical_batch_size=t.physical_batch_size,

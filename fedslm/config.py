@@ -133,6 +133,11 @@ class TrainConfig:
     max_grad_norm: float = _f(
         1.0, "non-private training: clip each step's gradient to this L2 norm (0 = off); DP uses privacy.max_grad_norm"
     )
+    head: Literal["auto", "train", "frozen"] = _f(
+        "auto",
+        "classification head: train it with the adapter, or keep it frozen as it started (it still travels);"
+        " auto = frozen where model.head_init gives the class names' embeddings, trained where it is random",
+    )
     warmup_steps: int = _f(0, "linear learning-rate warm-up over the first local steps of every round (0 = none)")
     lr_schedule: Literal["constant", "cosine"] = _f(
         "constant", "learning rate across rounds: constant | cosine (down to a tenth in the last round)"

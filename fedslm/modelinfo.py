@@ -262,7 +262,9 @@ def check_lora_targets(info: ModelInfo, lora: LoRAConfig, task: str = "causal-lm
 
 
 # Encoders classify from their first token's state, which predicts no next token: their head starts random.
-ENCODER_TYPES = frozenset(("bert", "distilbert", "roberta", "xlm-roberta", "deberta", "deberta-v2", "electra", "albert"))
+ENCODER_TYPES = frozenset(
+    ("bert", "distilbert", "roberta", "xlm-roberta", "deberta", "deberta-v2", "electra", "albert")
+)
 
 
 def head_init(info: ModelInfo, cfg: ModelConfig) -> str:

@@ -37,6 +37,13 @@ def chat_prompt(cfg: RunConfig) -> bool:
     return cfg.task == "classification" and head_init(model_info(cfg.model), cfg.model) == "labels"
 
 
+def trains_head(cfg: RunConfig) -> bool:
+    """Whether local training moves the classification head (``train.head``, auto resolved)."""
+    if cfg.train.head == "auto":
+        return not chat_prompt(cfg)
+    return cfg.train.head == "train"
+
+
 def resident_model(cfg: RunConfig, rank: int | None = None) -> ResidentPeft:
     return PEFT_CACHE.get(cfg.model, cfg.lora, cfg.task, rank, labels=tuple(labels(cfg) or ()))
 

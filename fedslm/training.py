@@ -56,6 +56,7 @@ class LocalTraining:
     seed: int = 0
     proximal_mu: float = 0.0
     train_lora_a: bool = True
+    train_head: bool = True  # false: a classification head (PEFT's modules_to_save) stays as it came
     dp: DPSettings | None = None
     length_bucketing: bool = False  # batches of similar lengths (less padding); never under DP
     physical_batch_size: int = 0  # most sequences per forward/backward; a larger logical batch is accumulated
@@ -201,13 +202,15 @@ def collate_on(examples: list[dict[str, Any]], pad_id: int, device: torch.device
     return batch if device.type == "cpu" else {k: v.to(device) for k, v in batch.items()}
 
 
-def _trainable(model: Any, train_lora_a: bool) -> list[torch.nn.Parameter]:
+def _trainable(model: Any, train_lora_a: bool, train_head: bool = True) -> list[torch.nn.Parameter]:
     params = []
     for name, p in model.named_parameters():
         if "lora_" not in name and "modules_to_save" not in name and not p.requires_grad:
             continue
         if "lora_A" in name:
             p.requires_grad_(train_lora_a)
+        if "modules_to_save" in name:
+            p.requires_grad_(train_head)
         if p.requires_grad:
             params.append(p)
     return params
@@ -296,9 +299,9 @@ def _session(model: Any, cfg: LocalTraining, n: int) -> Iterator[_Session]:
     """Trainable parameters, optimizer and (under DP) Opacus' hooks for one call, removed on exit.
 
     The resident model is reused across calls, so tear-down leaves it as it was: no Opacus hooks, no
-    per-sample gradients, every LoRA A trainable again.
+    per-sample gradients, every LoRA A and head parameter trainable again.
     """
-    params = _trainable(model, cfg.train_lora_a)
+    params = _trainable(model, cfg.train_lora_a, cfg.train_head)
     names = {id(p): n for n, p in model.named_parameters()}
     optimizer = _local_optimizer(params, cfg)
     forward_model = _prepare_model(model, cfg)
@@ -315,7 +318,8 @@ def _session(model: Any, cfg: LocalTraining, n: int) -> Iterator[_Session]:
             for p in params:
                 p.grad_sample = None  # type: ignore[attr-defined]  # Opacus' attribute, set at runtime
         for p in model.parameters():
-            if "lora_A" in names.get(id(p), ""):
+            name = names.get(id(p), "")
+            if "lora_A" in name or "modules_to_save" in name:
                 p.requires_grad_(True)
 
 
