@@ -72,6 +72,19 @@ def test_none_set_overrides_only_the_runs_without_dp(tmp_path, monkeypatch) -> N
     assert calls["triage: epsilon none"][-2:] == ["data.num_records=1200", "train.learning_rate=0.005"]
 
 
+def test_gpu_configuration_comes_before_set_and_needs_cuda(monkeypatch, capsys) -> None:
+    monkeypatch.setattr(dp_utility, "_cuda", lambda: True)
+    bench = dp_utility.Bench(dp_utility.parse(["--gpu", "--set", "train.batch_size=512"]))
+    assert bench.extra == [*dp_utility.GPU, "train.batch_size=512"]  # a later --set wins
+    assert dict(dp_utility.effective(bench.extra))["train.batch_size"] == "512"
+    assert "model.device=cuda" in dp_utility.GPU and "train.batch_size=256" in dp_utility.GPU
+    assert dp_utility.Bench(dp_utility.parse([])).extra == []  # the CPU configuration by default
+    monkeypatch.setattr(dp_utility, "_cuda", lambda: False)
+    with pytest.raises(SystemExit):
+        dp_utility.parse(["--gpu"])
+    assert "--gpu: no CUDA device here" in capsys.readouterr().err
+
+
 def test_ablation_runs_each_lever_with_and_without_dp_and_combines_those_that_helped(tmp_path, monkeypatch) -> None:
     """A fake federation: lr 0.04 and rank 2 each add 0.1 to the private accuracy, the other levers
     nothing; without DP every run reaches 0.9 from 0.1."""
