@@ -75,6 +75,8 @@ LEVERS: list[tuple[str, list[str]]] = [
     ("SGD, momentum 0.9, lr 0.03", ["train.optimizer=sgd", "train.momentum=0.9", "train.learning_rate=0.03"]),
     ("9 rounds x 3 steps", ["federation.num_rounds=9", "train.local_steps=3"]),  # the same 27-30 steps
     ("server momentum 0.9 (FedAvgM)", ["strategy.name=fedavgm"]),
+    ("clipping norm 0.1", ["privacy.max_grad_norm=0.1"]),
+    ("cosine learning-rate schedule across rounds", ["train.lr_schedule=cosine"]),
 ]
 
 

@@ -108,12 +108,14 @@ def test_ablation_runs_each_lever_with_and_without_dp_and_combines_those_that_he
     assert rows[-1][1] == ["train.learning_rate=0.04", "lora.r=2", "lora.alpha=4"]
     assert rows[-1][2].final == pytest.approx(0.5) and rows[-1][3].final == 0.9
     assert gain_kept(rows[-1][2].final, rows[-1][3].final, rows[-1][2].base) == pytest.approx(0.5)
-    # 13 private runs (the recipe, 11 levers, together). Without DP every run takes lr 0.005 (--none-set
-    # comes last and wins), so the levers that only move the accountant or the learning rate share the
-    # recipe's run, and the combination shares rank 2's: 9 runs without DP, 22 in all, none twice
-    assert len(calls) == 22 and len({dp_utility.effective(c) for c in calls}) == 22
+    # 15 private runs (the recipe, 13 levers, together). Without DP every run takes lr 0.005 (--none-set
+    # comes last and wins), so the levers that only move the accountant, the DP clipping norm or the
+    # learning rate share the recipe's run, and the combination shares rank 2's: 10 runs without DP, 25 in
+    # all, none twice
+    assert len(dp_utility.LEVERS) == 13
+    assert len(calls) == 25 and len({dp_utility.effective(c) for c in calls}) == 25
     nodp = [c for c in calls if "privacy.mode=none" in c]
-    assert len(nodp) == 9 and all(c[-1] == "train.learning_rate=0.005" for c in nodp)
+    assert len(nodp) == 10 and all(c[-1] == "train.learning_rate=0.005" for c in nodp)
     assert not any(o.startswith("privacy.accountant") for c in nodp for o in c)
     text = dp_utility.ablation_table(rows)
     assert (
