@@ -287,9 +287,14 @@ def prompt_text(tokenizer: Any, prompt: str, system: str) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
+def prompt_ids(tokenizer: Any, prompt: str, system: str) -> list[int]:
+    """Token ids of the chat prompt, up to where the answer starts."""
+    return tokenizer(prompt_text(tokenizer, prompt, system), add_special_tokens=False)["input_ids"]
+
+
 def encode(tokenizer: Any, prompt: str, response: str, max_length: int, system: str) -> dict[str, list[int]]:
     """Token ids and labels of one example; labels are IGNORE on the prompt (loss on the answer)."""
-    p_ids = tokenizer(prompt_text(tokenizer, prompt, system), add_special_tokens=False)["input_ids"]
+    p_ids = prompt_ids(tokenizer, prompt, system)
     r_ids = tokenizer(str(response) + tokenizer.eos_token, add_special_tokens=False)["input_ids"]
     if len(r_ids) >= max_length:
         raise DataError(f"an answer of {len(r_ids)} tokens does not fit model.max_length={max_length}")
@@ -316,9 +321,8 @@ def encode_all(
             if value not in index:
                 raise DataError(f"label {value!r} of column {cfg.label_column!r} is not one of data.labels {labels}")
             text = str(r[cfg.prompt_column])
-            if chat:
-                prompt = prompt_text(tokenizer, text, cfg.system_prompt)
-                ids = tokenizer(prompt, add_special_tokens=False)["input_ids"][-max_length:]
+            if chat:  # the end kept, as for generation
+                ids = prompt_ids(tokenizer, text, cfg.system_prompt)[-max_length:]
             else:
                 ids = tokenizer(text, truncation=True, max_length=max_length)["input_ids"]
             out.append({"input_ids": ids, "label": index[value]})

@@ -373,8 +373,8 @@ class ResidentModels:
 
     def get(self, cfg: ModelConfig, task: str = "causal-lm", labels: tuple[str, ...] = ()) -> LoadedModel:
         cfg = resolve_hardware(cfg)
-        key = (cfg.name, cfg.quantization, cfg.compute_dtype, cfg.device, cfg.gradient_checkpointing, cfg.head_init)
-        key += (task, labels)
+        key = (cfg.name, cfg.quantization, cfg.compute_dtype, cfg.device, cfg.gradient_checkpointing)
+        key += (cfg.head_init, task, labels)  # the classification head is part of the loaded model
         with self._lock:
             if key not in self._models:
                 self._models.clear()  # one base per process: bounded memory
