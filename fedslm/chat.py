@@ -7,8 +7,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .export import run_adapter
 from .logs import get_logger
+from .runs import run_adapter
 
 log = get_logger(__name__)
 
@@ -17,11 +17,12 @@ class ChatModel:
     """The run's base model (quantized as in training) with the round's adapter."""
 
     def __init__(self, run_dir: Path, round_: int | None = None) -> None:
+        self.cfg, adapter = run_adapter(run_dir, round_)  # a wrong directory is refused before the imports
+
         from peft import PeftModel
 
         from .model import load_base_model
 
-        self.cfg, adapter = run_adapter(run_dir, round_)
         loaded = load_base_model(self.cfg.model)
         self.tokenizer = loaded.tokenizer
         self.model = PeftModel.from_pretrained(loaded.model, str(adapter)).eval()

@@ -8,11 +8,11 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from .config import RunConfig, load_config
 from .errors import FedslmError
-from .model import load_base_model, resolve_model_dir
+
+# torch and the model loader are imported where a base model is built: reading a run (its config,
+# adapters, best round) stays light, so `fedslm generate`/`chat` refuse a wrong directory at once
 
 
 class ExportError(FedslmError):
@@ -54,7 +54,10 @@ def run_adapter(run_dir: Path, round_: int | None = None) -> tuple[RunConfig, Pa
 
 
 def float_base(cfg: RunConfig) -> tuple[Any, Any]:
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .model import resolve_model_dir
 
     path = resolve_model_dir(cfg.model)
     tok = AutoTokenizer.from_pretrained(str(path))
@@ -70,6 +73,9 @@ def trained_base(cfg: RunConfig) -> tuple[Any, Any]:
     SmolLM2-135M) does not hide a wrong merge base.
     """
     import bitsandbytes as bnb
+    import torch
+
+    from .model import load_base_model
 
     loaded = load_base_model(replace(cfg.model, device="cpu"))
     model = loaded.model
@@ -90,6 +96,7 @@ def trained_base(cfg: RunConfig) -> tuple[Any, Any]:
 def dequantized_base(cfg: RunConfig) -> Any:
     """The weights the adapter was trained against, in float32: the de-quantized quantized base."""
     import bitsandbytes as bnb
+    import torch
 
     model, _ = trained_base(cfg)
     if cfg.model.quantization != "none":
