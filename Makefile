@@ -54,10 +54,11 @@ demo: $(STAMP)
 
 # The suite alone, on this Python: TEST_WORKERS pytest-xdist workers (one torch thread each), a test
 # file's tests on one worker (tests/conftest.py groups them). Much of the suite waits (Ray and Flower
-# starting, subprocesses, heartbeats): two workers keep CI's 2 cores busy. TEST_WORKERS=0: one process.
-TEST_WORKERS ?= 2
+# starting, subprocesses, heartbeats): with two workers CI's 2 cores were 44% busy on an AVX2 EPYC,
+# so three share them. TEST_WORKERS=0: one process.
+TEST_WORKERS ?= 3
 suite: $(STAMP)
-	$(VENV)/bin/python -m pytest -q --durations=15 $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadgroup)
+	$(VENV)/bin/python -m pytest -q --durations=15 $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder)
 
 # The tests, what CI runs (.ci/run): the venvs of this Python and of the two other supported Pythons,
 # set up side by side (-j3; each one's output shown when it is done), then an install check (a tiny
