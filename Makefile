@@ -54,9 +54,10 @@ demo: $(STAMP)
 
 # The suite alone, on this Python: TEST_WORKERS pytest-xdist workers (one torch thread each), a test
 # file's tests on one worker (tests/conftest.py groups them). Much of the suite waits (Ray and Flower
-# starting, subprocesses, heartbeats): with two workers CI's 2 cores were 44% busy on an AVX2 EPYC,
-# so three share them. TEST_WORKERS=0: one process.
-TEST_WORKERS ?= 3
+# starting, subprocesses, heartbeats): two workers keep CI's 2 cores busy. A third was slower on an
+# AVX2 EPYC (each process spends ~12 s of CPU importing torch and PEFT: the cores, not the waits, bound
+# it there). TEST_WORKERS=0: one process.
+TEST_WORKERS ?= 2
 suite: $(STAMP)
 	$(VENV)/bin/python -m pytest -q --durations=15 $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder)
 

@@ -21,7 +21,7 @@ import torch  # noqa: E402
 from fedslm.config import RunConfig, load_config  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-# `make suite` runs three pytest-xdist workers on CI's 2 cores: one torch thread each (two each would
+# `make suite` runs two pytest-xdist workers on CI's 2 cores: one torch thread each (two each would
 # oversubscribe them); a plain `pytest` keeps both threads
 WORKER = os.environ.get("PYTEST_XDIST_WORKER")
 torch.set_num_threads(1 if WORKER else 2)
