@@ -104,7 +104,8 @@ def fedslm_step(path: Path, batch: int, tokens: int, steps: int) -> tuple[list[f
     from fedslm.model import load_base_model
     from fedslm.training import DPSettings, LocalTraining, train_local
 
-    cfg = ModelConfig(name=str(path), quantization="nf4", compute_dtype="bfloat16", device="cuda", max_length=tokens)
+    # auto: bf16 where the GPU computes it natively (compute capability 8.0+), else float16, as a user gets
+    cfg = ModelConfig(name=str(path), quantization="nf4", compute_dtype="auto", device="cuda", max_length=tokens)
     base = load_base_model(cfg)
     model = attach_lora(base.model, LoRAConfig(r=8, alpha=16, target_modules=["q_proj", "v_proj"]))
     examples = _examples(batch, tokens, base.model.config.vocab_size, steps)
@@ -123,10 +124,11 @@ def plain_step(path: Path, batch: int, tokens: int, steps: int) -> tuple[list[fl
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    qc = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
-    base = AutoModelForCausalLM.from_pretrained(
-        str(path), quantization_config=qc, dtype=torch.bfloat16, device_map="cuda"
-    )
+    from fedslm.hardware import resolve_compute_dtype
+
+    dtype = getattr(torch, resolve_compute_dtype("auto", "cuda"))  # the same compute dtype as fedslm's step
+    qc = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
+    base = AutoModelForCausalLM.from_pretrained(str(path), quantization_config=qc, dtype=dtype, device_map="cuda")
     base.requires_grad_(False)
     model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
     for p in model.parameters():

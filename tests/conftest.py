@@ -69,7 +69,9 @@ def pytest_configure(config: pytest.Config) -> None:
     """Refuse a pytest whose --dist loadgroup silently groups nothing: pytest 9.2 broke xdist 3.8's
     grouping (pytest-dev/pytest-xdist#1386), which would put the two SuperLink files on each other's
     ports and make the suite a third slower. pyproject.toml keeps the dev install below it."""
-    if config.getoption("dist", "no") == "loadgroup" and tuple(map(int, pytest.__version__.split(".")[:2])) >= (9, 2):
+    from packaging.version import Version  # pytest's own dependency
+
+    if config.getoption("dist", "no") == "loadgroup" and Version(pytest.__version__) >= Version("9.2.dev0"):
         raise pytest.UsageError(
             f"pytest {pytest.__version__} ignores --dist loadgroup's groups (pytest-dev/pytest-xdist#1386):"
             " pip install 'pytest<9.2' (`pip install -e .[dev]` does), or run without -n"
