@@ -8,6 +8,7 @@ import logging
 import os
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
@@ -279,7 +280,15 @@ def _preflight_node(args: argparse.Namespace, spec: Any) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     from fedslm.config import ConfigError
-    from fedslm.deploy import CertPaths, deploy_env, flwr_home, run_argv, stop_stale_run, write_connection
+    from fedslm.deploy import (
+        CertPaths,
+        deploy_env,
+        flwr_home,
+        run_argv,
+        stage_app,
+        stop_stale_run,
+        write_connection,
+    )
 
     if args.resume and args.out:
         raise ConfigError("fedslm run: --resume RUN_DIR continues the run in RUN_DIR; drop --out")
@@ -302,8 +311,10 @@ def _run(args: argparse.Namespace) -> int:
         write_connection(Path(env["FLWR_HOME"]), args.connection, args.address, ca, args.insecure)
     if stale is not None:
         stop_stale_run(stale, args.connection, env)
-    argv = run_argv(app, args.connection, rel, args.out, args.set, stream=not args.no_stream, resume=resume)
-    return subprocess.run(argv, env=env, cwd=app).returncode
+    with tempfile.TemporaryDirectory(prefix="fedslm-app-") as staged:
+        fab = stage_app(app, Path(staged))
+        argv = run_argv(fab, args.connection, rel, args.out, args.set, stream=not args.no_stream, resume=resume)
+        return subprocess.run(argv, env=env, cwd=app).returncode
 
 
 def _check_resume(run_dir: Path, given: Any, config: str | None) -> tuple[str, int | None]:

@@ -31,6 +31,7 @@ from fedslm.deploy import (
     deploy_env,
     list_nodes,
     run_argv,
+    stage_app,
     superlink_argv,
     write_certificates,
     write_connection,
@@ -217,6 +218,41 @@ def test_write_connection_replaces_config_toml_atomically_keeping_its_mode(tmp_p
     assert stat.S_IMODE(path.stat().st_mode) == 0o600  # the user's choice is kept
     assert sorted(tomllib.loads(path.read_text())["superlink"]) == ["a", "b", "default"]
     assert [p.name for p in home.iterdir()] == ["config.toml"]  # no temp left
+
+
+def test_staged_app_packs_the_same_fab_without_walking_venvs_or_ignored_folders(tmp_path: Path) -> None:
+    """`fedslm run` hands `flwr run` a copy of the app's FAB files: Flower then builds the same FAB (same
+    bytes) as from the app folder, and the copy holds no virtual environment, cache or ignored run."""
+    import hashlib
+
+    from flwr.cli.build import build_fab_from_disk
+
+    app = tmp_path / "app"
+    files = {
+        "pyproject.toml": (ROOT / "pyproject.toml").read_text(),
+        ".gitignore": (ROOT / ".gitignore").read_text(),
+        "LICENSE": "MIT\n",
+        "fedslm/__init__.py": "X = 1\n",
+        "fedslm/data.bin": "not in a FAB\n",
+        "configs/tiny.yaml": "model: {}\n",
+        "tests/test_a.py": "def test(): pass\n",
+        "tests/golden.json": "{}\n",
+        "fedslm/__pycache__/x.py": "cached\n",
+        ".venv/lib/site.py": "venv\n",
+        ".venv-python3.12/pyvenv.cfg": "home = /usr\n",
+        ".venv-python3.12/lib/site.py": "venv\n",
+        "myenv/pyvenv.cfg": "home = /usr\n",
+        "runs/demo/metrics.jsonl": "{}\n",
+    }
+    for rel, text in files.items():
+        (app / rel).parent.mkdir(parents=True, exist_ok=True)
+        (app / rel).write_text(text)
+    staged = stage_app(app, tmp_path / "staged")
+    copied = sorted(p.relative_to(staged).as_posix() for p in staged.rglob("*") if p.is_file())
+    assert copied == [".gitignore", "LICENSE", "configs/tiny.yaml", "fedslm/__init__.py", "pyproject.toml",
+                      "tests/golden.json", "tests/test_a.py"]  # fmt: skip
+    want, got = build_fab_from_disk(app), build_fab_from_disk(staged)
+    assert hashlib.sha256(got).hexdigest() == hashlib.sha256(want).hexdigest()
 
 
 @pytest.fixture

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from fedslm.config import load_config
+from fedslm.deploy import stage_app
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.integration
@@ -58,10 +59,12 @@ def test_flwr_run_matches_fedslm_simulate(tmp_path: Path) -> None:
     }
     out = tmp_path / "flwr-run"
     flwr = Path(os.sys.executable).with_name("flwr")
+    # the app's FAB files, as `fedslm run` hands them over: flwr would walk the venvs under ROOT for ~30 s
+    app = stage_app(ROOT, tmp_path / "app")
     cmd = [
         str(flwr),
         "run",
-        str(ROOT),
+        str(app),
         "local",
         "--stream",
         "--run-config",
