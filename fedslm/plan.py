@@ -10,12 +10,16 @@ logical batch larger than a client's data and a budget that no noise multiplier 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
 from .config import ConfigError, PrivacyConfig, RunConfig, apply_profile, client_profile
+from .fs import atomic_write
+from .modelinfo import cache_root
 from .privacy import _epsilon, calibrate_noise, expected_total_steps
 
 VALIDATION_FRACTION = 0.1  # of each client's records, held back for its own evaluation (never trained on)
@@ -69,19 +73,69 @@ def calibrate(run: RunConfig, records: int, who: str, batch_key: str = "train.ba
             f" each record with rate batch/records, so choose a batch in [1, {records}] or give it more data"
         )
     q, steps = sample_rate(b, records), total_steps(run)
-    floor = _epsilon(p.accountant, [(p.max_noise_multiplier, q, steps)], p.delta)  # the most noise allowed
-    if p.target_epsilon < floor:
-        raise ConfigError(
-            f"privacy.target_epsilon: {p.target_epsilon} is out of reach for {who} ({records} records,"
-            f" q={q:.4g}, {steps} steps): it needs a noise multiplier above privacy.max_noise_multiplier="
-            f"{p.max_noise_multiplier:g}; feasible: target_epsilon >= {floor:.3g} at these settings, or lower"
-            f" {batch_key}, train.local_steps or federation.num_rounds"
-        )
-    # the cap itself meets the target, so a search that overshoots it (its tolerance) may stop there
     tol = min(0.01, p.target_epsilon / 100)  # Opacus' absolute 0.01, relative for small targets
-    sigma = calibrate_noise(p.target_epsilon, p.delta, q, steps, accountant=p.accountant, epsilon_tolerance=tol)
+    key = (p.accountant, p.target_epsilon, p.delta, q, steps, tol)
+    sigma = _remembered_noise(cache_root(run.model), key)
+    if sigma is None or sigma > p.max_noise_multiplier:
+        floor = _epsilon(p.accountant, [(p.max_noise_multiplier, q, steps)], p.delta)  # the most noise allowed
+        if p.target_epsilon < floor:
+            raise ConfigError(
+                f"privacy.target_epsilon: {p.target_epsilon} is out of reach for {who} ({records} records,"
+                f" q={q:.4g}, {steps} steps): it needs a noise multiplier above privacy.max_noise_multiplier="
+                f"{p.max_noise_multiplier:g}; feasible: target_epsilon >= {floor:.3g} at these settings, or lower"
+                f" {batch_key}, train.local_steps or federation.num_rounds"
+            )
+    if sigma is None:
+        sigma = calibrate_noise(p.target_epsilon, p.delta, q, steps, accountant=p.accountant, epsilon_tolerance=tol)
+        _remember_noise(cache_root(run.model), key, sigma)
+    # the cap itself meets the target, so a search that overshoots it (its tolerance) may stop there
     sigma = min(sigma, p.max_noise_multiplier)
     return ClientPlan(-1, records, b, q, steps, sigma)
+
+
+# Calibrations are remembered (a PLD search takes ~6 s of CPU on an AVX2 core, and the preflight and
+# every client of a run ask for the same ones): in this process, and across runs and processes in
+# CALIBRATIONS under the cache root. What is read back is a hint only: it is used once its epsilon,
+# recomputed here, is within the target (one accountant evaluation, ~0.5 s), so a stale or edited
+# file can cost noise, never privacy.
+CALIBRATIONS = "noise-calibrations.json"
+CALIBRATION_FORMAT = 1  # raise when calibrate_noise changes what it returns
+_VERIFIED: dict[tuple[str, float, float, float, int, float], float] = {}
+
+
+def _calibration_id(key: tuple[str, float, float, float, int, float]) -> str:
+    import importlib.metadata
+
+    versions = [importlib.metadata.version(d) for d in ("dp-accounting", "opacus")]
+    return json.dumps([CALIBRATION_FORMAT, *versions, *key])
+
+
+def _remembered_noise(cache: Path, key: tuple[str, float, float, float, int, float]) -> float | None:
+    if key in _VERIFIED:
+        return _VERIFIED[key]
+    try:
+        sigma = json.loads((cache / CALIBRATIONS).read_text()).get(_calibration_id(key))
+    except (OSError, ValueError, AttributeError):
+        return None  # none yet, or unreadable: calibrate (and rewrite it)
+    accountant, target, delta, q, steps, _ = key
+    if not isinstance(sigma, float) or not sigma > 0 or _epsilon(accountant, [(sigma, q, steps)], delta) > target:
+        return None
+    _VERIFIED[key] = sigma
+    return sigma
+
+
+def _remember_noise(cache: Path, key: tuple[str, float, float, float, int, float], sigma: float) -> None:
+    _VERIFIED[key] = sigma
+    path = cache / CALIBRATIONS
+    try:
+        known = json.loads(path.read_text()) if path.is_file() else {}
+        known = known if isinstance(known, dict) else {}
+    except (OSError, ValueError):
+        known = {}
+    known[_calibration_id(key)] = sigma
+    with contextlib.suppress(OSError):  # a read-only cache: calibrate again next time
+        cache.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, json.dumps(known, indent=0))
 
 
 def check_privacy_plan(cfg: RunConfig, cache: Path) -> list[ClientPlan]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import pytest
@@ -35,6 +36,38 @@ def test_plan_is_what_each_client_calibrates() -> None:
     assert line.startswith("epsilon 8 at delta 1e-05 (pld) per client over the run; 4 clients") and "steps 6" in line
     plain = dataclasses.replace(cfg, privacy=dataclasses.replace(cfg.privacy, mode="none"))
     assert check_privacy_plan(plain, cache_root(cfg.model)) == []
+
+
+def test_calibrations_are_remembered_across_processes_and_a_bad_entry_only_costs_a_search(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fedslm import plan
+
+    cfg = _cfg(f"model.cache_dir={tmp_path}")
+    monkeypatch.setattr(plan, "_VERIFIED", {})  # what this process verified before (other tests)
+    first = plan.calibrate(cfg, 50, "client 0")
+    assert first.noise_multiplier == calibrate_noise(8.0, 1e-5, 4 / 50, 6, accountant="pld")
+    file = tmp_path / plan.CALIBRATIONS
+    (entry,) = json.loads(file.read_text()).items()
+    assert entry[1] == first.noise_multiplier
+
+    searches = []
+    monkeypatch.setattr(plan, "calibrate_noise", lambda *a, **k: searches.append(a) or calibrate_noise(*a, **k))
+    monkeypatch.setattr(plan, "_VERIFIED", {})  # a new process: only the file remembers
+    assert plan.calibrate(cfg, 50, "client 0") == first and searches == []
+    # less noise than the budget allows (an edited or stale file) is never used: searched again, rewritten
+    for bad in ({entry[0]: first.noise_multiplier / 2}, "not json {", {entry[0]: "0.5"}):
+        file.write_text(json.dumps(bad) if isinstance(bad, dict) else bad)
+        monkeypatch.setattr(plan, "_VERIFIED", {})
+        assert plan.calibrate(cfg, 50, "client 0") == first
+        assert json.loads(file.read_text())[entry[0]] == first.noise_multiplier
+    assert len(searches) == 3
+    # another batch is another entry
+    assert (
+        plan.calibrate(_cfg(f"model.cache_dir={tmp_path}", "train.batch_size=5"), 50, "c").noise_multiplier
+        > first.noise_multiplier
+    )
+    assert len(json.loads(file.read_text())) == 2
 
 
 def test_an_unreachable_budget_is_refused_with_the_feasible_floor() -> None:
