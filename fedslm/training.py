@@ -146,6 +146,14 @@ class BatchLoss:
         whether greedy decoding, fed this prompt, would produce exactly these answer tokens."""
         return ((self.logits.argmax(-1) == self.target) | (self.mask == 0)).all(-1)
 
+    def first_argmax(self) -> torch.Tensor:
+        """Per causal-LM sequence: the argmax token at its first counted position, i.e. the first token
+        greedy decoding emits after this prompt (-1 where no position is counted)."""
+        counted = self.mask > 0
+        first = counted.int().argmax(-1)  # the first counted position (argmax returns the first maximum)
+        token = self.logits.argmax(-1).gather(1, first[:, None])[:, 0]
+        return torch.where(counted.any(-1), token, -1)
+
     def per_example(self) -> torch.Tensor:
         """Training's loss terms: the token mean within each sequence (a classifier: its cross-entropy)."""
         return _masked_mean(self.nll, self.mask)
@@ -544,6 +552,27 @@ def _forced_verdict(
     return normalize_answer(said) == normalize_answer(answer)
 
 
+def _certain_miss(
+    tokenizer: Any, example: dict[str, list[int]], prompt_ids: list[int], answer: str, first: int
+) -> bool:
+    """Whether the greedy answer to this prompt surely misses ``answer``, known from its first token.
+
+    ``first`` (the argmax after the prompt) starts the answer's first line when its text is ASCII,
+    holds a letter or digit and no line break: every later token only extends that line, so the
+    normalized answer (:func:`normalize_answer`, compared without spaces, which decoding in context
+    may add or drop) starts with that text's, or greedy decoding cannot spell it. The base model's
+    answers before any training are all such misses: none of them needs generating.
+    """
+    n_prompt = sum(t == IGNORE for t in example["labels"])
+    if first < 0 or n_prompt != len(prompt_ids) or example["input_ids"][:n_prompt] != prompt_ids:
+        return False
+    text = tokenizer.decode([first], skip_special_tokens=True)
+    if not text.isascii() or text.splitlines() != [text] or not any(ch.isalnum() for ch in text):
+        return False
+    piece = "".join(ch for ch in text.lower() if ch.isalnum())
+    return not normalize_answer(answer).replace(" ", "").startswith(piece)
+
+
 @torch.no_grad()
 def generated_matches(
     model: Any, tokenizer: Any, prompts: list[str], answers: list[str], *, batch_size: int, max_new_tokens: int
@@ -582,7 +611,8 @@ def evaluate(
 
     With ``forced`` (``examples[k]`` then encodes ``prompts[k]`` and ``answers[k]``) the loss pass
     decides most answers: where the argmax at every answer position is the answer token, greedy
-    decoding would emit the answer and stop (see :func:`_forced_verdict`), so only the other
+    decoding would emit the answer and stop (see :func:`_forced_verdict`); where the argmax after the
+    prompt already spells something else, it cannot (:func:`_certain_miss`). Only the other
     prompts are generated. Both ways score the same model's greedy answers; they can differ only
     where two logits tie within the float noise of batching, as generating in other batches can.
     ``eval_generated`` is the share of prompts that were generated.
@@ -590,6 +620,7 @@ def evaluate(
     model.eval()
     nll = tokens = 0.0
     hits: list[bool] = []
+    firsts: list[int] = []
     stop = greedy_stop_ids(model) if forced and prompts and len(examples) == len(prompts) else frozenset()
     keep_logits = _keeps_logits(model)
     device = model_device(model)
@@ -601,11 +632,14 @@ def evaluate(
         tokens += counted
         if stop:
             hits.extend(out.argmax_hits().tolist())
+            firsts.extend(out.first_argmax().tolist())
     correct, undecided = 0, list(range(len(prompts)))
     if stop:
         undecided = []
         for k, ids in enumerate(tokenizer(prompts, add_special_tokens=False)["input_ids"]):
             verdict = _forced_verdict(tokenizer, examples[k], ids, answers[k], hits[k], stop, max_new_tokens)
+            if verdict is None and _certain_miss(tokenizer, examples[k], ids, answers[k], firsts[k]):
+                verdict = False
             if verdict is None:
                 undecided.append(k)
             else:
