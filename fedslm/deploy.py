@@ -309,23 +309,24 @@ def run_argv(
     return argv + (["--stream"] if stream else [])
 
 
-# What `flwr run` puts in a FAB (flwr.common.constant.FAB_INCLUDE_PATTERNS), by file name.
-FAB_SUFFIXES = (".py", ".toml", ".md", ".yaml", ".yml", ".json", ".jsonl")
-
-
 def stage_app(app: Path, dest: Path) -> Path:
     """Copy the files of ``app`` that ``flwr run`` packs into its FAB to ``dest``; return ``dest``.
 
     ``flwr run APP`` (1.42) lists every file under APP, then keeps the FAB's: ~30 s of CPU for a
     checkout holding ``make test``'s three virtual environments (171,000 files) before anything is
     submitted. This walk skips what the FAB never holds: virtual environments (a ``pyvenv.cfg``),
-    hidden and ``__pycache__`` folders, and what the app's ``.gitignore`` names. Flower filters the
-    copy by its own rules, so the FAB (and its hash) is the one it builds from APP itself.
+    hidden and ``__pycache__`` folders, and what the app's ``.gitignore`` names; it copies what
+    Flower's own include patterns match, and the ``.gitignore``. Flower filters the copy by its own
+    rules, so the FAB (and its hash) is the one it builds from APP itself.
     """
-    from pathspec import GitIgnoreSpec  # a dependency of flwr
+    from flwr.cli.utils import build_pathspec, load_gitignore_patterns
+    from flwr.common.constant import FAB_INCLUDE_PATTERNS
 
-    ignore_file = app / ".gitignore"
-    ignored = GitIgnoreSpec.from_lines(ignore_file.read_text().splitlines() if ignore_file.is_file() else [])
+    included = build_pathspec(FAB_INCLUDE_PATTERNS)
+    ignored = build_pathspec(load_gitignore_patterns(app / ".gitignore"))
+    if (app / ".gitignore").is_file():
+        dest.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(app / ".gitignore", dest / ".gitignore")
     for folder, dirs, files in os.walk(app):
         here = Path(folder)
         rel = here.relative_to(app)
@@ -338,9 +339,8 @@ def stage_app(app: Path, dest: Path) -> Path:
             and not ignored.match_file(f"{(rel / d).as_posix()}/")
         ]
         for name in files:
-            path = here / name
-            wanted = name.endswith(FAB_SUFFIXES) or (here == app and name in (".gitignore", "LICENSE"))
-            if wanted and not path.is_symlink() and not ignored.match_file((rel / name).as_posix()):
+            path, posix = here / name, (rel / name).as_posix()
+            if included.match_file(posix) and not ignored.match_file(posix) and not path.is_symlink():
                 (dest / rel).mkdir(parents=True, exist_ok=True)
                 shutil.copy2(path, dest / rel / name)
     return dest

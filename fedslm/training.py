@@ -543,13 +543,18 @@ def _forced_verdict(
     decoding leaves the answer's tokenization there but may still spell an equal first line.
     """
     labels = [t for t in example["labels"] if t != IGNORE]
-    n_prompt = len(example["labels"]) - len(labels)
     if not (hit and stop and labels and labels[-1] in stop and len(labels) <= max_new_tokens):
         return None
-    if stop.intersection(labels[:-1]) or n_prompt != len(prompt_ids) or example["input_ids"][:n_prompt] != prompt_ids:
+    if stop.intersection(labels[:-1]) or not _holds_prompt(example, prompt_ids):
         return None
     said = tokenizer.decode(labels[:-1], skip_special_tokens=True)
     return normalize_answer(said) == normalize_answer(answer)
+
+
+def _holds_prompt(example: dict[str, list[int]], prompt_ids: list[int]) -> bool:
+    """Whether the example's prompt (its tokens before the answer) is the whole prompt a generation is given."""
+    n_prompt = sum(t == IGNORE for t in example["labels"])
+    return n_prompt == len(prompt_ids) and example["input_ids"][:n_prompt] == prompt_ids
 
 
 def _certain_miss(
@@ -563,8 +568,7 @@ def _certain_miss(
     may add or drop) starts with that text's, or greedy decoding cannot spell it. The base model's
     answers before any training are all such misses: none of them needs generating.
     """
-    n_prompt = sum(t == IGNORE for t in example["labels"])
-    if first < 0 or n_prompt != len(prompt_ids) or example["input_ids"][:n_prompt] != prompt_ids:
+    if first < 0 or not _holds_prompt(example, prompt_ids):
         return False
     text = tokenizer.decode([first], skip_special_tokens=True)
     if not text.isascii() or text.splitlines() != [text] or not any(ch.isalnum() for ch in text):
