@@ -75,12 +75,13 @@ setup-%:
 	@echo "setting up the venv of $*"
 	$(MAKE) --no-print-directory setup PYTHON=$*
 
-# Install into this Python's venv and run a 4-client, 1-round federation of the tiny model.
+# Install into this Python's venv and run a 4-client, 1-round federation of the tiny model on Ray (the
+# engine a bigger machine picks: tiny.yaml itself runs its clients in-process).
 install-check: $(STAMP)
 	$(VENV)/bin/python -c "import sys, torch, flwr, fedslm; print('install-check: Python', sys.version.split()[0], \
 	  '| torch', torch.__version__, '| flwr', flwr.__version__, '| fedslm from', fedslm.__path__[0])"
 	out=$$(mktemp -d) && $(VENV)/bin/fedslm simulate configs/tiny.yaml --set federation.num_rounds=1 \
-	  --no-progress --out $$out/run && rm -rf $$out
+	  --set federation.backend=ray --no-progress --out $$out/run && rm -rf $$out
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

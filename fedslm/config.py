@@ -218,6 +218,12 @@ class FederationConfig:
         " split among the clients that train at once",
     )
     ray_address: str = _f("", "attach the simulation to a running Ray cluster at host:port (empty = start one here)")
+    backend: Literal["auto", "ray", "inprocess"] = _f(
+        "auto",
+        "what runs the simulated clients: ray (Flower's engine, a worker process per client_cpus) | inprocess"
+        " (one after another in this process, sharing its model: no worker start-up) | auto (inprocess where"
+        " only one client would train at a time on this machine, else ray)",
+    )
 
     def __post_init__(self) -> None:
         _check(self.num_clients >= 1, "federation.num_clients", "must be >= 1")
@@ -240,6 +246,13 @@ class FederationConfig:
                 "federation.ray_address",
                 f"{self.ray_address!r} is not host:port (e.g. 127.0.0.1:6379)",
             )
+        if self.backend == "inprocess":
+            _check(not self.ray_address, "federation.backend", "inprocess runs no Ray: clear federation.ray_address")
+            _check(
+                self.client_gpus in ("auto", 0),
+                "federation.backend",
+                f"inprocess clients use model.device whole: clear federation.client_gpus ({self.client_gpus})",
+            )
 
     @property
     def clients_per_round(self) -> int:
@@ -248,6 +261,14 @@ class FederationConfig:
     def clients_at_once(self, cpus: float) -> int:
         """How many simulated clients train at the same time on ``cpus`` CPUs (Ray packs by ``client_cpus``)."""
         return max(1, min(self.clients_per_round, int(cpus // self.client_cpus)))
+
+    def resolve_backend(self, cpus: float) -> Literal["ray", "inprocess"]:
+        """``backend`` with ``auto`` resolved: Ray for a cluster or where clients train at the same time on
+        ``cpus`` CPUs (an explicit GPU share counts as asking for it), else in this process."""
+        if self.backend != "auto":
+            return self.backend
+        together = self.clients_at_once(cpus) > 1 or self.client_gpus not in ("auto", 0)
+        return "ray" if self.ray_address or together else "inprocess"
 
 
 @dataclass

@@ -55,7 +55,8 @@ def evaluate_centrally(
 def failure_line(reason: object) -> str:
     """The line that says what went wrong in a client's error: a traceback's last line, without Ray's
     wrapper text or terminal colours, at most 300 characters."""
-    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(reason).splitlines()]
+    text = str(reason).removesuffix("'>")  # Flower's wrapper: "<class '...'>:<'" + the error + "'>"
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in text.splitlines()]
     lines = [line for line in lines if line and not set(line) <= set("^~ ")]
     return (lines[-1] if lines else "no reason given")[:300]
 

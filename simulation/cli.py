@@ -535,12 +535,14 @@ def console_main() -> None:
     After Ctrl-C, threads of Flower's engine can still wait on a Ray that is gone (their ``ray.get``
     never returns), and the interpreter joins every pool thread at exit: the process would print
     "interrupted" and then hang. The checkpoint is written and the line printed by then, so the
-    process leaves at once instead."""
+    process leaves at once instead; so does one whose clients ran in this process
+    (:func:`fedslm.simulation.inprocess.interrupted`)."""
     code = main()
     if code == 130:
+        from .inprocess import interrupted
         from .run import stuck_message_workers
 
-        if stuck_message_workers():
+        if stuck_message_workers() or interrupted():
             logging.shutdown()
             sys.stdout.flush()
             sys.stderr.flush()

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fedslm.config import RunConfig
+from fedslm.config import FederationConfig, RunConfig
 from fedslm.errors import FedslmError, Interrupted, RunFailedError
 from fedslm.fs import check_out_dir, clear_dir
 from fedslm.logs import get_logger, run_log
@@ -93,7 +93,6 @@ def simulate(
     out_dir: Path,
     *,
     run_name: str | None = None,
-    backend: str = "ray",
     progress: bool = True,
     resume: bool = False,
     force: bool = False,
@@ -127,7 +126,7 @@ def simulate(
             clear_dir(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     with run_log(out_dir / "run.log"):  # every line of this process and of its Ray workers, at DEBUG
-        result = _federate(cfg, out_dir, run_name, backend, progress, ck)
+        result = _federate(cfg, out_dir, run_name, progress, ck)
     fed = cfg.federation
     if not (out_dir / "summary.json").is_file():
         raise SimulationError(
@@ -139,9 +138,10 @@ def simulate(
 
 
 def _federate(
-    cfg: RunConfig, out_dir: Path, run_name: str | None, backend: str, progress: bool, ck: Checkpoint | None
+    cfg: RunConfig, out_dir: Path, run_name: str | None, progress: bool, ck: Checkpoint | None
 ) -> list[dict[str, Any]]:
-    """Flower's simulation engine on the run directory; the rows of every round (``ck``'s first)."""
+    """Flower's simulation engine on the run directory, on Ray or in this process
+    (``federation.backend``); the rows of every round (``ck``'s first)."""
     from fedslm.client.app import app as client_app
     from fedslm.server.app import make_server_app
     from flwr.simulation import run_simulation
@@ -172,16 +172,28 @@ def _federate(
         server_app = make_secure_server_app(cfg, out_dir, run_name, _guard(on_round, errors))
     else:
         server_app = make_server_app(cfg, out_dir, run_name, _guard(on_round, errors), resume=ck, stop=stop)
-    backend_config = ray_backend_config(cfg)
-    log.info("Simulating %d clients for %d rounds (run dir %s)", fed.num_clients, fed.num_rounds, out_dir)
+    backend = fed.resolve_backend(os.cpu_count() or 2)
+    engine: contextlib.AbstractContextManager[Any]
+    if backend == "ray":
+        backend_config, engine = ray_backend_config(cfg), contextlib.nullcontext()
+    else:
+        from .inprocess import inprocess_engine
+
+        backend_config, engine = {}, inprocess_engine()
+    log.info(
+        "Simulating %d clients for %d rounds, %s (run dir %s)",
+        fed.num_clients,
+        fed.num_rounds,
+        engine_line(fed),
+        out_dir,
+    )
     try:
-        with interrupt_stops(stop):
+        with interrupt_stops(stop), engine:
             try:
                 run_simulation(
                     server_app=server_app,
                     client_app=client_app,
                     num_supernodes=fed.num_clients,
-                    backend_name=backend,
                     backend_config=backend_config,
                 )
             except KeyboardInterrupt:
@@ -364,12 +376,26 @@ def plan_block(checked: Preflight, out_dir: Path) -> str:
     rows = [
         ("model", f"{model}, quantization {cfg.model.quantization}, LoRA r={lora.r} on {targets}"),
         ("device", describe(hw.device, hw.compute_dtype)),
-        ("clients", f"{fed.num_clients} (training records {records}; {checked.test_records} held out for evaluation)"),
+        (
+            "clients",
+            f"{fed.num_clients} (training records {records}; {checked.test_records} held out for evaluation),"
+            f" {engine_line(fed)}",
+        ),
         ("rounds", f"{fed.num_rounds}, strategy {cfg.strategy.name}, at least {fed.min_train_clients} clients a round"),
         ("privacy", _privacy_line(checked)),
         ("run dir", f"{out_dir} (every log line: run.log)"),
     ]
     return "\n".join(f"{key:<8} {value}" for key, value in rows)
+
+
+def engine_line(fed: FederationConfig) -> str:
+    """Where the clients run (``federation.backend`` resolved on this machine), for the plan."""
+    cpus = os.cpu_count() or 2
+    if fed.resolve_backend(cpus) == "inprocess":
+        return "one at a time in this process"
+    if fed.ray_address:
+        return f"on the Ray cluster at {fed.ray_address}"
+    return f"up to {fed.clients_at_once(cpus)} at a time in Ray workers"
 
 
 def _privacy_line(checked: Preflight) -> str:

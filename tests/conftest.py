@@ -126,6 +126,7 @@ def real_run_dir(tmp_path_factory):
         [
             "federation.num_clients=2",
             "federation.num_rounds=1",
+            "federation.backend=inprocess",  # the clients share this process's SmolLM2
             "train.local_steps=3",
             "train.batch_size=8",
             "data.num_records=1200",

@@ -184,6 +184,7 @@ def test_real_smollm2_classifier_learns_in_two_rounds(tmp_path: Path) -> None:
         "train.learning_rate=0.005",  # the non-private learning rate (BENCHMARKS.md)
         "federation.num_clients=2",
         "federation.num_rounds=2",
+        "federation.backend=inprocess",  # one SmolLM2 in this process, not one more per Ray worker
         "train.local_steps=10",
         "data.num_records=1200",  # as measured
         "data.eval_size=48",

@@ -71,12 +71,13 @@ def _simulate(tmp_path: Path, *extra: str) -> tuple[subprocess.CompletedProcess[
 
 @pytest.mark.integration
 def test_simulate_console_shows_the_plan_progress_and_table_and_run_log_the_rest(tmp_path: Path) -> None:
-    proc, out = _simulate(tmp_path)
+    proc, out = _simulate(tmp_path, "--set", "federation.backend=ray")  # run.log takes the Ray workers' lines too
     console = proc.stdout + proc.stderr
     for noise in ("Loading weights", "Warning", "flwr", "Flower", "INFO", "gemm_4bit", "ClientAppActor"):
         assert noise not in console, (noise, console[-3000:])
     plan = proc.stdout.split("\n\n")[0]
     assert all(key in plan for key in PLAN_KEYS), plan
+    assert re.search(r"held out for evaluation\), up to \d+ at a time in Ray workers$", plan, re.M), plan
     assert "rounds 0-1" in proc.stderr and " left]" in proc.stderr  # the one progress display
     assert "round  train_loss  eval_loss" in proc.stdout and "run directory:" in proc.stdout
     log = (out / "run.log").read_text()
@@ -97,6 +98,7 @@ def test_simulate_verbose_shows_flower_and_the_libraries(tmp_path: Path) -> None
     assert "INFO fedslm.server.recording: round 1 central eval" in proc.stderr  # one logger for both loops
     assert "FutureWarning" in proc.stderr
     assert "round  train_loss  eval_loss" in proc.stdout
+    assert "held out for evaluation), one at a time in this process" in proc.stdout  # tiny.yaml's backend
     assert " INFO flwr: configure_train" in (out / "run.log").read_text()
 
 

@@ -149,6 +149,12 @@ def test_failure_line_is_the_exception_a_client_raised() -> None:
         "fedslm.data.DataError: client 3 has no training records\n"
     )
     assert failure_line(ray) == "fedslm.data.DataError: client 3 has no training records"
+    inprocess = (  # federation.backend=inprocess: the traceback, in Flower's wrapper
+        "<class 'flwr.clientapp.client_app.ClientAppException'>:<'Traceback (most recent call last):\n"
+        '  File "x.py", line 3, in run\n    raise DataError(...)\n'
+        "fedslm.data.DataError: client 3 has no training records\n'>"
+    )
+    assert failure_line(inprocess) == "fedslm.data.DataError: client 3 has no training records"
     assert failure_line("") == "no reason given" and len(failure_line("x" * 500)) == 300
 
 
@@ -276,7 +282,7 @@ def test_simulate_force_replaces_the_folder_and_says_what(tmp_path: Path) -> Non
     (victim / "metrics.jsonl").write_text('{"round": 0}\n')
     r = _fedslm(
         "simulate", TINY, "--out", str(victim), "--force", "--no-progress",
-        "--set", "federation.ray_address=127.0.0.1:1", cwd=tmp_path,
+        "--set", "federation.backend=ray", "--set", "federation.ray_address=127.0.0.1:1", cwd=tmp_path,
     )  # fmt: skip
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
     forced = [line for line in r.stderr.splitlines() if "--force: replacing" in line]

@@ -1,5 +1,6 @@
-"""Whole federations on the tiny model (Flower simulation engine, Ray): the run directory,
-loss going down, honest cumulative epsilon, a budget-exhausted client declining."""
+"""Whole federations on the tiny model (Flower's simulation engine: on Ray, and in this process as
+configs/tiny.yaml asks): the run directory, loss going down, honest cumulative epsilon, a
+budget-exhausted client declining."""
 
 from __future__ import annotations
 
@@ -54,16 +55,15 @@ def _run(tmp_path: Path, overrides: list[str], run_name: str | None = None) -> t
 
 
 def test_tiny_federation_lowers_loss_and_writes_the_run_dir(tmp_path: Path) -> None:
-    rows, out = _run(
-        tmp_path,
-        [
-            "federation.num_rounds=3",
-            "train.local_steps=5",
-            "train.learning_rate=0.05",
-            "eval.per_client=true",
-            "data.num_records=800",  # ~180 records a client, 18 held back for validation
-        ],
-    )
+    """On Ray with two workers; then the same federation in this process gives the same numbers."""
+    recipe = [
+        "federation.num_rounds=3",
+        "train.local_steps=5",
+        "train.learning_rate=0.05",
+        "eval.per_client=true",
+        "data.num_records=800",  # ~180 records a client, 18 held back for validation
+    ]
+    rows, out = _run(tmp_path, [*recipe, "federation.backend=ray", "federation.client_cpus=1"])
     assert [r["round"] for r in rows] == [0, 1, 2, 3]
     assert rows[-1]["eval_loss"] < rows[0]["eval_loss"] - 0.1, [r["eval_loss"] for r in rows]
     assert rows[-1]["train_loss"] < rows[1]["train_loss"]
@@ -91,6 +91,11 @@ def test_tiny_federation_lowers_loss_and_writes_the_run_dir(tmp_path: Path) -> N
     for r in range(4):
         adapter = out / "adapters" / f"round-{r:03d}"
         assert (adapter / "adapter_config.json").is_file() and (adapter / "adapter_model.safetensors").is_file()
+    # in this process, one client after another: the same losses, accuracies and uploads, round for round
+    # (downloads carry the run config, which names the backend)
+    same, _ = _run(tmp_path / "inprocess", [*recipe, "federation.backend=inprocess"])
+    for key in ("train_loss", "eval_loss", "eval_accuracy", "bytes_up", "clients"):
+        assert [r.get(key) for r in same] == pytest.approx([r.get(key) for r in rows], rel=1e-5), key
 
 
 def test_per_client_last_evaluates_on_the_clients_after_the_last_round_only(tmp_path: Path) -> None:
@@ -157,11 +162,13 @@ def test_central_dp_federation_reports_epsilon_central_per_round(tmp_path: Path)
     assert all(np.isfinite(r["eval_loss"]) for r in rows)
 
 
-def test_thirty_clients_ten_per_round_on_two_workers(tmp_path: Path) -> None:
-    """The scale-100 shape, reduced: 30 clients, 10 sampled per round, clients' state on disk."""
+def test_thirty_clients_ten_per_round_share_one_model(tmp_path: Path) -> None:
+    """The scale-100 shape, reduced: 30 clients, 10 sampled per round, clients' state on disk; in this
+    process, every client on the one resident model."""
+    from fedslm.model import RESIDENT
+
     overrides = [
         "federation.num_clients=30",
-        "federation.client_cpus=1",  # two workers on 2 cores
         "federation.fraction_train=0.34",
         "federation.min_train_clients=8",
         "federation.num_rounds=2",
@@ -171,12 +178,13 @@ def test_thirty_clients_ten_per_round_on_two_workers(tmp_path: Path) -> None:
         "privacy.mode=local",
     ]
     run_name = f"scale-{uuid.uuid4().hex[:8]}"
+    loads = RESIDENT.loads
     rows, _ = _run(tmp_path, overrides, run_name=run_name)
+    assert RESIDENT.loads - loads <= 1  # the server's and all 20 clients' (none if this process had it)
     # the noise is calibrated for ceil(2 x 10/30) = 1 round per client: after round 1 the 10 clients
     # say their budget is spent, so round 2 samples 10 of the other 20 and nobody declines
     assert [r["clients"] for r in rows[1:]] == [10, 10]
     assert [r["declined"] for r in rows[1:]] == [0, 0]
-    assert all(r["model_loads_max"] == 1 for r in rows[1:])  # 2 workers, each loaded the base once
     assert 0.97 * 8.0 <= rows[-1]["epsilon_max"] <= 8.0
     cfg = load_config(ROOT / "configs" / "tiny.yaml", overrides)
     states = list((cache_root(cfg.model) / "client-state" / run_name).glob("client-*/privacy.json"))

@@ -105,7 +105,7 @@ def test_model_device_is_checked_at_load_of_the_config() -> None:
     ],
 )
 def test_check_refuses_hardware_this_machine_lacks(override: str, message: str) -> None:
-    cfg = load_config("configs/tiny.yaml", [override])
+    cfg = load_config("configs/tiny.yaml", [override, "federation.backend=ray"])
     with pytest.raises(ConfigError, match=message):
         check_run_hardware(cfg)
 
@@ -118,7 +118,7 @@ def test_unreachable_ray_address_fails_within_seconds() -> None:
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cfg = load_config("configs/tiny.yaml", [f"federation.ray_address=127.0.0.1:{port}"])
+    cfg = load_config("configs/tiny.yaml", [f"federation.ray_address=127.0.0.1:{port}", "federation.backend=ray"])
     t0 = time.perf_counter()
     with pytest.raises(SimulationError, match=rf"federation.ray_address: nothing answers at 127.0.0.1:{port}"):
         ray_backend_config(cfg)
@@ -128,7 +128,9 @@ def test_unreachable_ray_address_fails_within_seconds() -> None:
 def test_client_resources_follow_the_config() -> None:
     from fedslm.simulation.run import ray_backend_config
 
-    cfg = load_config("configs/tiny.yaml", ["federation.client_cpus=1", "federation.client_gpus=0.25"])
+    cfg = load_config(
+        "configs/tiny.yaml", ["federation.client_cpus=1", "federation.client_gpus=0.25", "federation.backend=ray"]
+    )
     backend = ray_backend_config(cfg)
     assert backend["client_resources"] == {"num_cpus": 1.0, "num_gpus": 0.25}
     assert "address" not in backend["init_args"]
@@ -170,6 +172,42 @@ def test_clients_at_once_follow_cpus_and_sampling() -> None:
     assert fed.clients_at_once(2) == 2  # two 1-CPU clients on 2 cores
     assert fed.clients_at_once(16) == 4  # never more than a round samples
     assert fed.clients_at_once(0.5) == 1
+
+
+@pytest.mark.parametrize(
+    ("overrides", "cpus", "expected"),
+    [
+        (["federation.backend=auto", "federation.client_cpus=2"], 2, "inprocess"),  # one client at a time
+        (["federation.backend=auto", "federation.client_cpus=1"], 2, "ray"),  # two at once on 2 cores
+        (["federation.backend=auto", "federation.client_cpus=2"], 16, "ray"),  # four at once
+        (["federation.backend=auto", "federation.client_cpus=2", "federation.fraction_train=0.25"], 16, "inprocess"),
+        (["federation.backend=auto", "federation.client_cpus=4", "federation.client_gpus=0.5"], 2, "ray"),
+        (["federation.backend=auto", "federation.client_cpus=4", "federation.ray_address=10.0.0.1:6379"], 2, "ray"),
+        (["federation.backend=ray", "federation.client_cpus=2"], 2, "ray"),  # an explicit choice wins
+        (["federation.backend=inprocess", "federation.client_cpus=1"], 16, "inprocess"),
+    ],
+)
+def test_backend_resolution(overrides: list[str], cpus: int, expected: str) -> None:
+    fed = load_config("configs/tiny.yaml", ["federation.min_train_clients=1", *overrides]).federation
+    assert fed.resolve_backend(cpus) == expected
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        (
+            "federation.ray_address=10.0.0.1:6379",
+            "federation.backend: inprocess runs no Ray: clear federation.ray_address",
+        ),
+        (
+            "federation.client_gpus=0.5",
+            r"federation.backend: inprocess clients use model.device whole: clear .*\(0.5\)",
+        ),
+    ],
+)
+def test_inprocess_backend_refuses_ray_settings(override: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config("configs/tiny.yaml", ["federation.backend=inprocess", override])
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the scopes on a machine without CUDA")

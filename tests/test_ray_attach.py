@@ -66,7 +66,7 @@ def test_simulate_attaches_to_a_running_ray_cluster(tmp_path: Path, ray_cluster:
     import ray
     from fedslm.simulation.run import ray_backend_config, simulate
 
-    overrides = [f"federation.ray_address={ray_cluster}", "federation.num_rounds=1"]
+    overrides = [f"federation.ray_address={ray_cluster}", "federation.backend=ray", "federation.num_rounds=1"]
     cfg = load_config(ROOT / "configs" / "tiny.yaml", overrides)
     assert ray_backend_config(cfg)["init_args"]["address"] == ray_cluster
     rows = simulate(cfg, tmp_path / "run", progress=False)

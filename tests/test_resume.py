@@ -119,9 +119,11 @@ def test_killed_after_round_one_resumes_to_the_same_adapter(tmp_path: Path) -> N
 
 
 @pytest.mark.integration
-def test_ctrl_c_stops_within_seconds_keeps_the_checkpoint_and_resumes(tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend", ["ray", "inprocess"])
+def test_ctrl_c_stops_within_seconds_keeps_the_checkpoint_and_resumes(tmp_path: Path, backend: str) -> None:
     """SIGINT (what Ctrl-C sends) during round 2: exit 130 within 15 s with one line, no traceback, Ray
-    gone; round 1's checkpoint is kept, and `--resume` runs rounds 2 and 3 to the end."""
+    gone (or the in-process client left mid-step); round 1's checkpoint is kept, and `--resume` runs
+    rounds 2 and 3 to the end."""
     run = tmp_path / "run"
     fedslm = str(Path(sys.executable).parent / "fedslm")
     argv = [
@@ -130,6 +132,10 @@ def test_ctrl_c_stops_within_seconds_keeps_the_checkpoint_and_resumes(tmp_path: 
         "configs/tiny.yaml",
         "--set",
         "federation.num_rounds=3",
+        "--set",
+        f"federation.backend={backend}",
+        "--set",
+        "train.local_steps=30",  # the interrupt comes while a client trains
         "--out",
         str(run),
         "--no-progress",
