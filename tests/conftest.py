@@ -22,40 +22,57 @@ from fedslm.config import RunConfig, load_config  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 # `make suite` runs two pytest-xdist workers on CI's 2 cores: one torch thread each (two each would
-# oversubscribe them); a plain `pytest` keeps both threads
+# oversubscribe them); a plain `pytest` keeps both threads. The processes the tests start (the fedslm
+# command, Flower's, Ray's workers, which take OMP_NUM_THREADS where it is set) get one thread too: a
+# Ray worker with 2 CPUs reserved ran 2 OpenMP threads beside the other pytest worker and took 343 s
+# for a test that takes 90 s alone.
 WORKER = os.environ.get("PYTEST_XDIST_WORKER")
 torch.set_num_threads(1 if WORKER else 2)
-# Files whose tests start a Flower SuperLink: its ServerAppIo API listens on Flower's fixed 9091 (the
-# managed local SuperLink of `flwr run` too: only its HTTP and Control APIs move to 39091 and 39093),
-# so two SuperLinks at once on one machine collide; these files share one worker.
-FLOWER_PORTS = {"test_deploy.py", "test_flwr_run.py"}
+if WORKER:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+# The longest tests of their files run in a group of their own (they use no module fixtures), so that
+# xdist can put them on different workers; every other test runs on the worker of its file's group.
+# (In Flower 1.42 each SuperLink listens on its own --port only: deployments in two workers at once do
+# not collide, nor with the managed local SuperLink of `flwr run`, on 39091 and 39093.)
+OWN_GROUP = {
+    "test_superlink_and_serverapp_killed_in_round_two_resume_to_the_same_adapter",
+    "test_tls_federation_of_three_authenticated_nodes",
+    "test_dp_training_on_nf4_smollm2_changes_lora_every_step_and_lowers_loss",
+}
 # The longest groups first (`make suite` passes --no-loadscope-reorder, which keeps this order; xdist
-# would otherwise start the groups with the most tests first, and the SuperLink group, few tests but
-# the longest, ended the suite alone). Wall seconds on two workers, AVX2 EPYC, 2026-12-06: flower 823,
-# federation 517, real SmolLM2 457, classification 290, resume 196, export 160, secagg 143, audit 135.
+# would otherwise start the groups with the most tests first, and a long group of few tests ended the
+# suite alone). Wall seconds on two workers, AVX2 EPYC, 2026-12-07: real SmolLM2 332 (150 of them
+# DP training), deploy resume 236, resume 431 (a Ray worker oversubscribed, see above; 180 expected),
+# classification 178, deploy TLS 155, federation 152, export 134, flwr run 87, audit 79, model 76.
 SLOWEST_FIRST = [
-    "flower",
-    "test_federation.py",
+    "test_superlink_and_serverapp_killed_in_round_two_resume_to_the_same_adapter",
     "test_real_smollm2.py",
-    "test_classification.py",
     "test_resume.py",
+    "test_classification.py",
+    "test_tls_federation_of_three_authenticated_nodes",
+    "test_dp_training_on_nf4_smollm2_changes_lora_every_step_and_lowers_loss",
+    "test_federation.py",
     "test_export.py",
-    "test_secagg.py",
+    "test_flwr_run.py",
     "test_audit.py",
-    "test_plan.py",
-    "test_console.py",
+    "test_model.py",
     "test_errors.py",
+    "test_console.py",
+    "test_ray_attach.py",
+    "test_plan.py",
+    "test_training.py",
 ]
 
 
 def _group(item: pytest.Item) -> str:
-    return "flower" if item.path.name in FLOWER_PORTS else item.path.name
+    name = getattr(item, "originalname", item.name)
+    return name if name in OWN_GROUP else item.path.name
 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Under ``--dist loadgroup`` a file's tests run on one worker (its module and session fixtures are
-    built once), the files in :data:`FLOWER_PORTS` on the same one, and the groups in
+    built once), each test of :data:`OWN_GROUP` on a worker of its own choosing, and the groups in
     :data:`SLOWEST_FIRST` start first. First among the hooks: xdist's worker reads the ``xdist_group``
     marks in its own hook (into the node ids it schedules by), and without ``tryfirst`` it ran before
     this one: the marks came too late and every file was spread over the workers."""
