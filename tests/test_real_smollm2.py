@@ -30,19 +30,20 @@ def test_dp_training_on_nf4_smollm2_changes_lora_every_step_and_lowers_loss() ->
     start = adapter_state(model)
     records = data.client_records(cfg.data, cache_root(cfg.model), 0, 4).records
     examples = data.encode_all(tok, records, cfg.data, cfg.model.max_length)
-    q = 8 / len(examples)
+    q = 4 / len(examples)
     snapshots = [start]
 
     def on_step(step: int) -> None:
         snapshots.append(adapter_state(model))
 
-    spec = LocalTraining(steps=24, batch_size=8, learning_rate=0.005, seed=1, dp=DPSettings(0.6, 1.0, q))
+    # 12 steps of 4 (measured: mean loss of the first 6 steps 4.17, of the last 6 2.66)
+    spec = LocalTraining(steps=12, batch_size=4, learning_rate=0.01, seed=1, dp=DPSettings(0.6, 1.0, q))
     try:
         result = train_local(model, examples, tok.pad_token_id, spec, on_step=on_step)
     finally:
         final = adapter_state(model)
         load_adapter_state(model, start)
-    assert len(snapshots) == 25
+    assert len(snapshots) == 13
     for before, after in zip(snapshots, snapshots[1:], strict=False):
         changed = sum(not torch.equal(before[k], after[k]) for k in before)
         assert changed == len(before) == 60  # every LoRA tensor (15 layers x q, v x A, B) moves at every step
