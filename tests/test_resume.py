@@ -121,9 +121,9 @@ def test_killed_after_round_one_resumes_to_the_same_adapter(tmp_path: Path) -> N
 @pytest.mark.integration
 @pytest.mark.parametrize("backend", ["ray", "inprocess"])
 def test_ctrl_c_stops_within_seconds_keeps_the_checkpoint_and_resumes(tmp_path: Path, backend: str) -> None:
-    """SIGINT (what Ctrl-C sends) during round 2: exit 130 within 15 s with one line, no traceback, Ray
-    gone (or the in-process client left mid-step); round 1's checkpoint is kept, and `--resume` runs
-    rounds 2 and 3 to the end."""
+    """SIGINT (what Ctrl-C sends) during round 2 of 2: exit 130 within 15 s with one line, no traceback,
+    Ray gone (or the in-process client left mid-step); round 1's checkpoint is kept, and `--resume` runs
+    round 2 to the end."""
     run = tmp_path / "run"
     fedslm = str(Path(sys.executable).parent / "fedslm")
     argv = [
@@ -131,11 +131,11 @@ def test_ctrl_c_stops_within_seconds_keeps_the_checkpoint_and_resumes(tmp_path: 
         "simulate",
         "configs/tiny.yaml",
         "--set",
-        "federation.num_rounds=3",
+        "federation.num_rounds=2",
         "--set",
         f"federation.backend={backend}",
-        "--set",
-        "train.local_steps=30",  # the interrupt comes while a client trains
+        "--set",  # in this process, the interrupt comes while a client trains (~8 s of round 2; Ray's are elsewhere)
+        f"train.local_steps={20 if backend == 'inprocess' else 3}",
         "--out",
         str(run),
         "--no-progress",
@@ -154,6 +154,7 @@ def test_ctrl_c_stops_within_seconds_keeps_the_checkpoint_and_resumes(tmp_path: 
         )
     try:
         _wait_for_round_one(proc, run)
+        time.sleep(1.0 if backend == "inprocess" else 0.0)  # past round 1's bookkeeping, into round 2's training
         proc.send_signal(signal.SIGINT)
         t0 = time.monotonic()
         proc.wait(timeout=60)
@@ -169,7 +170,7 @@ def test_ctrl_c_stops_within_seconds_keeps_the_checkpoint_and_resumes(tmp_path: 
     assert len(lines) == 1 and lines[0].startswith("fedslm: interrupted: stopped after round "), lines
     assert f"--resume {run}` continues from it" in lines[0]
     kept = checkpoint.latest(run, (run / "config.yaml").read_text())
-    assert kept is not None and kept.round >= 1 and f"round {kept.round} of 3" in lines[0]
+    assert kept is not None and kept.round == 1 and f"round {kept.round} of 2" in lines[0]
     assert not (run / "summary.json").exists()
 
     resumed = subprocess.run(
@@ -180,5 +181,5 @@ def test_ctrl_c_stops_within_seconds_keeps_the_checkpoint_and_resumes(tmp_path: 
         timeout=400,
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert [json.loads(line)["round"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [0, 1, 2, 3]
-    assert (run / "summary.json").is_file() and (run / "adapters" / "round-003").is_dir()
+    assert [json.loads(line)["round"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [0, 1, 2]
+    assert (run / "summary.json").is_file() and (run / "adapters" / "round-002").is_dir()
