@@ -66,18 +66,18 @@ suite: $(STAMP)
 	$(VENV)/bin/python -m pytest -q --durations=15 $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder)
 
 # The tests, what CI runs (.ci/run): the venvs of this Python and of the two other supported Pythons,
-# set up side by side (-j3; each one's output shown when it is done), then an install check (a tiny
-# federation) on each other Python, then the full suite on this one (last: pytest's summary closes the output).
+# set up side by side, each other Python's install check (a tiny federation) as soon as its venv is
+# ready (-j3; each one's output shown when it is done: they overlap the downloads), then the full suite
+# on this one (last: pytest's summary closes the output).
 OTHER_PYTHONS ?= $(filter-out $(notdir $(PYTHON)),python3.11 python3.12 python3.13)
 test:
-	$(MAKE) --no-print-directory -j3 -O setup $(addprefix setup-,$(OTHER_PYTHONS))
-	for py in $(OTHER_PYTHONS); do $(MAKE) --no-print-directory install-check PYTHON=$$py || exit 1; done
+	$(MAKE) --no-print-directory -j3 -O setup $(addprefix install-check-,$(OTHER_PYTHONS))
 	$(MAKE) --no-print-directory suite
 
 # (not .PHONY: make skips pattern rules for phony targets)
-setup-%:
-	@echo "setting up the venv of $*"
-	$(MAKE) --no-print-directory setup PYTHON=$*
+install-check-%:
+	@echo "setting up the venv of $* and checking the install"
+	$(MAKE) --no-print-directory install-check PYTHON=$*
 
 # Install into this Python's venv and run a 4-client, 1-round federation of the tiny model on Ray (the
 # engine a bigger machine picks: tiny.yaml itself runs its clients in-process).
