@@ -1,11 +1,13 @@
-"""Federation overhead: ``fedslm simulate`` (Flower + Ray) against a single-process loop that does
-the same client work on the same data.
+"""Federation overhead: ``fedslm simulate`` (Flower's simulation engine, its clients in Ray workers and
+in this process: ``federation.backend``) against a single-process loop that does the same client work
+on the same data.
 
 The loop runs the same code a simulated client runs (``client.runner.ClientRunner.train``, the same
 seeds, DP-SGD with the same calibrated noise and accountant), averages the replies by example count
 (FedAvg) and evaluates centrally on the same held-out records every round, all in one process with
-one resident model. Both are measured in this one invocation; the ratio is the cost of Flower's
-simulation engine, Ray workers, message encoding and the server's separate model.
+one resident model. All three are measured in this one invocation; the ratios are the cost of Flower's
+simulation engine, Ray workers, message encoding and the server's separate model (``inprocess``: the
+engine and the encoding, on the server's model).
 
     .venv/bin/python bench/overhead.py [--config configs/demo.yaml] [--set KEY=VALUE ...]
 """
@@ -79,7 +81,8 @@ def main() -> None:
 
     loop_rows, loop_s = single_process_loop(args.config, args.set)
     print(f"single-process loop: {loop_s:.0f} s", flush=True)
-    fed = run("fedslm simulate", args.config, args.set)
+    fed = run("fedslm simulate, Ray", args.config, [*args.set, "federation.backend=ray"])
+    inprocess = run("fedslm simulate, in this process", args.config, [*args.set, "federation.backend=inprocess"])
 
     def line(label: str, rows: list[dict[str, Any]], wall: float) -> list[str]:
         steps = sum(float(r.get("train_s_sum") or 0) for r in rows)
@@ -100,6 +103,7 @@ def main() -> None:
     header += ["final acc", "final loss", "epsilon (max client)"]
     lines = [
         line("fedslm simulate (Flower, Ray)", fed.rows, fed.wall_s),
+        line("fedslm simulate (Flower, in this process)", inprocess.rows, inprocess.wall_s),
         line("single-process loop", loop_rows, loop_s),
     ]
     print()
