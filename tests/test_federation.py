@@ -5,6 +5,7 @@ budget-exhausted client declining."""
 from __future__ import annotations
 
 import json
+import os
 import uuid
 from pathlib import Path
 
@@ -93,9 +94,19 @@ def test_tiny_federation_lowers_loss_and_writes_the_run_dir(tmp_path: Path) -> N
         assert (adapter / "adapter_config.json").is_file() and (adapter / "adapter_model.safetensors").is_file()
     # in this process, one client after another: the same losses, accuracies and uploads, round for round
     # (downloads carry the run config, which names the backend)
-    same, _ = _run(tmp_path / "inprocess", [*recipe, "federation.backend=inprocess"])
+    same, here = _run(tmp_path / "inprocess", [*recipe, "federation.backend=inprocess"])
     for key in ("train_loss", "eval_loss", "eval_accuracy", "bytes_up", "clients"):
         assert [r.get(key) for r in same] == pytest.approx([r.get(key) for r in rows], rel=1e-5), key
+    # where the clients ran: run.log's lines carry the process id (Ray's two workers; then this process)
+    ray_workers = _client_pids(out)
+    assert len(ray_workers) == 2 and os.getpid() not in ray_workers
+    assert _client_pids(here) == {os.getpid()}
+
+
+def _client_pids(run: Path) -> set[int]:
+    """The process ids of run.log's client lines (``... <pid> INFO fedslm.client.runner: client 0 round 1: ...``)."""
+    lines = (run / "run.log").read_text().splitlines()
+    return {int(line.split()[2]) for line in lines if " INFO fedslm.client.runner: client " in line}
 
 
 def test_per_client_last_evaluates_on_the_clients_after_the_last_round_only(tmp_path: Path) -> None:
