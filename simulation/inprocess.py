@@ -69,8 +69,7 @@ class InProcessBackend(Backend):
         self.app_fn = None
 
 
-class _Runs:
-    interrupted = False  # a run in this process was stopped by Ctrl-C (see :func:`interrupted`)
+_interrupted = False  # a run in this process was stopped by Ctrl-C (see :func:`interrupted`)
 
 
 def interrupted() -> bool:
@@ -78,13 +77,14 @@ def interrupted() -> bool:
     the interrupt came, and a normal interpreter exit afterwards can abort in a C++ destructor
     ("terminate called without an active exception"); the ``fedslm`` command leaves with ``os._exit``
     instead, its checkpoint written and its line printed."""
-    return _Runs.interrupted
+    return _interrupted
 
 
 @contextlib.contextmanager
 def inprocess_engine() -> Iterator[None]:
     """While the block runs, Flower's simulation engine runs the ClientApp in this process (and never
     starts Ray)."""
+    global _interrupted
     stand_in = types.ModuleType(RAY_BACKEND_MODULE)
     stand_in.RayBackend = InProcessBackend  # type: ignore[attr-defined]
     saved = sys.modules.get(RAY_BACKEND_MODULE)
@@ -92,7 +92,7 @@ def inprocess_engine() -> Iterator[None]:
     try:
         yield
     except (KeyboardInterrupt, Interrupted):
-        _Runs.interrupted = True
+        _interrupted = True
         raise
     finally:
         if saved is None:

@@ -172,7 +172,7 @@ def _federate(
         server_app = make_secure_server_app(cfg, out_dir, run_name, _guard(on_round, errors))
     else:
         server_app = make_server_app(cfg, out_dir, run_name, _guard(on_round, errors), resume=ck, stop=stop)
-    backend = fed.resolve_backend(os.cpu_count() or 2)
+    backend = fed.resolve_backend(local_cpus())
     engine: contextlib.AbstractContextManager[Any]
     if backend == "ray":
         backend_config, engine = ray_backend_config(cfg), contextlib.nullcontext()
@@ -294,7 +294,7 @@ def ray_backend_config(cfg: RunConfig) -> dict[str, dict[str, ConfigRecordValues
     address is checked first, so an unreachable one fails in seconds instead of Ray's long retry.
     """
     fed = cfg.federation
-    cpus = os.cpu_count() or 2
+    cpus = local_cpus()
     gpus = fed.client_gpus
     if gpus == "auto":  # the preflight refused an explicit share this machine cannot give
         from fedslm.hardware import resolve_client_gpus, resolve_device  # torch
@@ -388,9 +388,14 @@ def plan_block(checked: Preflight, out_dir: Path) -> str:
     return "\n".join(f"{key:<8} {value}" for key, value in rows)
 
 
+def local_cpus() -> int:
+    """The CPUs a simulation on this machine has (Ray's default, and what ``auto`` resolves by)."""
+    return os.cpu_count() or 2
+
+
 def engine_line(fed: FederationConfig) -> str:
     """Where the clients run (``federation.backend`` resolved on this machine), for the plan."""
-    cpus = os.cpu_count() or 2
+    cpus = local_cpus()
     if fed.resolve_backend(cpus) == "inprocess":
         return "one at a time in this process"
     if fed.ray_address:
