@@ -285,16 +285,16 @@ def in_heap(ptr):
     return False
 if sys.argv[1] == "fixed":
     assert model.map_large_blocks() is True
-libc.free(libc.malloc(8 << 20))  # freeing a mapped 8 MB block raises glibc's dynamic threshold
-block = libc.malloc(2 << 20)  # 2 MB: a per-layer temporary
-ctypes.memset(block, 1, 2 << 20)
+libc.free(libc.malloc(16 << 20))  # freeing a mapped 16 MB block raises glibc's dynamic threshold
+block = libc.malloc(6 << 20)  # 6 MB: above the fixed threshold (4 MB)
+ctypes.memset(block, 1, 6 << 20)
 print("heap" if in_heap(block) else "mapped")
 """
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mallopt is glibc's")
 def test_large_blocks_stay_mapped_once_the_threshold_is_fixed() -> None:
-    """Without the fix a 2 MB block lands in the heap once a mapped block was freed; with it, not."""
+    """Without the fix a 6 MB block lands in the heap once a mapped block was freed; with it, not."""
     import os
     import subprocess
 
