@@ -410,26 +410,17 @@ def _whole_losses(model: Any, tokenizer: Any, examples: list[dict[str, list[int]
 def _shared_prompt_losses(
     model: Any, tokenizer: Any, prompt: list[int], answers: list[list[int]], batch_size: int
 ) -> list[float]:
-    """Losses of ``answers`` (token ids) to one ``prompt``: the prompt but its last token runs once;
-    each batch then feeds that last token and the answers against the cache, repeated over the batch
-    (a view, no copy). The numbers equal whole-sequence passes up to float rounding."""
-    import torch
-    from transformers import DynamicCache
-
+    """Losses of ``answers`` (token ids) to one ``prompt``: the prompt but its last token runs once
+    (:class:`fedslm.training.PromptCache`); each batch then feeds that last token and the answers.
+    The numbers equal whole-sequence passes up to float rounding."""
     from .data import IGNORE
-    from .training import _keeps_logits, batch_losses, cache_keyword, collate_on, model_device
+    from .training import PromptCache, _keeps_logits, collate_on, model_device
 
     device, keep = model_device(model), _keeps_logits(model)
-    head = DynamicCache(config=model.config)
-    model(input_ids=torch.tensor([prompt[:-1]], device=device), use_cache=True, **{cache_keyword(model): head})
-    past = [(layer.keys, layer.values) for layer in head.layers]
+    head = PromptCache(model, prompt[:-1])
     out: list[float] = []
     for i in range(0, len(answers), batch_size):
         chunk = [{"input_ids": prompt[-1:] + a, "labels": [IGNORE] + a} for a in answers[i : i + batch_size]]
         batch = collate_on(chunk, tokenizer.pad_token_id, device)
-        n = len(chunk)
-        seen = torch.ones((n, len(prompt) - 1), dtype=batch["attention_mask"].dtype, device=device)
-        batch["attention_mask"] = torch.cat([seen, batch["attention_mask"]], dim=1)
-        cache = DynamicCache([(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1)) for k, v in past], config=model.config)
-        out.extend(batch_losses(model, batch, keep, cache).tolist())
+        out.extend(head.losses(batch, keep).per_example().tolist())
     return out

@@ -210,6 +210,51 @@ def collate_on(examples: list[dict[str, Any]], pad_id: int, device: torch.device
     return batch if device.type == "cpu" else {k: v.to(device) for k, v in batch.items()}
 
 
+def shared_prompt_length(examples: list[dict[str, Any]]) -> int:
+    """How many leading tokens all ``examples`` share within their prompts, less one: the most a
+    key/value cache (:class:`PromptCache`) can hold for them, each keeping at least its prompt's
+    last token, whose logit predicts its first answer token. A chat template's system turn is
+    ~14 of a triage example's ~54 tokens."""
+    if not examples:
+        return 0
+    first = examples[0]["input_ids"]
+    n = min(sum(t == IGNORE for t in e["labels"]) for e in examples) - 1
+    for e in examples[1:]:
+        ids = e["input_ids"]
+        n = next((k for k in range(n) if ids[k] != first[k]), n)
+    return max(n, 0)
+
+
+class PromptCache:
+    """The key/value cache of tokens that start every sequence of a batch: they run once, and each
+    batch's sequences (their tokens after these) attend to them through views, repeated over the
+    batch, not copies. The losses equal whole-sequence passes up to float rounding. No gradients:
+    for evaluation and scoring."""
+
+    def __init__(self, model: Any, ids: list[int]) -> None:
+        from transformers import DynamicCache
+
+        self.model, self.length = model, len(ids)
+        head = DynamicCache(config=model.config)
+        with torch.no_grad():
+            tokens = torch.tensor([ids], device=model_device(model))
+            model(input_ids=tokens, use_cache=True, **{cache_keyword(model): head})
+        self._past = [(layer.keys, layer.values) for layer in head.layers]
+
+    def losses(self, batch: dict[str, torch.Tensor], keep_logits: bool) -> BatchLoss:
+        """:func:`forward_losses` of ``batch``, whose sequences continue the cached tokens."""
+        from transformers import DynamicCache
+
+        n = batch["input_ids"].shape[0]
+        mask = batch["attention_mask"]
+        seen = torch.ones((n, self.length), dtype=mask.dtype, device=mask.device)
+        cache = DynamicCache(
+            [(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1)) for k, v in self._past], config=self.model.config
+        )
+        extended = {**batch, "attention_mask": torch.cat([seen, mask], dim=1)}
+        return forward_losses(self.model, extended, keep_logits, cache)
+
+
 def _trainable(model: Any, train_lora_a: bool, train_head: bool = True) -> list[torch.nn.Parameter]:
     params = []
     for name, p in model.named_parameters():
@@ -628,9 +673,13 @@ def evaluate(
     stop = greedy_stop_ids(model) if forced and prompts and len(examples) == len(prompts) else frozenset()
     keep_logits = _keeps_logits(model)
     device = model_device(model)
+    shared = shared_prompt_length(examples)  # the chat template's system turn, run once
+    prompt = PromptCache(model, examples[0]["input_ids"][:shared]) if shared > 1 else None
+    cut = prompt.length if prompt else 0
     for i in range(0, len(examples), batch_size):
-        batch = collate_on(examples[i : i + batch_size], tokenizer.pad_token_id, device)
-        out = forward_losses(model, batch, keep_logits)
+        rest = [{"input_ids": e["input_ids"][cut:], "labels": e["labels"][cut:]} for e in examples[i : i + batch_size]]
+        batch = collate_on(rest, tokenizer.pad_token_id, device)
+        out = prompt.losses(batch, keep_logits) if prompt else forward_losses(model, batch, keep_logits)
         summed, counted = out.total()
         nll += summed
         tokens += counted

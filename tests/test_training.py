@@ -29,6 +29,7 @@ from fedslm.training import (
     round_learning_rate,
     sequence_losses,
     sequence_losses_at,
+    shared_prompt_length,
     train_local,
     warmup_factor,
 )
@@ -219,6 +220,29 @@ def test_eval_loss_from_answer_logits_only_equals_the_full_computation(fresh) ->
             nll += torch.nn.functional.cross_entropy(logits, target, ignore_index=-100, reduction="sum").item()
             count += (target != -100).sum().item()
     assert got == pytest.approx(nll / count, rel=1e-5)
+
+
+def test_evaluation_runs_the_shared_system_turn_once() -> None:
+    """The tokens every prompt starts with (the chat template's system turn) are cached once; each
+    example keeps at least its last prompt token. (That the losses are unchanged: the test above.)"""
+    ignore = data.IGNORE
+    a = {"input_ids": [1, 2, 3, 4, 9], "labels": [ignore] * 4 + [9]}
+    b = {"input_ids": [1, 2, 3, 5, 5, 8], "labels": [ignore] * 5 + [8]}
+    assert shared_prompt_length([a, b]) == 3
+    short = {"input_ids": [1, 2, 7], "labels": [ignore, ignore, 7]}  # a prompt of 2: only its first token
+    assert shared_prompt_length([a, b, short]) == 1
+    assert shared_prompt_length([a, {"input_ids": [6, 2, 3, 4, 9], "labels": a["labels"]}]) == 0
+    assert shared_prompt_length([a]) == 3  # one example: its prompt but the last token
+    assert shared_prompt_length([]) == 0
+
+
+def test_triage_examples_share_the_system_turn(tiny_peft) -> None:
+    tok = tiny_peft.base.tokenizer
+    ex = _examples(tok, 48)
+    k = shared_prompt_length(ex)
+    system = DataConfig().system_prompt
+    assert tok.decode(ex[0]["input_ids"][:k]) == f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n"
+    assert k / (sum(len(e["input_ids"]) for e in ex) / len(ex)) > 0.2  # a fifth of the tokens evaluation runs
 
 
 def test_poisson_batches_come_from_opacus_sampler_with_the_former_draws() -> None:
