@@ -57,11 +57,11 @@ demo: $(STAMP)
 	$(VENV)/bin/fedslm simulate configs/demo.yaml
 
 # The suite alone, on this Python: TEST_WORKERS pytest-xdist workers (one torch thread each), a test
-# file's tests on one worker (tests/conftest.py groups them). Much of the suite waits (Ray and Flower
-# starting, subprocesses, heartbeats): two workers keep CI's 2 cores busy. A third was slower on an
-# AVX2 EPYC (each process spends ~12 s of CPU importing torch and PEFT: the cores, not the waits, bound
-# it there). TEST_WORKERS=0: one process.
-TEST_WORKERS ?= 2
+# file's tests on one worker (tests/conftest.py groups them). Much of the suite waits (Flower's polls in
+# the deployments, subprocesses starting, heartbeats): on CI's 2 cores a third worker fills those waits
+# (AVX2 EPYC: 13 min 26 s against 17-18 min on two, BENCHMARKS.md; it was slower while every tiny
+# federation still started Ray). TEST_WORKERS=0: one process.
+TEST_WORKERS ?= 3
 suite: $(STAMP)
 	$(VENV)/bin/python -m pytest -q --durations=15 $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder)
 

@@ -21,8 +21,8 @@ import torch  # noqa: E402
 from fedslm.config import RunConfig, load_config  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-# `make suite` runs two pytest-xdist workers on CI's 2 cores: one torch thread each (two each would
-# oversubscribe them); a plain `pytest` keeps both threads. The processes the tests start (the fedslm
+# `make suite` runs three pytest-xdist workers on CI's 2 cores: one torch thread each (two each would
+# oversubscribe them further); a plain `pytest` keeps both threads. The processes the tests start (the fedslm
 # command, Flower's, Ray's workers, which take OMP_NUM_THREADS where it is set) get one thread too: a
 # Ray worker with 2 CPUs reserved ran 2 OpenMP threads beside the other pytest worker and took 343 s
 # for a test that takes 90 s alone.
