@@ -239,7 +239,9 @@ class PromptCache:
         with torch.no_grad():
             tokens = torch.tensor([ids], device=model_device(model))
             model(input_ids=tokens, use_cache=True, **{cache_keyword(model): head})
-        self._past = [(layer.keys, layer.values) for layer in head.layers]
+        # a causal LM's DynamicCache holds full-attention layers (their keys and values are set once filled)
+        layers: list[Any] = list(head.layers)
+        self._past: list[tuple[torch.Tensor, torch.Tensor]] = [(layer.keys, layer.values) for layer in layers]
 
     def losses(self, batch: dict[str, torch.Tensor], keep_logits: bool) -> BatchLoss:
         """:func:`forward_losses` of ``batch``, whose sequences continue the cached tokens."""
