@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -26,6 +27,7 @@ def test_bundled_gguf_is_located_without_importing_the_package() -> None:
 def test_conversion_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A conversion that dies half way leaves no cache dir behind (the next run converts again)."""
     import safetensors.torch
+    import transformers.modeling_utils  # noqa: F401 - imported first, it binds the real save_file for good
 
     def boom(*args: object, **kwargs: object) -> None:
         raise KeyboardInterrupt("killed")
@@ -314,3 +316,91 @@ def test_large_blocks_stay_mapped_once_the_threshold_is_fixed() -> None:
         ).returncode
         == 0
     )
+
+
+def _kept_in(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Keep quantized copies under ``tmp_path`` (not the shared cache other test workers use), and count
+    the weights bitsandbytes quantizes (one entry per load that quantized, its number of weights)."""
+    import bitsandbytes as bnb
+
+    where = model_mod.kept_quantized
+    monkeypatch.setattr(model_mod, "kept_quantized", lambda *a: (lambda p: p and tmp_path / p.name)(where(*a)))
+    quantize, counts = bnb.nn.Params4bit._quantize, [0]
+
+    def counted(self, *args, **kwargs):  # noqa: ANN001, ANN202 - bitsandbytes' own signature
+        counts[-1] += 1
+        return quantize(self, *args, **kwargs)
+
+    monkeypatch.setattr(bnb.nn.Params4bit, "_quantize", counted)
+    return counts
+
+
+def _logits(model) -> torch.Tensor:  # noqa: ANN001
+    ids = torch.tensor([[1, 5, 9, 14, 3, 7, 2, 8], [4, 4, 6, 1, 9, 2, 3, 5]])
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def test_an_nf4_load_is_kept_and_read_back_bit_identical_off_the_file(tmp_path, monkeypatch) -> None:
+    counts = _kept_in(tmp_path, monkeypatch)
+    cfg = ModelConfig(name="tiny-llama", quantization="nf4", compute_dtype="float32")
+    first = model_mod.load_base_model(cfg)
+    (kept,) = tmp_path.iterdir()
+    assert model_mod.is_complete(kept) and (kept / "model.safetensors").is_file()
+    assert counts[-1] > 5  # this load quantized every linear layer
+    counts.append(0)
+    again = model_mod.load_base_model(cfg)
+    assert counts[-1] == 0  # read back: nothing quantized
+    assert torch.equal(_logits(again.model), _logits(first.model))
+    weights = (kept / "model.safetensors").resolve()
+    assert not _maps(weights)  # its 4-bit weights and their states were copied off the file's mmap
+    # the check can fail: transformers' own load of the kept copy leaves them on the mapping
+    from transformers import AutoModelForCausalLM
+
+    raw = AutoModelForCausalLM.from_pretrained(str(kept), dtype=torch.float32, device_map="cpu")
+    assert _maps(weights)
+    del raw
+
+
+def _maps(path: Path) -> bool:
+    """Whether this process maps the file ``path``."""
+    return any(line.split()[5:] == [str(path)] for line in Path("/proc/self/maps").read_text().splitlines())
+
+
+def test_a_damaged_kept_copy_is_quantized_again_and_replaced(tmp_path, monkeypatch, caplog) -> None:
+    counts = _kept_in(tmp_path, monkeypatch)
+    cfg = ModelConfig(name="tiny-llama", quantization="nf4", compute_dtype="float32")
+    reference = _logits(model_mod.load_base_model(cfg).model)
+    (kept,) = tmp_path.iterdir()
+    (kept / "model.safetensors").write_bytes(b"not a safetensors file")
+    counts.append(0)
+    with caplog.at_level("WARNING", logger="fedslm.model"):
+        loaded = model_mod.load_base_model(cfg)
+    assert "did not load" in caplog.text and str(kept) in caplog.text
+    assert counts[-1] > 5 and torch.equal(_logits(loaded.model), reference)
+    counts.append(0)
+    assert torch.equal(_logits(model_mod.load_base_model(cfg).model), reference) and counts[-1] == 0  # rebuilt
+
+
+def test_what_a_kept_copy_is_named_by(tmp_path: Path) -> None:
+    import os
+    import shutil
+
+    src = tmp_path / "model"
+    shutil.copytree(model_mod.resolve_model_dir(ModelConfig(name="tiny-llama")), src)
+    nf4 = ModelConfig(name=str(src), quantization="nf4", compute_dtype="float32", device="cpu")
+    name = model_mod.kept_quantized(nf4, src, "causal-lm")
+    assert name is not None and name.parent.name == "quantized" and name.name.startswith("model-nf4-float32-")
+    assert model_mod.kept_quantized(nf4, src, "causal-lm") == name  # stable
+    other_dtype = model_mod.kept_quantized(dataclasses.replace(nf4, compute_dtype="bfloat16"), src, "causal-lm")
+    assert other_dtype not in (None, name)
+    weights = src / "model.safetensors"
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 1_000_000_000))
+    assert model_mod.kept_quantized(nf4, src, "causal-lm") not in (None, name)  # new weights: a new entry
+    for cfg, task in [
+        (dataclasses.replace(nf4, quantization="int8"), "causal-lm"),
+        (dataclasses.replace(nf4, quantization="none"), "causal-lm"),
+        (dataclasses.replace(nf4, device="cuda"), "causal-lm"),
+        (nf4, "classification"),
+    ]:
+        assert model_mod.kept_quantized(cfg, src, task) is None
