@@ -236,12 +236,13 @@ def test_last_position_logits_do_not_copy_the_frozen_head_per_sequence() -> None
     assert m["hooked_mb"] < 0.25 * copy_mb, m  # measured: 97.6 MB without the hook, 1.5 MB with it
 
 
-def _file_mappings(name: str) -> list[tuple[int, int]]:
-    """Address ranges of this process that map a file called ``name`` (from /proc/self/maps)."""
+def _file_mappings(name: str | Path) -> list[tuple[int, int]]:
+    """Address ranges of this process that map a file called ``name``, or the file at ``name`` where it
+    is a path (from /proc/self/maps)."""
     ranges = []
     for line in Path("/proc/self/maps").read_text().splitlines():
         fields = line.split()
-        if len(fields) >= 6 and Path(fields[5]).name == name:
+        if len(fields) >= 6 and (fields[5] == str(name) if isinstance(name, Path) else Path(fields[5]).name == name):
             lo, hi = (int(x, 16) for x in fields[0].split("-"))
             ranges.append((lo, hi))
     return ranges
@@ -353,18 +354,13 @@ def test_an_nf4_load_is_kept_and_read_back_bit_identical_off_the_file(tmp_path, 
     assert counts[-1] == 0  # read back: nothing quantized
     assert torch.equal(_logits(again.model), _logits(first.model))
     weights = (kept / "model.safetensors").resolve()
-    assert not _maps(weights)  # its 4-bit weights and their states were copied off the file's mmap
+    assert not _file_mappings(weights)  # its 4-bit weights and their states were copied off the file's mmap
     # the check can fail: transformers' own load of the kept copy leaves them on the mapping
     from transformers import AutoModelForCausalLM
 
     raw = AutoModelForCausalLM.from_pretrained(str(kept), dtype=torch.float32, device_map="cpu")
-    assert _maps(weights)
+    assert _file_mappings(weights)
     del raw
-
-
-def _maps(path: Path) -> bool:
-    """Whether this process maps the file ``path``."""
-    return any(line.split()[5:] == [str(path)] for line in Path("/proc/self/maps").read_text().splitlines())
 
 
 def test_a_damaged_kept_copy_is_quantized_again_and_replaced(tmp_path, monkeypatch, caplog) -> None:
