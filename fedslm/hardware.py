@@ -13,6 +13,7 @@ CUDA's device capability) so that tests can hand them any machine.
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -140,13 +141,19 @@ def resolve_client_gpus(
     with a share of 0 would find no CUDA device. ``auto``: 0 on a CPU, else the GPUs split evenly
     among the clients that run at once (FlowerTune's ``num-gpus``), at most one GPU each. A number
     is used as given; above 0 it needs CUDA, and 0 with an explicit CUDA device is refused.
+
+    The automatic share is one GPU over a whole number, rounded down to Ray's resolution (1e-4):
+    Flower counts on ``GPUs / share`` actors, and a share that packs fewer on each GPU (3 clients on
+    2 GPUs: 0.667 each fits one per GPU) or that rounds up to more than a GPU (1/6 as 0.1667) leaves
+    one pending forever, and the round with it.
     """
     on_cuda = device.startswith("cuda")
     if requested == "auto":
         if not on_cuda:
             return 0.0
         cuda = cuda if cuda is not None else probe_cuda(_index(device))
-        return min(1.0, max(cuda.count, 1) / max(concurrent, 1))
+        per_gpu = math.ceil(max(concurrent, 1) / max(cuda.count, 1))  # clients packed on each GPU
+        return math.floor(1e4 / per_gpu) / 1e4
     share = float(requested)
     if share > 0:
         cuda = cuda if cuda is not None else probe_cuda()
@@ -161,6 +168,23 @@ def resolve_client_gpus(
             " as 0.25 (four clients per GPU)"
         )
     return share
+
+
+def check_ray_device(device: str, cuda: CudaInfo | None = None, key: str = "model.device") -> None:
+    """Refuse a numbered GPU for clients in Ray workers, where it would name another GPU or none.
+
+    Ray shows each client actor only the GPUs its share reserves, renumbered from 0: there ``cuda:1``
+    does not exist, and on a machine of several GPUs ``cuda:0`` is whichever one Ray gave.
+    """
+    if ":" not in device:
+        return
+    cuda = cuda if cuda is not None else probe_cuda(_index(device))
+    if cuda.count > 1:
+        raise HardwareError(
+            f"{key}: {device!r} cannot hold for clients in Ray workers (Ray shows each one only the GPU"
+            " it reserves, as cuda:0); use cuda, and CUDA_VISIBLE_DEVICES="
+            f"{_index(device)} to keep the whole run on that GPU"
+        )
 
 
 def _index(device: str) -> int:

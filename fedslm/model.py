@@ -29,6 +29,7 @@ from .fs import atomic_dir
 from .hardware import (
     DTYPES,
     HardwareError,
+    check_ray_device,
     describe,
     probe_cpu,
     resolve_client_gpus,
@@ -219,8 +220,10 @@ def check_run_hardware(cfg: RunConfig, scope: str = "simulation") -> None:
         device = resolve_device(cfg.model.device)
         resolve_compute_dtype(cfg.model.compute_dtype, device)
         if scope == "simulation":
-            fed = cfg.federation
-            resolve_client_gpus(fed.client_gpus, device, fed.clients_at_once(os.cpu_count() or 1))
+            fed, cpus = cfg.federation, os.cpu_count() or 1
+            resolve_client_gpus(fed.client_gpus, device, fed.clients_at_once(cpus))
+            if fed.resolve_backend(cpus) == "ray":
+                check_ray_device(device)
     except HardwareError as e:
         raise ConfigError(str(e)) from None
 

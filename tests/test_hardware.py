@@ -144,6 +144,9 @@ def test_client_resources_follow_the_config() -> None:
         ("auto", "cuda", 1, A100, 1.0),
         ("auto", "cuda", 4, H200, 0.5),  # two GPUs: Ray packs two clients on each
         ("auto", "cuda", 1, H200, 1.0),  # never more than one GPU per client
+        ("auto", "cuda", 3, H200, 0.5),  # not 0.667: that fits one client per GPU, and the third waits forever
+        ("auto", "cuda", 6, A100, 0.1666),  # not 0.1667: six of those would exceed one GPU
+        ("auto", "cuda", 3, A100, 0.3333),
         (0.125, "cuda", 4, A100, 0.125),  # an explicit share is used as given
         (0.0, "cpu", 4, A100, 0.0),
     ],
@@ -154,6 +157,29 @@ def test_client_gpu_share_resolution(
     from fedslm.hardware import resolve_client_gpus
 
     assert resolve_client_gpus(requested, device, at_once, cuda=cuda) == expected
+
+
+@pytest.mark.parametrize("gpus", [1, 2, 3, 4, 8])
+def test_auto_gpu_shares_fit_every_client_that_runs_at_once(gpus: int) -> None:
+    """Ray packs shares in units of 1e-4 per GPU: every client of a wave must find room, or its actor
+    stays pending and the round never ends."""
+    from fedslm.hardware import resolve_client_gpus
+
+    for at_once in range(1, 33):
+        share = resolve_client_gpus("auto", "cuda", at_once, cuda=CudaInfo(True, gpus, (9, 0), "H100"))
+        units = round(share * 1e4)
+        assert abs(units - share * 1e4) < 1e-6, (at_once, share)  # no rounding left to Ray
+        assert gpus * (10_000 // units) >= at_once, (at_once, share)
+
+
+def test_a_numbered_gpu_is_refused_for_ray_clients_on_several_gpus() -> None:
+    from fedslm.hardware import check_ray_device
+
+    for device in ("cuda:0", "cuda:1"):  # a Ray worker sees only its GPU, as cuda:0
+        with pytest.raises(HardwareError, match=rf"model.device: '{device}' cannot hold for clients in Ray workers"):
+            check_ray_device(device, cuda=H200)
+    check_ray_device("cuda", cuda=H200)
+    check_ray_device("cuda:0", cuda=A100)  # the only GPU: cuda:0 in every worker too
 
 
 def test_zero_gpu_share_with_a_cuda_device_is_refused() -> None:
