@@ -9,8 +9,11 @@ table), the same batch x tokens, NF4 base, LoRA r=8 on q/v, DP-SGD (noise 0.6, c
 - **plain**: ``AutoModelForCausalLM`` with a ``BitsAndBytesConfig``, ``peft.get_peft_model``, Opacus'
   ``GradSampleModule`` + ``DPOptimizer``, labels on every position (full-vocabulary logits).
 
-It prints seconds per step (median, two warm-up steps dropped), tokens per second and the peak of
-``torch.cuda.max_memory_allocated``. Without a CUDA device it says so and exits 0.
+Both take the full batch at every step (fedslm's Poisson sampling at rate 1 over ``batch`` records),
+so the two time the same work. It prints seconds per step (median, two warm-up steps dropped),
+tokens per second and the peak of ``torch.cuda.max_memory_allocated``. Without a CUDA device it says
+so and exits 0; on a machine with an NVIDIA GPU that torch cannot use (a CPU build of torch, say) it
+says so and exits 1, so that a run there never passes for a measurement.
 
     .venv/bin/python bench/gpu.py [--steps 6] [--shapes smollm2-135m llama-3.2-1b ...]
 """
@@ -19,6 +22,8 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -60,12 +65,23 @@ SHAPES: dict[str, tuple[dict[str, Any], int, int]] = {
 }
 # fmt: on
 NOISE, CLIP, LR = 0.6, 1.0, 5e-3
+DEVICE = "cuda"  # tests/test_bench_gpu.py runs both loops in miniature on "cpu", to catch API drift early
 
 
-def cuda_device() -> str | None:
+def missing_cuda() -> tuple[str, int] | None:
+    """Why nothing can be measured here, and the exit status to give; None where CUDA works."""
     import torch
 
-    return "cuda" if torch.cuda.is_available() else None
+    if torch.cuda.is_available():
+        return None
+    hidden = os.environ.get("CUDA_VISIBLE_DEVICES", "unset").strip() in ("", "-1")
+    if not hidden and (shutil.which("nvidia-smi") or Path("/dev/nvidiactl").exists()):
+        return (
+            f"an NVIDIA GPU is here, but torch {torch.__version__} (CUDA {torch.version.cuda}) cannot use it;"
+            " install a CUDA build of torch (README: Versions). Nothing measured",
+            1,
+        )
+    return "no CUDA device here (torch.cuda.is_available() is False); nothing measured", 0
 
 
 def write_random_model(shape: dict[str, Any], out: Path) -> Path:
@@ -87,17 +103,16 @@ def write_random_model(shape: dict[str, Any], out: Path) -> Path:
     return out
 
 
-def _examples(batch: int, tokens: int, vocab: int, steps: int) -> list[dict[str, list[int]]]:
+def _examples(batch: int, tokens: int, vocab: int) -> list[dict[str, list[int]]]:
     import torch
 
     gen = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, min(vocab, 49152), (batch * steps, tokens), generator=gen).tolist()
+    ids = torch.randint(0, min(vocab, 49152), (batch, tokens), generator=gen).tolist()
     answer = tokens // 4  # the labelled answer: the last quarter of each sequence
     return [{"input_ids": x, "labels": [-100] * (tokens - answer) + x[tokens - answer :]} for x in ids]
 
 
 def fedslm_step(path: Path, batch: int, tokens: int, steps: int) -> tuple[list[float], float]:
-    import torch
 
     from fedslm.adapters import attach_lora
     from fedslm.config import LoRAConfig, ModelConfig
@@ -105,16 +120,17 @@ def fedslm_step(path: Path, batch: int, tokens: int, steps: int) -> tuple[list[f
     from fedslm.training import DPSettings, LocalTraining, train_local
 
     # auto: bf16 where the GPU computes it natively (compute capability 8.0+), else float16, as a user gets
-    cfg = ModelConfig(name=str(path), quantization="nf4", compute_dtype="auto", device="cuda", max_length=tokens)
+    cfg = ModelConfig(name=str(path), quantization="nf4", compute_dtype="auto", device=DEVICE, max_length=tokens)
     base = load_base_model(cfg)
     model = attach_lora(base.model, LoRAConfig(r=8, alpha=16, target_modules=["q_proj", "v_proj"]))
-    examples = _examples(batch, tokens, base.model.config.vocab_size, steps)
-    spec = LocalTraining(steps=steps, batch_size=batch, learning_rate=LR, dp=DPSettings(NOISE, CLIP, 1.0 / steps))
-    torch.cuda.reset_peak_memory_stats()
+    examples = _examples(batch, tokens, base.model.config.vocab_size)
+    # Poisson sampling at rate 1: every step takes all `batch` records, the plain loop's full batch
+    spec = LocalTraining(steps=steps, batch_size=batch, learning_rate=LR, dp=DPSettings(NOISE, CLIP, 1.0))
+    _reset_peak()
     stamps: list[float] = []
     t0 = time.perf_counter()
     train_local(model, examples, base.tokenizer.pad_token_id, spec, on_step=lambda s: _stamp(stamps))
-    return _durations(t0, stamps), torch.cuda.max_memory_allocated() / 2**30
+    return _durations(t0, stamps), _peak_gib()
 
 
 def plain_step(path: Path, batch: int, tokens: int, steps: int) -> tuple[list[float], float]:
@@ -126,9 +142,9 @@ def plain_step(path: Path, batch: int, tokens: int, steps: int) -> tuple[list[fl
 
     from fedslm.hardware import resolve_compute_dtype
 
-    dtype = getattr(torch, resolve_compute_dtype("auto", "cuda"))  # the same compute dtype as fedslm's step
+    dtype = getattr(torch, resolve_compute_dtype("auto", DEVICE))  # the same compute dtype as fedslm's step
     qc = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
-    base = AutoModelForCausalLM.from_pretrained(str(path), quantization_config=qc, dtype=dtype, device_map="cuda")
+    base = AutoModelForCausalLM.from_pretrained(str(path), quantization_config=qc, dtype=dtype, device_map=DEVICE)
     base.requires_grad_(False)
     model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
     for p in model.parameters():
@@ -140,25 +156,40 @@ def plain_step(path: Path, batch: int, tokens: int, steps: int) -> tuple[list[fl
                       expected_batch_size=batch)  # fmt: skip
     gen = torch.Generator().manual_seed(1)
     vocab = base.config.vocab_size
-    torch.cuda.reset_peak_memory_stats()
+    _reset_peak()
     stamps: list[float] = []
     t0 = time.perf_counter()
     for _ in range(steps):
-        ids = torch.randint(0, min(vocab, 49152), (batch, tokens), generator=gen).cuda()
+        ids = torch.randint(0, min(vocab, 49152), (batch, tokens), generator=gen).to(DEVICE)
         logits = gsm(input_ids=ids).logits.float()  # every position, the full vocabulary
         loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, vocab), ids[:, 1:].reshape(-1))
         loss.backward()
         opt.step()
         opt.zero_grad()
         _stamp(stamps)
-    return _durations(t0, stamps), torch.cuda.max_memory_allocated() / 2**30
+    return _durations(t0, stamps), _peak_gib()
 
 
 def _stamp(stamps: list[float]) -> None:
     import torch
 
-    torch.cuda.synchronize()
+    if DEVICE != "cpu":
+        torch.cuda.synchronize()
     stamps.append(time.perf_counter())
+
+
+def _reset_peak() -> None:
+    import torch
+
+    if DEVICE != "cpu":
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _peak_gib() -> float:
+    """Peak GPU memory allocated since :func:`_reset_peak`, GiB (0 on a CPU: not measured there)."""
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 2**30 if DEVICE != "cpu" else 0.0
 
 
 def _durations(t0: float, stamps: list[float]) -> list[float]:
@@ -167,12 +198,15 @@ def _durations(t0: float, stamps: list[float]) -> list[float]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--steps", type=int, default=6, help="steps per loop, at least 3 (the first 2 are warm-up)")
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     args = ap.parse_args(argv)
-    if cuda_device() is None:
-        print("bench/gpu.py: no CUDA device here (torch.cuda.is_available() is False); nothing measured")
-        return 0
+    if args.steps < 3:
+        ap.error(f"--steps {args.steps}: at least 3 (the first 2 steps are warm-up and not timed)")
+    missing = missing_cuda()
+    if missing is not None:
+        print(f"bench/gpu.py: {missing[0]}")
+        return missing[1]
     import torch
 
     lines = []

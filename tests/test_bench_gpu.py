@@ -1,4 +1,5 @@
-"""bench/gpu.py without a CUDA device (hidden with CUDA_VISIBLE_DEVICES=""): it says so and exits 0."""
+"""bench/gpu.py where it cannot measure (it says so: exit 0 without a GPU, 1 beside a GPU torch cannot use),
+and its two loops in miniature on a CPU, so that an API change breaks here rather than on a lent GPU."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -39,3 +42,44 @@ def test_gpu_bench_shapes_match_the_issue_table() -> None:
         "qwen2.5-1.5b": (1536, 28, 151936, 32, 256),
         "llama-3.2-3b": (3072, 28, 128256, 32, 256),
     }
+
+
+def test_gpu_bench_beside_a_gpu_torch_cannot_use_fails(tmp_path: Path) -> None:
+    """A CPU build of torch on a GPU machine (nvidia-smi answers) must not pass for a run without a GPU."""
+    smi = tmp_path / "nvidia-smi"
+    smi.write_text("#!/bin/sh\necho 'NVIDIA H100'\n")
+    smi.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
+    env.update(PATH=f"{tmp_path}:{env['PATH']}", PYTHONPATH=str(ROOT))
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "gpu.py")], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "an NVIDIA GPU is here, but torch" in done.stdout and "cannot use it" in done.stdout
+
+
+def test_gpu_bench_refuses_too_few_steps_to_time() -> None:
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "gpu.py"), "--steps", "2"],
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2 and "--steps 2: at least 3" in done.stderr
+
+
+def test_both_gpu_bench_loops_run_in_miniature_on_a_cpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """fedslm's step and the plain PEFT + bitsandbytes + Opacus loop, each 3 full-batch DP steps of a
+    2-layer model of SmolLM2's family: both run, and each times the one step after its 2 warm-up steps."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import gpu
+
+    monkeypatch.setattr(gpu, "DEVICE", "cpu")
+    shape = {**gpu.SHAPES["smollm2-135m-8x128"][0], "hidden_size": 64, "intermediate_size": 128,
+             "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2}  # fmt: skip
+    path = gpu.write_random_model(shape, tmp_path / "mini")
+    for loop in (gpu.plain_step, gpu.fedslm_step):
+        times, peak = loop(path, 2, 16, 3)
+        assert len(times) == 1 and 0 < times[0] < 60, (loop.__name__, times)
+        assert peak == 0.0  # GPU memory is measured on a GPU only
