@@ -170,7 +170,11 @@ class PrivacyConfig:
     max_noise_multiplier: float = _f(
         50.0, "the most noise calibration may choose; a budget that needs more is refused at check"
     )
-    secure_mode: bool = _f(False, "cryptographically secure noise (slower; for production)")
+    secure_mode: bool = _f(
+        False,
+        "batches and noise seeded from the OS's entropy, not the run's seed, and Opacus' noise robust to"
+        " floating-point attacks (not reproducible; for production)",
+    )
     central_noise_multiplier: float = _f(1.0, "central DP: noise std / clipping norm")
     central_clipping_norm: float = _f(1.0, "central DP: L2 bound of each client's adapter update")
     central_delta: float = _f(1e-3, "central (client-level) DP delta")

@@ -16,6 +16,7 @@ import contextlib
 import functools
 import inspect
 import math
+import secrets
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -343,10 +344,19 @@ def _prepare_optimizer(optimizer: torch.optim.Optimizer, cfg: LocalTraining, n: 
         max_grad_norm=cfg.dp.max_grad_norm,
         expected_batch_size=max(1, round(cfg.dp.sample_rate * n)),
         loss_reduction="mean",
-        secure_mode=cfg.dp.secure_mode,
-        # reproducible noise from the run's seed; secure_mode draws from a CSPRNG instead
-        generator=None if cfg.dp.secure_mode else torch.Generator(device=device).manual_seed(cfg.seed + 1),
+        secure_mode=cfg.dp.secure_mode,  # Opacus' noise robust to floating-point attacks
+        generator=torch.Generator(device=device).manual_seed(_seed(cfg, 1)),
     )
+
+
+def _seed(cfg: LocalTraining, offset: int) -> int:
+    """The seed of a training call's draws: the run's (reproducible), or under DP's ``secure_mode`` one
+    from the operating system's entropy, so that no one who knows the config can tell which records a
+    step sampled or subtract its noise. (torch's generators are not cryptographic: Philox on CUDA,
+    Mersenne Twister on a CPU; left unseeded they start from a fixed seed in every process.)"""
+    if cfg.dp is not None and cfg.dp.secure_mode:
+        return secrets.randbits(63)
+    return cfg.seed + offset
 
 
 @contextlib.contextmanager
@@ -391,7 +401,7 @@ def train_local(
     """
     if not examples:
         raise TrainingError("this client has no training examples")
-    gen = torch.Generator().manual_seed(cfg.seed)  # batch draws on the CPU: the same on every device
+    gen = torch.Generator().manual_seed(_seed(cfg, 0))  # batch draws on the CPU: the same on every device
     device = model_device(model)
     model.train()
     keep_logits = _keeps_logits(model)

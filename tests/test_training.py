@@ -173,6 +173,25 @@ def test_dp_training_with_gradient_checkpointing_takes_the_same_steps(fresh) -> 
     assert any(not torch.equal(plain[k], fresh.initial[k]) for k in plain)  # DP-SGD moved LoRA
 
 
+def test_secure_mode_draws_batches_and_noise_the_seed_cannot_predict(fresh) -> None:
+    """Without secure_mode two calls from the same adapter and seed take identical DP steps; with it,
+    the batches and the noise come from the OS's entropy, so they differ though the seed is the same."""
+    tok = fresh.base.tokenizer
+    ex = _examples(tok, 32)
+    outcomes = {}
+    for secure in (False, True):
+        spec = LocalTraining(steps=2, batch_size=8, learning_rate=0.05, dp=DPSettings(1.0, 1.0, 8 / 32, secure))
+        runs = []
+        for _ in range(2):
+            load_adapter_state(fresh.model, fresh.initial)
+            result = train_local(fresh.model, ex, tok.pad_token_id, spec)
+            runs.append((result.samples_seen, adapter_state(fresh.model)))
+        (seen_a, a), (seen_b, b) = runs
+        assert all(torch.isfinite(v).all() for v in b.values())
+        outcomes[secure] = seen_a == seen_b and all(torch.equal(a[k], b[k]) for k in a)
+    assert outcomes == {False: True, True: False}
+
+
 def test_no_examples_is_an_error(fresh) -> None:
     with pytest.raises(TrainingError, match="no training examples"):
         train_local(fresh.model, [], 0, LocalTraining(steps=1, batch_size=1, learning_rate=0.1))
