@@ -169,7 +169,9 @@ class _AddResidual:
 
     def __call__(self, module: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
         x = inputs[0]
-        extra = torch.nn.functional.linear(x.to(torch.float32), self.residual.to(x.device))
+        if self.residual.device != x.device:  # moved once, not copied to a GPU on every forward
+            self.residual = self.residual.to(x.device)
+        extra = torch.nn.functional.linear(x.to(torch.float32), self.residual)
         return output + extra.to(output.dtype)
 
 

@@ -284,7 +284,7 @@ def load_base_model(cfg: ModelConfig, task: str = "causal-lm", labels: tuple[str
         init_head_from_labels(model, tokenizer, labels)
     if qc is None and cfg.device != "cpu":
         model.to(cfg.device)  # before get_peft_model, so LoRA is created on it (opacus issue 820)
-    if qc is not None:
+    if qc is not None and cfg.device == "cpu":  # a GPU's copies are its own already
         own_unquantized_weights(model)
     model.requires_grad_(False)
     keep_4bit_layout_trainable(model)
