@@ -93,11 +93,35 @@ def attach_lora(base: Any, lora: LoRAConfig, task: str = "causal-lm", rank: int 
         torch.manual_seed(lora.init_seed)
         model = get_peft_model(base, cfg)
     # LoRA weights in fp32: DP noise and small updates survive, and the wire format is exact.
-    # (PEFT casts the LoRA input to the LoRA dtype; a classification head keeps the compute dtype)
+    # (PEFT casts the LoRA input to the LoRA dtype; a trained head casts its own, below)
     for name, p in model.named_parameters():
         if p.requires_grad and ".lora_" in name:
             p.data = p.data.float()
+    fp32_heads(model)
     return model
+
+
+def _to_fp32(module: Any, args: tuple[Any, ...]) -> tuple[Any, ...]:
+    return tuple(a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
+
+
+def fp32_heads(model: Any) -> int:
+    """Keep each trained classification head (PEFT's ``modules_to_save`` copy) in fp32, its input cast
+    to fp32 on the way in; returns how many were changed.
+
+    In float16 AdamW's second moment of a head's gradient underflows and its update divides by
+    zero (non-finite loss at the first step); in bfloat16 small updates round away. The logits then
+    leave in fp32, which the loss computes in anyway.
+    """
+    changed = 0
+    for name, module in model.named_modules():
+        if ".modules_to_save." not in f"{name}." or not isinstance(module, torch.nn.Linear):
+            continue
+        if module.weight.dtype != torch.float32:
+            module.float()
+            module.register_forward_pre_hook(_to_fp32)
+            changed += 1
+    return changed
 
 
 def adapter_state(model: Any) -> dict[str, torch.Tensor]:

@@ -64,6 +64,31 @@ def test_classifier_lora_and_head_train_with_dp(family: str, targets: set[str], 
     assert all(not torch.equal(state[k], after[k]) for k in head_keys)
 
 
+@pytest.mark.parametrize("family", ["llama", "distilbert"])
+def test_a_half_precision_model_trains_its_head_in_fp32(family: str) -> None:
+    """float16 compute (``auto`` on a GPU older than Ampere): a head trained in fp16 gave a non-finite
+    loss at the first step (AdamW's second moment underflows). The head is kept in fp32 and moves;
+    the rest of the model stays in fp16. (fp16 is refused on a CPU as a setting, so the test casts.)"""
+    cfg = DataConfig(num_records=60)
+    records = data.client_records(cfg, cache_root(), 0, 2).records[:16]
+    names = data.label_names(cfg, data.load_records(cfg, cache_root()))
+    loaded = load_base_model(
+        ModelConfig(name=f"tiny-{family}", quantization="none", compute_dtype="float32"), "classification", tuple(names)
+    )
+    model = attach_lora(loaded.model.to(torch.float16), LoRAConfig(r=4, alpha=8), task="classification")
+    trained = {n: p.dtype for n, p in model.named_parameters() if p.requires_grad and ".lora_" not in n}
+    assert trained and set(trained.values()) == {torch.float32}, trained
+    frozen = {p.dtype for n, p in model.named_parameters() if not p.requires_grad}
+    assert frozen == {torch.float16}
+    state = adapter_state(model)
+    examples = data.encode_all(loaded.tokenizer, records, cfg, 96, names)
+    spec = LocalTraining(steps=3, batch_size=8, learning_rate=1e-3, dp=DPSettings(1.0, 1.0, 8 / 16))
+    result = train_local(model, examples, loaded.tokenizer.pad_token_id, spec)
+    after = adapter_state(model)
+    assert result.steps == 3 and all(torch.isfinite(v).all() for v in after.values())
+    assert all(not torch.equal(state[k], after[k]) for k in state if ".lora_" not in k)  # the head moved
+
+
 NAMES = ("Cardiology", "Dermatology", "Gastroenterology", "Neurology", "Orthopedics", "Pulmonology")
 
 
