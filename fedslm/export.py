@@ -157,7 +157,7 @@ def export(
     quant = quant or QUANTS[fmt][0]
     if quant not in QUANTS[fmt]:
         raise ExportError(f"--quant {quant!r} does not apply to {fmt}; choose one of {list(QUANTS[fmt])}")
-    cfg, adapter = run_adapter(run_dir, round_)
+    cfg, adapter = run_adapter(run_dir, round_, as_trained=True)
     replaced = check_out(out, run_dir, force)
     if cfg.task != "causal-lm":
         raise ExportError("export supports task causal-lm; a classifier is used through its PEFT adapter")

@@ -213,7 +213,7 @@ def check_task(run_dir: Path, fmt: str, quant: str, path: Path, round_: int) -> 
     from .model import resolve_model_dir
     from .runs import run_adapter
 
-    cfg, adapter = run_adapter(run_dir, round_)
+    cfg, adapter = run_adapter(run_dir, round_, as_trained=True)
     new_tokens = cfg.eval.max_new_tokens
     if fmt in ("gguf", "onnx"):  # the prompt text from the run's tokenizer (the one carried into the export)
         tok = AutoTokenizer.from_pretrained(str(resolve_model_dir(cfg.model) if fmt == "gguf" else path))

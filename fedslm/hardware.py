@@ -103,17 +103,20 @@ def resolve_compute_dtype(
     cpu: CpuInfo | None = None,
     cuda: CudaInfo | None = None,
     key: str = "model.compute_dtype",
+    computes: bool = True,
 ) -> str:
     """The compute dtype for ``device`` (already resolved): ``auto`` picks what the hardware runs natively.
 
     CUDA: bfloat16 from compute capability 8.0, else float16. CPU: bfloat16 with AVX512-BF16 or
     AMX, else float32. An explicit choice wins, except float16 on a CPU, which is refused: CPUs have
     no fast fp16 matmul and fp16's range overflows in LoRA training without loss scaling.
+    ``computes=False``: the model is only loaded to read its weights (an export rebuilding the base
+    a GPU run trained on), so float16 on a CPU is allowed.
     """
     if requested not in ("auto", *DTYPES):
         raise HardwareError(f"{key}: {requested!r} is not one of auto | {' | '.join(DTYPES)}")
     on_cuda = device.startswith("cuda")
-    if requested == "float16" and not on_cuda:
+    if requested == "float16" and not on_cuda and computes:
         raise HardwareError(
             f"{key}: float16 on a CPU is refused (no native fp16 matmul, and fp16 overflows without loss"
             " scaling); use auto, float32, or bfloat16"

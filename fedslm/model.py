@@ -187,14 +187,15 @@ class LoadedModel:
     task: str
 
 
-def resolve_hardware(cfg: ModelConfig) -> ModelConfig:
+def resolve_hardware(cfg: ModelConfig, computes: bool = True) -> ModelConfig:
     """``cfg`` with ``device`` and ``compute_dtype`` resolved for this machine (see :mod:`fedslm.hardware`).
 
-    Raises :class:`ModelLoadError` naming the key for a device this machine lacks, or float16 on a CPU.
+    Raises :class:`ModelLoadError` naming the key for a device this machine lacks, or float16 on a CPU
+    (unless the model is only read: ``computes=False``).
     """
     try:
         device = resolve_device(cfg.device)
-        dtype = resolve_compute_dtype(cfg.compute_dtype, device)
+        dtype = resolve_compute_dtype(cfg.compute_dtype, device, computes=computes)
     except HardwareError as e:
         raise ModelLoadError(str(e)) from None
     if (device, dtype) == (cfg.device, cfg.compute_dtype):
@@ -231,9 +232,9 @@ def check_run_hardware(cfg: RunConfig, scope: str = "simulation") -> None:
 _announced: set[tuple[str, str]] = set()
 
 
-def announce_hardware(cfg: ModelConfig) -> ModelConfig:
+def announce_hardware(cfg: ModelConfig, computes: bool = True) -> ModelConfig:
     """Resolve ``cfg`` for this machine and log the result once per process."""
-    resolved = resolve_hardware(cfg)
+    resolved = resolve_hardware(cfg, computes)
     key = (resolved.device, resolved.compute_dtype)
     if key not in _announced:
         _announced.add(key)
@@ -246,16 +247,19 @@ def announce_hardware(cfg: ModelConfig) -> ModelConfig:
     return resolved
 
 
-def load_base_model(cfg: ModelConfig, task: str = "causal-lm", labels: tuple[str, ...] = ()) -> LoadedModel:
+def load_base_model(
+    cfg: ModelConfig, task: str = "causal-lm", labels: tuple[str, ...] = (), computes: bool = True
+) -> LoadedModel:
     """Load the frozen, optionally quantized base model and its tokenizer.
 
     ``task="classification"`` loads a sequence-classification head with one output per name of
     ``labels``, started as ``model.head_init`` says (:func:`init_head_from_labels`, or seeded random);
-    the server's initial adapter carries it to every client.
+    the server's initial adapter carries it to every client. ``computes=False``: only its weights are
+    read (see :func:`fedslm.hardware.resolve_compute_dtype`).
     """
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-    cfg = announce_hardware(cfg)
+    cfg = announce_hardware(cfg, computes)
     path = resolve_model_dir(cfg)
     map_large_blocks(LOAD_MMAP_THRESHOLD)
     t0 = time.perf_counter()

@@ -33,12 +33,32 @@ def best_round(run_dir: Path) -> int | None:
     return best if isinstance(best, int) else None
 
 
-def run_adapter(run_dir: Path, round_: int | None = None) -> tuple[RunConfig, Path]:
-    """The run's config and the adapter dir of ``round_`` (default: the run's best round, see :func:`best_round`)."""
+def trained_dtype(run_dir: Path, cfg: RunConfig) -> RunConfig:
+    """``cfg`` with ``model.compute_dtype: auto`` replaced by the dtype it resolved to where the run
+    trained (``summary.json``): the base the clients quantized is rebuilt from the same weights on
+    any machine (a GPU run's bfloat16 on an AVX2 CPU that would pick float32)."""
+    path = Path(run_dir) / "summary.json"
+    if cfg.model.compute_dtype != "auto" or not path.is_file():
+        return cfg
+    try:
+        dtype = json.loads(path.read_text()).get("compute_dtype")
+    except ValueError:
+        raise ExportError(f"{path}: not JSON") from None
+    return replace(cfg, model=replace(cfg.model, compute_dtype=dtype)) if isinstance(dtype, str) else cfg
+
+
+def run_adapter(run_dir: Path, round_: int | None = None, as_trained: bool = False) -> tuple[RunConfig, Path]:
+    """The run's config and the adapter dir of ``round_`` (default: the run's best round, see :func:`best_round`).
+
+    ``as_trained``: with the compute dtype the run trained in (:func:`trained_dtype`), for an export's
+    base; generating here keeps this machine's own (``auto``).
+    """
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise ExportError(f"{run_dir} is not a run directory (no config.yaml)")
     cfg = load_config(run_dir / "config.yaml")
+    if as_trained:
+        cfg = trained_dtype(run_dir, cfg)
     rounds = sorted((run_dir / "adapters").glob("round-*"))
     if not rounds:
         raise ExportError(f"{run_dir} holds no adapters/round-NNN")
@@ -77,7 +97,7 @@ def trained_base(cfg: RunConfig) -> tuple[Any, Any]:
 
     from .model import load_base_model
 
-    loaded = load_base_model(replace(cfg.model, device="cpu"))
+    loaded = load_base_model(replace(cfg.model, device="cpu"), computes=False)  # a float16 GPU run's too
     model = loaded.model
     for module in model.modules():
         if isinstance(module, bnb.nn.Linear4bit):

@@ -34,7 +34,7 @@ def _nf4_run(run: Path, compute_dtype: str) -> Path:
     cfg = load_config(ROOT / "configs" / "tiny.yaml", overrides)
     run.mkdir(parents=True)
     (run / "config.yaml").write_text(cfg.to_yaml())
-    model = attach_lora(load_base_model(cfg.model).model, cfg.lora)
+    model = attach_lora(load_base_model(cfg.model, computes=False).model, cfg.lora)
     with torch.no_grad(), torch.random.fork_rng():
         torch.manual_seed(1)
         for name, p in model.named_parameters():
@@ -366,6 +366,34 @@ def test_a_bf16_quantized_base_is_dequantized_in_float32(tmp_path):
     run = _nf4_run(tmp_path / "run", "bfloat16")
     result = export(run, tmp_path / "m", "merged", quant="none")
     assert result.tolerance == 1e-3  # the kernel gap is 0.0: nothing added to the tolerance
+    assert result.max_abs_logit_diff <= 1e-3 < result.original_base_diff
+
+
+def _first_4bit(model) -> torch.Tensor:
+    import bitsandbytes as bnb
+
+    return next(m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)).weight.data
+
+
+def test_a_float16_gpu_run_exports_from_the_base_it_trained_on(tmp_path):
+    """A GPU run before Ampere computes in float16 (``auto``): its clients quantized fp16 weights, whose
+    NF4 codes differ from fp32's. The export reads the resolved dtype from summary.json and rebuilds
+    that base on this CPU, where float16 was refused before even for loading."""
+    from fedslm.model import load_base_model
+    from fedslm.runs import run_adapter, trained_base
+
+    run = _nf4_run(tmp_path / "run", "float16")  # the adapter trained on the fp16-quantized base
+    cfg = load_config(run / "config.yaml")
+    fp16 = _first_4bit(load_base_model(cfg.model, computes=False).model)
+    (run / "config.yaml").write_text(load_config(run / "config.yaml", ["model.compute_dtype=auto"]).to_yaml())
+    (run / "summary.json").write_text(json.dumps({"compute_dtype": "float16", "device": "cuda"}))
+    assert run_adapter(run)[0].model.compute_dtype == "auto"  # `fedslm generate` keeps this machine's
+    as_trained, _ = run_adapter(run, as_trained=True)
+    assert as_trained.model.compute_dtype == "float16"
+    rebuilt = _first_4bit(trained_base(as_trained)[0])
+    fp32 = _first_4bit(trained_base(load_config(run / "config.yaml", ["model.compute_dtype=float32"]))[0])
+    assert torch.equal(rebuilt, fp16) and not torch.equal(rebuilt, fp32)
+    result = export(run, tmp_path / "m", "merged", quant="none")
     assert result.max_abs_logit_diff <= 1e-3 < result.original_base_diff
 
 
