@@ -30,7 +30,7 @@ def worker(args: argparse.Namespace) -> None:
     from fedslm.training import DPSettings, LocalTraining, train_local
 
     torch.set_num_threads(2)
-    cfg = load_config(args.config)
+    cfg = load_config(args.config, ["model.device=cpu"])  # a CPU client's RSS, also beside a GPU
     resident = PEFT_CACHE.get(cfg.model, cfg.lora)
     model, tok = resident.model, resident.base.tokenizer
     records = data.client_records(cfg.data, cache_root(cfg.model), 0, cfg.federation.num_clients).records

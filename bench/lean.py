@@ -130,7 +130,8 @@ def worker(args: argparse.Namespace) -> None:
     cuda = torch.cuda.is_available()
     variant = VARIANTS[args.variant]
     batch = variant.batch or args.batch
-    cfg = load_config(args.config, [*variant.overrides, f"model.max_length={args.tokens}"])
+    # a CPU client's RSS and step time, also on a machine with a GPU (bench/gpu.py measures that)
+    cfg = load_config(args.config, ["model.device=cpu", *variant.overrides, f"model.max_length={args.tokens}"])
     t0 = time.perf_counter()
     resident = tasks.resident_model(cfg)
     load_s = time.perf_counter() - t0
