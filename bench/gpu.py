@@ -16,6 +16,7 @@ so and exits 0; on a machine with an NVIDIA GPU that torch cannot use (a CPU bui
 says so and exits 1, so that a run there never passes for a measurement.
 
     .venv/bin/python bench/gpu.py [--steps 6] [--shapes smollm2-135m llama-3.2-1b ...]
+    .venv/bin/python bench/gpu.py --write-model llama-3.2-1b DIR   # only write that random model (a federation's)
 """
 
 from __future__ import annotations
@@ -85,7 +86,7 @@ def missing_cuda() -> tuple[str, int] | None:
 
 
 def write_random_model(shape: dict[str, Any], out: Path) -> Path:
-    """A seeded random-weight model of ``shape`` (bf16 safetensors) with SmolLM2's tokenizer files."""
+    """A seeded random-weight model of ``shape`` (bf16 safetensors) with SmolLM2's tokenizer and chat template."""
     import shutil
 
     import torch
@@ -96,9 +97,12 @@ def write_random_model(shape: dict[str, Any], out: Path) -> Path:
     kwargs = dict(shape)
     config = AutoConfig.for_model(kwargs.pop("model_type"), **kwargs, max_position_embeddings=512)
     torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(out)
-    for f in bundled_tokenizer_dir().iterdir():
-        if f.is_file() and "token" in f.name:
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):  # a 3B model initialises in seconds there
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(out)
+    del model
+    for f in bundled_tokenizer_dir().iterdir():  # the tokenizer and its chat template (a federation needs it)
+        if f.is_file() and ("token" in f.name or f.name == "chat_template.jinja"):
             shutil.copy(f, out / f.name)
     return out
 
@@ -200,7 +204,14 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=6, help="steps per loop, at least 3 (the first 2 are warm-up)")
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    ap.add_argument("--write-model", nargs=2, metavar=("SHAPE", "DIR"), help="write SHAPE's random model, and stop")
     args = ap.parse_args(argv)
+    if args.write_model:
+        shape, out = args.write_model
+        if shape not in SHAPES:
+            ap.error(f"--write-model {shape!r}: not one of {list(SHAPES)}")
+        print(write_random_model(SHAPES[shape][0], Path(out)))
+        return 0
     if args.steps < 3:
         ap.error(f"--steps {args.steps}: at least 3 (the first 2 steps are warm-up and not timed)")
     missing = missing_cuda()

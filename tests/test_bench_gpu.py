@@ -79,6 +79,11 @@ def test_both_gpu_bench_loops_run_in_miniature_on_a_cpu(tmp_path: Path, monkeypa
     shape = {**gpu.SHAPES["smollm2-135m-8x128"][0], "hidden_size": 64, "intermediate_size": 128,
              "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2}  # fmt: skip
     path = gpu.write_random_model(shape, tmp_path / "mini")
+    from transformers import AutoTokenizer  # a federation on it (gpu_session.sh fed1b) formats chat prompts
+
+    tok = AutoTokenizer.from_pretrained(str(path))
+    chat = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
+    assert "<|im_start|>user\nhi<|im_end|>" in chat
     for loop in (gpu.plain_step, gpu.fedslm_step):
         times, peak = loop(path, 2, 16, 3)
         assert len(times) == 1 and 0 < times[0] < 60, (loop.__name__, times)
