@@ -136,6 +136,7 @@ def resolve_client_gpus(
     concurrent: int,
     cuda: CudaInfo | None = None,
     key: str = "federation.client_gpus",
+    cluster: bool = False,
 ) -> float:
     """Each simulated client's GPU share (Ray's ``num_gpus``) for clients whose ``model.device`` resolved
     to ``device`` on the driver, with ``concurrent`` clients training at once.
@@ -143,7 +144,8 @@ def resolve_client_gpus(
     Ray hides every GPU from a worker that reserved none, so a client told ``model.device: cuda``
     with a share of 0 would find no CUDA device. ``auto``: 0 on a CPU, else the GPUs split evenly
     among the clients that run at once (FlowerTune's ``num-gpus``), at most one GPU each. A number
-    is used as given; above 0 it needs CUDA, and 0 with an explicit CUDA device is refused.
+    is used as given; above 0 it needs CUDA here, unless the clients run on a Ray cluster (``cluster``:
+    its workers may have GPUs its head lacks), and 0 with an explicit CUDA device is refused.
 
     The automatic share is one GPU over a whole number, rounded down to Ray's resolution (1e-4):
     Flower counts on ``GPUs / share`` actors, and a share that packs fewer on each GPU (3 clients on
@@ -158,7 +160,7 @@ def resolve_client_gpus(
         per_gpu = math.ceil(max(concurrent, 1) / max(cuda.count, 1))  # clients packed on each GPU
         return math.floor(1e4 / per_gpu) / 1e4
     share = float(requested)
-    if share > 0:
+    if share > 0 and not cluster:
         cuda = cuda if cuda is not None else probe_cuda()
         if not cuda.available:
             raise HardwareError(

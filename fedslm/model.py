@@ -222,7 +222,7 @@ def check_run_hardware(cfg: RunConfig, scope: str = "simulation") -> None:
         resolve_compute_dtype(cfg.model.compute_dtype, device)
         if scope == "simulation":
             fed, cpus = cfg.federation, os.cpu_count() or 1
-            resolve_client_gpus(fed.client_gpus, device, fed.clients_at_once(cpus))
+            resolve_client_gpus(fed.client_gpus, device, fed.clients_at_once(cpus), cluster=bool(fed.ray_address))
             if fed.resolve_backend(cpus) == "ray":
                 check_ray_device(device)
     except HardwareError as e:

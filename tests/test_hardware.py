@@ -182,6 +182,19 @@ def test_a_numbered_gpu_is_refused_for_ray_clients_on_several_gpus() -> None:
     check_ray_device("cuda:0", cuda=A100)  # the only GPU: cuda:0 in every worker too
 
 
+def test_a_gpu_share_on_a_ray_cluster_does_not_need_a_gpu_on_the_head() -> None:
+    """The cluster's workers may hold GPUs the head (where `fedslm simulate` runs) lacks."""
+    from fedslm.hardware import resolve_client_gpus
+
+    assert resolve_client_gpus(0.25, "cpu", 4, cuda=NO_CUDA, cluster=True) == 0.25
+    assert resolve_client_gpus("auto", "cpu", 4, cuda=NO_CUDA, cluster=True) == 0.0  # auto counts the head's
+    if not torch.cuda.is_available():
+        share = ["federation.backend=ray", "federation.client_gpus=0.25"]
+        check_run_hardware(load_config("configs/tiny.yaml", [*share, "federation.ray_address=10.0.0.1:6379"]))
+        with pytest.raises(ConfigError, match="federation.client_gpus: 0.25 needs a CUDA device"):
+            check_run_hardware(load_config("configs/tiny.yaml", share))  # Ray started here: this machine's GPUs
+
+
 def test_zero_gpu_share_with_a_cuda_device_is_refused() -> None:
     """Ray hides the GPU from a worker that reserved none: the clients would find no CUDA device."""
     from fedslm.hardware import resolve_client_gpus
