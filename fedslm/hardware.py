@@ -147,10 +147,11 @@ def resolve_client_gpus(
     is used as given; above 0 it needs CUDA here, unless the clients run on a Ray cluster (``cluster``:
     its workers may have GPUs its head lacks), and 0 with an explicit CUDA device is refused.
 
-    The automatic share is one GPU over a whole number, rounded down to Ray's resolution (1e-4):
-    Flower counts on ``GPUs / share`` actors, and a share that packs fewer on each GPU (3 clients on
-    2 GPUs: 0.667 each fits one per GPU) or that rounds up to more than a GPU (1/6 as 0.1667) leaves
-    one pending forever, and the round with it.
+    The automatic share is one GPU over a whole number, rounded down to Ray's resolution (1e-4).
+    Flower makes ``int(GPUs / share)`` actors a node: 3 clients at once on 2 GPUs at 0.667 each got
+    2 actors (one client waiting its turn) where 0.5 gives room for all three, and a share that Ray
+    would round up past a whole GPU (1/6 as 0.1667: six are 1.0002) leaves an actor pending forever,
+    and the round with it.
     """
     on_cuda = device.startswith("cuda")
     if requested == "auto":

@@ -144,7 +144,7 @@ def test_client_resources_follow_the_config() -> None:
         ("auto", "cuda", 1, A100, 1.0),
         ("auto", "cuda", 4, H200, 0.5),  # two GPUs: Ray packs two clients on each
         ("auto", "cuda", 1, H200, 1.0),  # never more than one GPU per client
-        ("auto", "cuda", 3, H200, 0.5),  # not 0.667: that fits one client per GPU, and the third waits forever
+        ("auto", "cuda", 3, H200, 0.5),  # not 0.667: that fits one client per GPU, and the third waits its turn
         ("auto", "cuda", 6, A100, 0.1666),  # not 0.1667: six of those would exceed one GPU
         ("auto", "cuda", 3, A100, 0.3333),
         (0.125, "cuda", 4, A100, 0.125),  # an explicit share is used as given
