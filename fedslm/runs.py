@@ -44,7 +44,10 @@ def trained_dtype(run_dir: Path, cfg: RunConfig) -> RunConfig:
         dtype = json.loads(path.read_text()).get("compute_dtype")
     except ValueError:
         raise ExportError(f"{path}: not JSON") from None
-    return replace(cfg, model=replace(cfg.model, compute_dtype=dtype)) if isinstance(dtype, str) else cfg
+    for resolved in ("bfloat16", "float16", "float32"):  # a summary from before the key: this machine's auto
+        if dtype == resolved:
+            return replace(cfg, model=replace(cfg.model, compute_dtype=resolved))
+    return cfg
 
 
 def run_adapter(run_dir: Path, round_: int | None = None, as_trained: bool = False) -> tuple[RunConfig, Path]:
