@@ -9,6 +9,7 @@
 #     fed1b  the demo's 4 clients and 3 rounds on a random Llama-3.2-1B-shaped model, sharing the GPU
 #            through Ray (client_gpus auto); prints the clients' training seconds in all (goal <= 60 s)
 #     bench  bench/gpu.py: fedslm's client step against a plain PEFT + bitsandbytes + Opacus loop
+#     dputil (optional, minutes more) bench/dp_utility.py --gpu on triage at epsilon 8 and without DP
 #
 # Logs go to $OUT (default bench/out/gpu): session.log, and per stage a summary or table. A stage that
 # fails is reported and the next one runs; the exit status is the number of failed stages.
@@ -140,6 +141,11 @@ stage_bench() {
     "$PY" "$REPO/bench/gpu.py" --steps "${FEDSLM_BENCH_STEPS:-6}" | tee "$OUT/gpu-bench.txt"
 }
 
+stage_dputil() {
+    "$PY" "$REPO/bench/dp_utility.py" --gpu --task triage --epsilons 8 none --out "$OUT/dp_utility.png" |
+        tee "$OUT/dp-utility.txt"
+}
+
 case "${1:-}" in
     stow)
         shift
@@ -157,7 +163,7 @@ case "${1:-}" in
             t0=$SECONDS
             say "---- $stage ----"
             if ! declare -F "stage_$stage" >/dev/null; then
-                say "unknown stage $stage (env check demo fed1b bench)"
+                say "unknown stage $stage (env check demo fed1b bench dputil)"
                 failed=$((failed + 1))
                 continue
             fi
@@ -169,7 +175,7 @@ case "${1:-}" in
         exit "$failed"
         ;;
     *)
-        sed -n '2,16p' "$0" >&2
+        sed -n '2,18p' "$0" >&2
         exit 2
         ;;
 esac
