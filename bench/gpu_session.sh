@@ -11,8 +11,9 @@
 #     bench  bench/gpu.py: fedslm's client step against a plain PEFT + bitsandbytes + Opacus loop
 #     dputil (optional, minutes more) bench/dp_utility.py --gpu on triage at epsilon 8 and without DP
 #
-# Logs go to $OUT (default bench/out/gpu): session.log, and per stage a summary or table. A stage that
-# fails is reported and the next one runs; the exit status is the number of failed stages.
+# Logs go to $OUT (default bench/out/gpu), at most 7 files: session.log (every stage's output and each
+# run's summary.json), the end of each run's run.log, and the tables. A stage that fails is reported
+# and the next one runs; the exit status is the number of failed stages.
 # FEDSLM_SESSION_DEVICE (default cuda), FEDSLM_SESSION_SET (extra --set overrides for the
 # federations) and FEDSLM_FED_SHAPE (fed1b's model shape, a bench/gpu.py one) let the same script be
 # tried on a CPU first (see BENCHMARKS.md).
@@ -72,10 +73,11 @@ fedslm() {
     "$PY" -c 'import sys; from fedslm.simulation.cli import console_main; sys.argv[0] = "fedslm"; sys.exit(console_main())' "$@"
 }
 
-keep() {  # keep a run's summary and the end of its log in $OUT
+keep() {  # a run's summary into session.log, the end of its run.log into $OUT (at most 8 files come back)
     local run=$1 name=$2
-    [ -f "$run/summary.json" ] && cp "$run/summary.json" "$OUT/$name-summary.json"
+    [ -f "$run/summary.json" ] && echo "$name summary.json:" && cat "$run/summary.json" && echo
     [ -f "$run/run.log" ] && tail -n 400 "$run/run.log" >"$OUT/$name-run.log"
+    return 0
 }
 
 training_seconds() {  # the clients' training seconds in all, from run.log's "client N round R: ... (X s)"
@@ -119,6 +121,14 @@ stage_demo() {
     local rc=$?
     note "demo: exit $rc in $((SECONDS - t0)) s; $(training_seconds "$RUNS/demo")"
     keep "$RUNS/demo" demo
+    if [ "$rc" != 0 ]; then  # tell a Ray problem from a CUDA one: the same run with the clients in this process
+        t0=$SECONDS
+        rm -rf "$RUNS/demo-inprocess"
+        fedslm simulate "$REPO/configs/demo.yaml" --set model.device="$DEVICE" --set federation.backend=inprocess \
+            "${EXTRA[@]}" --out "$RUNS/demo-inprocess" --no-progress
+        note "demo in-process (the stage still fails): exit $? in $((SECONDS - t0)) s"
+        keep "$RUNS/demo-inprocess" demo-inprocess
+    fi
     return $rc
 }
 
@@ -175,7 +185,7 @@ case "${1:-}" in
         exit "$failed"
         ;;
     *)
-        sed -n '2,18p' "$0" >&2
+        sed -n '2,19p' "$0" >&2
         exit 2
         ;;
 esac
