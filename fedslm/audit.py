@@ -282,7 +282,10 @@ def insert_client_canaries(
     if count <= 0:
         return tensors
     dim = sum(int(np.asarray(v).size) for v in tensors.values())
-    total = scale * sum(canary_direction(seed, i, dim) for i in range(count))
+    total = np.zeros(dim)
+    for i in range(count):
+        total += canary_direction(seed, i, dim)
+    total *= scale
     out, start = {}, 0
     for k in sorted(tensors):
         v = np.asarray(tensors[k])

@@ -204,7 +204,9 @@ def _export(cfg: RunConfig, adapter: Path, out: Path, fmt: str, quant: str) -> E
         result = _check("peft-none", _max_diff(expected, _logits(peft_reloaded, tok)), out)
         return replace(result, original_base_diff=original_diff)
     dequantized = dequantized_base(cfg)
-    kernel_gap = _kernel_gap(base_logits, _logits(dequantized, tok)) if cfg.model.quantization != "none" else 0.0
+    kernel_gap = 0.0
+    if base_logits is not None and cfg.model.quantization != "none":
+        kernel_gap = _kernel_gap(base_logits, _logits(dequantized, tok))
     merged = PeftModel.from_pretrained(dequantized, str(adapter)).eval().merge_and_unload()
     path = out
     if fmt == "merged":

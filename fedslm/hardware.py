@@ -19,11 +19,12 @@ from pathlib import Path
 
 import torch
 
-from .config import DEVICE_PATTERN
+from .config import DEVICE_PATTERN, DType
 from .errors import FedslmError
 
 CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+_DTYPE_CHOICES: dict[str, DType] = {"auto": "auto", "bfloat16": "bfloat16", "float16": "float16", "float32": "float32"}
 
 
 class HardwareError(FedslmError, RuntimeError):
@@ -104,7 +105,7 @@ def resolve_compute_dtype(
     cuda: CudaInfo | None = None,
     key: str = "model.compute_dtype",
     computes: bool = True,
-) -> str:
+) -> DType:
     """The compute dtype for ``device`` (already resolved): ``auto`` picks what the hardware runs natively.
 
     CUDA: bfloat16 from compute capability 8.0, else float16. CPU: bfloat16 with AVX512-BF16 or
@@ -113,16 +114,17 @@ def resolve_compute_dtype(
     ``computes=False``: the model is only loaded to read its weights (an export rebuilding the base
     a GPU run trained on), so float16 on a CPU is allowed.
     """
-    if requested not in ("auto", *DTYPES):
+    choice = _DTYPE_CHOICES.get(requested)
+    if choice is None:
         raise HardwareError(f"{key}: {requested!r} is not one of auto | {' | '.join(DTYPES)}")
     on_cuda = device.startswith("cuda")
-    if requested == "float16" and not on_cuda and computes:
+    if choice == "float16" and not on_cuda and computes:
         raise HardwareError(
             f"{key}: float16 on a CPU is refused (no native fp16 matmul, and fp16 overflows without loss"
             " scaling); use auto, float32, or bfloat16"
         )
-    if requested != "auto":
-        return requested
+    if choice != "auto":
+        return choice
     if on_cuda:
         cuda = cuda if cuda is not None else probe_cuda(_index(device))
         return "bfloat16" if cuda.native_bf16 else "float16"

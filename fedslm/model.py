@@ -267,7 +267,8 @@ def load_base_model(
     tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    auto = AutoModelForCausalLM if task == "causal-lm" else AutoModelForSequenceClassification
+    # Any: transformers' from_pretrained wrapper types its first argument as the model (mypy)
+    auto: Any = AutoModelForCausalLM if task == "causal-lm" else AutoModelForSequenceClassification
     kwargs: dict[str, Any] = {"dtype": DTYPES[cfg.compute_dtype]}
     qc = quantization_config(cfg)
     if qc is not None:  # bitsandbytes quantizes while loading, on the target device
@@ -450,7 +451,7 @@ class ResidentModels:
 
     def get(self, cfg: ModelConfig, task: str = "causal-lm", labels: tuple[str, ...] = ()) -> LoadedModel:
         cfg = resolve_hardware(cfg)
-        key = (cfg.name, cfg.quantization, cfg.compute_dtype, cfg.device, cfg.gradient_checkpointing)
+        key: tuple[Any, ...] = (cfg.name, cfg.quantization, cfg.compute_dtype, cfg.device, cfg.gradient_checkpointing)
         key += (cfg.head_init, task, labels)  # the classification head is part of the loaded model
         with self._lock:
             if key not in self._models:

@@ -22,7 +22,7 @@ import math
 import numbers
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -182,7 +182,7 @@ def _quiet_alpha_range() -> Iterator[None]:
         yield
 
 
-def _prv_grid_points(history: list[Entry], delta: float) -> int:
+def _prv_grid_points(history: Sequence[Entry], delta: float) -> int:
     """Points of the grid Opacus' PRV accountant would allocate (its own domain rule, no allocation)."""
     from opacus.accountants import PRVAccountant
     from opacus.accountants.analysis.prv import PoissonSubsampledGaussianPRV
@@ -197,7 +197,7 @@ def _prv_grid_points(history: list[Entry], delta: float) -> int:
     return int(domain.size)
 
 
-def _check_prv_size(history: list[Entry], delta: float) -> None:
+def _check_prv_size(history: Sequence[Entry], delta: float) -> None:
     points = _prv_grid_points(history, delta)
     if points > PRV_MAX_GRID_POINTS:
         raise PrivacyError(

@@ -332,8 +332,8 @@ class NodeConfig:
     @classmethod
     def from_record(cls, record: Mapping[str, Any]) -> NodeConfig:
         what = "node config"
-        ints = {name: _opt_int(record, key, what) for name, key in cls._KEYS[:3]}  # the ids and the count
-        strs = {name: str(record.get(key, "")) for name, key in cls._KEYS[3:]}
+        ints: dict[str, Any] = {name: _opt_int(record, key, what) for name, key in cls._KEYS[:3]}  # ids, count
+        strs: dict[str, Any] = {name: str(record.get(key, "")) for name, key in cls._KEYS[3:]}
         return cls(**ints, **strs)
 
 

@@ -126,8 +126,9 @@ def dequantized_base(cfg: RunConfig) -> Any:
         for module in model.modules():
             # NF4 codes x absmax in float32, as the fp32 kernel computes them: a base quantized from bf16
             # weights would otherwise de-quantize to bf16, 0.176 in max |logit| from the trained model
-            if isinstance(module, bnb.nn.Linear4bit) and module.weight.quant_state is not None:
-                module.weight.quant_state.dtype = torch.float32
+            state = getattr(module.weight, "quant_state", None) if isinstance(module, bnb.nn.Linear4bit) else None
+            if state is not None:
+                state.dtype = torch.float32
         model = model.dequantize()  # bitsandbytes' dequantize_4bit / int8 SCB, module by module
         model.config.__dict__.pop("quantization_config", None)
     return model.float().eval()

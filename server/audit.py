@@ -144,13 +144,14 @@ def score(run_dir: Path) -> dict[str, Any]:
     if a.client_canaries:  # the mechanism's leak: the final model, whichever round ships
         last_round, last_state = _round_state(last)
         clients = {"round": last_round, **client_level(cfg, last_state, resident.initial, run_dir)}
+    figures = _roc_figures(mem, non)
     result = {
         "round": round_,  # the adapter scored: the one export and generate use
         "canaries": len(canaries),
         "members": len(mem),
         "repeats": a.repeats,
         "score": a.score,  # the one behind the figures below; "scores" has the ROC figures of both
-        **_roc_figures(mem, non),
+        **figures,
         "scores": {name: _roc_figures(*audit.split_scores(s, members)) for name, s in by_score.items()},
         "exposure_canaries": len(exposures),
         **_exposure_means(exposures, members),
@@ -168,7 +169,7 @@ def score(run_dir: Path) -> dict[str, Any]:
     }
     result["score_s"] = time.perf_counter() - t0  # the audit's own cost: scoring (model loads included)
     (run_dir / AUDIT_JSON).write_text(json.dumps(result, indent=2))
-    _plot(audit.roc_curve(mem, non), result["auc"], run_dir / ROC_PNG)
+    _plot(audit.roc_curve(mem, non), figures["auc"], run_dir / ROC_PNG)
     summary_path = run_dir / "summary.json"
     if summary_path.is_file():
         summary = json.loads(summary_path.read_text())

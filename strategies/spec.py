@@ -24,7 +24,7 @@ class StrategySpec:
     :mod:`strategies.checks` for every run)."""
 
     name: str
-    cls: type
+    cls: type[Any]
     description: str
     heterogeneous_ranks: bool = False  # mixed ranks: can aggregate adapters of different ranks
     needs_individual_updates: bool = False  # robust aggregators: incompatible with secure aggregation
