@@ -66,12 +66,12 @@ suite: $(STAMP)
 	$(VENV)/bin/python -m pytest -q --durations=15 $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder)
 
 # The tests, what CI runs (.ci/run): the venvs of this Python and of the two other supported Pythons,
-# set up side by side, each other Python's install check (a tiny federation) as soon as its venv is
-# ready (-j3; each one's output shown when it is done: they overlap the downloads), then the full suite
-# on this one (last: pytest's summary closes the output).
+# set up side by side, then the lint and each other Python's install check (a tiny federation) as soon
+# as its venv is ready (-j3; each one's output shown when it is done: they overlap the downloads), then
+# the full suite on this one (last: pytest's summary closes the output).
 OTHER_PYTHONS ?= $(filter-out $(notdir $(PYTHON)),python3.11 python3.12 python3.13)
 test:
-	$(MAKE) --no-print-directory -j3 -O setup $(addprefix install-check-,$(OTHER_PYTHONS))
+	$(MAKE) --no-print-directory -j3 -O setup lint $(addprefix install-check-,$(OTHER_PYTHONS))
 	$(MAKE) --no-print-directory suite
 
 # (not .PHONY: make skips pattern rules for phony targets)
@@ -87,8 +87,11 @@ install-check: $(STAMP)
 	out=$$(mktemp -d) && $(VENV)/bin/fedslm simulate configs/tiny.yaml --set federation.num_rounds=1 \
 	  --set federation.backend=ray --no-progress --out $$out/run && rm -rf $$out
 
+# ruff's rules and format over the tree, mypy over the packages: any finding fails `make test`
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy fedslm server client strategies simulation
 
 # The same app through Flower's own CLI: a managed local SuperLink in simulation mode (4 supernodes).
 flwr-run: $(STAMP)
