@@ -163,12 +163,14 @@ def resolve_client_gpus(
         per_gpu = math.ceil(max(concurrent, 1) / max(cuda.count, 1))  # clients packed on each GPU
         return math.floor(1e4 / per_gpu) / 1e4
     share = float(requested)
-    if share > 0 and not cluster:
-        cuda = cuda if cuda is not None else probe_cuda()
-        if not cuda.available:
-            raise HardwareError(
-                f"{key}: {share:g} needs a CUDA device, and torch {torch.__version__} finds none; set it to 0 or auto"
-            )
+    if share > 0:
+        if not cluster:  # a cluster's workers may have GPUs this head lacks
+            cuda = cuda if cuda is not None else probe_cuda()
+            if not cuda.available:
+                raise HardwareError(
+                    f"{key}: {share:g} needs a CUDA device, and torch {torch.__version__} finds none;"
+                    " set it to 0 or auto"
+                )
     elif on_cuda:
         raise HardwareError(
             f"{key}: 0 hides the GPU from the simulated clients (Ray gives a worker only the GPU share it"

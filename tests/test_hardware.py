@@ -188,6 +188,8 @@ def test_a_gpu_share_on_a_ray_cluster_does_not_need_a_gpu_on_the_head() -> None:
 
     assert resolve_client_gpus(0.25, "cpu", 4, cuda=NO_CUDA, cluster=True) == 0.25
     assert resolve_client_gpus("auto", "cpu", 4, cuda=NO_CUDA, cluster=True) == 0.0  # auto counts the head's
+    for cluster in (False, True):  # a head with a GPU, its clients on CUDA: the share as given
+        assert resolve_client_gpus(0.5, "cuda", 4, cuda=A100, cluster=cluster) == 0.5
     if not torch.cuda.is_available():
         share = ["federation.backend=ray", "federation.client_gpus=0.25"]
         check_run_hardware(load_config("configs/tiny.yaml", [*share, "federation.ray_address=10.0.0.1:6379"]))
