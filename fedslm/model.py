@@ -219,12 +219,19 @@ def check_run_hardware(cfg: RunConfig, scope: str = "simulation") -> None:
                 resolve_compute_dtype(cfg.model.compute_dtype, "cpu", cpu=probe_cpu())
             return
         device = resolve_device(cfg.model.device)
-        resolve_compute_dtype(cfg.model.compute_dtype, device)
+        dtype = resolve_compute_dtype(cfg.model.compute_dtype, device)
         if scope == "simulation":
             fed, cpus = cfg.federation, os.cpu_count() or 1
             resolve_client_gpus(fed.client_gpus, device, fed.clients_at_once(cpus), cluster=bool(fed.ray_address))
             if fed.resolve_backend(cpus) == "ray":
                 check_ray_device(device)
+            if fed.ray_address and cfg.model.compute_dtype == "auto":
+                log.warning(
+                    "model.compute_dtype: auto resolves on each machine of the Ray cluster (%s here, where the"
+                    " server evaluates and an export rebuilds the base): a worker that resolves another dtype"
+                    " trains on a base rounded differently; set model.compute_dtype to give all one base",
+                    dtype,
+                )
     except HardwareError as e:
         raise ConfigError(str(e)) from None
 

@@ -34,9 +34,12 @@ def best_round(run_dir: Path) -> int | None:
 
 
 def trained_dtype(run_dir: Path, cfg: RunConfig) -> RunConfig:
-    """``cfg`` with ``model.compute_dtype: auto`` replaced by the dtype it resolved to where the run
-    trained (``summary.json``): the base the clients quantized is rebuilt from the same weights on
-    any machine (a GPU run's bfloat16 on an AVX2 CPU that would pick float32)."""
+    """``cfg`` with ``model.compute_dtype: auto`` replaced by the dtype it resolved to on the machine
+    that ran the server (``summary.json``): the base the run's central evaluation scored is rebuilt
+    from the same weights on any machine (a GPU run's bfloat16 on an AVX2 CPU that would pick
+    float32). In a simulation on one machine the clients trained on that base too; where they
+    resolved ``auto`` elsewhere (Ray cluster workers, deployed nodes) and got another dtype, their
+    bases were rounded differently, which an explicit ``model.compute_dtype`` avoids."""
     path = Path(run_dir) / "summary.json"
     if cfg.model.compute_dtype != "auto" or not path.is_file():
         return cfg
@@ -53,8 +56,8 @@ def trained_dtype(run_dir: Path, cfg: RunConfig) -> RunConfig:
 def run_adapter(run_dir: Path, round_: int | None = None, as_trained: bool = False) -> tuple[RunConfig, Path]:
     """The run's config and the adapter dir of ``round_`` (default: the run's best round, see :func:`best_round`).
 
-    ``as_trained``: with the compute dtype the run trained in (:func:`trained_dtype`), for an export's
-    base; generating here keeps this machine's own (``auto``).
+    ``as_trained``: with the compute dtype the run's server resolved (:func:`trained_dtype`), for an
+    export's base; generating here keeps this machine's own (``auto``).
     """
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
