@@ -73,7 +73,7 @@ fedslm() {
     "$PY" -c 'import sys; from fedslm.simulation.cli import console_main; sys.argv[0] = "fedslm"; sys.exit(console_main())' "$@"
 }
 
-keep() {  # a run's summary into session.log, the end of its run.log into $OUT (at most 8 files come back)
+keep() {  # a run's summary into session.log, the end of its run.log into $OUT (at most 7 files come back)
     local run=$1 name=$2
     [ -f "$run/summary.json" ] && echo "$name summary.json:" && cat "$run/summary.json" && echo
     [ -f "$run/run.log" ] && tail -n 400 "$run/run.log" >"$OUT/$name-run.log"
@@ -98,12 +98,14 @@ if sys.argv[1].startswith("cuda"):
 import bitsandbytes as bnb, opacus, peft, transformers, flwr, ray
 print("bitsandbytes", bnb.__version__, "opacus", opacus.__version__, "peft", peft.__version__,
       "transformers", transformers.__version__, "flwr", flwr.__version__, "ray", ray.__version__)
-lin = bnb.nn.Linear4bit(576, 1536, compute_dtype=torch.float32, quant_type="nf4")
+lin = bnb.nn.Linear4bit(576, 1536, bias=False, compute_dtype=torch.float32, quant_type="nf4")
 lin = lin.to(sys.argv[1])
 x = torch.randn(4, 576, device=sys.argv[1])
 ref = x @ bnb.functional.dequantize_4bit(lin.weight.data, lin.weight.quant_state).t().float()
 err = float((lin(x) - ref).abs().max() / ref.abs().max())
 print(f"4-bit matmul on {sys.argv[1]}: max |error| vs the dequantized weight's, relative to max |output|: {err:.2e}")
+if not err < 1e-4:  # fp32 rounding of the same products: ~1e-7 on a CPU
+    sys.exit(f"the 4-bit kernel is off by {err:.2e} (more than 1e-4): bitsandbytes' library for this CUDA is suspect")
 from fedslm.model import announce_hardware, resolve_hardware
 from fedslm.config import ModelConfig
 print("fedslm resolves:", resolve_hardware(ModelConfig(device="auto")))
