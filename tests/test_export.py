@@ -375,10 +375,11 @@ def _first_4bit(model) -> torch.Tensor:
     return next(m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)).weight.data
 
 
-def test_a_float16_gpu_run_exports_from_the_base_it_trained_on(tmp_path):
+def test_a_float16_gpu_run_exports_from_the_base_it_trained_on(tmp_path, monkeypatch):
     """A GPU run before Ampere computes in float16 (``auto``): its clients quantized fp16 weights, whose
     NF4 codes differ from fp32's. The export reads the resolved dtype from summary.json and rebuilds
     that base on this CPU, where float16 was refused before even for loading."""
+    import fedslm.export
     from fedslm.model import load_base_model
     from fedslm.runs import run_adapter, trained_base
 
@@ -393,8 +394,13 @@ def test_a_float16_gpu_run_exports_from_the_base_it_trained_on(tmp_path):
     rebuilt = _first_4bit(trained_base(as_trained)[0])
     fp32 = _first_4bit(trained_base(load_config(run / "config.yaml", ["model.compute_dtype=float32"]))[0])
     assert torch.equal(rebuilt, fp16) and not torch.equal(rebuilt, fp32)
+    built = []  # the dtype of every base the export builds: its logit check holds for any base
+    for name in ("trained_base", "dequantized_base"):
+        real = getattr(fedslm.export, name)
+        monkeypatch.setattr(fedslm.export, name, lambda c, real=real: built.append(c.model.compute_dtype) or real(c))
     result = export(run, tmp_path / "m", "merged", quant="none")
     assert result.max_abs_logit_diff <= 1e-3 < result.original_base_diff
+    assert built == ["float16", "float16"], built  # the trained model's logits, then the merge base
 
 
 @pytest.mark.parametrize(

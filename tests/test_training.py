@@ -173,23 +173,41 @@ def test_dp_training_with_gradient_checkpointing_takes_the_same_steps(fresh) -> 
     assert any(not torch.equal(plain[k], fresh.initial[k]) for k in plain)  # DP-SGD moved LoRA
 
 
-def test_secure_mode_draws_batches_and_noise_the_seed_cannot_predict(fresh) -> None:
+def test_secure_mode_draws_batches_and_noise_the_seed_cannot_predict(fresh, monkeypatch) -> None:
     """Without secure_mode two calls from the same adapter and seed take identical DP steps; with it,
-    the batches and the noise come from the OS's entropy, so they differ though the seed is the same."""
+    the batches and the noise come from the OS's entropy, so they differ though the seed is the same:
+    the batches drawn, and the adapters also where the batches are made the same again."""
+    import fedslm.training as training
+
     tok = fresh.base.tokenizer
     ex = _examples(tok, 32)
-    outcomes = {}
-    for secure in (False, True):
-        spec = LocalTraining(steps=2, batch_size=8, learning_rate=0.05, dp=DPSettings(1.0, 1.0, 8 / 32, secure))
+    drawn: list[list[int]] = []  # every step's sampled record indices, in order
+    real_batches, real_seed = training._batches, training._seed
+
+    def recorded(*args, **kwargs):
+        for batch in real_batches(*args, **kwargs):
+            drawn.append(sorted(batch))
+            yield batch
+
+    monkeypatch.setattr(training, "_batches", recorded)
+
+    def two_calls(secure: bool) -> tuple[bool, bool]:
+        spec = LocalTraining(steps=4, batch_size=8, learning_rate=0.05, dp=DPSettings(1.0, 1.0, 8 / 32, secure))
         runs = []
         for _ in range(2):
+            drawn.clear()
             load_adapter_state(fresh.model, fresh.initial)
-            result = train_local(fresh.model, ex, tok.pad_token_id, spec)
-            runs.append((result.samples_seen, adapter_state(fresh.model)))
-        (seen_a, a), (seen_b, b) = runs
-        assert all(torch.isfinite(v).all() for v in b.values())
-        outcomes[secure] = seen_a == seen_b and all(torch.equal(a[k], b[k]) for k in a)
-    assert outcomes == {False: True, True: False}
+            train_local(fresh.model, ex, tok.pad_token_id, spec)
+            runs.append((list(drawn), adapter_state(fresh.model)))
+        (batches_a, a), (batches_b, b) = runs
+        assert len(batches_a) == len(batches_b) == 4 and all(torch.isfinite(v).all() for v in b.values())
+        return batches_a == batches_b, all(torch.equal(a[k], b[k]) for k in a)
+
+    assert two_calls(secure=False) == (True, True)
+    assert two_calls(secure=True) == (False, False)  # 4 Poisson draws over 32 records at q 1/4 differ
+    # the batches from the seed again: the noise alone still differs
+    monkeypatch.setattr(training, "_seed", lambda cfg, offset: cfg.seed if offset == 0 else real_seed(cfg, offset))
+    assert two_calls(secure=True) == (True, False)
 
 
 def test_no_examples_is_an_error(fresh) -> None:
