@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -44,6 +45,7 @@ def test_gpu_bench_shapes_match_the_issue_table() -> None:
     }
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="torch uses the GPU here: the script would benchmark it")
 def test_gpu_bench_beside_a_gpu_torch_cannot_use_fails(tmp_path: Path) -> None:
     """A CPU build of torch on a GPU machine (nvidia-smi answers) must not pass for a run without a GPU."""
     smi = tmp_path / "nvidia-smi"
@@ -56,6 +58,22 @@ def test_gpu_bench_beside_a_gpu_torch_cannot_use_fails(tmp_path: Path) -> None:
     )
     assert done.returncode == 1, done.stdout + done.stderr
     assert "an NVIDIA GPU is here, but torch" in done.stdout and "cannot use it" in done.stdout
+
+
+def test_why_nothing_is_measured_on_every_machine(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``missing_cuda`` with torch's and the machine's answers faked (also where a GPU works)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import gpu
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert gpu.missing_cuda() is None
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(gpu.shutil, "which", lambda name: "/usr/bin/nvidia-smi" if name == "nvidia-smi" else None)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    why, status = gpu.missing_cuda() or ("", -1)
+    assert status == 1 and "an NVIDIA GPU is here, but torch" in why
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # hidden on purpose: nothing to measure, not a fault
+    assert gpu.missing_cuda() == ("no CUDA device here (torch.cuda.is_available() is False); nothing measured", 0)
 
 
 def test_gpu_bench_refuses_too_few_steps_to_time() -> None:
