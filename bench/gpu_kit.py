@@ -18,9 +18,12 @@ on manylinux x86_64: the libraries a CUDA image with torch lacks (found by traci
 simulation and ``bench/gpu.py`` import), the ones fedslm is tested with whose versions matter
 (transformers, PEFT, accelerate, grpcio, protobuf), and the bundled model's package. torch itself is
 never in it: the machine's CUDA build is used. bitsandbytes keeps its CPU and CUDA 13 kernels only
-(``--cuda-libs``): its CUDA 11/12 builds would take 120 MB for a torch the machine does not have;
-Ray's Java workers are left out too.
-``manifest.json`` lists the packages, the parts and their SHA-256, which ``gpu_session.sh`` checks.
+(``--cuda-libs``, for the lent machines' CUDA 13 torch): its CUDA 11/12 builds would take 120 MB for
+a torch the machine does not have. bitsandbytes loads a kernel of torch's CUDA major version only,
+so for a CUDA 12 torch (``torch.version.cuda`` 12.8) build with ``--cuda-libs cuda128``; the session
+refuses a kit without one before unpacking. Ray's Java workers are left out too.
+``manifest.json`` lists the packages, the kernels kept, the parts and their SHA-256, which
+``gpu_session.sh`` checks.
 """
 
 from __future__ import annotations
@@ -97,6 +100,22 @@ def split(archive: Path, out: Path, part_bytes: int) -> list[Path]:
     return parts
 
 
+def cuda_mismatch(kept: list[str], torch_cuda: str | None) -> str | None:
+    """Why the kit's bitsandbytes cannot run on a torch built for CUDA ``torch_cuda`` (None: a CPU
+    build, nothing to check), or None. bitsandbytes 0.50 falls back within a CUDA major version only."""
+    if not torch_cuda:
+        return None
+    major = torch_cuda.split(".")[0]
+    if any(name.removeprefix("cuda").startswith(major) for name in kept if name.startswith("cuda")):
+        return None
+    minor = (torch_cuda.split(".") + ["0"])[1]
+    wanted = f"cuda{major}{minor}"
+    return (
+        f"this torch is built for CUDA {torch_cuda}, and the kit's bitsandbytes keeps kernels for {kept} only:"
+        f" build the kit again with bench/gpu_kit.py --cuda-libs {wanted}"
+    )
+
+
 def sha256(path: Path) -> str:
     h = hashlib.sha256()
     with path.open("rb") as f:
@@ -129,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         manifest = {
             "python": args.python,
             "packages": requirements,
+            "cuda_libs": list(args.cuda_libs),
             "archive_sha256": digest,
             "archive_bytes": archive.stat().st_size,
             "parts": {p.name: sha256(p / "kit.tar.xz.part") for p in parts},

@@ -44,13 +44,19 @@ unpack() {
     local manifest
     manifest=$(ls "$KIT"/parts/*/manifest.json 2>/dev/null | head -1)
     [ -n "$manifest" ] || { say "no kit: stow its last part (the one with manifest.json) first"; return 1; }
-    "$PY" - "$KIT" "$manifest" <<'EOF' || return 1
+    "$PY" - "$KIT" "$manifest" "$REPO/bench" <<'EOF' || return 1
 import hashlib, json, sys
 from pathlib import Path
 kit, manifest = Path(sys.argv[1]), json.loads(Path(sys.argv[2]).read_text())
 missing = [p for p in manifest["parts"] if not (kit / "parts" / p / "kit.tar.xz.part").is_file()]
 if missing:
     sys.exit(f"gpu_session: kit parts missing: {missing} (stow them)")
+sys.path.insert(0, sys.argv[3])
+import torch
+from gpu_kit import cuda_mismatch
+why = cuda_mismatch(manifest["cuda_libs"], torch.version.cuda) if "cuda_libs" in manifest else None
+if why:
+    sys.exit(f"gpu_session: {why}")
 h = hashlib.sha256()
 with open(kit / "kit.tar.xz", "wb") as out:
     for p in sorted(manifest["parts"], key=lambda n: int(n.removeprefix("part"))):

@@ -15,10 +15,10 @@ ROOT = Path(__file__).resolve().parent.parent
 SESSION = ROOT / "bench" / "gpu_session.sh"
 sys.path.insert(0, str(ROOT / "bench"))
 
-from gpu_kit import sha256, split, strip  # noqa: E402
+from gpu_kit import cuda_mismatch, sha256, split, strip  # noqa: E402
 
 
-def _kit(tmp: Path, part_bytes: int) -> Path:
+def _kit(tmp: Path, part_bytes: int, cuda_libs: list[str] | None = None) -> Path:
     """A kit of one module (and 300 kB of incompressible filler), split like gpu_kit.py splits."""
     site = tmp / "site"
     (site / "kitmod").mkdir(parents=True)
@@ -33,6 +33,8 @@ def _kit(tmp: Path, part_bytes: int) -> Path:
     manifest = {"python": "3.12", "packages": ["kitmod==1"], "archive_sha256": sha256(archive),
                 "archive_bytes": archive.stat().st_size,
                 "parts": {p.name: sha256(p / "kit.tar.xz.part") for p in parts}}  # fmt: skip
+    if cuda_libs is not None:
+        manifest["cuda_libs"] = cuda_libs
     (parts[-1] / "manifest.json").write_text(json.dumps(manifest))
     return out
 
@@ -75,6 +77,27 @@ def test_a_damaged_or_missing_part_is_refused_and_nothing_unpacks(tmp_path: Path
     done = _session("run", kit=kit, out=out)
     assert done.returncode == 100 and "part2 is damaged" in done.stderr
     assert not (kit / "site").exists()
+
+
+def test_bitsandbytes_kernels_of_another_cuda_major_are_refused_before_unpacking(tmp_path: Path) -> None:
+    """bitsandbytes loads a kernel of torch's CUDA major only: a CUDA 13 kit on a CUDA 12 torch would
+    fail at the first 4-bit layer, after the copies and the unpacking."""
+    lent = ["cuda130", "cuda132"]
+    assert cuda_mismatch(lent, "13.0") is None and cuda_mismatch(lent, "13.1") is None  # within a major
+    assert cuda_mismatch(lent, None) is None  # a CPU build of torch: no kernel to load
+    why = cuda_mismatch(lent, "12.8")
+    assert why is not None and "CUDA 12.8" in why and "--cuda-libs cuda128" in why
+    built = _kit(tmp_path, 10**6, cuda_libs=lent)
+    kit, out = tmp_path / "machine-kit", tmp_path / "out"
+    _session("stow", str(built / "part1"), kit=kit, out=out)
+    fake = tmp_path / "cu128"  # a torch whose build says CUDA 12.8
+    (fake / "torch").mkdir(parents=True)
+    (fake / "torch" / "__init__.py").write_text("class version:\n    cuda = '12.8'\n")
+    env = dict(os.environ, FEDSLM_KIT=str(kit), OUT=str(out), PYTHON=sys.executable, PYTHONPATH=str(fake))
+    done = subprocess.run(["bash", str(SESSION), "run"], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 100 and "--cuda-libs cuda128" in done.stderr, done.stdout + done.stderr
+    assert not (kit / "site").exists()
+    assert _session("run", kit=kit, out=out).returncode == 0  # this CPU torch: nothing to check
 
 
 def test_an_unknown_stage_is_counted_as_failed(tmp_path: Path) -> None:
