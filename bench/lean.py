@@ -127,11 +127,11 @@ def worker(args: argparse.Namespace) -> None:
     from fedslm.training import DPSettings, LocalTraining, train_local
 
     torch.set_num_threads(args.threads)
-    cuda = torch.cuda.is_available()
     variant = VARIANTS[args.variant]
     batch = variant.batch or args.batch
     # a CPU client's RSS and step time, also on a machine with a GPU (bench/gpu.py measures that)
     cfg = load_config(args.config, ["model.device=cpu", *variant.overrides, f"model.max_length={args.tokens}"])
+    cuda = cfg.model.device.startswith("cuda")  # a variant may still pin one: then its CUDA peak too
     t0 = time.perf_counter()
     resident = tasks.resident_model(cfg)
     load_s = time.perf_counter() - t0
