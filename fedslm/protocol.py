@@ -51,6 +51,8 @@ SAMPLES_SEEN = "samples-seen"
 MODEL_LOADS = "model-loads"  # base-model loads in the client's process so far (1 = resident)
 CLIENT_SECONDS = "client-seconds"  # all of the message's work on the client
 PROCESS_MESSAGES = "process-messages"  # messages the client's process has handled so far
+COMPUTE_DTYPE = "compute-dtype"  # the dtype the client's model.compute_dtype resolved to, by its code below
+COMPUTE_DTYPE_CODES = ("float32", "bfloat16", "float16")  # a metric holds numbers only
 EPSILON = "epsilon"
 BUDGET_EXHAUSTED = "budget-exhausted"  # another round would not fit the client's privacy budget
 DELTA = "delta"
@@ -237,6 +239,7 @@ class TrainReport:
     model_loads: int | None = None
     client_seconds: float | None = None
     process_messages: int | None = None
+    compute_dtype: str | None = None  # what the client computed in (its own resolution of auto)
 
     _KEYS = (  # field -> key of the values sent as they are
         ("client_id", CLIENT_ID),
@@ -265,6 +268,8 @@ class TrainReport:
                 out[key] = value
         if self.declined:
             out[DECLINED] = 1
+        if self.compute_dtype is not None:
+            out[COMPUTE_DTYPE] = COMPUTE_DTYPE_CODES.index(self.compute_dtype)
         if self.privacy is not None:
             out.update(self.privacy.to_record())
         return out
@@ -276,10 +281,14 @@ class TrainReport:
         values: dict[str, Any] = {
             name: (_opt_int if name in cls._INTS else _opt_float)(record, key, what) for name, key in cls._KEYS
         }
+        code = _opt_int(record, COMPUTE_DTYPE, what)
+        if code is not None and not 0 <= code < len(COMPUTE_DTYPE_CODES):
+            raise MessageError(f"{what}: {COMPUTE_DTYPE} {code} is not one of 0-{len(COMPUTE_DTYPE_CODES) - 1}")
         return cls(
             **values,
             declined=bool(record.get(DECLINED, 0)),
             privacy=PrivacyReport.from_record(record) if EPSILON in record else None,
+            compute_dtype=None if code is None else COMPUTE_DTYPE_CODES[code],
         )
 
 

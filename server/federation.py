@@ -109,7 +109,7 @@ class Federation(Recorded):
         self.run_name = run_name
         self.strategy = registry.build(cfg)
         self.evaluator = CentralEvaluator(cfg)
-        self.recorder = Recorder(self.out, self.evaluator.save, on_round)
+        self.recorder = Recorder(self.out, self.evaluator.save, on_round, evaluates_in=self.evaluator.compute_dtype)
         self.exhausted: set[int] = set()  # client ids whose privacy budget is spent
         self.client_of: dict[int, int] = {}  # node id -> client id, learnt at the start
         self.lr_scale = 1.0  # halved by each round the divergence guard rejects

@@ -119,6 +119,8 @@ class RoundRecord:
             # messages the process that trained had handled by then, fewest over the clients: 1 when
             # every message gets a fresh process, growing when the base model stays resident
             "process_messages_min": min((r.process_messages or 0 for r in reports), default=None),
+            # what the clients computed in, each resolving model.compute_dtype: auto on its own machine
+            "compute_dtypes": sorted({r.compute_dtype for r in reports if r.compute_dtype is not None}),
         }
         if secure_aggregation is not None:
             row["secure_aggregation"] = secure_aggregation
@@ -142,11 +144,14 @@ class Recorder:
         save_adapter: Callable[[ArrayRecord, Path], Any],
         on_round: RoundCallback | None = None,
         secure_aggregation: str | None = None,  # written in each row of the SecAgg+ path
+        evaluates_in: str | None = None,  # the server's compute dtype: a client's other one is warned of
     ) -> None:
         self.out = Path(out)
         self.save_adapter = save_adapter
         self.on_round = on_round
         self.secure_aggregation = secure_aggregation
+        self.evaluates_in = evaluates_in
+        self._warned: set[str] = set()
         self.rows: list[dict[str, Any]] = []
         self.epsilon_by_client: dict[int, float] = {}
         self.privacy_by_client: dict[int, dict[str, float]] = {}
@@ -157,6 +162,7 @@ class Recorder:
 
     def record(self, rec: RoundRecord, arrays: ArrayRecord) -> dict[str, Any]:
         row = rec.row(list(self.epsilon_by_client.values()), self.secure_aggregation)
+        self._warn_of_other_dtypes(rec)
         self.rows.append(row)
         with (self.out / "metrics.jsonl").open("a") as fh:
             fh.write(json.dumps(row) + "\n")
@@ -164,6 +170,23 @@ class Recorder:
         if self.on_round is not None:
             self.on_round(row)
         return row
+
+    def _warn_of_other_dtypes(self, rec: RoundRecord) -> None:
+        """Once per dtype: clients that computed in another dtype than the server trained on a base
+        rounded differently before quantizing than the one the server evaluates (and an export rebuilds)."""
+        for report in rec.reports:
+            dtype = report.compute_dtype
+            if self.evaluates_in is None or dtype in (None, self.evaluates_in) or dtype in self._warned:
+                continue
+            self._warned.add(dtype)
+            log.warning(
+                "client %s computed in %s, the server in %s (each resolved model.compute_dtype: auto on its own"
+                " machine): their bases are rounded differently before quantizing, and the server evaluates"
+                " (an export rebuilds) its own; set model.compute_dtype to give all one base",
+                report.client_id,
+                dtype,
+                self.evaluates_in,
+            )
 
     def restore(self, rows: list[dict[str, Any]], epsilons: Mapping[Any, float], privacy: Mapping[Any, Any]) -> None:
         """Continue a run from a checkpoint: its rows (those of a round that had not checkpointed are

@@ -63,6 +63,8 @@ def summarize(
         # as resolved on the machine that ran the server (each node resolves auto for itself)
         "device": hardware.device,
         "compute_dtype": hardware.compute_dtype,
+        # what the clients computed in, over the run (a run recorded before the key: none)
+        "client_compute_dtypes": sorted({d for r in rows for d in r.get("compute_dtypes", [])}),
         "strategy": cfg.strategy.name,
         "privacy": {
             "mode": cfg.privacy.mode,

@@ -67,7 +67,9 @@ class SecAggFedAvg(Recorded, FedAvg):
         self.global_state = from_arrayrecord(evaluator.initial_arrays())
         self.keys = secagg.adapter_keys(self.global_state)
         self.strategy = registry.build(cfg)  # the registered strategy: only its client keys are used
-        self.recorder = Recorder(self.out, evaluator.save, on_round, cfg.security.secure_aggregation)
+        self.recorder = Recorder(
+            self.out, evaluator.save, on_round, cfg.security.secure_aggregation, evaluator.compute_dtype
+        )
         self._round = RoundRecord(0, time.perf_counter())
         self._aggregated = False
         super().__init__(

@@ -87,6 +87,9 @@ def test_tiny_federation_lowers_loss_and_writes_the_run_dir(tmp_path: Path) -> N
     summary = json.loads((out / "summary.json").read_text())
     assert summary["first"]["round"] == 0 and summary["last"]["round"] == 3
     assert summary["totals"]["bytes_up"] == sum(r["bytes_up"] for r in rows)
+    # tiny.yaml computes in float32: every client said so, through its Ray worker's reply
+    assert all(r["compute_dtypes"] == ["float32"] for r in rows[1:]) and rows[0]["compute_dtypes"] == []
+    assert (summary["compute_dtype"], summary["client_compute_dtypes"]) == ("float32", ["float32"])
     assert (out / "metrics.png").read_bytes()[:4] == b"\x89PNG"
     assert load_config(out / "config.yaml").train.local_steps == 5
     for r in range(4):

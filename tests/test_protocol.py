@@ -61,10 +61,14 @@ def test_a_train_report_round_trips_through_a_metric_record() -> None:
         model_loads=1,
         client_seconds=0.75,
         process_messages=2,
+        compute_dtype="bfloat16",
     )
     record = MetricRecord(sent.to_record())
     assert TrainReport.from_record(record) == sent
     assert record["budget-exhausted"] == 1 and record["num-examples"] == 12 and "declined" not in record
+    assert record["compute-dtype"] == 1  # a metric holds numbers: the dtype's code
+    with pytest.raises(MessageError, match="compute-dtype 3 is not one of 0-2"):
+        TrainReport.from_record({**record, "compute-dtype": 3})
     assert privacy.summary() == {"epsilon": 1.5, "noise-multiplier": 0.9, "sample-rate": 0.04, "delta": 1e-5}
 
 

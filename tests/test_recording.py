@@ -5,6 +5,7 @@ and on resume drops the rows of a round that had not checkpointed."""
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -17,14 +18,17 @@ MAIN_KEYS = [
     "round", "train_loss", "eval_loss", "perplexity", "eval_accuracy", "bytes_up", "bytes_down", "wall_s",
     "clients", "failed", "errors", "no_reply", "declined", "rejected", "skipped", "epsilon_max", "epsilon_mean",
     "epsilon_central", "diverged", "lr_scale", "best_round", "train_s_sum", "client_s_sum", "model_loads_max",
-    "process_messages_min",
+    "process_messages_min", "compute_dtypes",
 ]  # fmt: skip
 
 
 def test_a_row_derives_its_figures_from_the_reports() -> None:
     reports = [
         TrainReport(10, train_seconds=1.5, client_seconds=2.0, model_loads=1, process_messages=3),
-        TrainReport(20, train_seconds=0.5, client_seconds=1.0, model_loads=2, process_messages=2),
+        TrainReport(
+            20, train_seconds=0.5, client_seconds=1.0, model_loads=2, process_messages=2, compute_dtype="float32"
+        ),
+        TrainReport(0, process_messages=2, compute_dtype="bfloat16"),
     ]
     rec = RoundRecord(
         2, t0=0.0, ev={"eval_loss": 1.25, "eval_f1": 0.5}, train_loss=0.75, reports=reports, clients=2,
@@ -34,6 +38,7 @@ def test_a_row_derives_its_figures_from_the_reports() -> None:
     assert list(row) == [*MAIN_KEYS, "eval_f1"]
     assert (row["train_s_sum"], row["client_s_sum"]) == (2.0, 3.0)
     assert (row["model_loads_max"], row["process_messages_min"]) == (2, 2)
+    assert row["compute_dtypes"] == ["bfloat16", "float32"]  # a report without one (an older client) adds none
     assert (row["epsilon_max"], row["epsilon_mean"]) == (3.0, 2.0)
     assert row["errors"] == ["DataError: no records", "OSError: disk full"]
     assert row["eval_loss"] == 1.25 and row["perplexity"] is None and row["wall_s"] > 0
@@ -41,6 +46,7 @@ def test_a_row_derives_its_figures_from_the_reports() -> None:
     assert list(RoundRecord(0, 0.0).row([], "secagg+")) == [*MAIN_KEYS, "secure_aggregation"]
     empty = RoundRecord(0, 0.0).row([])
     assert (empty["model_loads_max"], empty["epsilon_max"], empty["errors"]) == (None, None, [])
+    assert empty["compute_dtypes"] == []
     assert (empty["diverged"], empty["lr_scale"], empty["best_round"]) == (None, 1.0, None)  # the guard's
 
 
@@ -63,3 +69,24 @@ def test_the_recorder_writes_tells_and_resumes(tmp_path: Path) -> None:
     resumed.restore(lines[:2], {"3": 1.5}, {"3": recorder.privacy_by_client[3]})
     assert [json.loads(x)["round"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [0, 1]
     assert resumed.epsilon_by_client == {3: 1.5} and resumed.rows == lines[:2]
+
+
+def test_the_recorder_warns_once_of_each_dtype_other_than_the_servers(tmp_path: Path, caplog) -> None:
+    """A GPU hospital's bf16 beside the server's fp32: its base was rounded differently before NF4."""
+    logger = logging.getLogger("fedslm")  # it does not propagate once a CLI test has set up logging
+    logger.addHandler(caplog.handler)
+    caplog.set_level(logging.WARNING, logger="fedslm")
+    try:
+        recorder = Recorder(tmp_path, lambda arrays, out: None, evaluates_in="float32")
+        for rnd in (1, 2):  # the same clients again: warned of once
+            reports = [TrainReport(5, client_id=0, compute_dtype="float32"),
+                       TrainReport(5, client_id=3, compute_dtype="bfloat16"), TrainReport(5, client_id=4)]  # fmt: skip
+            recorder.record(RoundRecord(rnd, 0.0, reports=reports), ArrayRecord())
+        warned = {r.getMessage() for r in caplog.records if "computed in" in r.getMessage()}
+        assert len(warned) == 1 and warned.pop().startswith("client 3 computed in bfloat16, the server in float32")
+        caplog.clear()
+        quiet = Recorder(tmp_path, lambda arrays, out: None)  # no server dtype given (a test's recorder): no check
+        quiet.record(RoundRecord(3, 0.0, reports=[TrainReport(5, compute_dtype="float16")]), ArrayRecord())
+        assert not [r for r in caplog.records if "computed in" in r.getMessage()]
+    finally:
+        logger.removeHandler(caplog.handler)
