@@ -19,7 +19,7 @@ from fedslm import data as data_mod
 from fedslm.adapters import adapter_state, fit_rank, load_adapter_state
 from fedslm.config import RunConfig, apply_profile, client_profile, config_from_dict
 from fedslm.logs import get_logger
-from fedslm.model import RESIDENT, cache_root, resolve_hardware
+from fedslm.model import RESIDENT, cache_root
 from fedslm.plan import validation_size
 from fedslm.protocol import CLIENT_ID, NUM_EXAMPLES, LoRAPlan, NodeConfig, TrainInstructions, TrainReport
 from fedslm.training import LocalTraining, round_learning_rate, train_local
@@ -197,7 +197,7 @@ class ClientRunner:
             train_steps=result.steps,
             samples_seen=result.samples_seen,
             model_loads=RESIDENT.loads,
-            compute_dtype=resolve_hardware(self.cfg.model).compute_dtype,  # as the model it trained was loaded
+            compute_dtype=self._resident().base.compute_dtype,
         )
         log.info(
             "client %d round %d: %d steps, loss %.3f -> %.3f (%.1f s)",

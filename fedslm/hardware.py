@@ -16,6 +16,7 @@ import functools
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import get_args
 
 import torch
 
@@ -24,7 +25,12 @@ from .errors import FedslmError
 
 CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-_DTYPE_CHOICES: dict[str, DType] = {"auto": "auto", "bfloat16": "bfloat16", "float16": "float16", "float32": "float32"}
+_DTYPE_NAMES: dict[str, DType] = {name: name for name in get_args(DType)}
+
+
+def as_dtype(name: object) -> DType | None:
+    """``name`` as a ``model.compute_dtype`` value (``auto`` or a dtype), or None where it is none."""
+    return _DTYPE_NAMES.get(name) if isinstance(name, str) else None
 
 
 class HardwareError(FedslmError, RuntimeError):
@@ -114,7 +120,7 @@ def resolve_compute_dtype(
     ``computes=False``: the model is only loaded to read its weights (an export rebuilding the base
     a GPU run trained on), so float16 on a CPU is allowed.
     """
-    choice = _DTYPE_CHOICES.get(requested)
+    choice = as_dtype(requested)
     if choice is None:
         raise HardwareError(f"{key}: {requested!r} is not one of auto | {' | '.join(DTYPES)}")
     on_cuda = device.startswith("cuda")

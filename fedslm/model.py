@@ -185,6 +185,7 @@ class LoadedModel:
     tokenizer: Any
     path: Path
     task: str
+    compute_dtype: str  # what model.compute_dtype resolved to on this machine (clients report it)
 
 
 def resolve_hardware(cfg: ModelConfig, computes: bool = True) -> ModelConfig:
@@ -316,7 +317,7 @@ def load_base_model(
     )
     release_free_heap()  # quantizing leaves the full-precision weights' pages in glibc's free lists
     map_large_blocks()  # the steps' per-layer temporaries from the heap (no page faults)
-    return LoadedModel(model, tokenizer, path, task)
+    return LoadedModel(model, tokenizer, path, task, cfg.compute_dtype)
 
 
 def init_head_from_labels(model: Any, tokenizer: Any, labels: tuple[str, ...]) -> None:

@@ -40,17 +40,18 @@ def trained_dtype(run_dir: Path, cfg: RunConfig) -> RunConfig:
     float32). In a simulation on one machine the clients trained on that base too; where they
     resolved ``auto`` elsewhere (Ray cluster workers, deployed nodes) and got another dtype, their
     bases were rounded differently, which an explicit ``model.compute_dtype`` avoids."""
+    from .hardware import as_dtype  # torch
+
     path = Path(run_dir) / "summary.json"
     if cfg.model.compute_dtype != "auto" or not path.is_file():
         return cfg
     try:
-        dtype = json.loads(path.read_text()).get("compute_dtype")
+        dtype = as_dtype(json.loads(path.read_text()).get("compute_dtype"))
     except ValueError:
         raise ExportError(f"{path}: not JSON") from None
-    for resolved in ("bfloat16", "float16", "float32"):  # a summary from before the key: this machine's auto
-        if dtype == resolved:
-            return replace(cfg, model=replace(cfg.model, compute_dtype=resolved))
-    return cfg
+    if dtype in (None, "auto"):  # a summary from before the key: this machine's auto
+        return cfg
+    return replace(cfg, model=replace(cfg.model, compute_dtype=dtype))
 
 
 def run_adapter(run_dir: Path, round_: int | None = None, as_trained: bool = False) -> tuple[RunConfig, Path]:

@@ -17,7 +17,7 @@ from fedslm.adapters import (
 )
 from fedslm.config import RunConfig
 from fedslm.logs import get_logger
-from fedslm.model import cache_root, resolve_hardware
+from fedslm.model import cache_root
 
 log = get_logger(__name__)
 
@@ -29,7 +29,7 @@ class CentralEvaluator:
         self.cfg = cfg
         resident = tasks.resident_model(cfg)
         self.model, self.tokenizer = resident.model, resident.base.tokenizer
-        self.compute_dtype = resolve_hardware(cfg.model).compute_dtype  # the base's, as it was loaded
+        self.compute_dtype = resident.base.compute_dtype
         self._initial = dict(resident.initial)  # seeded init (lora.init_seed); B = 0
         self.records = data_mod.test_records(cfg.data, cache_root(cfg.model))
         self.examples = tasks.encode(cfg, self.tokenizer, self.records)

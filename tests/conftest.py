@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 for _k, _v in {
@@ -13,6 +14,7 @@ for _k, _v in {
 }.items():
     os.environ.setdefault(_k, _v)
 
+from collections.abc import Iterator  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -93,6 +95,19 @@ def pytest_configure(config: pytest.Config) -> None:
             f"pytest {pytest.__version__} ignores --dist loadgroup's groups (pytest-dev/pytest-xdist#1386):"
             " pip install 'pytest<9.2' (`pip install -e .[dev]` does), or run without -n"
         )
+
+
+@pytest.fixture
+def fedslm_log(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFixture]:
+    """caplog on the ``fedslm`` logger at WARNING (it does not propagate once a CLI test has set up logging;
+    where it still does, a record comes twice)."""
+    logger = logging.getLogger("fedslm")
+    logger.addHandler(caplog.handler)
+    caplog.set_level(logging.WARNING, logger="fedslm")
+    try:
+        yield caplog
+    finally:
+        logger.removeHandler(caplog.handler)
 
 
 @pytest.fixture

@@ -49,18 +49,6 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> CertPaths:
     return write_certificates(tmp_path_factory.mktemp("deploy") / "certs", 3, hosts=["fl.example.org", "10.1.2.3"])
 
 
-@pytest.fixture
-def deploy_log(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFixture]:
-    """caplog on the ``fedslm`` logger (it does not propagate once the CLI has set up logging)."""
-    logger = logging.getLogger("fedslm")
-    logger.addHandler(caplog.handler)
-    caplog.set_level(logging.WARNING, logger="fedslm")
-    try:
-        yield caplog
-    finally:
-        logger.removeHandler(caplog.handler)
-
-
 # -- certificates ------------------------------------------------------------------------------
 
 
@@ -123,7 +111,7 @@ def _flag(argv: list[str], name: str) -> str:
     return argv[argv.index(name) + 1]
 
 
-def test_superlink_argv_turns_on_tls_and_node_auth(certs: CertPaths, deploy_log: pytest.LogCaptureFixture) -> None:
+def test_superlink_argv_turns_on_tls_and_node_auth(certs: CertPaths, fedslm_log: pytest.LogCaptureFixture) -> None:
     from flwr.superlink.cli.flower_superlink import _parse_args_run_superlink
 
     argv = superlink_argv(certs.root, "127.0.0.1:9555")
@@ -134,20 +122,20 @@ def test_superlink_argv_turns_on_tls_and_node_auth(certs: CertPaths, deploy_log:
     args = _parse_args_run_superlink().parse_args(argv[1:])  # every flag exists in the installed Flower
     assert args.enable_supernode_auth and not args.insecure
     assert args.runtime_dependency_install is False and (args.host, args.port) == ("127.0.0.1", 9555)
-    assert not deploy_log.records
+    assert not fedslm_log.records
     with pytest.raises(DeployError, match="--certs"):
         superlink_argv(None)
 
 
-def test_insecure_superlink_warns(deploy_log: pytest.LogCaptureFixture) -> None:
+def test_insecure_superlink_warns(fedslm_log: pytest.LogCaptureFixture) -> None:
     argv = superlink_argv(None, insecure=True)
     assert "--insecure" in argv and "--enable-supernode-auth" not in argv and "--ssl-certfile" not in argv
     assert "--disable-runtime-dependency-installation" in argv
-    assert any(r.levelno == logging.WARNING and "INSECURE" in r.getMessage() for r in deploy_log.records)
+    assert any(r.levelno == logging.WARNING and "INSECURE" in r.getMessage() for r in fedslm_log.records)
 
 
 def test_supernode_argv_carries_tls_key_and_node_config(
-    certs: CertPaths, tmp_path: Path, deploy_log: pytest.LogCaptureFixture
+    certs: CertPaths, tmp_path: Path, fedslm_log: pytest.LogCaptureFixture
 ) -> None:
     from flwr.common.config import parse_config_args
     from flwr.supernode.cli.flower_supernode import _parse_args_run_supernode
@@ -175,10 +163,10 @@ def test_supernode_argv_carries_tls_key_and_node_config(
         "profile": "phone",
         "resident-socket": str(spec.resident_socket),
     }
-    assert not deploy_log.records
+    assert not fedslm_log.records
     insecure = supernode_argv(NodeSpec(key=None, data=tmp_path / "d.jsonl", client_id=0, insecure=True))
     assert "--insecure" in insecure and "--root-certificates" not in insecure
-    assert any("INSECURE" in r.getMessage() for r in deploy_log.records)
+    assert any("INSECURE" in r.getMessage() for r in fedslm_log.records)
     assert "profile" not in node_config(NodeSpec(key=None, data=tmp_path, client_id=0, insecure=True))
     with pytest.raises(DeployError, match="--profile"):
         NodeSpec(key=None, data=tmp_path, client_id=0, profile='a" b')

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import time
 
 import pytest
@@ -198,30 +197,24 @@ def test_a_gpu_share_on_a_ray_cluster_does_not_need_a_gpu_on_the_head() -> None:
             check_run_hardware(load_config("configs/tiny.yaml", share))  # Ray started here: this machine's GPUs
 
 
-def test_auto_dtype_on_a_ray_cluster_warns_that_workers_resolve_their_own(caplog: pytest.LogCaptureFixture) -> None:
+def test_auto_dtype_on_a_ray_cluster_warns_that_workers_resolve_their_own(fedslm_log: pytest.LogCaptureFixture) -> None:
     """Each worker of a cluster resolves ``auto`` on its own machine; the server (and an export) use
     this machine's: one explicit dtype gives them all one base."""
-    logger = logging.getLogger("fedslm")  # it does not propagate once a CLI test has set up logging
-    logger.addHandler(caplog.handler)
-    caplog.set_level(logging.WARNING, logger="fedslm")
     cluster = [
         "federation.backend=ray",
         "federation.ray_address=10.0.0.1:6379",
         "model.device=cpu",
         "model.compute_dtype=auto",
     ]
-    try:
-        here = resolve_compute_dtype("auto", "cpu")
-        check_run_hardware(load_config("configs/tiny.yaml", cluster))
-        # a set: the record comes twice where the fedslm logger still propagates to caplog's own handler
-        warned = {r.getMessage() for r in caplog.records if "model.compute_dtype: auto" in r.getMessage()}
-        assert len(warned) == 1 and f"({here} here," in warned.pop(), warned
-        caplog.clear()
-        check_run_hardware(load_config("configs/tiny.yaml", [*cluster, "model.compute_dtype=float32"]))
-        check_run_hardware(load_config("configs/tiny.yaml", [*cluster[:1], *cluster[2:]]))  # Ray started here
-        assert not [r for r in caplog.records if "compute_dtype" in r.getMessage()]
-    finally:
-        logger.removeHandler(caplog.handler)
+    here = resolve_compute_dtype("auto", "cpu")
+    check_run_hardware(load_config("configs/tiny.yaml", cluster))
+    # a set: the record comes twice where the fedslm logger still propagates to caplog's own handler
+    warned = {r.getMessage() for r in fedslm_log.records if "model.compute_dtype: auto" in r.getMessage()}
+    assert len(warned) == 1 and f"({here} here," in warned.pop(), warned
+    fedslm_log.clear()
+    check_run_hardware(load_config("configs/tiny.yaml", [*cluster, "model.compute_dtype=float32"]))
+    check_run_hardware(load_config("configs/tiny.yaml", [*cluster[:1], *cluster[2:]]))  # Ray started here
+    assert not [r for r in fedslm_log.records if "compute_dtype" in r.getMessage()]
 
 
 def test_zero_gpu_share_with_a_cuda_device_is_refused() -> None:

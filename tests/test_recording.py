@@ -5,7 +5,6 @@ and on resume drops the rows of a round that had not checkpointed."""
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 import pytest
@@ -71,22 +70,18 @@ def test_the_recorder_writes_tells_and_resumes(tmp_path: Path) -> None:
     assert resumed.epsilon_by_client == {3: 1.5} and resumed.rows == lines[:2]
 
 
-def test_the_recorder_warns_once_of_each_dtype_other_than_the_servers(tmp_path: Path, caplog) -> None:
+def test_the_recorder_warns_once_of_each_dtype_other_than_the_servers(
+    tmp_path: Path, fedslm_log: pytest.LogCaptureFixture
+) -> None:
     """A GPU hospital's bf16 beside the server's fp32: its base was rounded differently before NF4."""
-    logger = logging.getLogger("fedslm")  # it does not propagate once a CLI test has set up logging
-    logger.addHandler(caplog.handler)
-    caplog.set_level(logging.WARNING, logger="fedslm")
-    try:
-        recorder = Recorder(tmp_path, lambda arrays, out: None, evaluates_in="float32")
-        for rnd in (1, 2):  # the same clients again: warned of once
-            reports = [TrainReport(5, client_id=0, compute_dtype="float32"),
-                       TrainReport(5, client_id=3, compute_dtype="bfloat16"), TrainReport(5, client_id=4)]  # fmt: skip
-            recorder.record(RoundRecord(rnd, 0.0, reports=reports), ArrayRecord())
-        warned = {r.getMessage() for r in caplog.records if "computed in" in r.getMessage()}
-        assert len(warned) == 1 and warned.pop().startswith("client 3 computed in bfloat16, the server in float32")
-        caplog.clear()
-        quiet = Recorder(tmp_path, lambda arrays, out: None)  # no server dtype given (a test's recorder): no check
-        quiet.record(RoundRecord(3, 0.0, reports=[TrainReport(5, compute_dtype="float16")]), ArrayRecord())
-        assert not [r for r in caplog.records if "computed in" in r.getMessage()]
-    finally:
-        logger.removeHandler(caplog.handler)
+    recorder = Recorder(tmp_path, lambda arrays, out: None, evaluates_in="float32")
+    for rnd in (1, 2):  # the same clients again: warned of once
+        reports = [TrainReport(5, client_id=0, compute_dtype="float32"),
+                   TrainReport(5, client_id=3, compute_dtype="bfloat16"), TrainReport(5, client_id=4)]  # fmt: skip
+        recorder.record(RoundRecord(rnd, 0.0, reports=reports), ArrayRecord())
+    warned = {r.getMessage() for r in fedslm_log.records if "computed in" in r.getMessage()}
+    assert len(warned) == 1 and warned.pop().startswith("client 3 computed in bfloat16, the server in float32")
+    fedslm_log.clear()
+    quiet = Recorder(tmp_path, lambda arrays, out: None)  # no server dtype given (a test's recorder): no check
+    quiet.record(RoundRecord(3, 0.0, reports=[TrainReport(5, compute_dtype="float16")]), ArrayRecord())
+    assert not [r for r in fedslm_log.records if "computed in" in r.getMessage()]
