@@ -10,6 +10,8 @@
 #            through Ray (client_gpus auto); prints the clients' training seconds in all (goal <= 60 s)
 #     bench  bench/gpu.py: fedslm's client step against a plain PEFT + bitsandbytes + Opacus loop
 #     dputil (optional, minutes more) bench/dp_utility.py --gpu on triage at epsilon 8 and without DP
+#     grads  (optional, about a minute) bench/grad_dtypes.py: per-sample gradients in bf16 and fp16
+#            (with and without loss scaling) against fp32, on the GPU's own kernels
 #
 # Logs go to $OUT (default bench/out/gpu), at most 7 files: session.log (every stage's output and each
 # run's summary.json), the end of each run's run.log, and the tables. A stage that fails is reported
@@ -159,6 +161,10 @@ stage_bench() {
     "$PY" "$REPO/bench/gpu.py" --steps "${FEDSLM_BENCH_STEPS:-6}" | tee "$OUT/gpu-bench.txt"
 }
 
+stage_grads() {
+    "$PY" "$REPO/bench/grad_dtypes.py" --device "$DEVICE"
+}
+
 stage_dputil() {
     "$PY" "$REPO/bench/dp_utility.py" --gpu --task triage --epsilons 8 none --out "$OUT/dp_utility.png" |
         tee "$OUT/dp-utility.txt"
@@ -181,7 +187,7 @@ case "${1:-}" in
             t0=$SECONDS
             say "---- $stage ----"
             if ! declare -F "stage_$stage" >/dev/null; then
-                say "unknown stage $stage (env check demo fed1b bench dputil)"
+                say "unknown stage $stage (env check demo fed1b bench dputil grads)"
                 failed=$((failed + 1))
                 continue
             fi
@@ -193,7 +199,7 @@ case "${1:-}" in
         exit "$failed"
         ;;
     *)
-        sed -n '2,19p' "$0" >&2
+        sed -n '2,21p' "$0" >&2
         exit 2
         ;;
 esac
