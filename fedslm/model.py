@@ -16,6 +16,7 @@ import hashlib
 import importlib.metadata
 import json
 import os
+import shutil
 import threading
 import time
 from dataclasses import dataclass
@@ -123,23 +124,67 @@ def kept_quantized(cfg: ModelConfig, path: Path, task: str) -> Path | None:
     """
     if cfg.quantization != "nf4" or cfg.device != "cpu" or task != "causal-lm":
         return None
-    files = sorted(path.glob("*.safetensors")) + [path / "config.json"]
-    stats = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.is_file()]
+    source = _source(path)
     versions = [importlib.metadata.version(d) for d in ("torch", "transformers", "bitsandbytes")]
-    key = json.dumps([QUANTIZED_FORMAT, str(path.resolve()), stats, cfg.quantization, cfg.compute_dtype, versions])
+    key = json.dumps([QUANTIZED_FORMAT, source["path"], source["files"], cfg.quantization, cfg.compute_dtype, versions])
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     return cache_root(cfg) / "quantized" / f"{path.name}-{cfg.quantization}-{cfg.compute_dtype}-{digest}"
 
 
-def keep_quantized(model: Any, out: Path, replace: bool = False) -> None:
-    """Save a just-quantized model to ``out`` (safetensors, atomically); a failure only costs the next
-    load its quantizing again. ``replace``: over an entry that failed to load."""
+def _source(path: Path) -> dict[str, Any]:
+    """What a kept copy's weights were quantized from: the model directory and its weight files'
+    names, sizes and modification times (JSON-ready, as ``source.json`` in the entry records it)."""
+    files = sorted(path.glob("*.safetensors")) + [path / "config.json"]
+    stats = [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files if f.is_file()]
+    return {"path": str(path.resolve()), "files": stats}
+
+
+def keep_quantized(model: Any, out: Path, source: Path, replace: bool = False) -> None:
+    """Save a just-quantized model of the directory ``source`` to ``out`` (safetensors, atomically),
+    then remove the kept copies no load can use any more (:func:`prune_kept_quantized`); a failure only
+    costs the next load its quantizing again. ``replace``: over an entry that failed to load."""
     try:
         with atomic_dir(out, None if replace else is_complete) as tmp:
             model.save_pretrained(str(tmp))
+            (tmp / "source.json").write_text(json.dumps(_source(source)))
             (tmp / ".complete").write_text(str(time.time()))
     except (OSError, RuntimeError, ValueError) as e:
         log.warning("Could not keep the quantized model in %s (%s): the next load quantizes again", out, e)
+        return
+    prune_kept_quantized(out.parent)
+
+
+def prune_kept_quantized(root: Path) -> list[Path]:
+    """Remove the kept copies under ``root`` whose source model directory is gone or has other weights
+    since (an entry's name holds its source's sizes and modification times, so no load reaches it
+    again); returns them. Copies of other library versions stay: another environment sharing the
+    cache (a venv of another Python) still loads them. Entries without ``source.json`` (kept before
+    it was written) and unfinished ones are left alone."""
+    removed, freed = [], 0
+    for entry in sorted(root.iterdir()) if root.is_dir() else []:
+        if entry.name.startswith("."):  # another load's entry being written, or one being replaced
+            continue
+        try:
+            recorded = json.loads((entry / "source.json").read_text())
+            source = Path(recorded["path"])
+            if source.is_dir() and _source(source) == recorded:
+                continue
+            size = sum(f.stat().st_size for f in entry.rglob("*") if f.is_file())
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        shutil.rmtree(entry, ignore_errors=True)
+        if not entry.exists():
+            removed.append(entry)
+            freed += size
+    if removed:
+        log.info(
+            "Removed %d kept quantized cop%s of models changed or deleted since (%.0f MB) from %s",
+            len(removed),
+            "y" if len(removed) == 1 else "ies",
+            freed / 1e6,
+            root,
+        )
+    return removed
 
 
 def _load_kept(auto: Any, kept: Path, cfg: ModelConfig) -> Any:
@@ -292,7 +337,7 @@ def load_base_model(
         if model is None:
             model = auto.from_pretrained(str(path), **kwargs)
             if kept is not None:
-                keep_quantized(model, kept, replace=kept.exists())
+                keep_quantized(model, kept, path, replace=kept.exists())
     if task != "causal-lm" and head_init(model_info(cfg), cfg) == "labels":
         init_head_from_labels(model, tokenizer, labels)
     if qc is None and cfg.device != "cpu":

@@ -400,3 +400,42 @@ def test_what_a_kept_copy_is_named_by(tmp_path: Path) -> None:
         (nf4, "classification"),
     ]:
         assert model_mod.kept_quantized(cfg, src, task) is None
+
+
+def test_kept_copies_of_changed_or_deleted_models_are_removed_when_a_new_one_is_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import os
+    import shutil
+
+    kept_root = tmp_path / "quantized"
+    where = model_mod.kept_quantized
+    monkeypatch.setattr(model_mod, "kept_quantized", lambda *a: (lambda p: p and kept_root / p.name)(where(*a)))
+    sources = []
+    for name in ("a", "b"):
+        sources.append(tmp_path / name)
+        shutil.copytree(model_mod.resolve_model_dir(ModelConfig(name="tiny-llama")), sources[-1])
+    a, b = (ModelConfig(name=str(s), quantization="nf4", compute_dtype="float32") for s in sources)
+    model_mod.load_base_model(a)
+    model_mod.load_base_model(b)
+    (entry_a,) = kept_root.glob("a-*")
+    (entry_b,) = kept_root.glob("b-*")
+    assert json.loads((entry_a / "source.json").read_text())["path"] == str(sources[0].resolve())
+    unknown = kept_root / "c-nf4-float32-fedcba9876543210"  # kept before source.json was written
+    shutil.copytree(entry_b, unknown)
+    (unknown / "source.json").unlink()
+
+    # a's weights change (new modification time) and b is deleted: neither kept copy is reachable again
+    weights = sources[0] / "model.safetensors"
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 1_000_000_000))
+    shutil.rmtree(sources[1])
+    with caplog.at_level("INFO", logger="fedslm.model"):
+        model_mod.load_base_model(a)  # quantizes a again, keeps it, and prunes
+    assert "Removed 2 kept quantized copies of models changed or deleted since" in caplog.text
+    (new_a,) = kept_root.glob("a-*")
+    assert new_a != entry_a and sorted(kept_root.iterdir()) == [new_a, unknown]
+    # a copy of the same source by other library versions (another venv sharing the cache) stays
+    other = kept_root / "a-nf4-float32-0123456789abcdef"
+    shutil.copytree(new_a, other)
+    assert model_mod.prune_kept_quantized(kept_root) == [] and other.is_dir()
+    assert model_mod.prune_kept_quantized(tmp_path / "none") == []
