@@ -161,13 +161,13 @@ stage_bench() {
     "$PY" "$REPO/bench/gpu.py" --steps "${FEDSLM_BENCH_STEPS:-6}" | tee "$OUT/gpu-bench.txt"
 }
 
-stage_grads() {
-    "$PY" "$REPO/bench/grad_dtypes.py" --device "$DEVICE"
-}
-
 stage_dputil() {
     "$PY" "$REPO/bench/dp_utility.py" --gpu --task triage --epsilons 8 none --out "$OUT/dp_utility.png" |
         tee "$OUT/dp-utility.txt"
+}
+
+stage_grads() {
+    "$PY" "$REPO/bench/grad_dtypes.py" --device "$DEVICE"
 }
 
 case "${1:-}" in

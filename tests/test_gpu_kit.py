@@ -120,3 +120,14 @@ def test_the_kit_leaves_out_kernels_and_jars_a_gpu_run_never_loads(tmp_path: Pat
     kept = sorted(p.name for p in (tmp_path / "bitsandbytes").iterdir())
     assert kept == ["libbitsandbytes_cpu.so", "libbitsandbytes_cuda130.so", "libbitsandbytes_cuda132.so"]
     assert (tmp_path / "ray" / "_raylet.so").is_file() and not (tmp_path / "ray" / "jars" / "ray_dist.jar").exists()
+
+
+def test_the_usage_the_stages_and_the_unknown_stage_message_name_the_same_stages() -> None:
+    import re
+
+    text = SESSION.read_text()
+    usage = text[text.index("run STAGE...") : text.index("# Logs go to")]
+    listed = re.findall(r"^#     (\w+) ", usage, flags=re.M)
+    defined = re.findall(r"^stage_(\w+)\(\) \{", text, flags=re.M)
+    (named,) = re.findall(r"unknown stage \$stage \(([\w ]+)\)", text)
+    assert listed == defined == named.split() == ["env", "check", "demo", "fed1b", "bench", "dputil", "grads"]
