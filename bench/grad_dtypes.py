@@ -5,7 +5,9 @@ non-zero, so every LoRA tensor has a gradient). Each of ``--batch`` demo records
 alone, its loss divided by the batch size as Opacus' mean reduction does, so each row holds the
 per-sample gradients DP-SGD clips. Every dtype is compared with float32 compute in this one run:
 relative L2 error and cosine of each sample's gradient, the share of entries float32 has and the
-dtype flushed to zero (underflow), and the time of the passes. fp16 is also run with its loss
+dtype flushed to zero (underflow), and the time of the passes. The share of the base's NF4 codes
+that differ from a float32 load's says how far apart nodes that resolve different dtypes start (the
+weights are rounded to the compute dtype before they are quantized). fp16 is also run with its loss
 scaled by 2^10 and 2^16 (the gradients divided back): if scaling changes nothing, underflow is not
 what separates fp16 from fp32.
 
@@ -19,16 +21,30 @@ from __future__ import annotations
 
 import argparse
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from common import table
 
 
-def _gradients(
-    cfg: Any, records: list[dict[str, Any]], dtype: str, scale: float, lora: Any
-) -> tuple[Any, float, float]:
-    """Per-sample gradients (one row per record, fp32), their mean loss and the seconds they took."""
+@dataclass
+class Pass:
+    grads: Any  # one row of per-sample gradients (fp32) per record
+    loss: float  # their mean loss
+    seconds: float
+    codes: Any  # the base's 4-bit codes, one per byte (None where nothing is quantized to 4 bits)
+
+
+def _codes(model: Any) -> Any:
+    """Every 4-bit code of ``model``'s packed NF4 weights (two per stored byte), on the CPU."""
+    import torch
+
+    packed = [p.data.flatten().cpu() for p in model.parameters() if p.dtype == torch.uint8]
+    return torch.cat([torch.cat([b & 15, b >> 4]) for b in packed]) if packed else None
+
+
+def _gradients(cfg: Any, records: list[dict[str, Any]], dtype: str, scale: float, lora: Any) -> Pass:
+    """Per-sample gradients of ``records`` with the base computing in ``dtype`` and the loss scaled."""
     import torch
 
     from fedslm import tasks
@@ -37,6 +53,7 @@ def _gradients(
     from fedslm.training import _keeps_logits, batch_losses, collate_on
 
     base = load_base_model(replace(cfg.model, compute_dtype=dtype), computes=False)
+    codes = _codes(base.model)
     model = attach_lora(base.model, cfg.lora)
     load_adapter_state(model, lora)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -50,7 +67,7 @@ def _gradients(
         (loss * scale / n).backward()
         rows.append(torch.cat([p.grad.float().flatten() for p in params]) * n / scale)
         losses.append(loss.item())
-    return torch.stack(rows).cpu(), sum(losses) / n, time.perf_counter() - t0
+    return Pass(torch.stack(rows).cpu(), sum(losses) / n, time.perf_counter() - t0, codes)
 
 
 def main() -> None:
@@ -81,36 +98,39 @@ def main() -> None:
     lora = adapter_state(model)
     del model
 
-    ref, ref_loss, ref_s = _gradients(cfg, records, "float32", 1.0, lora)
+    ref = _gradients(cfg, records, "float32", 1.0, lora)
     lines = []
     cases = (("float32", 1.0), ("bfloat16", 1.0), ("float16", 1.0), ("float16", 2.0**10), ("float16", 2.0**16))
     for dtype, scale in cases:
-        got, loss, took = (ref, ref_loss, ref_s) if dtype == "float32" else _gradients(cfg, records, dtype, scale, lora)
-        err = (got - ref).norm(dim=1) / ref.norm(dim=1)
-        cos = torch.nn.functional.cosine_similarity(got, ref, dim=1)
-        had = ref != 0
+        run = ref if dtype == "float32" else _gradients(cfg, records, dtype, scale, lora)
+        got = run.grads
+        err = (got - ref.grads).norm(dim=1) / ref.grads.norm(dim=1)
+        cos = torch.nn.functional.cosine_similarity(got, ref.grads, dim=1)
+        had = ref.grads != 0
         zeroed = ((got == 0) & had).sum().item() / had.sum().item()
+        codes = "-" if run.codes is None else f"{(run.codes != ref.codes).float().mean().item():.4%}"
         lines.append(
             [
                 dtype,
                 f"{scale:g}",
-                f"{loss:.4f}",
+                codes,
+                f"{run.loss:.4f}",
                 f"{err.median().item():.4f}",
                 f"{err.max().item():.4f}",
                 f"{cos.min().item():.5f}",
                 f"{zeroed:.4%}",
                 str(bool(torch.isfinite(got).all())),
-                f"{took / ref_s:.1f}x",
+                f"{run.seconds / ref.seconds:.1f}x",
             ]
         )
-        print(f"{dtype} x{scale:g}: done in {took:.1f} s", flush=True)
-    norms = ref.norm(dim=1)
+        print(f"{dtype} x{scale:g}: done in {run.seconds:.1f} s", flush=True)
+    norms = ref.grads.norm(dim=1)
     print(
         f"\n{args.batch} per-sample gradients of {cfg.model.name} ({args.quantization}, {args.device}),"
         f" LoRA r={cfg.lora.r}, against float32 compute (norms {norms.min():.2f}-{norms.max():.2f}):\n"
     )
-    header = ["compute", "loss scale", "mean loss", "rel. error median", "max", "cosine min", "zeroed", "finite"]
-    header.append("time")
+    header = ["compute", "loss scale", "NF4 codes differing", "mean loss", "rel. error median", "max"]
+    header += ["cosine min", "zeroed", "finite", "time"]
     print(table(header, lines))
 
 

@@ -116,7 +116,7 @@ def resolve_compute_dtype(
 
     CUDA: bfloat16 from compute capability 8.0, else float16. CPU: bfloat16 with AVX512-BF16 or
     AMX, else float32. An explicit choice wins, except float16 on a CPU, which is refused: CPUs have
-    no native fp16 matmul (a client's forward and backward took 5.9x as long as in float32 on the
+    no native fp16 matmul (a client's forward and backward took 6-8x as long as in float32 on the
     AVX2 EPYC, ``bench/grad_dtypes.py``). fp16 needs no loss scaling here: its per-sample LoRA
     gradients were 3x closer to float32's than bf16's, and scaling the loss by 2^10 or 2^16 left them
     as they were.
@@ -129,7 +129,7 @@ def resolve_compute_dtype(
     on_cuda = device.startswith("cuda")
     if choice == "float16" and not on_cuda and computes:
         raise HardwareError(
-            f"{key}: float16 on a CPU is refused (no native fp16 matmul: emulated, about 6x slower than"
+            f"{key}: float16 on a CPU is refused (no native fp16 matmul: emulated, 6-8x slower than"
             " float32); use auto, float32, or bfloat16"
         )
     if choice != "auto":
