@@ -87,7 +87,10 @@ def test_simulate_console_shows_the_plan_progress_and_table_and_run_log_the_rest
     loads = re.findall(r" (\d+) INFO fedslm.model: Loaded tiny-llama", log)
     assert len(loads) >= 2 and len(set(loads)) == len(loads), loads
     assert len(re.findall(r" INFO fedslm.client.runner: client \d round 1: 3 steps", log)) == 4
-    assert "FutureWarning: `is_gradient_checkpointing` is deprecated" in log  # captured, not dropped
+    # a library's Python warning in a Ray worker (whichever the installed versions emit) reaches run.log
+    driver = re.findall(r" (\d+) INFO fedslm.simulation.run: Simulating", log)
+    warned = set(re.findall(r" (\d+) WARNING py.warnings: \S+: \w*Warning: ", log))
+    assert len(driver) == 1 and warned & (set(loads) - set(driver)), (driver, loads, warned)
 
 
 @pytest.mark.integration
@@ -96,7 +99,7 @@ def test_simulate_verbose_shows_flower_and_the_libraries(tmp_path: Path) -> None
     assert "configure_train: Sampled 4 nodes (out of 4)" in proc.stderr  # Flower's INFO
     assert "Loading weights" in proc.stderr  # transformers' bars, the driver's and the workers'
     assert "INFO fedslm.server.recording: round 1 central eval" in proc.stderr  # one logger for both loops
-    assert "FutureWarning" in proc.stderr
+    assert re.search(r" WARNING py.warnings: \S+: \w*Warning: ", proc.stderr)  # a library's Python warning
     assert "round  train_loss  eval_loss" in proc.stdout
     assert "held out for evaluation), one at a time in this process" in proc.stdout  # tiny.yaml's backend
     assert " INFO flwr: configure_train" in (out / "run.log").read_text()
