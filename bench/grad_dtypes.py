@@ -33,6 +33,7 @@ class Pass:
     loss: float  # their mean loss
     seconds: float
     codes: Any  # the base's 4-bit codes, one per byte (None where nothing is quantized to 4 bits)
+    lora: dict[str, Any]  # the LoRA weights the gradients were taken at
 
 
 def _codes(model: Any) -> Any:
@@ -43,19 +44,28 @@ def _codes(model: Any) -> Any:
     return torch.cat([torch.cat([b & 15, b >> 4]) for b in packed]) if packed else None
 
 
-def _gradients(cfg: Any, records: list[dict[str, Any]], dtype: str, scale: float, lora: Any) -> Pass:
-    """Per-sample gradients of ``records`` with the base computing in ``dtype`` and the loss scaled."""
+def _gradients(cfg: Any, records: list[dict[str, Any]], dtype: str, scale: float, lora: Any = None) -> Pass:
+    """Per-sample gradients of ``records`` with the base computing in ``dtype`` and the loss scaled, at
+    the LoRA weights ``lora`` (None: A as PEFT draws it, B small and non-zero, as after a round)."""
     import torch
 
     from fedslm import tasks
-    from fedslm.adapters import attach_lora, load_adapter_state
+    from fedslm.adapters import adapter_state, attach_lora, load_adapter_state
     from fedslm.model import load_base_model
     from fedslm.training import _keeps_logits, batch_losses, collate_on
 
     base = load_base_model(replace(cfg.model, compute_dtype=dtype), computes=False)
     codes = _codes(base.model)
-    model = attach_lora(base.model, cfg.lora)
-    load_adapter_state(model, lora)
+    if lora is None:
+        torch.manual_seed(1)
+        model = attach_lora(base.model, cfg.lora)
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.data.normal_(0, 0.02)
+        lora = adapter_state(model)
+    else:
+        model = attach_lora(base.model, cfg.lora)
+        load_adapter_state(model, lora)
     params = [p for p in model.parameters() if p.requires_grad]
     examples = tasks.encode(cfg, base.tokenizer, records)
     device, keep, n = next(model.parameters()).device, _keeps_logits(model), len(records)
@@ -67,7 +77,7 @@ def _gradients(cfg: Any, records: list[dict[str, Any]], dtype: str, scale: float
         (loss * scale / n).backward()
         rows.append(torch.cat([p.grad.float().flatten() for p in params]) * n / scale)
         losses.append(loss.item())
-    return Pass(torch.stack(rows).cpu(), sum(losses) / n, time.perf_counter() - t0, codes)
+    return Pass(torch.stack(rows).cpu(), sum(losses) / n, time.perf_counter() - t0, codes, lora)
 
 
 def main() -> None:
@@ -82,27 +92,19 @@ def main() -> None:
     import torch
 
     from fedslm import data
-    from fedslm.adapters import adapter_state, attach_lora
     from fedslm.config import load_config
-    from fedslm.model import cache_root, load_base_model
+    from fedslm.model import cache_root
 
     torch.set_num_threads(args.threads)
     cfg = load_config(args.config, [f"model.device={args.device}", f"model.quantization={args.quantization}"])
     records = data.client_records(cfg.data, cache_root(cfg.model), 0, cfg.federation.num_clients).records
     records = records[: args.batch]
-    torch.manual_seed(1)  # LoRA A as PEFT draws it; B small and non-zero, as after a round of training
-    model = attach_lora(load_base_model(replace(cfg.model, compute_dtype="float32"), computes=False).model, cfg.lora)
-    for name, p in model.named_parameters():
-        if "lora_B" in name:
-            p.data.normal_(0, 0.02)
-    lora = adapter_state(model)
-    del model
 
-    ref = _gradients(cfg, records, "float32", 1.0, lora)
+    ref = _gradients(cfg, records, "float32", 1.0)
     lines = []
     cases = (("float32", 1.0), ("bfloat16", 1.0), ("float16", 1.0), ("float16", 2.0**10), ("float16", 2.0**16))
     for dtype, scale in cases:
-        run = ref if dtype == "float32" else _gradients(cfg, records, dtype, scale, lora)
+        run = ref if dtype == "float32" else _gradients(cfg, records, dtype, scale, ref.lora)
         got = run.grads
         err = (got - ref.grads).norm(dim=1) / ref.grads.norm(dim=1)
         cos = torch.nn.functional.cosine_similarity(got, ref.grads, dim=1)
